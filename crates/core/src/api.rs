@@ -1,0 +1,284 @@
+//! The public functions: validate once (in `spec`), then hand over to the kernel.
+
+use nalgebra::{DMatrix, DVector};
+
+use crate::Element;
+use crate::error::{AttentionError, Axis, Operand};
+use crate::kernel::{self, CpuPath};
+use crate::options::{AttentionOptions, MatRef, Parallelism};
+use crate::spec::{Spec, check_finite};
+
+/// Projects tokens to queries, keys and values: `Q = X·W_q`, `K = X·W_k`, `V = X·W_v`.
+///
+/// # Shapes
+/// `X` is `n × d_model` (one row per token), `W_q` and `W_k` are `d_model × d_k`, `W_v` is
+/// `d_model × d_v`; the results are `n × d_k`, `n × d_k` and `n × d_v`. This is numpy's
+/// `X @ W_q` with nalgebra matrices.
+///
+/// # Errors
+/// [`AttentionError::DimensionMismatch`] if a weight's rows differ from `X`'s columns or
+/// `W_q` and `W_k` have different widths; [`AttentionError::NonFinite`] for a NaN or ∞ in
+/// any input; [`AttentionError::ProductOverflow`] if a product exceeds the type's range.
+///
+/// # Example
+/// ```
+/// use attention_core::compute_qkv;
+/// use nalgebra::DMatrix;
+///
+/// let x = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+/// let w_v = DMatrix::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+/// let (q, k, v) = compute_qkv(&x, &x, &x, &w_v)?;
+/// assert_eq!(q, x);
+/// assert_eq!(k, x);
+/// assert_eq!(v, w_v);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[allow(clippy::type_complexity)] // (Q, K, V) reads better than a one-use alias
+pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
+    x: impl Into<MatRef<'x, T>>,
+    w_q: impl Into<MatRef<'q, T>>,
+    w_k: impl Into<MatRef<'k, T>>,
+    w_v: impl Into<MatRef<'v, T>>,
+) -> Result<(DMatrix<T>, DMatrix<T>, DMatrix<T>), AttentionError> {
+    let (x, w_q, w_k, w_v) = (x.into(), w_q.into(), w_k.into(), w_v.into());
+    let d_model = x.ncols();
+    for (w, operand) in [
+        (&w_q, Operand::QueryWeight),
+        (&w_k, Operand::KeyWeight),
+        (&w_v, Operand::ValueWeight),
+    ] {
+        if w.nrows() != d_model {
+            return Err(AttentionError::DimensionMismatch {
+                operand,
+                axis: Axis::Rows,
+                found: w.nrows(),
+                expected: d_model,
+                against: Operand::Input,
+                rule: "X·W needs one weight row per input column (d_model)",
+            });
+        }
+    }
+    if w_k.ncols() != w_q.ncols() {
+        return Err(AttentionError::DimensionMismatch {
+            operand: Operand::KeyWeight,
+            axis: Axis::Columns,
+            found: w_k.ncols(),
+            expected: w_q.ncols(),
+            against: Operand::QueryWeight,
+            rule: "queries and keys share d_k",
+        });
+    }
+    check_finite(Operand::Input, &x)?;
+    check_finite(Operand::QueryWeight, &w_q)?;
+    check_finite(Operand::KeyWeight, &w_k)?;
+    check_finite(Operand::ValueWeight, &w_v)?;
+    let project = |w: &MatRef<'_, T>, operand| {
+        let m: DMatrix<T> = &x * w;
+        match m.iter().position(|e| !e.finite()) {
+            None => Ok(m),
+            Some(idx) => Err(AttentionError::ProductOverflow {
+                operand,
+                row: idx % m.nrows(),
+                column: idx / m.nrows(),
+            }),
+        }
+    };
+    Ok((
+        project(&w_q, Operand::Query)?,
+        project(&w_k, Operand::Key)?,
+        project(&w_v, Operand::Value)?,
+    ))
+}
+
+/// Self-attention exactly as in the numpy original: `softmax(Q·Kᵀ / √d_k) · V`.
+///
+/// The softmax runs over each row (each query), is computed stably (scores minus the row
+/// maximum), and never overflows: any finite input gives a finite output.
+///
+/// # Shapes
+/// `Q` is `n_q × d_k`, `K` is `n_kv × d_k`, `V` is `n_kv × d_v`; the output is `n_q × d_v`.
+/// `n_q ≠ n_kv` (cross-attention) is fine. `n_q = 0` gives a `0 × d_v` matrix; `n_kv = 0`
+/// gives zeros (every query attends to nothing).
+///
+/// # Errors
+/// [`AttentionError::DimensionMismatch`] if K's columns differ from Q's or V's rows from
+/// K's; [`AttentionError::NonFinite`] for NaN or ∞ in any input;
+/// [`AttentionError::ZeroHeadDim`] if `d_k = 0` (use [`scaled_dot_product_attention`] with
+/// an explicit scale); [`AttentionError::ScoreOverflow`] if a `q·k` exceeds the type's range.
+///
+/// # Example
+/// ```
+/// use attention_core::self_attention;
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f32>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+/// let v = DMatrix::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+/// let out = self_attention(&q, &q, &v)?;
+/// assert!((out[(0, 0)] - 1.660_476_9).abs() < 1e-6);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub fn self_attention<'q, 'k, 'v, T: Element>(
+    query: impl Into<MatRef<'q, T>>,
+    key: impl Into<MatRef<'k, T>>,
+    value: impl Into<MatRef<'v, T>>,
+) -> Result<DMatrix<T>, AttentionError> {
+    scaled_dot_product_attention(query, key, value, &AttentionOptions::default())
+}
+
+/// Scaled dot-product attention with options: `softmax(s)·V`, where `s = scale·Q·Kᵀ`
+/// adjusted and masked as [`AttentionOptions`] describes.
+///
+/// Runs the fused kernel: it streams over blocks of keys with an online softmax, so memory
+/// stays `O((n_q + n_kv)·d)`, and splits query blocks over threads unless
+/// [`Parallelism::Sequential`] is set (results are bitwise identical either way).
+///
+/// # Shapes
+/// As [`self_attention`]; a mask or bias is `n_q × n_kv`, a key mask has `n_kv` entries.
+/// Rows with no allowed key are 0.
+///
+/// # Errors
+/// Those of [`self_attention`], plus the option errors: a mask, key mask or bias of the
+/// wrong size ([`AttentionError::DimensionMismatch`]), a NaN or +∞ bias
+/// ([`AttentionError::NonFinite`]), a non-finite scale, a softcap that is not > 0, a
+/// non-finite ALiBi slope, and an unsupported forced [`CpuPath`]. `d_k = 0` is allowed when
+/// the scale is given.
+///
+/// # Example
+/// ```
+/// use attention_core::{scaled_dot_product_attention, AttentionOptions};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+/// let v = DMatrix::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+/// // With scale 0 every key gets the same weight: each output row is the mean of V.
+/// let out = scaled_dot_product_attention(&q, &q, &v, &AttentionOptions::new().with_scale(0.0))?;
+/// assert_eq!(out, DMatrix::from_row_slice(2, 2, &[2.0, 3.0, 2.0, 3.0]));
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub fn scaled_dot_product_attention<'q, 'k, 'v, T: Element>(
+    query: impl Into<MatRef<'q, T>>,
+    key: impl Into<MatRef<'k, T>>,
+    value: impl Into<MatRef<'v, T>>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<DMatrix<T>, AttentionError> {
+    let (q, k, v) = (query.into(), key.into(), value.into());
+    let mut out = DMatrix::zeros(q.nrows(), v.ncols());
+    with_lse_buffer(q.nrows(), |lse| run(q, k, v, options, &mut out, lse))?;
+    Ok(out)
+}
+
+/// [`scaled_dot_product_attention`] writing into a caller's `n_q × d_v` matrix, so that a
+/// loop of calls does not allocate the output each time.
+///
+/// # Errors
+/// Those of [`scaled_dot_product_attention`], and [`AttentionError::DimensionMismatch`]
+/// with [`Operand::Output`] if `output` is not `n_q × d_v`. On error `output` holds
+/// unspecified finite values or its old contents.
+///
+/// # Example
+/// ```
+/// use attention_core::{scaled_dot_product_attention_into, AttentionOptions};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f32>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+/// let v = DMatrix::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+/// let mut out = DMatrix::from_element(2, 2, f32::NAN);
+/// for _ in 0..3 {
+///     scaled_dot_product_attention_into(&q, &q, &v, &AttentionOptions::new(), &mut out)?;
+/// }
+/// assert!(out.iter().all(|x| x.is_finite()));
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub fn scaled_dot_product_attention_into<'q, 'k, 'v, T: Element>(
+    query: impl Into<MatRef<'q, T>>,
+    key: impl Into<MatRef<'k, T>>,
+    value: impl Into<MatRef<'v, T>>,
+    options: &AttentionOptions<'_, T>,
+    output: &mut DMatrix<T>,
+) -> Result<(), AttentionError> {
+    let (q, k, v) = (query.into(), key.into(), value.into());
+    for (axis, found, expected, against) in [
+        (Axis::Rows, output.nrows(), q.nrows(), Operand::Query),
+        (Axis::Columns, output.ncols(), v.ncols(), Operand::Value),
+    ] {
+        if found != expected {
+            return Err(AttentionError::DimensionMismatch {
+                operand: Operand::Output,
+                axis,
+                found,
+                expected,
+                against,
+                rule: "the output is n_q x d_v",
+            });
+        }
+    }
+    with_lse_buffer(q.nrows(), |lse| run(q, k, v, options, output, lse))
+}
+
+/// [`scaled_dot_product_attention`] that also returns each query's log-sum-exp
+/// `lse_i = ln Σ_j exp(s_ij)` over the final scores (−∞ for a row with no allowed key).
+///
+/// The pair `(output, lse)` is what [`merge_partial_attention`] combines, and
+/// `exp(s_ij − lse_i)` recovers the attention weights.
+///
+/// # Shapes
+/// Output `n_q × d_v`, lse `n_q`.
+///
+/// # Errors
+/// Those of [`scaled_dot_product_attention`].
+///
+/// # Example
+/// ```
+/// use attention_core::{scaled_dot_product_attention_with_lse, AttentionOptions};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_row_slice(1, 1, &[0.0]);
+/// let k = DMatrix::from_row_slice(3, 1, &[1.0, 2.0, 3.0]);
+/// let v = DMatrix::from_row_slice(3, 1, &[1.0, 2.0, 3.0]);
+/// let (_, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &AttentionOptions::new())?;
+/// assert!((lse[0] - 3f64.ln()).abs() < 1e-15); // all three scores are 0
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[allow(clippy::type_complexity)] // (output, lse) is the documented pair
+pub fn scaled_dot_product_attention_with_lse<'q, 'k, 'v, T: Element>(
+    query: impl Into<MatRef<'q, T>>,
+    key: impl Into<MatRef<'k, T>>,
+    value: impl Into<MatRef<'v, T>>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<(DMatrix<T>, DVector<T>), AttentionError> {
+    let (q, k, v) = (query.into(), key.into(), value.into());
+    let mut out = DMatrix::zeros(q.nrows(), v.ncols());
+    let mut lse = DVector::zeros(q.nrows());
+    run(q, k, v, options, &mut out, lse.as_mut_slice())?;
+    Ok((out, lse))
+}
+
+/// Validates, picks the CPU path and runs the kernel.
+fn run<T: Element>(
+    q: MatRef<'_, T>,
+    k: MatRef<'_, T>,
+    v: MatRef<'_, T>,
+    options: &AttentionOptions<'_, T>,
+    out: &mut DMatrix<T>,
+    lse: &mut [T],
+) -> Result<(), AttentionError> {
+    let spec = Spec::new(&q, &k, &v, options)?;
+    let path = match options.cpu_path {
+        Some(path) => path.check()?,
+        None => CpuPath::detect(),
+    };
+    let parallel = options.parallelism == Parallelism::Rayon;
+    kernel::attention(spec, q, k, v, path, parallel, out, lse)
+}
+
+/// Runs `f` with an `n`-element scratch buffer for the log-sum-exp, on the stack when
+/// small so that short sequences allocate only their output.
+fn with_lse_buffer<T: Element, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    const STACK: usize = 64;
+    if n <= STACK {
+        let mut buf = [T::zero(); STACK];
+        f(&mut buf[..n])
+    } else {
+        f(&mut vec![T::zero(); n])
+    }
+}

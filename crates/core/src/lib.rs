@@ -1,0 +1,83 @@
+//! Exact, numerically safe, fast scaled dot-product attention on nalgebra matrices.
+//!
+//! ```text
+//! Q = X·W_q,   K = X·W_k,   V = X·W_v
+//! attention(Q, K, V) = softmax(Q·Kᵀ / √d_k) · V
+//! softmax(s)_ij = exp(s_ij − m_i) / Σ_j' exp(s_ij' − m_i),   m_i = max_j s_ij
+//! ```
+//!
+//! Rows are tokens and columns are features, exactly as numpy's `X @ W_q`. Everything is
+//! generic over `f32` and `f64` ([`Element`]).
+//!
+//! # Example: the numpy original
+//! ```
+//! use attention_core::{compute_qkv, self_attention};
+//! use nalgebra::DMatrix;
+//!
+//! let x = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+//! let w_q = DMatrix::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+//! let w_k = w_q.clone();
+//! let w_v = DMatrix::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+//!
+//! let (q, k, v) = compute_qkv(&x, &w_q, &w_k, &w_v)?;
+//! let out = self_attention(&q, &k, &v)?;
+//!
+//! let expected = [[1.660_476_901_346_686, 2.660_476_901_346_686],
+//!                 [2.339_523_098_653_314, 3.339_523_098_653_314]];
+//! for i in 0..2 {
+//!     for j in 0..2 {
+//!         assert!((out[(i, j)] - expected[i][j]).abs() < 1e-12);
+//!     }
+//! }
+//! # Ok::<(), attention_core::AttentionError>(())
+//! ```
+//!
+//! # Coming from numpy / PyTorch
+//! | numpy / PyTorch | here |
+//! |---|---|
+//! | `Q, K, V = X @ W_q, X @ W_k, X @ W_v` | [`compute_qkv`]`(&x, &w_q, &w_k, &w_v)?` |
+//! | `softmax(Q @ K.T / sqrt(d_k)) @ V` | [`self_attention`]`(&q, &k, &v)?` |
+//! | `F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal, scale)` | [`scaled_dot_product_attention`]`(&q, &k, &v, &options)?` |
+//! | `attn_mask` (bool, `True` = attend) | [`AttentionOptions::with_mask`] (same convention) |
+//! | float `attn_mask` | [`AttentionOptions::with_bias`] |
+//! | `is_causal=True` | [`AttentionOptions::with_causal`]`(`[`Causal::TopLeft`]`)` |
+//! | FlashAttention `causal=True` | [`Causal::BottomRight`] |
+//! | FlashAttention `window_size`, `softcap`, `alibi_slopes` | [`AttentionOptions::with_window`], [`with_softcap`](AttentionOptions::with_softcap), [`with_alibi_slope`](AttentionOptions::with_alibi_slope) |
+//! | `need_weights=True` | [`attention_weights`] |
+//! | FlashAttention's `softmax_lse` | [`scaled_dot_product_attention_with_lse`] |
+//!
+//! A numpy array `a` of shape `(n, d)` is `DMatrix::from_row_slice(n, d, a.ravel())`.
+//! Where numpy's version overflows (`np.exp` of a score above ~88 in f32 or ~709 in f64
+//! gives `inf` and then NaN), this crate subtracts each row's maximum first, so any finite
+//! input gives a finite output. PyTorch returns NaN for a fully masked row; this crate
+//! returns 0 (and log-sum-exp −∞), the convention FlashAttention uses.
+//!
+//! # Errors and guarantees
+//! Every function returns [`AttentionError`] for bad input (mismatched shapes, NaN or ∞,
+//! invalid options) and never panics on it. Results are computed by a fused kernel that
+//! never builds the `n_q × n_kv` score matrix (see [`scaled_dot_product_attention`]);
+//! [`attention_weights`] is the one function that does, because it returns it.
+//! Accuracy is checked against the independent, more accurate `attention-reference` crate.
+
+#![deny(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+mod api;
+mod element;
+mod error;
+mod kernel;
+mod merge;
+mod options;
+mod spec;
+mod weights;
+
+pub use api::{
+    compute_qkv, scaled_dot_product_attention, scaled_dot_product_attention_into,
+    scaled_dot_product_attention_with_lse, self_attention,
+};
+pub use element::Element;
+pub use error::{AttentionError, Axis, Operand};
+pub use kernel::CpuPath;
+pub use merge::merge_partial_attention;
+pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
+pub use weights::attention_weights;

@@ -1,0 +1,133 @@
+//! Merging attention computed over disjoint blocks of keys.
+
+use nalgebra::{DMatrix, DVector};
+
+use crate::Element;
+use crate::error::{AttentionError, Axis, Operand};
+use crate::options::MatRef;
+use crate::spec::check_finite;
+
+/// Combines partial results `(output_b, lse_b)`, each the attention of the same queries
+/// over a disjoint block `B` of the keys (with [`scaled_dot_product_attention_with_lse`]),
+/// into the attention over all the keys:
+///
+/// ```text
+/// M = max_b lse_b,   w_b = exp(lse_b − M),
+/// output = Σ_b w_b · output_b / Σ_b w_b,   lse = M + ln Σ_b w_b
+/// ```
+///
+/// exact up to rounding, row by row. A row whose every part has `lse = −∞` (no allowed key
+/// anywhere) is 0 with `lse = −∞`. This is the primitive behind split-KV decoding and
+/// spreading one long sequence over workers.
+///
+/// [`scaled_dot_product_attention_with_lse`]: crate::scaled_dot_product_attention_with_lse
+///
+/// # Shapes
+/// Every output is `n_q × d_v` and every lse has `n_q` entries; the result has the same.
+///
+/// # Errors
+/// [`AttentionError::NoPartials`] for an empty list; [`AttentionError::DimensionMismatch`]
+/// if shapes differ from the first part's; [`AttentionError::NonFinite`] for NaN/∞ in an
+/// output, or NaN/+∞ in an lse (−∞ is allowed).
+///
+/// # Example
+/// ```
+/// use attention_core::{
+///     merge_partial_attention, scaled_dot_product_attention_with_lse, AttentionOptions,
+/// };
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_fn(3, 4, |i, j| (i as f64 - j as f64) * 0.3);
+/// let k = DMatrix::<f64>::from_fn(10, 4, |i, j| ((i * j) % 5) as f64 * 0.2);
+/// let v = DMatrix::<f64>::from_fn(10, 2, |i, j| (i + j) as f64);
+/// let opts = AttentionOptions::new();
+/// let (a, lse_a) = scaled_dot_product_attention_with_lse(&q, &k.rows(0, 6), &v.rows(0, 6), &opts)?;
+/// let (b, lse_b) = scaled_dot_product_attention_with_lse(&q, &k.rows(6, 4), &v.rows(6, 4), &opts)?;
+/// let (merged, _) = merge_partial_attention([(&a, lse_a.as_slice()), (&b, lse_b.as_slice())])?;
+/// let (full, _) = scaled_dot_product_attention_with_lse(&q, &k, &v, &opts)?;
+/// assert!((merged - full).amax() < 1e-13);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[allow(clippy::type_complexity)] // (output, lse), as returned by the _with_lse function
+pub fn merge_partial_attention<'a, T, O, I>(
+    parts: I,
+) -> Result<(DMatrix<T>, DVector<T>), AttentionError>
+where
+    T: Element,
+    O: Into<MatRef<'a, T>>,
+    I: IntoIterator<Item = (O, &'a [T])>,
+{
+    let parts: Vec<(MatRef<'a, T>, &'a [T])> =
+        parts.into_iter().map(|(o, l)| (o.into(), l)).collect();
+    let Some((first, _)) = parts.first() else {
+        return Err(AttentionError::NoPartials);
+    };
+    let (n_q, d_v) = first.shape();
+    for (b, (out, lse)) in parts.iter().enumerate() {
+        for (axis, found, expected) in [
+            (Axis::Rows, out.nrows(), n_q),
+            (Axis::Columns, out.ncols(), d_v),
+        ] {
+            if found != expected {
+                return Err(AttentionError::DimensionMismatch {
+                    operand: Operand::Partial(b),
+                    axis,
+                    found,
+                    expected,
+                    against: Operand::Partial(0),
+                    rule: "all partial outputs have the same shape",
+                });
+            }
+        }
+        if lse.len() != n_q {
+            return Err(AttentionError::DimensionMismatch {
+                operand: Operand::PartialLse(b),
+                axis: Axis::Rows,
+                found: lse.len(),
+                expected: n_q,
+                against: Operand::Partial(b),
+                rule: "one log-sum-exp per query row",
+            });
+        }
+        check_finite(Operand::Partial(b), out)?;
+        if let Some(row) = lse
+            .iter()
+            .position(|&x| !(x.finite() || x == T::NEG_INFINITY))
+        {
+            return Err(AttentionError::NonFinite {
+                operand: Operand::PartialLse(b),
+                row,
+                column: 0,
+                value: lse[row].to_f64(),
+            });
+        }
+    }
+
+    let mut out = DMatrix::zeros(n_q, d_v);
+    let mut lse_out = DVector::from_element(n_q, T::NEG_INFINITY);
+    for i in 0..n_q {
+        let m = parts
+            .iter()
+            .map(|(_, lse)| lse[i])
+            .fold(T::NEG_INFINITY, |a, b| if b > a { b } else { a });
+        if m == T::NEG_INFINITY {
+            continue; // no allowed key in any part: row stays 0, lse −∞
+        }
+        let mut total = T::zero();
+        for (part, lse) in &parts {
+            let w = (lse[i] - m).exp();
+            if w == T::zero() {
+                continue;
+            }
+            total += w;
+            for c in 0..d_v {
+                out[(i, c)] += w * part[(i, c)];
+            }
+        }
+        for c in 0..d_v {
+            out[(i, c)] /= total;
+        }
+        lse_out[i] = m + total.ln();
+    }
+    Ok((out, lse_out))
+}

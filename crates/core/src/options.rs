@@ -1,0 +1,259 @@
+//! [`AttentionOptions`]: everything that adjusts or restricts the score matrix.
+
+use nalgebra::{DMatrixView, Dyn};
+
+use crate::{CpuPath, Element};
+
+/// A borrowed matrix with any row and column strides: what every function of this crate
+/// reads. `&DMatrix<T>`, `&DMatrixView<T>`, a column block of a wider matrix, or a view
+/// with swapped strides (a transposed view) all convert into it without a copy.
+pub type MatRef<'a, T> = DMatrixView<'a, T, Dyn, Dyn>;
+
+/// How a causal mask is aligned when `n_q ≠ n_kv`.
+///
+/// Query `i` may attend to key `j` only if `j ≤ diag(i)`, where
+/// - `TopLeft`: `diag(i) = i` (PyTorch's `is_causal=True`, JAX);
+/// - `BottomRight`: `diag(i) = i + n_kv − n_q` (FlashAttention ≥ 2.1; decoding with a KV
+///   cache, where the last query is the newest token and sees every key).
+///
+/// With `n_q = 3`, `n_kv = 5` (`■` = may attend):
+/// ```text
+/// TopLeft        BottomRight
+/// ■ · · · ·      ■ ■ ■ · ·
+/// ■ ■ · · ·      ■ ■ ■ ■ ·
+/// ■ ■ ■ · ·      ■ ■ ■ ■ ■
+/// ```
+/// The two agree when `n_q = n_kv`. With `BottomRight` and `n_q > n_kv`, the first
+/// `n_q − n_kv` queries see no key at all: their output is 0 and their log-sum-exp −∞.
+///
+/// # Example
+/// ```
+/// use attention_core::{AttentionOptions, Causal};
+/// let options = AttentionOptions::<f32>::new().with_causal(Causal::BottomRight);
+/// assert_eq!(options.causal(), Some(Causal::BottomRight));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Causal {
+    /// `j ≤ i`.
+    TopLeft,
+    /// `j ≤ i + n_kv − n_q`.
+    BottomRight,
+}
+
+/// How many threads a call may use.
+///
+/// # Example
+/// ```
+/// use attention_core::{AttentionOptions, Parallelism};
+/// let options = AttentionOptions::<f64>::new().with_parallelism(Parallelism::Sequential);
+/// assert_eq!(options.parallelism(), Parallelism::Sequential);
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Parallelism {
+    /// Split query blocks over rayon's current thread pool (all cores by default; run the
+    /// call inside `ThreadPool::install` to choose the pool). Results are bitwise identical
+    /// whatever the number of threads: each query row is computed by exactly one thread in
+    /// a fixed order.
+    #[default]
+    Rayon,
+    /// Run on the calling thread only, for callers that parallelise above this crate.
+    Sequential,
+}
+
+/// Options of [`scaled_dot_product_attention`](crate::scaled_dot_product_attention).
+///
+/// All options combine. For query `i` and key `j` the score is built in this order
+/// (the golden cases' order, PyTorch's where it has the option):
+///
+/// 1. `s = scale · q_i · k_j`, `scale` defaulting to `1/√d_k`;
+/// 2. softcap `c`: `s ← c · tanh(s / c)` (Gemma 2);
+/// 3. ALiBi slope `m`: `s ← s − m · |diag(i) − j|`;
+/// 4. bias: `s ← s + bias[i, j]` (−∞ masks);
+/// 5. disallowed positions (mask false, key mask false, beyond the causal diagonal, outside
+///    the window) become −∞;
+/// 6. `weights_i = softmax(s_i)`, `output_i = Σ_j weights_ij · v_j`,
+///    `lse_i = ln Σ_j exp(s_ij)`.
+///
+/// `diag(i)` is `i` when `causal` is [`Causal::TopLeft`] and `i + n_kv − n_q` otherwise
+/// (bottom-right, FlashAttention's convention, also when there is no causal mask).
+/// A row in which no key is allowed has output exactly 0, weights 0 and log-sum-exp −∞;
+/// values and bias at disallowed positions never affect the result.
+///
+/// The struct borrows masks and bias (`'a`) so that building options copies nothing.
+/// Options are checked when a call starts; a mask of the wrong size, a NaN bias, a
+/// softcap ≤ 0 and the like return an [`AttentionError`](crate::AttentionError).
+///
+/// # Example
+/// ```
+/// use attention_core::{scaled_dot_product_attention, AttentionOptions, Causal};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+/// let v = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+/// let options = AttentionOptions::new().with_causal(Causal::TopLeft).with_scale(0.5);
+/// let out = scaled_dot_product_attention(&q, &q, &v, &options)?;
+/// // The first query sees only the first key.
+/// assert_eq!((out[(0, 0)], out[(0, 1)]), (1.0, 2.0));
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct AttentionOptions<'a, T: Element> {
+    pub(crate) scale: Option<T>,
+    pub(crate) causal: Option<Causal>,
+    pub(crate) mask: Option<MatRef<'a, bool>>,
+    pub(crate) key_mask: Option<&'a [bool]>,
+    pub(crate) bias: Option<MatRef<'a, T>>,
+    pub(crate) window: Option<(usize, usize)>,
+    pub(crate) softcap: Option<T>,
+    pub(crate) alibi_slope: Option<T>,
+    pub(crate) parallelism: Parallelism,
+    pub(crate) cpu_path: Option<CpuPath>,
+}
+
+impl<T: Element> Default for AttentionOptions<'_, T> {
+    fn default() -> Self {
+        Self {
+            scale: None,
+            causal: None,
+            mask: None,
+            key_mask: None,
+            bias: None,
+            window: None,
+            softcap: None,
+            alibi_slope: None,
+            parallelism: Parallelism::default(),
+            cpu_path: None,
+        }
+    }
+}
+
+impl<'a, T: Element> AttentionOptions<'a, T> {
+    /// No mask, scale `1/√d_k`, all threads: plain `softmax(Q·Kᵀ/√d_k)·V`.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Multiplies `Q·Kᵀ` by `scale` instead of `1/√d_k`. Any finite value, 0 and negative
+    /// included; needed when `d_k = 0`.
+    #[must_use]
+    pub fn with_scale(mut self, scale: T) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Restricts query `i` to keys `j ≤ diag(i)`; see [`Causal`] for the two alignments.
+    #[must_use]
+    pub fn with_causal(mut self, causal: Causal) -> Self {
+        self.causal = Some(causal);
+        self
+    }
+
+    /// A boolean mask of shape `n_q × n_kv`; **`true` = may attend** (PyTorch SDPA's and
+    /// JAX's convention, the opposite of `nn.MultiheadAttention`'s `attn_mask`).
+    #[must_use]
+    pub fn with_mask(mut self, mask: impl Into<MatRef<'a, bool>>) -> Self {
+        self.mask = Some(mask.into());
+        self
+    }
+
+    /// One boolean per key (`n_kv` of them): `true` = real token, `false` = padding that no
+    /// query may attend to. Cheaper than the equivalent `n_q × n_kv` mask.
+    #[must_use]
+    pub fn with_key_mask(mut self, key_mask: &'a [bool]) -> Self {
+        self.key_mask = Some(key_mask);
+        self
+    }
+
+    /// An additive bias of shape `n_q × n_kv`, added to the scores after softcap and ALiBi.
+    /// Entries must be finite or −∞ (−∞ masks the position).
+    #[must_use]
+    pub fn with_bias(mut self, bias: impl Into<MatRef<'a, T>>) -> Self {
+        self.bias = Some(bias.into());
+        self
+    }
+
+    /// A sliding window: query `i` sees keys `j` with `diag(i) − left ≤ j ≤ diag(i) + right`
+    /// (FlashAttention's `window_size`). Combined with `causal`, the intersection applies.
+    /// Pass `usize::MAX` for an unbounded side.
+    #[must_use]
+    pub fn with_window(mut self, left: usize, right: usize) -> Self {
+        self.window = Some((left, right));
+        self
+    }
+
+    /// Caps scores smoothly: `s ← c · tanh(s / c)`, applied first (Gemma 2). `c` must be
+    /// finite and > 0.
+    #[must_use]
+    pub fn with_softcap(mut self, cap: T) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// ALiBi (Press et al. 2022) with slope `m`: `s ← s − m · |diag(i) − j|`. `m` must be finite.
+    #[must_use]
+    pub fn with_alibi_slope(mut self, slope: T) -> Self {
+        self.alibi_slope = Some(slope);
+        self
+    }
+
+    /// Chooses between all of rayon's threads (the default) and the calling thread only.
+    #[must_use]
+    pub fn with_parallelism(mut self, parallelism: Parallelism) -> Self {
+        self.parallelism = parallelism;
+        self
+    }
+
+    /// Forces a kernel path instead of [`CpuPath::detect`]'s choice (for tests and
+    /// benchmarks); a path this CPU lacks makes calls fail with
+    /// [`AttentionError::UnsupportedCpuPath`](crate::AttentionError::UnsupportedCpuPath).
+    #[must_use]
+    pub fn with_cpu_path(mut self, path: CpuPath) -> Self {
+        self.cpu_path = Some(path);
+        self
+    }
+
+    /// The forced kernel path, if any.
+    pub fn cpu_path(&self) -> Option<CpuPath> {
+        self.cpu_path
+    }
+
+    /// The explicit scale, if one was set.
+    pub fn scale(&self) -> Option<T> {
+        self.scale
+    }
+    /// The causal alignment, if any.
+    pub fn causal(&self) -> Option<Causal> {
+        self.causal
+    }
+    /// The boolean mask, if any.
+    pub fn mask(&self) -> Option<&MatRef<'a, bool>> {
+        self.mask.as_ref()
+    }
+    /// The key mask, if any.
+    pub fn key_mask(&self) -> Option<&'a [bool]> {
+        self.key_mask
+    }
+    /// The additive bias, if any.
+    pub fn bias(&self) -> Option<&MatRef<'a, T>> {
+        self.bias.as_ref()
+    }
+    /// The window `(left, right)`, if any.
+    pub fn window(&self) -> Option<(usize, usize)> {
+        self.window
+    }
+    /// The softcap, if any.
+    pub fn softcap(&self) -> Option<T> {
+        self.softcap
+    }
+    /// The ALiBi slope, if any.
+    pub fn alibi_slope(&self) -> Option<T> {
+        self.alibi_slope
+    }
+    /// The threading mode.
+    pub fn parallelism(&self) -> Parallelism {
+        self.parallelism
+    }
+}

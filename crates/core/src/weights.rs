@@ -1,0 +1,88 @@
+//! The materialised path: the full `n_q × n_kv` attention-weight matrix, for callers who
+//! ask for it (visualisation, analysis). It needs `n_q·n_kv` memory by nature.
+
+use nalgebra::DMatrix;
+
+use crate::options::{AttentionOptions, MatRef};
+use crate::spec::Spec;
+use crate::{AttentionError, Element};
+
+/// The attention weights `softmax(s)`, one row per query, as an `n_q × n_kv` matrix.
+///
+/// `s` is the score matrix of [`AttentionOptions`] (scale, softcap, ALiBi, bias, masks).
+/// Each row sums to 1, or is all 0 for a query with no allowed key; disallowed positions
+/// are exactly 0. `weights · V` equals [`scaled_dot_product_attention`]'s output up to
+/// rounding.
+///
+/// `Q·Kᵀ` is one matrix product (nalgebra's GEMM); the softmax then sweeps the
+/// column-major result column by column, keeping per-row maxima and sums in vectors.
+///
+/// # Shapes
+/// `Q` is `n_q × d_k`, `K` is `n_kv × d_k`, `V` is `n_kv × d_v` (checked like the other
+/// calls, though only its row count matters); the result is `n_q × n_kv`.
+///
+/// # Errors
+/// Those of [`scaled_dot_product_attention`](crate::scaled_dot_product_attention).
+///
+/// # Example
+/// ```
+/// use attention_core::{attention_weights, AttentionOptions, Causal};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+/// let v = DMatrix::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+/// let w = attention_weights(&q, &q, &v, &AttentionOptions::new().with_causal(Causal::TopLeft))?;
+/// assert_eq!(w[(0, 0)], 1.0);
+/// assert_eq!(w[(0, 1)], 0.0);
+/// assert!((w[(1, 0)] + w[(1, 1)] - 1.0).abs() < 1e-15);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub fn attention_weights<'q, 'k, 'v, T: Element>(
+    query: impl Into<MatRef<'q, T>>,
+    key: impl Into<MatRef<'k, T>>,
+    value: impl Into<MatRef<'v, T>>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<DMatrix<T>, AttentionError> {
+    let (q, k, v) = (query.into(), key.into(), value.into());
+    let spec = Spec::new(&q, &k, &v, options)?;
+    let (n_q, n_kv) = (spec.n_q, spec.n_kv);
+    let mut w: DMatrix<T> = &q * k.transpose();
+
+    let mut m = vec![T::NEG_INFINITY; n_q];
+    for j in 0..n_kv {
+        let mut col = w.column_mut(j);
+        for i in 0..n_q {
+            let scaled = col[i] * spec.scale;
+            if !scaled.finite() && spec.allowed(i, j) {
+                return Err(AttentionError::ScoreOverflow { query: i, key: j });
+            }
+            let s = spec.modify(i, j, scaled);
+            col[i] = s;
+            if s > m[i] {
+                m[i] = s;
+            }
+        }
+    }
+    let mut l = vec![T::zero(); n_q];
+    for mut col in w.column_iter_mut() {
+        for i in 0..n_q {
+            // A fully masked row has m = −∞ and only −∞ scores: exp(−∞) = 0 keeps it 0.
+            let m_use = if m[i] == T::NEG_INFINITY {
+                T::zero()
+            } else {
+                m[i]
+            };
+            let e = (col[i] - m_use).exp();
+            col[i] = e;
+            l[i] += e;
+        }
+    }
+    for mut col in w.column_iter_mut() {
+        for i in 0..n_q {
+            if l[i] > T::zero() {
+                col[i] /= l[i];
+            }
+        }
+    }
+    Ok(w)
+}

@@ -1,0 +1,163 @@
+//! Shared helpers of the integration tests: random inputs drawn by proptest, conversion to
+//! the reference's f64 world, and the error bound every comparison uses.
+//!
+//! # The error bound
+//! For query row `i`, let `u = T::EPSILON` (one ulp at 1), `A_i = |scale|·max_j Σ_p
+//! |q_ip|·|k_jp|` (the largest magnitude any `q·k` product sum can reach) and `B_i` the
+//! largest |bias| + |ALiBi term| + softcap in the row. The kernel's scores satisfy
+//! (Higham, *Accuracy and Stability*, §3.1: a length-`d` dot product with FMA has error at
+//! most `γ_d·Σ|q||k|`, `γ_d ≈ d·u`; scaling, softcap, ALiBi and bias add a rounding each):
+//! ```text
+//! |ŝ_ij − s_ij| ≤ Δ_i := (d_k + 4)·u·(A_i + B_i)
+//! ```
+//! A softmax perturbed by at most `Δ_i` per score changes each weight by a relative
+//! `≤ 2Δ_i` (first order), the exponential adds ≤ 2 ulp, the sum of `n_kv` positive terms
+//! `≤ n_kv·u` relative and the final division one more; so
+//! ```text
+//! |ô_ic − o_ic| ≤ (2Δ_i + (n_kv + 6)·u) · max_j |v_jc|
+//! |l̂se_i − lse_i| ≤ Δ_i + (n_kv + 4)·u + u·|lse_i|
+//! |ŵ_ij − w_ij| ≤ 2Δ_i + (n_kv + 6)·u
+//! ```
+//! These are worst-case first-order bounds; the tests multiply them by 2 to cover the
+//! second-order terms (products of two `O(u)` errors, non-negligible only when Δ_i is not
+//! small, e.g. scores near 1e4 in f32), never by more.
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
+
+use attention_core::Element;
+use nalgebra::DMatrix;
+use proptest::prelude::*;
+
+/// The safety factor over the first-order bound (see the module documentation).
+pub const SECOND_ORDER: f64 = 2.0;
+
+/// `DMatrix<T>` → `DMatrix<f64>` (exact).
+pub fn widen<T: Element>(m: &DMatrix<T>) -> DMatrix<f64> {
+    m.map(|x| x.to_f64())
+}
+
+/// `DMatrix<f64>` → `DMatrix<T>` (rounded).
+pub fn narrow<T: Element>(m: &DMatrix<f64>) -> DMatrix<T> {
+    m.map(T::from_f64_rounded)
+}
+
+/// Standard normal samples from pairs of uniforms (Box–Muller), so that all randomness
+/// comes from proptest and failures shrink and replay.
+pub fn normal_matrix(rows: usize, cols: usize, scale: f64) -> impl Strategy<Value = DMatrix<f64>> {
+    prop::collection::vec((1e-12f64..1.0, 0.0f64..1.0), rows * cols).prop_map(move |u| {
+        let vals: Vec<f64> = u
+            .iter()
+            .map(|&(a, b)| scale * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos())
+            .collect();
+        DMatrix::from_vec(rows, cols, vals)
+    })
+}
+
+/// One of the magnitudes the issue asks for.
+pub fn magnitude() -> impl Strategy<Value = f64> {
+    prop::sample::select(vec![0.1, 1.0, 3.0, 30.0])
+}
+
+/// A random problem: Q (n_q×d_k), K (n_kv×d_k), V (n_kv×d_v), already rounded to `T`
+/// and returned in f64 (exact) so both core and reference read the same numbers.
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub q: DMatrix<f64>,
+    pub k: DMatrix<f64>,
+    pub v: DMatrix<f64>,
+}
+
+impl Problem {
+    pub fn cast<T: Element>(&self) -> (DMatrix<T>, DMatrix<T>, DMatrix<T>) {
+        (narrow(&self.q), narrow(&self.k), narrow(&self.v))
+    }
+    /// The problem with every entry rounded to `T`, so the reference sees the same inputs.
+    pub fn rounded<T: Element>(&self) -> Problem {
+        let (q, k, v) = self.cast::<T>();
+        Problem { q: widen(&q), k: widen(&k), v: widen(&v) }
+    }
+}
+
+/// Problems with n_q, n_kv in `0..=max_n`, d_k, d_v in `1..=max_d`, entries N(0,1) times
+/// a magnitude from {0.1, 1, 3, 30} (Q and K drawn with independent magnitudes).
+pub fn problem(max_n: usize, max_d: usize) -> impl Strategy<Value = Problem> {
+    (0..=max_n, 0..=max_n, 1..=max_d, 1..=max_d, magnitude(), magnitude(), magnitude())
+        .prop_flat_map(|(n_q, n_kv, d_k, d_v, sq, sk, sv)| {
+            (
+                normal_matrix(n_q, d_k, sq),
+                normal_matrix(n_kv, d_k, sk),
+                normal_matrix(n_kv, d_v, sv),
+            )
+                .prop_map(|(q, k, v)| Problem { q, k, v })
+        })
+}
+
+/// `Δ_i` of the module documentation, for every query row. `extra[i]` is `B_i`.
+pub fn score_error(q: &DMatrix<f64>, k: &DMatrix<f64>, scale: f64, extra: &[f64], eps: f64) -> Vec<f64> {
+    let d_k = q.ncols();
+    (0..q.nrows())
+        .map(|i| {
+            let a = (0..k.nrows())
+                .map(|j| (0..d_k).map(|p| (q[(i, p)] * k[(j, p)]).abs()).sum::<f64>())
+                .fold(0.0, f64::max);
+            (d_k as f64 + 4.0) * eps * (scale.abs() * a + extra.get(i).copied().unwrap_or(0.0))
+        })
+        .collect()
+}
+
+/// Asserts `|got − want| ≤ SECOND_ORDER·(2Δ_i + (n_kv + 6)u)·max_j|v_jc|` entry by entry.
+pub fn assert_output_close(
+    got: &DMatrix<f64>,
+    want: &DMatrix<f64>,
+    v: &DMatrix<f64>,
+    delta: &[f64],
+    eps: f64,
+    label: &str,
+) {
+    assert_eq!(got.shape(), want.shape(), "{label}: shape");
+    let n_kv = v.nrows();
+    for c in 0..got.ncols() {
+        let vmax = v.column(c).amax();
+        for i in 0..got.nrows() {
+            let tol = SECOND_ORDER * (2.0 * delta[i] + (n_kv as f64 + 6.0) * eps) * vmax;
+            let err = (got[(i, c)] - want[(i, c)]).abs();
+            assert!(
+                err <= tol,
+                "{label}: output[{i}, {c}] = {} but reference {} (error {err:e} > bound {tol:e})",
+                got[(i, c)],
+                want[(i, c)]
+            );
+        }
+    }
+}
+
+/// Asserts the log-sum-exp bound, with −∞ required to match exactly.
+pub fn assert_lse_close(got: &[f64], want: &[f64], delta: &[f64], n_kv: usize, eps: f64, label: &str) {
+    assert_eq!(got.len(), want.len(), "{label}: lse length");
+    for i in 0..got.len() {
+        if want[i] == f64::NEG_INFINITY || got[i] == f64::NEG_INFINITY {
+            assert_eq!(got[i], want[i], "{label}: lse[{i}] (fully masked rows are -inf)");
+            continue;
+        }
+        let tol = SECOND_ORDER * (delta[i] + (n_kv as f64 + 4.0) * eps + eps * want[i].abs());
+        let err = (got[i] - want[i]).abs();
+        assert!(err <= tol, "{label}: lse[{i}] = {} but reference {} (error {err:e} > {tol:e})", got[i], want[i]);
+    }
+}
+
+/// Asserts the weight bound entry by entry.
+pub fn assert_weights_close(got: &DMatrix<f64>, want: &DMatrix<f64>, delta: &[f64], eps: f64, label: &str) {
+    assert_eq!(got.shape(), want.shape(), "{label}: weights shape");
+    let n_kv = got.ncols() as f64;
+    for i in 0..got.nrows() {
+        let tol = SECOND_ORDER * (2.0 * delta[i] + (n_kv + 6.0) * eps);
+        for j in 0..got.ncols() {
+            let err = (got[(i, j)] - want[(i, j)]).abs();
+            assert!(err <= tol, "{label}: weight[{i}, {j}] = {} but reference {} (error {err:e} > {tol:e})", got[(i, j)], want[(i, j)]);
+        }
+    }
+}
+
+/// A matrix of the given shape filled with NaN, to show unwritten outputs.
+pub fn nan_matrix<T: Element>(rows: usize, cols: usize) -> DMatrix<T> {
+    DMatrix::from_element(rows, cols, T::from_f64_rounded(f64::NAN))
+}
