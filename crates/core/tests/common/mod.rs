@@ -73,14 +73,26 @@ impl Problem {
     /// The problem with every entry rounded to `T`, so the reference sees the same inputs.
     pub fn rounded<T: Element>(&self) -> Problem {
         let (q, k, v) = self.cast::<T>();
-        Problem { q: widen(&q), k: widen(&k), v: widen(&v) }
+        Problem {
+            q: widen(&q),
+            k: widen(&k),
+            v: widen(&v),
+        }
     }
 }
 
 /// Problems with n_q, n_kv in `0..=max_n`, d_k, d_v in `1..=max_d`, entries N(0,1) times
 /// a magnitude from {0.1, 1, 3, 30} (Q and K drawn with independent magnitudes).
 pub fn problem(max_n: usize, max_d: usize) -> impl Strategy<Value = Problem> {
-    (0..=max_n, 0..=max_n, 1..=max_d, 1..=max_d, magnitude(), magnitude(), magnitude())
+    (
+        0..=max_n,
+        0..=max_n,
+        1..=max_d,
+        1..=max_d,
+        magnitude(),
+        magnitude(),
+        magnitude(),
+    )
         .prop_flat_map(|(n_q, n_kv, d_k, d_v, sq, sk, sv)| {
             (
                 normal_matrix(n_q, d_k, sq),
@@ -92,7 +104,13 @@ pub fn problem(max_n: usize, max_d: usize) -> impl Strategy<Value = Problem> {
 }
 
 /// `Δ_i` of the module documentation, for every query row. `extra[i]` is `B_i`.
-pub fn score_error(q: &DMatrix<f64>, k: &DMatrix<f64>, scale: f64, extra: &[f64], eps: f64) -> Vec<f64> {
+pub fn score_error(
+    q: &DMatrix<f64>,
+    k: &DMatrix<f64>,
+    scale: f64,
+    extra: &[f64],
+    eps: f64,
+) -> Vec<f64> {
     let d_k = q.ncols();
     (0..q.nrows())
         .map(|i| {
@@ -131,28 +149,54 @@ pub fn assert_output_close(
 }
 
 /// Asserts the log-sum-exp bound, with −∞ required to match exactly.
-pub fn assert_lse_close(got: &[f64], want: &[f64], delta: &[f64], n_kv: usize, eps: f64, label: &str) {
+pub fn assert_lse_close(
+    got: &[f64],
+    want: &[f64],
+    delta: &[f64],
+    n_kv: usize,
+    eps: f64,
+    label: &str,
+) {
     assert_eq!(got.len(), want.len(), "{label}: lse length");
     for i in 0..got.len() {
         if want[i] == f64::NEG_INFINITY || got[i] == f64::NEG_INFINITY {
-            assert_eq!(got[i], want[i], "{label}: lse[{i}] (fully masked rows are -inf)");
+            assert_eq!(
+                got[i], want[i],
+                "{label}: lse[{i}] (fully masked rows are -inf)"
+            );
             continue;
         }
         let tol = SECOND_ORDER * (delta[i] + (n_kv as f64 + 4.0) * eps + eps * want[i].abs());
         let err = (got[i] - want[i]).abs();
-        assert!(err <= tol, "{label}: lse[{i}] = {} but reference {} (error {err:e} > {tol:e})", got[i], want[i]);
+        assert!(
+            err <= tol,
+            "{label}: lse[{i}] = {} but reference {} (error {err:e} > {tol:e})",
+            got[i],
+            want[i]
+        );
     }
 }
 
 /// Asserts the weight bound entry by entry.
-pub fn assert_weights_close(got: &DMatrix<f64>, want: &DMatrix<f64>, delta: &[f64], eps: f64, label: &str) {
+pub fn assert_weights_close(
+    got: &DMatrix<f64>,
+    want: &DMatrix<f64>,
+    delta: &[f64],
+    eps: f64,
+    label: &str,
+) {
     assert_eq!(got.shape(), want.shape(), "{label}: weights shape");
     let n_kv = got.ncols() as f64;
     for i in 0..got.nrows() {
         let tol = SECOND_ORDER * (2.0 * delta[i] + (n_kv + 6.0) * eps);
         for j in 0..got.ncols() {
             let err = (got[(i, j)] - want[(i, j)]).abs();
-            assert!(err <= tol, "{label}: weight[{i}, {j}] = {} but reference {} (error {err:e} > {tol:e})", got[(i, j)], want[(i, j)]);
+            assert!(
+                err <= tol,
+                "{label}: weight[{i}, {j}] = {} but reference {} (error {err:e} > {tol:e})",
+                got[(i, j)],
+                want[(i, j)]
+            );
         }
     }
 }

@@ -1,0 +1,389 @@
+//! Fixed tests: the seed example, extreme magnitudes, empty shapes, views, and every error.
+
+mod common;
+
+use attention_core::{
+    AttentionError, AttentionOptions, Axis, CpuPath, Element, Operand, Parallelism, compute_qkv,
+    scaled_dot_product_attention, scaled_dot_product_attention_into,
+    scaled_dot_product_attention_with_lse, self_attention,
+};
+use common::*;
+use nalgebra::{DMatrix, DMatrixView, Dyn};
+
+/// The seed's expected output as computed by PyTorch 2.15 in float64 (the `seed_example`
+/// golden case; numpy prints the same to 7 digits).
+const SEED: [[f64; 2]; 2] = [
+    [1.660476901346686, 2.660476901346686],
+    [2.3395230986533138, 3.3395230986533138],
+];
+
+fn seed_run<T: Element>() -> DMatrix<T> {
+    let m = |v: [f64; 4]| DMatrix::from_row_slice(2, 2, &v.map(T::from_f64_rounded));
+    let x = m([1.0, 0.0, 0.0, 1.0]);
+    let w = m([1.0, 0.0, 0.0, 1.0]);
+    let w_v = m([1.0, 2.0, 3.0, 4.0]);
+    let (q, k, v) = compute_qkv(&x, &w, &w, &w_v).unwrap();
+    self_attention(&q, &k, &v).unwrap()
+}
+
+#[test]
+fn seed_example_f64_within_1e_12() {
+    let out = seed_run::<f64>();
+    for i in 0..2 {
+        for j in 0..2 {
+            assert!(
+                (out[(i, j)] - SEED[i][j]).abs() < 1e-12,
+                "[{i},{j}] = {}",
+                out[(i, j)]
+            );
+        }
+    }
+}
+
+#[test]
+fn seed_example_f32_within_1e_6() {
+    let out = seed_run::<f32>();
+    for i in 0..2 {
+        for j in 0..2 {
+            assert!(
+                (out[(i, j)] as f64 - SEED[i][j]).abs() < 1e-6,
+                "[{i},{j}] = {}",
+                out[(i, j)]
+            );
+        }
+    }
+}
+
+/// Entries of magnitude 100 with d_k = 64: scores around 1e5, where numpy's exp overflows.
+fn magnitude_100<T: Element>() {
+    // A fixed, irregular pattern of ±100·(0.5..1.5) entries (no RNG needed for one case).
+    let val = |i: usize, j: usize, salt: usize| {
+        let h = (i * 7919 + j * 104_729 + salt * 1_299_709) % 1000;
+        let sign = if (i + 3 * j + salt) % 3 == 0 {
+            -1.0
+        } else {
+            1.0
+        };
+        sign * 100.0 * (0.5 + h as f64 / 1000.0)
+    };
+    for (n_q, n_kv) in [(17, 33), (100, 100), (130, 70)] {
+        let p = Problem {
+            q: DMatrix::from_fn(n_q, 64, |i, j| val(i, j, 1)),
+            k: DMatrix::from_fn(n_kv, 64, |i, j| val(i, j, 2)),
+            v: DMatrix::from_fn(n_kv, 8, |i, j| val(i, j, 3) / 100.0),
+        }
+        .rounded::<T>();
+        let (q, k, v) = p.cast::<T>();
+        let want = attention_reference::attention(&p.q, &p.k, &p.v, &Default::default());
+        assert!(want.lse.iter().any(|&l| l.abs() > 5e4), "scores reach ~1e5");
+        let eps = T::EPSILON.to_f64();
+        let delta = score_error(&p.q, &p.k, 1.0 / 8.0, &[], eps);
+        for path in CpuPath::supported() {
+            let opts = AttentionOptions::new().with_cpu_path(path);
+            let out = scaled_dot_product_attention(&q, &k, &v, &opts).unwrap();
+            assert!(out.iter().all(|x| x.finite()));
+            assert_output_close(
+                &widen(&out),
+                &want.output,
+                &p.v,
+                &delta,
+                eps,
+                &format!("{path:?}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn magnitude_100_f32_is_finite_and_matches_reference() {
+    magnitude_100::<f32>();
+}
+
+#[test]
+fn magnitude_100_f64_is_finite_and_matches_reference() {
+    magnitude_100::<f64>();
+}
+
+#[test]
+fn empty_queries_give_empty_output() {
+    let q = DMatrix::<f32>::zeros(0, 4);
+    let k = DMatrix::<f32>::from_element(3, 4, 1.0);
+    let v = DMatrix::<f32>::from_element(3, 5, 1.0);
+    let out = self_attention(&q, &k, &v).unwrap();
+    assert_eq!(out.shape(), (0, 5));
+}
+
+#[test]
+fn no_keys_give_zeros_and_neg_infinite_lse() {
+    for n_q in [1, 3, 200] {
+        let q = DMatrix::<f64>::from_element(n_q, 4, 0.5);
+        let k = DMatrix::<f64>::zeros(0, 4);
+        let v = DMatrix::<f64>::zeros(0, 6);
+        let mut out = nan_matrix::<f64>(n_q, 6);
+        scaled_dot_product_attention_into(&q, &k, &v, &AttentionOptions::new(), &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0.0));
+        let (_, lse) =
+            scaled_dot_product_attention_with_lse(&q, &k, &v, &AttentionOptions::new()).unwrap();
+        assert!(lse.iter().all(|&x| x == f64::NEG_INFINITY));
+    }
+}
+
+#[test]
+fn zero_head_dim_needs_a_scale() {
+    let q = DMatrix::<f32>::zeros(2, 0);
+    let v = DMatrix::<f32>::from_row_slice(2, 1, &[1.0, 3.0]);
+    assert_eq!(self_attention(&q, &q, &v), Err(AttentionError::ZeroHeadDim));
+    // With an explicit scale every score is 0: uniform weights, the mean of V.
+    let out =
+        scaled_dot_product_attention(&q, &q, &v, &AttentionOptions::new().with_scale(1.0)).unwrap();
+    assert_eq!(out, DMatrix::from_element(2, 1, 2.0));
+}
+
+#[test]
+fn views_work_without_copies() {
+    // Q, K, V as column blocks of one wide matrix [Q | K | V], and a transposed view.
+    let wide = DMatrix::<f64>::from_fn(70, 12, |i, j| ((i * 31 + j * 17) % 13) as f64 * 0.1 - 0.6);
+    let (q, k, v) = (wide.columns(0, 4), wide.columns(4, 4), wide.columns(8, 4));
+    let out = self_attention(&q, &k, &v).unwrap();
+    let copy = self_attention(&q.clone_owned(), &k.clone_owned(), &v.clone_owned()).unwrap();
+    assert_eq!(out, copy);
+
+    // A transposed view of a 4×70 matrix, built from its strides (row stride = 70's column
+    // stride becomes 1 ↔ 4 swap).
+    let kt = k.transpose(); // 4 × 70, column-major
+    let k_view: DMatrixView<'_, f64, Dyn, Dyn> = DMatrixView::from_slice_with_strides_generic(
+        kt.as_slice(),
+        Dyn(70),
+        Dyn(4),
+        Dyn(4),
+        Dyn(1),
+    );
+    assert_eq!(self_attention(&q, &k_view, &v).unwrap(), copy);
+}
+
+#[test]
+fn into_checks_the_output_shape() {
+    let q = DMatrix::<f32>::zeros(3, 2);
+    let v = DMatrix::<f32>::zeros(3, 4);
+    let mut out = DMatrix::<f32>::zeros(3, 5);
+    let err = scaled_dot_product_attention_into(&q, &q, &v, &AttentionOptions::new(), &mut out)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AttentionError::DimensionMismatch {
+            operand: Operand::Output,
+            axis: Axis::Columns,
+            found: 5,
+            expected: 4,
+            against: Operand::Value,
+            rule: "the output is n_q x d_v",
+        }
+    );
+}
+
+#[test]
+fn shape_errors_name_operands_and_shapes() {
+    let q = DMatrix::<f64>::zeros(3, 4);
+    let k_bad = DMatrix::<f64>::zeros(5, 5);
+    let v = DMatrix::<f64>::zeros(5, 2);
+    let err = self_attention(&q, &k_bad, &v).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "key has 5 columns but query has 4 (d_k must match)"
+    );
+
+    let k = DMatrix::<f64>::zeros(5, 4);
+    let v_bad = DMatrix::<f64>::zeros(6, 2);
+    let err = self_attention(&q, &k, &v_bad).unwrap_err();
+    assert_eq!(
+        err,
+        AttentionError::DimensionMismatch {
+            operand: Operand::Value,
+            axis: Axis::Rows,
+            found: 6,
+            expected: 5,
+            against: Operand::Key,
+            rule: "one value row per key: n_kv must match",
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "value has 6 rows but key has 5 (one value row per key: n_kv must match)"
+    );
+}
+
+#[test]
+fn compute_qkv_shape_errors() {
+    let x = DMatrix::<f32>::zeros(3, 4);
+    let w = DMatrix::<f32>::zeros(4, 2);
+    let w_bad_rows = DMatrix::<f32>::zeros(5, 2);
+    let w_bad_cols = DMatrix::<f32>::zeros(4, 3);
+    for (args, operand) in [
+        ((&w_bad_rows, &w, &w), Operand::QueryWeight),
+        ((&w, &w_bad_rows, &w), Operand::KeyWeight),
+        ((&w, &w, &w_bad_rows), Operand::ValueWeight),
+    ] {
+        let err = compute_qkv(&x, args.0, args.1, args.2).unwrap_err();
+        assert!(
+            matches!(err, AttentionError::DimensionMismatch { operand: o, axis: Axis::Rows, found: 5, expected: 4, against: Operand::Input, .. } if o == operand),
+            "{err}"
+        );
+    }
+    let err = compute_qkv(&x, &w, &w_bad_cols, &w).unwrap_err();
+    assert!(matches!(
+        err,
+        AttentionError::DimensionMismatch {
+            operand: Operand::KeyWeight,
+            axis: Axis::Columns,
+            found: 3,
+            expected: 2,
+            ..
+        }
+    ));
+    // W_v may have any width (d_v).
+    let (_, _, v) = compute_qkv(&x, &w, &w, &w_bad_cols).unwrap();
+    assert_eq!(v.shape(), (3, 3));
+}
+
+fn non_finite_inputs_are_reported<T: Element>() {
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for (which, operand) in [(0, Operand::Query), (1, Operand::Key), (2, Operand::Value)] {
+            let mut mats = [
+                DMatrix::<T>::from_element(4, 3, T::one()),
+                DMatrix::<T>::from_element(5, 3, T::one()),
+                DMatrix::<T>::from_element(5, 2, T::one()),
+            ];
+            mats[which][(2, 1)] = T::from_f64_rounded(bad);
+            let err = self_attention(&mats[0], &mats[1], &mats[2]).unwrap_err();
+            match err {
+                AttentionError::NonFinite {
+                    operand: o,
+                    row: 2,
+                    column: 1,
+                    value,
+                } => {
+                    assert_eq!(o, operand);
+                    assert!(value.is_nan() == bad.is_nan());
+                }
+                other => panic!("expected NonFinite for {operand}, got {other}"),
+            }
+        }
+        for (which, operand) in [
+            (0, Operand::Input),
+            (1, Operand::QueryWeight),
+            (2, Operand::KeyWeight),
+            (3, Operand::ValueWeight),
+        ] {
+            let mut mats = [
+                DMatrix::<T>::from_element(3, 3, T::one()),
+                DMatrix::<T>::from_element(3, 3, T::one()),
+                DMatrix::<T>::from_element(3, 3, T::one()),
+                DMatrix::<T>::from_element(3, 3, T::one()),
+            ];
+            mats[which][(0, 2)] = T::from_f64_rounded(bad);
+            let err = compute_qkv(&mats[0], &mats[1], &mats[2], &mats[3]).unwrap_err();
+            assert!(
+                matches!(err, AttentionError::NonFinite { operand: o, row: 0, column: 2, .. } if o == operand),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn non_finite_inputs_are_reported_f32() {
+    non_finite_inputs_are_reported::<f32>();
+}
+
+#[test]
+fn non_finite_inputs_are_reported_f64() {
+    non_finite_inputs_are_reported::<f64>();
+}
+
+#[test]
+fn non_finite_scale_is_an_error() {
+    let q = DMatrix::<f32>::from_element(2, 2, 1.0);
+    for s in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let err = scaled_dot_product_attention(&q, &q, &q, &AttentionOptions::new().with_scale(s))
+            .unwrap_err();
+        assert!(matches!(err, AttentionError::InvalidScale { .. }), "{err}");
+    }
+}
+
+fn score_overflow_is_an_error<T: Element>() {
+    // q·k = d_k · MAX/2 · 4 overflows; sizes on both the direct and the fused path.
+    let big = T::MAX / T::from_f64_rounded(2.0);
+    for (n_q, n_kv, d_k) in [(2, 2, 2), (100, 90, 16)] {
+        let mut q = DMatrix::<T>::from_element(n_q, d_k, T::one());
+        let k = DMatrix::<T>::from_element(n_kv, d_k, T::from_f64_rounded(4.0));
+        let v = DMatrix::<T>::from_element(n_kv, 3, T::one());
+        q[(n_q - 1, 0)] = big;
+        for path in CpuPath::supported() {
+            for par in [Parallelism::Sequential, Parallelism::Rayon] {
+                let opts = AttentionOptions::new()
+                    .with_cpu_path(path)
+                    .with_parallelism(par);
+                let err = scaled_dot_product_attention(&q, &k, &v, &opts).unwrap_err();
+                assert_eq!(
+                    err,
+                    AttentionError::ScoreOverflow {
+                        query: n_q - 1,
+                        key: 0
+                    },
+                    "{path:?}"
+                );
+            }
+        }
+        // A huge scale overflows a finite q·k too.
+        let q1 = DMatrix::<T>::from_element(n_q, d_k, T::one());
+        let opts = AttentionOptions::new().with_scale(big);
+        assert_eq!(
+            scaled_dot_product_attention(&q1, &k, &v, &opts).unwrap_err(),
+            AttentionError::ScoreOverflow { query: 0, key: 0 }
+        );
+    }
+}
+
+#[test]
+fn score_overflow_is_an_error_f32() {
+    score_overflow_is_an_error::<f32>();
+}
+
+#[test]
+fn score_overflow_is_an_error_f64() {
+    score_overflow_is_an_error::<f64>();
+}
+
+#[test]
+fn projection_overflow_is_an_error() {
+    let x = DMatrix::<f32>::from_element(2, 2, 3e38);
+    let w = DMatrix::<f32>::from_element(2, 2, 1.0);
+    let err = compute_qkv(&x, &w, &w, &w).unwrap_err();
+    assert_eq!(
+        err,
+        AttentionError::ProductOverflow {
+            operand: Operand::Query,
+            row: 0,
+            column: 0
+        }
+    );
+}
+
+#[test]
+fn unsupported_path_is_an_error_not_a_crash() {
+    for path in [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512] {
+        let q = DMatrix::<f64>::from_element(80, 8, 0.1);
+        let r = self_attention(&q, &q, &q);
+        let forced =
+            scaled_dot_product_attention(&q, &q, &q, &AttentionOptions::new().with_cpu_path(path));
+        if path.is_supported() {
+            assert!(forced.is_ok());
+        } else {
+            assert_eq!(
+                forced.unwrap_err(),
+                AttentionError::UnsupportedCpuPath { path }
+            );
+        }
+        assert!(r.is_ok());
+    }
+}
