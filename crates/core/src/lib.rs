@@ -81,3 +81,8 @@ pub use kernel::CpuPath;
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
 pub use weights::attention_weights;
+
+/// The README's Rust example, run as a doctest so it cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

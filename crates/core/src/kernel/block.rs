@@ -27,31 +27,24 @@ use crate::{AttentionError, Element, error::Operand};
 /// Processes query block `qb` (`BQ` queries from `qb·BQ`), writing `out_cols[c][r]`
 /// (`d_v` column segments of the output) and `lse[r]`.
 ///
-/// `MR` keys × `NR` queries is the register tile of `Sᵀ = K·Qᵀ`; `MRV` value columns × `NR`
-/// queries that of `Oᵀ += Vᵀ·Pᵀ`. `BQ` is a multiple of `NR`, the block of keys a multiple
-/// of `MR`, `job.dvp` a multiple of `MRV`.
+/// `MK` supplies the inner loops and the tile sizes; `job.dvp` is a multiple of `MK::MRV`
+/// and K is packed in panels of `MK::MR` keys.
 #[inline(always)]
-pub(super) fn q_block<
-    T: Element,
-    const FMA: bool,
-    const MR: usize,
-    const NR: usize,
-    const BQ: usize,
-    const MRV: usize,
->(
+pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
     job: &Job<'_, T>,
     qb: usize,
     scratch: &mut Scratch<T>,
     out_cols: &mut [&mut [T]],
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
+    let (bq, mr, mrv) = (MK::BQ, MK::MR, MK::MRV);
     let spec = &job.spec;
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
     let dvp = job.dvp;
-    let bk = job.bk;
-    let i0 = qb * BQ;
-    let rows = BQ.min(n_q - i0);
-    debug_assert!(rows > 0 && bk % MR == 0 && dvp % MRV == 0 && BQ % NR == 0);
+    let bk = MK::BK;
+    let i0 = qb * bq;
+    let rows = bq.min(n_q - i0);
+    debug_assert!(rows > 0 && bk % mr == 0 && dvp % mrv == 0);
 
     let Scratch {
         qt,
@@ -63,20 +56,20 @@ pub(super) fn q_block<
         m_ref,
         l_blk,
     } = scratch;
-    let qt = &mut qt[..d_k * BQ];
-    let acc = &mut acc[..dvp * BQ];
+    let qt = &mut qt[..d_k * bq];
+    let acc = &mut acc[..dvp * bq];
     let (m, l, alpha, m_ref, l_blk) = (
-        &mut m[..BQ],
-        &mut l[..BQ],
-        &mut alpha[..BQ],
-        &mut m_ref[..BQ],
-        &mut l_blk[..BQ],
+        &mut m[..bq],
+        &mut l[..bq],
+        &mut alpha[..bq],
+        &mut m_ref[..bq],
+        &mut l_blk[..bq],
     );
 
     // Qᵀ for this block; queries past n_q are zero and never written out.
     for p in 0..d_k {
         let col = job.q.column(p);
-        let dst = &mut qt[p * BQ..(p + 1) * BQ];
+        let dst = &mut qt[p * bq..(p + 1) * bq];
         for (r, d) in dst.iter_mut().enumerate() {
             *d = if r < rows { col[i0 + r] } else { T::zero() };
         }
@@ -91,23 +84,23 @@ pub(super) fn q_block<
     let (_, hi_first) = spec.key_range(i0);
     let elementwise = spec.has_elementwise();
     if lo_first <= hi_last {
-        let mut j0 = (lo_first as usize / MR) * MR;
+        let mut j0 = (lo_first as usize / mr) * mr;
         let j_end = hi_last as usize + 1;
         while j0 < j_end {
             let jn = bk.min(n_kv - j0);
-            let jpad = jn.div_ceil(MR) * MR;
-            let s = &mut s[..jpad * BQ];
+            let jpad = jn.div_ceil(mr) * mr;
+            let s = &mut s[..jpad * bq];
 
-            scores::<T, FMA, MR, NR, BQ>(qt, &job.kp[j0 * d_k..(j0 + jpad) * d_k], d_k, s);
+            MK::scores(qt, &job.kp[j0 * d_k..(j0 + jpad) * d_k], d_k, s);
 
             let inside = !elementwise && lo_last <= j0 as i64 && hi_first >= (j0 + jn - 1) as i64;
             if inside {
-                if !apply_scale::<T, BQ>(spec.scale, &mut s[..jn * BQ], l_blk) {
-                    return Err(first_overflow::<T, BQ>(s, i0, rows, j0, jn));
+                if !MK::apply_scale(spec.scale, &mut s[..jn * bq], l_blk) {
+                    return Err(first_overflow(s, bq, i0, rows, j0, jn));
                 }
             } else {
                 for j in 0..jn {
-                    let row = &mut s[j * BQ..(j + 1) * BQ];
+                    let row = &mut s[j * bq..(j + 1) * bq];
                     for (r, x) in row.iter_mut().enumerate() {
                         *x = if r < rows {
                             let (i, jj) = (i0 + r, j0 + j);
@@ -122,10 +115,10 @@ pub(super) fn q_block<
                     }
                 }
             }
-            s[jn * BQ..].fill(T::NEG_INFINITY);
+            s[jn * bq..].fill(T::NEG_INFINITY);
 
-            softmax_step::<T, FMA, BQ>(s, jpad, m, l, alpha, m_ref, l_blk);
-            pv::<T, FMA, NR, BQ, MRV>(s, &job.vp[j0 * dvp..(j0 + jpad) * dvp], dvp, acc, alpha);
+            MK::softmax_step(s, m, l, alpha, m_ref, l_blk);
+            MK::pv(s, &job.vp[j0 * dvp..(j0 + jpad) * dvp], dvp, acc, alpha);
             j0 += jn;
         }
     }
@@ -140,7 +133,7 @@ pub(super) fn q_block<
         } else {
             lse[r] = m[r] + l[r].ln();
             for (c, col) in out_cols.iter_mut().enumerate().take(d_v) {
-                let o = acc[c * BQ + r] / l[r];
+                let o = acc[c * bq + r] / l[r];
                 if !o.finite() {
                     return Err(AttentionError::ProductOverflow {
                         operand: Operand::Output,
@@ -153,6 +146,91 @@ pub(super) fn q_block<
         }
     }
     Ok(())
+}
+
+/// The four inner loops of the block kernel, with their tile sizes. The portable
+/// implementation is [`Portable`]; the SIMD ones are in `simd.rs`.
+///
+/// Layouts (all row-major, `BQ` query lanes per row):
+/// - `scores`: `s[j][r] = Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
+///   (a multiple of `MR`);
+/// - `apply_scale`: `s ← scale·s`, false if any result is not finite (`probe`: `BQ` scratch);
+/// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
+///   turning scores into `p`, updating `m`, `l` and writing `alpha`;
+/// - `pv`: `acc[c][r] = alpha[r]·acc[c][r] + Σ_j vp[j][c] · p[j][r]`, `c < dvp` (a
+///   multiple of `MRV`).
+pub(super) trait MicroKernels<T: Element> {
+    /// Keys per register tile and per packed K panel.
+    const MR: usize;
+    /// Queries per block.
+    const BQ: usize;
+    /// Value columns per register tile.
+    const MRV: usize;
+    /// Keys per online-softmax step (a multiple of `MR`).
+    const BK: usize;
+    fn scores(qt: &[T], kp: &[T], d_k: usize, s: &mut [T]);
+    fn apply_scale(scale: T, s: &mut [T], probe: &mut [T]) -> bool;
+    fn softmax_step(
+        s: &mut [T],
+        m: &mut [T],
+        l: &mut [T],
+        alpha: &mut [T],
+        m_ref: &mut [T],
+        l_blk: &mut [T],
+    );
+    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [T], alpha: &[T]);
+}
+
+/// Plain-Rust micro-kernels over fixed-size arrays (`MR × NR` register tiles), with or
+/// without fused multiply-add; the compiler vectorises them as well as it can for the
+/// target's baseline.
+pub(super) struct Portable<
+    const FMA: bool,
+    const MR: usize,
+    const NR: usize,
+    const BQ: usize,
+    const MRV: usize,
+    const BK: usize,
+>;
+
+impl<
+    T: Element,
+    const FMA: bool,
+    const MR: usize,
+    const NR: usize,
+    const BQ: usize,
+    const MRV: usize,
+    const BK: usize,
+> MicroKernels<T> for Portable<FMA, MR, NR, BQ, MRV, BK>
+{
+    const MR: usize = MR;
+    const BQ: usize = BQ;
+    const MRV: usize = MRV;
+    const BK: usize = BK;
+    #[inline(always)]
+    fn scores(qt: &[T], kp: &[T], d_k: usize, s: &mut [T]) {
+        scores::<T, FMA, MR, NR, BQ>(qt, kp, d_k, s);
+    }
+    #[inline(always)]
+    fn apply_scale(scale: T, s: &mut [T], probe: &mut [T]) -> bool {
+        apply_scale::<T, BQ>(scale, s, probe)
+    }
+    #[inline(always)]
+    fn softmax_step(
+        s: &mut [T],
+        m: &mut [T],
+        l: &mut [T],
+        alpha: &mut [T],
+        m_ref: &mut [T],
+        l_blk: &mut [T],
+    ) {
+        let jpad = s.len() / BQ;
+        softmax_step::<T, FMA, BQ>(s, jpad, m, l, alpha, m_ref, l_blk);
+    }
+    #[inline(always)]
+    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [T], alpha: &[T]) {
+        pv::<T, FMA, NR, BQ, MRV>(p, vp, dvp, acc, alpha);
+    }
 }
 
 /// `s[j][r] = Σ_p kp[j][p] · qt[p][r]` for `j < s.len()/BQ`; `kp` is packed in panels of `MR`
@@ -205,8 +283,9 @@ fn apply_scale<T: Element, const BQ: usize>(scale: T, s: &mut [T], probe: &mut [
 
 /// The first non-finite scaled score of a tile whose positions are all allowed.
 #[cold]
-fn first_overflow<T: Element, const BQ: usize>(
+fn first_overflow<T: Element>(
     s: &[T],
+    bq: usize,
     i0: usize,
     rows: usize,
     j0: usize,
@@ -214,7 +293,7 @@ fn first_overflow<T: Element, const BQ: usize>(
 ) -> AttentionError {
     for r in 0..rows {
         for j in 0..jn {
-            if !s[j * BQ + r].finite() {
+            if !s[j * bq + r].finite() {
                 return AttentionError::ScoreOverflow {
                     query: i0 + r,
                     key: j0 + j,

@@ -19,71 +19,105 @@ pub(crate) fn madd<T: crate::Element, const FMA: bool>(a: T, b: T, c: T) -> T {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// `exp(x)` for `x ≤ 0` or `x = −∞`; see the module documentation.
-#[inline(always)]
-pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23
-    const LN2_HI: f32 = 0.693_359_4; // ln 2 rounded to 12 bits: n·LN2_HI is exact
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
-    const CUTOFF: f32 = -87.0;
-    let xc = if x < CUTOFF { CUTOFF } else { x };
-    let t = madd::<f32, FMA>(xc, LOG2E, SHIFT);
-    let n = t - SHIFT;
-    let r = madd::<f32, FMA>(n, -LN2_HI, xc);
-    let r = madd::<f32, FMA>(n, -LN2_LO, r);
-    let mut p = 1.0 / 5040.0;
-    p = madd::<f32, FMA>(p, r, 1.0 / 720.0);
-    p = madd::<f32, FMA>(p, r, 1.0 / 120.0);
-    p = madd::<f32, FMA>(p, r, 1.0 / 24.0);
-    p = madd::<f32, FMA>(p, r, 1.0 / 6.0);
-    p = madd::<f32, FMA>(p, r, 0.5);
-    p = madd::<f32, FMA>(p, r, 1.0);
-    p = madd::<f32, FMA>(p, r, 1.0);
-    // t's low mantissa bits hold 2^22 + n; subtracting SHIFT's bits leaves n.
-    let n_int = t.to_bits().wrapping_sub(SHIFT.to_bits()) as i32;
-    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
-    if x < CUTOFF { 0.0 } else { p * two_n }
+/// The constants of the exponential for one element type.
+pub(crate) trait ExpConsts: crate::Element {
+    const LOG2E: Self;
+    /// 1.5·2^(mantissa bits): adding and subtracting it rounds to an integer.
+    const SHIFT: Self;
+    /// ln 2 split so that `n·LN2_HI` is exact for the `n` that occur.
+    const LN2_HI: Self;
+    const LN2_LO: Self;
+    /// Below this, e^x is under the smallest normal number and the result is 0.
+    const CUTOFF: Self;
+    /// Taylor coefficients 1/k!, highest degree first.
+    const COEFFS: &'static [Self];
+    /// Builds 2^n from `t = n + SHIFT`.
+    fn pow2_shifted(t: Self) -> Self;
 }
 
-/// `exp(x)` for `x ≤ 0` or `x = −∞`; see the module documentation.
-#[inline(always)]
-pub(crate) fn exp_f64<const FMA: bool>(x: f64) -> f64 {
+impl ExpConsts for f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23
+    const LN2_HI: f32 = 0.693_359_4; // ln 2 to 12 bits
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    const CUTOFF: f32 = -87.0;
+    const COEFFS: &'static [f32] = &[
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+    #[inline(always)]
+    fn pow2_shifted(t: f32) -> f32 {
+        // t's low mantissa bits hold 2^22 + n; subtracting SHIFT's bits leaves n.
+        let n = t.to_bits().wrapping_sub(Self::SHIFT.to_bits()) as i32;
+        f32::from_bits(((n + 127) as u32) << 23)
+    }
+}
+
+impl ExpConsts for f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     const SHIFT: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
     const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1; // fdlibm's split of ln 2
     const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
     const CUTOFF: f64 = -708.0;
-    const INV_FACT: [f64; 14] = [
-        1.0,
-        1.0,
-        1.0 / 2.0,
-        1.0 / 6.0,
-        1.0 / 24.0,
-        1.0 / 120.0,
-        1.0 / 720.0,
-        1.0 / 5040.0,
-        1.0 / 40320.0,
-        1.0 / 362_880.0,
-        1.0 / 3_628_800.0,
-        1.0 / 39_916_800.0,
-        1.0 / 479_001_600.0,
+    const COEFFS: &'static [f64] = &[
         1.0 / 6_227_020_800.0,
+        1.0 / 479_001_600.0,
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40320.0,
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
     ];
-    let xc = if x < CUTOFF { CUTOFF } else { x };
-    let t = madd::<f64, FMA>(xc, LOG2E, SHIFT);
-    let n = t - SHIFT;
-    let r = madd::<f64, FMA>(n, -LN2_HI, xc);
-    let r = madd::<f64, FMA>(n, -LN2_LO, r);
-    let mut p = INV_FACT[13];
-    let mut k = 13;
-    while k > 0 {
-        k -= 1;
-        p = madd::<f64, FMA>(p, r, INV_FACT[k]);
+    #[inline(always)]
+    fn pow2_shifted(t: f64) -> f64 {
+        let n = t.to_bits().wrapping_sub(Self::SHIFT.to_bits()) as i64;
+        f64::from_bits(((n + 1023) as u64) << 52)
     }
-    let n_int = t.to_bits().wrapping_sub(SHIFT.to_bits()) as i64;
-    let two_n = f64::from_bits(((n_int + 1023) as u64) << 52);
-    if x < CUTOFF { 0.0 } else { p * two_n }
+}
+
+/// `exp(x)` for `x ≤ 0` or `x = −∞`, scalar; see the module documentation. The SIMD
+/// version in `simd.rs` performs the same operations lane by lane.
+#[inline(always)]
+pub(crate) fn exp_nonpos<T: ExpConsts, const FMA: bool>(x: T) -> T {
+    let xc = if x < T::CUTOFF { T::CUTOFF } else { x };
+    let t = madd::<T, FMA>(xc, T::LOG2E, T::SHIFT);
+    let n = t - T::SHIFT;
+    let r = madd::<T, FMA>(n, -T::LN2_HI, xc);
+    let r = madd::<T, FMA>(n, -T::LN2_LO, r);
+    let mut p = T::COEFFS[0];
+    for &c in &T::COEFFS[1..] {
+        p = madd::<T, FMA>(p, r, c);
+    }
+    if x < T::CUTOFF {
+        T::zero()
+    } else {
+        p * T::pow2_shifted(t)
+    }
+}
+
+/// f32 instance of [`exp_nonpos`].
+#[inline(always)]
+pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
+    exp_nonpos::<f32, FMA>(x)
+}
+
+/// f64 instance of [`exp_nonpos`].
+#[inline(always)]
+pub(crate) fn exp_f64<const FMA: bool>(x: f64) -> f64 {
+    exp_nonpos::<f64, FMA>(x)
 }
 
 #[cfg(test)]

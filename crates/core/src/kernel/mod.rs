@@ -24,8 +24,6 @@ pub(crate) struct Job<'a, T: Element> {
     /// V row-major with rows padded to `dvp` columns: `vp[j][c]`, padding zero.
     pub vp: Vec<T>,
     pub dvp: usize,
-    /// Keys per step of the online softmax (a multiple of `MR`).
-    pub bk: usize,
 }
 
 /// Per-thread working memory of the block kernel.
@@ -111,7 +109,6 @@ pub(crate) fn attention<T: Element>(
         kp,
         vp,
         dvp,
-        bk: kernel.bk,
     };
 
     // Hand each block of BQ queries its segment of every output column.

@@ -1,10 +1,12 @@
 //! CPU paths: run-time detection, the `#[target_feature]` instantiations of the block
 //! kernel, and the only `unsafe` code of the crate.
 //!
-//! Following matrixmultiply, the kernel body (`block::q_block`) is written once in safe,
-//! `#[inline(always)]` Rust over fixed-size register tiles; each function below compiles
-//! it with one set of CPU features so that the compiler emits AVX-512, AVX2+FMA or
-//! baseline (SSE2 on x86-64) vector code. [`CpuPath::detect`] picks the best one the CPU
+//! The block kernel (`block::q_block`) is written once, generic over its four inner loops
+//! ([`MicroKernels`]). Here those loops are written once more, generic over a small set of
+//! vector operations ([`Lanes`]) implemented with `std::arch` intrinsics for AVX-512 and
+//! AVX2+FMA, in f32 and f64; each combination is compiled inside a `#[target_feature]`
+//! function so that everything inlines into straight vector code. The portable path uses
+//! `block::Portable` (plain Rust, what the compiler vectorises for the target's baseline). [`CpuPath::detect`] picks the best one the CPU
 //! has; the environment variable `ATTENTION_CPU_PATH` (`portable`, `avx2`, `avx512`) or
 //! [`AttentionOptions::with_cpu_path`](crate::AttentionOptions::with_cpu_path) forces one,
 //! which is how the tests run every path.
@@ -12,7 +14,16 @@
 use std::any::Any;
 use std::sync::OnceLock;
 
-use super::{Job, Scratch, block};
+use std::marker::PhantomData;
+
+use num_traits::Zero;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::block::{self, MicroKernels, Portable};
+use super::exp::ExpConsts;
+use super::{Job, Scratch};
 use crate::{AttentionError, Element};
 
 /// A compiled variant of the kernel, chosen by CPU features.
@@ -105,15 +116,15 @@ type BlockFn<T> = fn(
     &mut [T],
 ) -> Result<(), AttentionError>;
 
-/// One instantiation of the block kernel with its tile sizes.
+/// One compiled variant of the block kernel with its tile sizes.
 pub(crate) struct Kernel<T: Element> {
-    /// Keys per register tile of `Sᵀ` (and per packed K panel).
+    /// Keys per packed K panel.
     pub mr: usize,
-    /// Queries per block (a multiple of the register tile's lanes).
+    /// Queries per block.
     pub bq: usize,
     /// Keys per online-softmax step.
     pub bk: usize,
-    /// Value columns per register tile of `Oᵀ`.
+    /// Value columns per register tile (V rows are padded to a multiple).
     pub mrv: usize,
     pub block: BlockFn<T>,
 }
@@ -125,11 +136,417 @@ impl<T: Element> Clone for Kernel<T> {
 }
 impl<T: Element> Copy for Kernel<T> {}
 
-/// Declares one kernel instantiation as a `static Kernel`: a `#[target_feature]` function
-/// compiling the body with `$features`, and a safe entry point that calls it.
+impl<T: Element> Kernel<T> {
+    const fn of<MK: MicroKernels<T>>(block: BlockFn<T>) -> Self {
+        Kernel {
+            mr: MK::MR,
+            bq: MK::BQ,
+            bk: MK::BK,
+            mrv: MK::MRV,
+            block,
+        }
+    }
+}
+
+/// Vector operations of one instruction set on one element type.
+///
+/// # Safety
+/// Every method requires the CPU features of the implementing type (AVX-512F, or AVX2
+/// and FMA); pointer arguments must be valid for `N` elements (unaligned is fine).
+trait Lanes {
+    type T: ExpConsts;
+    type V: Copy;
+    /// Lanes per vector.
+    const N: usize;
+    unsafe fn splat(x: Self::T) -> Self::V;
+    unsafe fn load(p: *const Self::T) -> Self::V;
+    unsafe fn store(p: *mut Self::T, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// `a·b + c`, fused.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise 2^n from `t = n + SHIFT` (see `ExpConsts::pow2_shifted`).
+    unsafe fn pow2_shifted(t: Self::V) -> Self::V;
+    /// `y` where `x ≥ cutoff`, 0 elsewhere.
+    unsafe fn zero_below(x: Self::V, cutoff: Self::V, y: Self::V) -> Self::V;
+}
+
+/// `exp` lane by lane for arguments ≤ 0 or −∞: the same operations as
+/// `exp::exp_nonpos` (see `exp.rs` for the method and its accuracy).
+#[inline(always)]
+unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
+    // SAFETY: the caller guarantees the CPU features of `L`.
+    unsafe {
+        let cutoff = L::splat(L::T::CUTOFF);
+        let xc = L::max(x, cutoff);
+        let shift = L::splat(L::T::SHIFT);
+        let t = L::fma(xc, L::splat(L::T::LOG2E), shift);
+        let n = L::sub(t, shift);
+        let r = L::fma(n, L::splat(-L::T::LN2_HI), xc);
+        let r = L::fma(n, L::splat(-L::T::LN2_LO), r);
+        let c = L::T::COEFFS;
+        let mut p = L::splat(c[0]);
+        for &ci in &c[1..] {
+            p = L::fma(p, r, L::splat(ci));
+        }
+        L::zero_below(x, cutoff, L::mul(p, L::pow2_shifted(t)))
+    }
+}
+
+/// Implements [`Lanes`] for one instruction set and element type from its intrinsics.
+macro_rules! lanes {
+    ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal,
+     set1 = $set1:ident, loadu = $loadu:ident, storeu = $storeu:ident, add = $add:ident,
+     sub = $sub:ident, mul = $mul:ident, fmadd = $fmadd:ident, max = $max:ident,
+     pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        struct $name;
+        #[cfg(target_arch = "x86_64")]
+        impl Lanes for $name {
+            type T = $t;
+            type V = $v;
+            const N: usize = $n;
+            #[inline(always)]
+            unsafe fn splat(x: $t) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $set1(x) }
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const $t) -> $v {
+                // SAFETY: the trait's contract: features present, `p` valid for N lanes.
+                unsafe { $loadu(p) }
+            }
+            #[inline(always)]
+            unsafe fn store(p: *mut $t, v: $v) {
+                // SAFETY: the trait's contract: features present, `p` valid for N lanes.
+                unsafe { $storeu(p, v) }
+            }
+            #[inline(always)]
+            unsafe fn add(a: $v, b: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $add(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn sub(a: $v, b: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $sub(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn mul(a: $v, b: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $mul(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn fma(a: $v, b: $v, c: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $fmadd(a, b, c) }
+            }
+            #[inline(always)]
+            unsafe fn max(a: $v, b: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $max(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn pow2_shifted($tv: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $pow2 }
+            }
+            #[inline(always)]
+            unsafe fn zero_below($x: $v, $c: $v, $y: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $zb }
+            }
+        }
+    };
+}
+
+lanes!(
+    Avx512F32,
+    f32,
+    __m512,
+    16,
+    "avx512f",
+    set1 = _mm512_set1_ps,
+    loadu = _mm512_loadu_ps,
+    storeu = _mm512_storeu_ps,
+    add = _mm512_add_ps,
+    sub = _mm512_sub_ps,
+    mul = _mm512_mul_ps,
+    fmadd = _mm512_fmadd_ps,
+    max = _mm512_max_ps,
+    pow2 = |t| {
+        let n = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            n,
+            _mm512_set1_epi32(127),
+        )))
+    },
+    zero_below = |x, c, y| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, c), y)
+);
+
+lanes!(
+    Avx512F64,
+    f64,
+    __m512d,
+    8,
+    "avx512f",
+    set1 = _mm512_set1_pd,
+    loadu = _mm512_loadu_pd,
+    storeu = _mm512_storeu_pd,
+    add = _mm512_add_pd,
+    sub = _mm512_sub_pd,
+    mul = _mm512_mul_pd,
+    fmadd = _mm512_fmadd_pd,
+    max = _mm512_max_pd,
+    pow2 = |t| {
+        let n = _mm512_sub_epi64(
+            _mm512_castpd_si512(t),
+            _mm512_set1_epi64(0x4338_0000_0000_0000),
+        );
+        _mm512_castsi512_pd(_mm512_slli_epi64::<52>(_mm512_add_epi64(
+            n,
+            _mm512_set1_epi64(1023),
+        )))
+    },
+    zero_below = |x, c, y| _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(x, c), y)
+);
+
+lanes!(
+    Avx2F32,
+    f32,
+    __m256,
+    8,
+    "avx2,fma",
+    set1 = _mm256_set1_ps,
+    loadu = _mm256_loadu_ps,
+    storeu = _mm256_storeu_ps,
+    add = _mm256_add_ps,
+    sub = _mm256_sub_ps,
+    mul = _mm256_mul_ps,
+    fmadd = _mm256_fmadd_ps,
+    max = _mm256_max_ps,
+    pow2 = |t| {
+        let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B40_0000));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            n,
+            _mm256_set1_epi32(127),
+        )))
+    },
+    zero_below = |x, c, y| _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, c), y)
+);
+
+lanes!(
+    Avx2F64,
+    f64,
+    __m256d,
+    4,
+    "avx2,fma",
+    set1 = _mm256_set1_pd,
+    loadu = _mm256_loadu_pd,
+    storeu = _mm256_storeu_pd,
+    add = _mm256_add_pd,
+    sub = _mm256_sub_pd,
+    mul = _mm256_mul_pd,
+    fmadd = _mm256_fmadd_pd,
+    max = _mm256_max_pd,
+    pow2 = |t| {
+        let n = _mm256_sub_epi64(
+            _mm256_castpd_si256(t),
+            _mm256_set1_epi64x(0x4338_0000_0000_0000),
+        );
+        _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_add_epi64(
+            n,
+            _mm256_set1_epi64x(1023),
+        )))
+    },
+    zero_below = |x, c, y| _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, c), y)
+);
+
+/// SIMD micro-kernels: register tiles of `MR` keys (or `MRV` value columns) × `NV` vectors
+/// of queries, `BQ` queries per block, `BK` keys per step.
+///
+/// Only instantiated inside the `#[target_feature]` functions of `simd_kernel!`, which are
+/// only called when the CPU supports `L`'s features: that is what makes the safe trait
+/// methods below sound.
+struct Simd<L, const MR: usize, const NV: usize, const BQ: usize, const MRV: usize, const BK: usize>(
+    PhantomData<L>,
+);
+
+impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usize, const BK: usize>
+    MicroKernels<L::T> for Simd<L, MR, NV, BQ, MRV, BK>
+{
+    const MR: usize = MR;
+    const BQ: usize = BQ;
+    const MRV: usize = MRV;
+    const BK: usize = BK;
+
+    #[inline(always)]
+    fn scores(qt: &[L::T], kp: &[L::T], d_k: usize, s: &mut [L::T]) {
+        let jpad = s.len() / BQ;
+        assert!(
+            BQ % (NV * L::N) == 0
+                && s.len() == jpad * BQ
+                && jpad % MR == 0
+                && qt.len() >= d_k * BQ
+                && kp.len() >= jpad * d_k
+        );
+        let (qt, kp, s) = (qt.as_ptr(), kp.as_ptr(), s.as_mut_ptr());
+        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
+        // loads read qt[p·BQ + rt + v·N ..][..N] with p < d_k and rt + NV·N ≤ BQ;
+        // broadcasts read kp[jt·d_k + p·MR + m] < (jt + MR)·d_k ≤ jpad·d_k; stores write
+        // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ.
+        unsafe {
+            for jt in (0..jpad).step_by(MR) {
+                let panel = kp.add(jt * d_k);
+                for rt in (0..BQ).step_by(NV * L::N) {
+                    let mut acc = [[L::splat(L::T::zero()); NV]; MR];
+                    for p in 0..d_k {
+                        let qrow = qt.add(p * BQ + rt);
+                        let mut qv = [L::splat(L::T::zero()); NV];
+                        for (v, q) in qv.iter_mut().enumerate() {
+                            *q = L::load(qrow.add(v * L::N));
+                        }
+                        for (m, row) in acc.iter_mut().enumerate() {
+                            let kb = L::splat(*panel.add(p * MR + m));
+                            for (a, &q) in row.iter_mut().zip(&qv) {
+                                *a = L::fma(kb, q, *a);
+                            }
+                        }
+                    }
+                    for (m, row) in acc.iter().enumerate() {
+                        for (v, &a) in row.iter().enumerate() {
+                            L::store(s.add((jt + m) * BQ + rt + v * L::N), a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn apply_scale(scale: L::T, s: &mut [L::T], probe: &mut [L::T]) -> bool {
+        assert!(s.len() % L::N == 0 && probe.len() >= L::N);
+        // SAFETY: CPU features: see the type's documentation. Every access is a whole
+        // vector inside `s` (its length is a multiple of N) or the first N of `probe`.
+        unsafe {
+            let sc = L::splat(scale);
+            let mut pr = L::splat(L::T::zero());
+            for i in (0..s.len()).step_by(L::N) {
+                let x = L::mul(L::load(s.as_ptr().add(i)), sc);
+                L::store(s.as_mut_ptr().add(i), x);
+                // x − x is 0 for finite x and NaN for ±∞ or NaN.
+                pr = L::add(pr, L::sub(x, x));
+            }
+            L::store(probe.as_mut_ptr(), pr);
+        }
+        probe[..L::N].iter().all(|&p| p == L::T::zero())
+    }
+
+    #[inline(always)]
+    fn softmax_step(
+        s: &mut [L::T],
+        m: &mut [L::T],
+        l: &mut [L::T],
+        alpha: &mut [L::T],
+        _m_ref: &mut [L::T],
+        _l_blk: &mut [L::T],
+    ) {
+        let jpad = s.len() / BQ;
+        assert!(
+            BQ % L::N == 0
+                && s.len() == jpad * BQ
+                && m.len() >= BQ
+                && l.len() >= BQ
+                && alpha.len() >= BQ
+        );
+        let s = s.as_mut_ptr();
+        // SAFETY: CPU features: see the type's documentation. Bounds: rt + N ≤ BQ, so
+        // every vector lies in the first BQ of m, l, alpha and in row j < jpad of `s`.
+        unsafe {
+            let neg_inf = L::splat(L::T::NEG_INFINITY);
+            // m' = −∞ (nothing allowed yet) is replaced by the lowest finite number, so
+            // s − m' stays −∞ for masked scores and exp gives exactly 0.
+            let lowest = L::splat(-L::T::MAX);
+            for rt in (0..BQ).step_by(L::N) {
+                let mut m_blk = neg_inf;
+                for j in 0..jpad {
+                    m_blk = L::max(m_blk, L::load(s.add(j * BQ + rt)));
+                }
+                let m_old = L::load(m.as_ptr().add(rt));
+                let m_new = L::max(m_old, m_blk);
+                let m_use = L::max(m_new, lowest);
+                let a = exp_v::<L>(L::sub(m_old, m_use));
+                L::store(m.as_mut_ptr().add(rt), m_new);
+                L::store(alpha.as_mut_ptr().add(rt), a);
+                let mut l_blk = L::splat(L::T::zero());
+                for j in 0..jpad {
+                    let e = exp_v::<L>(L::sub(L::load(s.add(j * BQ + rt)), m_use));
+                    L::store(s.add(j * BQ + rt), e);
+                    l_blk = L::add(l_blk, e);
+                }
+                let l_old = L::load(l.as_ptr().add(rt));
+                L::store(l.as_mut_ptr().add(rt), L::fma(a, l_old, l_blk));
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn pv(p: &[L::T], vp: &[L::T], dvp: usize, acc: &mut [L::T], alpha: &[L::T]) {
+        let jpad = p.len() / BQ;
+        assert!(
+            BQ % (NV * L::N) == 0
+                && p.len() == jpad * BQ
+                && dvp % MRV == 0
+                && vp.len() >= jpad * dvp
+                && acc.len() >= dvp * BQ
+                && alpha.len() >= BQ
+        );
+        let (p, vp, accp) = (p.as_ptr(), vp.as_ptr(), acc.as_mut_ptr());
+        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
+        // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
+        // acc[(ct + m)·BQ + rt + v·N ..][..N] < dvp·BQ; alpha[rt + v·N ..][..N] < BQ.
+        unsafe {
+            for ct in (0..dvp).step_by(MRV) {
+                for rt in (0..BQ).step_by(NV * L::N) {
+                    let mut al = [L::splat(L::T::zero()); NV];
+                    for (v, a) in al.iter_mut().enumerate() {
+                        *a = L::load(alpha.as_ptr().add(rt + v * L::N));
+                    }
+                    let mut tile = [[L::splat(L::T::zero()); NV]; MRV];
+                    for (m, row) in tile.iter_mut().enumerate() {
+                        for (v, t) in row.iter_mut().enumerate() {
+                            *t = L::mul(L::load(accp.add((ct + m) * BQ + rt + v * L::N)), al[v]);
+                        }
+                    }
+                    for j in 0..jpad {
+                        let mut pv = [L::splat(L::T::zero()); NV];
+                        for (v, x) in pv.iter_mut().enumerate() {
+                            *x = L::load(p.add(j * BQ + rt + v * L::N));
+                        }
+                        for (m, row) in tile.iter_mut().enumerate() {
+                            let vb = L::splat(*vp.add(j * dvp + ct + m));
+                            for (t, &x) in row.iter_mut().zip(&pv) {
+                                *t = L::fma(vb, x, *t);
+                            }
+                        }
+                    }
+                    for (m, row) in tile.iter().enumerate() {
+                        for (v, &t) in row.iter().enumerate() {
+                            L::store(accp.add((ct + m) * BQ + rt + v * L::N), t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Declares one SIMD kernel as a `static Kernel`: the block body with micro-kernels `$mk`,
+/// compiled by a `#[target_feature]` function, called through a safe entry point.
 macro_rules! simd_kernel {
-    ($kernel:ident: $t:ty, $features:literal, mr = $mr:literal, nr = $nr:literal,
-     bq = $bq:literal, bk = $bk:literal, mrv = $mrv:literal) => {
+    ($kernel:ident: $t:ty, $features:literal, $mk:ty) => {
         #[cfg(target_arch = "x86_64")]
         static $kernel: Kernel<$t> = {
             #[target_feature(enable = $features)]
@@ -140,7 +557,7 @@ macro_rules! simd_kernel {
                 cols: &mut [&mut [$t]],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_block::<$t, true, $mr, $nr, $bq, $mrv>(job, qb, scratch, cols, lse)
+                block::q_block::<$t, $mk>(job, qb, scratch, cols, lse)
             }
             fn entry(
                 job: &Job<'_, $t>,
@@ -154,22 +571,14 @@ macro_rules! simd_kernel {
                 // a CPU with every feature in `$features`.
                 unsafe { compiled(job, qb, scratch, cols, lse) }
             }
-            assert!($bq % $nr == 0 && $bk % $mr == 0);
-            Kernel {
-                mr: $mr,
-                bq: $bq,
-                bk: $bk,
-                mrv: $mrv,
-                block: entry,
-            }
+            Kernel::of::<$mk>(entry)
         };
     };
 }
 
-/// Declares the portable kernel: the same body, no target features, no FMA.
+/// Declares a portable kernel: the same body, no target features, plain-Rust loops.
 macro_rules! portable_kernel {
-    ($kernel:ident: $t:ty, mr = $mr:literal, nr = $nr:literal, bq = $bq:literal,
-     bk = $bk:literal, mrv = $mrv:literal) => {
+    ($kernel:ident: $t:ty, $mk:ty) => {
         static $kernel: Kernel<$t> = {
             fn entry(
                 job: &Job<'_, $t>,
@@ -178,32 +587,25 @@ macro_rules! portable_kernel {
                 cols: &mut [&mut [$t]],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_block::<$t, false, $mr, $nr, $bq, $mrv>(job, qb, scratch, cols, lse)
+                block::q_block::<$t, $mk>(job, qb, scratch, cols, lse)
             }
-            assert!($bq % $nr == 0 && $bk % $mr == 0);
-            Kernel {
-                mr: $mr,
-                bq: $bq,
-                bk: $bk,
-                mrv: $mrv,
-                block: entry,
-            }
+            Kernel::of::<$mk>(entry)
         };
     };
 }
 
-// Tile sizes: `mr × nr` accumulators must fit the register file (32 zmm / 16 ymm / 16 xmm)
-// with room for the loaded operands.
-simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", mr = 8, nr = 32, bq = 64, bk = 64, mrv = 8);
-simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", mr = 8, nr = 16, bq = 32, bk = 64, mrv = 8);
-simd_kernel!(AVX2_F32: f32, "avx2,fma", mr = 6, nr = 16, bq = 64, bk = 60, mrv = 6);
-simd_kernel!(AVX2_F64: f64, "avx2,fma", mr = 6, nr = 8, bq = 32, bk = 60, mrv = 6);
-portable_kernel!(PORTABLE_F32: f32, mr = 4, nr = 8, bq = 32, bk = 64, mrv = 4);
-portable_kernel!(PORTABLE_F64: f64, mr = 4, nr = 4, bq = 16, bk = 64, mrv = 4);
+// Tile sizes: the `MR × NV` (and `MRV × NV`) accumulators plus the loaded operands must
+// fit the register file: 32 zmm for AVX-512, 16 ymm for AVX2.
+simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Simd<Avx512F32, 8, 2, 64, 8, 64>);
+simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Simd<Avx512F64, 8, 2, 32, 8, 64>);
+simd_kernel!(AVX2_F32: f32, "avx2,fma", Simd<Avx2F32, 6, 2, 64, 4, 60>);
+simd_kernel!(AVX2_F64: f64, "avx2,fma", Simd<Avx2F64, 6, 2, 32, 4, 60>);
+portable_kernel!(PORTABLE_F32: f32, Portable<false, 4, 8, 32, 4, 64>);
+portable_kernel!(PORTABLE_F64: f64, Portable<false, 4, 4, 16, 4, 64>);
 
 impl<T: Element> Kernel<T> {
-    /// The kernel for element type `T` on `path`. The caller has checked that the CPU
-    /// supports `path` (an unsupported path falls back to the portable kernel).
+    /// The kernel for element type `T` on `path`. An unsupported path falls back to the
+    /// portable kernel (callers check support first and report it as an error).
     pub(crate) fn select(path: CpuPath) -> Kernel<T> {
         let path = if path.is_supported() {
             path

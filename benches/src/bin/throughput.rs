@@ -1,0 +1,322 @@
+//! Attention throughput as a table and as JSON, against the machine's FMA peak measured in
+//! the same run.
+//!
+//! ```text
+//! cargo run --release -p attention-benches --bin throughput                # full table
+//! cargo run --release -p attention-benches --bin throughput -- --quick     # n ∈ {512, 2048}
+//! cargo run --release -p attention-benches --bin throughput -- --n 4096 --d 128 --types f32 --threads 1,2 --json out.json
+//! ```
+//! Each figure is the median of several timed calls (at least 3, and at least ~0.5 s of
+//! calls); GFLOP/s counts `4·n²·d`, halved for causal. Peak memory (max RSS) for
+//! n = 65536, d = 64, f32 is measured in a child process (`--rss`, on by default in the
+//! full run) and compared with the inputs plus the output.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use attention_benches::{attention_flops, nalgebra_attention, normal_matrix, peak::fma_peak};
+use attention_core::{
+    AttentionOptions, Causal, Element, Parallelism, scaled_dot_product_attention,
+};
+use nalgebra::DMatrix;
+
+struct Args {
+    sizes: Vec<usize>,
+    dims: Vec<usize>,
+    types: Vec<String>,
+    threads: Vec<usize>,
+    causal: Vec<bool>,
+    baselines: bool,
+    rss: bool,
+    json: Option<String>,
+}
+
+fn list<T: std::str::FromStr>(s: &str) -> Vec<T> {
+    s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+}
+
+fn parse_args() -> Args {
+    let max_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut a = Args {
+        sizes: vec![128, 512, 2048, 4096, 16384],
+        dims: vec![64, 128],
+        types: vec!["f32".into(), "f64".into()],
+        threads: if max_threads > 1 {
+            vec![1, max_threads]
+        } else {
+            vec![1]
+        },
+        causal: vec![false, true],
+        baselines: true,
+        rss: true,
+        json: None,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let next = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--quick" => {
+                a.sizes = vec![512, 2048];
+                a.rss = false;
+            }
+            "--n" => (a.sizes, i) = (list(&next), i + 1),
+            "--d" => (a.dims, i) = (list(&next), i + 1),
+            "--types" => (a.types, i) = (list(&next), i + 1),
+            "--threads" => (a.threads, i) = (list(&next), i + 1),
+            "--causal" => (a.causal, i) = (list(&next), i + 1),
+            "--json" => (a.json, i) = (Some(next), i + 1),
+            "--no-baselines" => a.baselines = false,
+            "--no-rss" => a.rss = false,
+            "--rss" => a.rss = true,
+            other => eprintln!("ignoring unknown argument {other}"),
+        }
+        i += 1;
+    }
+    a
+}
+
+/// Median seconds per call of `f`.
+fn time(mut f: impl FnMut()) -> f64 {
+    f(); // warm-up (page faults, rayon start-up)
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while samples.len() < 3 || (start.elapsed().as_secs_f64() < 0.5 && samples.len() < 50) {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+struct Row {
+    ty: String,
+    d: usize,
+    n: usize,
+    causal: bool,
+    threads: usize,
+    what: &'static str,
+    gflops: f64,
+    peak: f64,
+}
+
+fn bench_type<T: Element + Into<f64>>(
+    ty: &str,
+    args: &Args,
+    peaks: &[(usize, f64)],
+    rows: &mut Vec<Row>,
+) {
+    for &d in &args.dims {
+        for &n in &args.sizes {
+            let q: DMatrix<T> = normal_matrix(n, d, 1).map(T::from_f64_rounded);
+            let k: DMatrix<T> = normal_matrix(n, d, 2).map(T::from_f64_rounded);
+            let v: DMatrix<T> = normal_matrix(n, d, 3).map(T::from_f64_rounded);
+            for &(threads, peak) in peaks {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("thread pool");
+                for &causal in &args.causal {
+                    let mut opts = AttentionOptions::new().with_parallelism(if threads == 1 {
+                        Parallelism::Sequential
+                    } else {
+                        Parallelism::Rayon
+                    });
+                    if causal {
+                        opts = opts.with_causal(Causal::TopLeft);
+                    }
+                    let secs = pool.install(|| {
+                        time(|| {
+                            std::hint::black_box(
+                                scaled_dot_product_attention(&q, &k, &v, &opts).expect("attention"),
+                            );
+                        })
+                    });
+                    let gflops = attention_flops(n, n, d, causal) / secs / 1e9;
+                    rows.push(Row {
+                        ty: ty.into(),
+                        d,
+                        n,
+                        causal,
+                        threads,
+                        what: "core",
+                        gflops,
+                        peak,
+                    });
+                    print_row(rows.last().expect("just pushed"));
+                }
+                if args.baselines && threads == 1 {
+                    if n <= 4096 {
+                        let secs = time(|| {
+                            std::hint::black_box(nalgebra_attention(&q, &k, &v));
+                        });
+                        let gflops = attention_flops(n, n, d, false) / secs / 1e9;
+                        rows.push(Row {
+                            ty: ty.into(),
+                            d,
+                            n,
+                            causal: false,
+                            threads,
+                            what: "nalgebra",
+                            gflops,
+                            peak,
+                        });
+                        print_row(rows.last().expect("just pushed"));
+                    }
+                    if n <= 512 {
+                        let secs = time(|| {
+                            std::hint::black_box(attention_reference::self_attention(&q, &k, &v));
+                        });
+                        let gflops = attention_flops(n, n, d, false) / secs / 1e9;
+                        rows.push(Row {
+                            ty: ty.into(),
+                            d,
+                            n,
+                            causal: false,
+                            threads,
+                            what: "reference",
+                            gflops,
+                            peak,
+                        });
+                        print_row(rows.last().expect("just pushed"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn print_row(r: &Row) {
+    println!(
+        "| {:<3} | {:>3} | {:>5} | {:<10} | {:>2} | {:<9} | {:>7.1} | {:>5.1}% |",
+        r.ty,
+        r.d,
+        r.n,
+        if r.causal { "causal" } else { "non-causal" },
+        r.threads,
+        r.what,
+        r.gflops,
+        100.0 * r.gflops / r.peak
+    );
+}
+
+/// Max RSS of this process in KiB (Linux), `None` elsewhere.
+fn max_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Child mode: one n×64 f32 attention, then print the max RSS.
+fn rss_child(n: usize) {
+    let d = 64;
+    let q: DMatrix<f32> = normal_matrix(n, d, 1).map(|x| x as f32);
+    let k: DMatrix<f32> = normal_matrix(n, d, 2).map(|x| x as f32);
+    let v: DMatrix<f32> = normal_matrix(n, d, 3).map(|x| x as f32);
+    let before = max_rss_kib().unwrap_or(0);
+    let out =
+        scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new()).expect("attention");
+    std::hint::black_box(&out);
+    println!("{before} {}", max_rss_kib().unwrap_or(0));
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--rss-child") {
+        rss_child(argv.get(2).and_then(|s| s.parse().ok()).unwrap_or(65536));
+        return;
+    }
+    let args = parse_args();
+    println!("attention throughput, {}", chrono_free_date());
+    println!(
+        "cpu paths supported: {:?}, default {:?}",
+        attention_core::CpuPath::supported(),
+        attention_core::CpuPath::detect()
+    );
+    let mut rows = Vec::new();
+    let mut peak_lines = String::new();
+    for ty in &args.types {
+        let is_f64 = ty == "f64";
+        let peaks: Vec<(usize, f64)> = args
+            .threads
+            .iter()
+            .map(|&t| (t, fma_peak(is_f64, t, 5).unwrap_or(f64::NAN) / 1e9))
+            .collect();
+        for (t, p) in &peaks {
+            println!("FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+            let _ = write!(
+                peak_lines,
+                "{{\"type\":\"{ty}\",\"threads\":{t},\"gflops\":{p:.3}}},"
+            );
+        }
+        println!("| type | d | n | mask | threads | impl | GFLOP/s | of peak |");
+        println!("|---|---|---|---|---|---|---|---|");
+        match ty.as_str() {
+            "f32" => bench_type::<f32>(ty, &args, &peaks, &mut rows),
+            "f64" => bench_type::<f64>(ty, &args, &peaks, &mut rows),
+            other => eprintln!("unknown type {other}"),
+        }
+    }
+    let mut rss_json = String::from("null");
+    if args.rss {
+        let n = 65536;
+        let exe = std::env::current_exe().expect("own path");
+        let out = std::process::Command::new(exe)
+            .args(["--rss-child", &n.to_string()])
+            .output();
+        if let Ok(out) = out {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let nums: Vec<u64> = text
+                .split_whitespace()
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            if let [before, after] = nums[..] {
+                let io_mib = 4.0 * (n * 64 * 4) as f64 / (1 << 20) as f64; // Q, K, V, output
+                println!(
+                    "max RSS, n = {n}, d = 64, f32: {:.1} MiB in all; {:.1} MiB before the call (inputs built); inputs + output = {io_mib:.1} MiB; overhead beyond them {:.1} MiB",
+                    after as f64 / 1024.0,
+                    before as f64 / 1024.0,
+                    after as f64 / 1024.0 - io_mib
+                );
+                rss_json = format!(
+                    "{{\"n\":{n},\"d\":64,\"max_rss_mib\":{:.1},\"inputs_plus_output_mib\":{io_mib:.1}}}",
+                    after as f64 / 1024.0
+                );
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        let mut s = String::from("{\"peaks\":[");
+        s.push_str(peak_lines.trim_end_matches(','));
+        s.push_str("],\"results\":[");
+        for (i, r) in rows.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(
+                s,
+                "{{\"type\":\"{}\",\"d\":{},\"n\":{},\"causal\":{},\"threads\":{},\"impl\":\"{}\",\"gflops\":{:.3},\"fraction_of_peak\":{:.4}}}",
+                r.ty,
+                r.d,
+                r.n,
+                r.causal,
+                r.threads,
+                r.what,
+                r.gflops,
+                r.gflops / r.peak
+            );
+        }
+        let _ = write!(s, "],\"max_rss\":{rss_json}}}");
+        std::fs::write(path, s).expect("write JSON");
+        println!("wrote {path}");
+    }
+}
+
+/// Seconds since the epoch, so results can be dated without a date library.
+fn chrono_free_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("unix time {secs}")
+}

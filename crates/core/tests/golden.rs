@@ -1,0 +1,334 @@
+//! The golden cases (`attention_testdata::golden_cases()`, computed by PyTorch in f64; see
+//! `shared/golden/README.md`) through every CPU path this machine has:
+//!
+//! - f64: core's output, log-sum-exp and weights against the golden numbers;
+//! - f32: the inputs and options rounded to f32, core against the reference run on the
+//!   same rounded numbers;
+//! - the reference itself against the golden numbers (a sanity check of the oracle).
+//!
+//! Every comparison uses the bound of `common/mod.rs` for the element type. Fully masked
+//! rows must be exactly 0 with log-sum-exp −∞. The `_into` form writes into a NaN-filled
+//! matrix and must agree bit for bit with the `_with_lse` form, and single-threaded runs
+//! with threaded ones (both are the same computation).
+
+mod common;
+
+use attention_core::{
+    AttentionOptions, Causal, CpuPath, Element, Parallelism, attention_weights,
+    scaled_dot_product_attention_into, scaled_dot_product_attention_with_lse,
+};
+use attention_testdata::{CausalAlign, GoldenCase, golden_cases};
+use common::{
+    assert_lse_close, assert_output_close, assert_weights_close, nan_matrix, score_error, widen,
+};
+use nalgebra::{DMatrix, DVector};
+
+/// How many cases the golden file holds; a smaller number means data went missing.
+const N_CASES: usize = 113;
+
+fn cases() -> Vec<GoldenCase> {
+    let cases = golden_cases();
+    assert_eq!(cases.len(), N_CASES, "golden file: number of cases");
+    cases
+}
+
+/// A case's inputs and numeric options rounded to `T` (exact for f64).
+struct Typed<T: Element> {
+    q: DMatrix<T>,
+    k: DMatrix<T>,
+    v: DMatrix<T>,
+    bias: Option<DMatrix<T>>,
+    scale: Option<T>,
+    softcap: Option<T>,
+    alibi: Option<T>,
+}
+
+impl<T: Element> Typed<T> {
+    fn new(c: &GoldenCase) -> Self {
+        let round = |m: &DMatrix<f64>| m.map(T::from_f64_rounded);
+        Typed {
+            q: round(&c.q),
+            k: round(&c.k),
+            v: round(&c.v),
+            bias: c.bias.as_ref().map(round),
+            scale: c.scale.map(T::from_f64_rounded),
+            softcap: c.softcap.map(T::from_f64_rounded),
+            alibi: c.alibi_slope.map(T::from_f64_rounded),
+        }
+    }
+
+    /// Core's options for the case (masks from the case, numbers from `self`).
+    fn options<'a>(&'a self, c: &'a GoldenCase) -> AttentionOptions<'a, T> {
+        let mut o = AttentionOptions::new();
+        if let Some(s) = self.scale {
+            o = o.with_scale(s);
+        }
+        if let Some(causal) = c.causal {
+            o = o.with_causal(match causal {
+                CausalAlign::TopLeft => Causal::TopLeft,
+                CausalAlign::BottomRight => Causal::BottomRight,
+            });
+        }
+        if let Some(mask) = &c.mask {
+            o = o.with_mask(mask);
+        }
+        if let Some(key_mask) = &c.key_mask {
+            o = o.with_key_mask(key_mask);
+        }
+        if let Some(bias) = &self.bias {
+            o = o.with_bias(bias);
+        }
+        if let Some((left, right)) = c.window {
+            o = o.with_window(left, right);
+        }
+        if let Some(cap) = self.softcap {
+            o = o.with_softcap(cap);
+        }
+        if let Some(m) = self.alibi {
+            o = o.with_alibi_slope(m);
+        }
+        o
+    }
+
+    /// The reference's options for exactly the numbers core sees.
+    fn reference_options(&self, c: &GoldenCase) -> attention_reference::Options {
+        attention_reference::Options {
+            scale: self.scale.map(Element::to_f64),
+            causal: c.causal.map(|causal| match causal {
+                CausalAlign::TopLeft => attention_reference::Causal::TopLeft,
+                CausalAlign::BottomRight => attention_reference::Causal::BottomRight,
+            }),
+            mask: c.mask.clone(),
+            key_mask: c.key_mask.clone(),
+            bias: self.bias.as_ref().map(widen),
+            window: c.window,
+            softcap: self.softcap.map(Element::to_f64),
+            alibi_slope: self.alibi.map(Element::to_f64),
+        }
+    }
+
+    /// `Δ_i` of the common bound for these inputs.
+    fn delta(&self, c: &GoldenCase) -> Vec<f64> {
+        let scale = self
+            .scale
+            .map_or(1.0 / (c.d_k as f64).sqrt(), Element::to_f64);
+        let extra = extra(
+            c,
+            self.bias.as_ref().map(widen).as_ref(),
+            self.softcap.map(Element::to_f64),
+            self.alibi.map(Element::to_f64),
+        );
+        score_error(
+            &widen(&self.q),
+            &widen(&self.k),
+            scale,
+            &extra,
+            T::EPSILON.to_f64(),
+        )
+    }
+}
+
+/// `B_i` of the bound: per row, the largest finite |bias|, plus |ALiBi slope| times the
+/// largest distance |diag(i) − j|, plus the softcap.
+fn extra(
+    c: &GoldenCase,
+    bias: Option<&DMatrix<f64>>,
+    softcap: Option<f64>,
+    alibi: Option<f64>,
+) -> Vec<f64> {
+    (0..c.n_q)
+        .map(|i| {
+            let b = bias.map_or(0.0, |b| {
+                b.row(i)
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .fold(0.0, |acc: f64, x| acc.max(x.abs()))
+            });
+            let diag = match c.causal {
+                Some(CausalAlign::TopLeft) => i as i64,
+                _ => i as i64 + c.n_kv as i64 - c.n_q as i64,
+            };
+            let dist = (0..c.n_kv)
+                .map(|j| (diag - j as i64).unsigned_abs())
+                .max()
+                .unwrap_or(0) as f64;
+            b + alibi.map_or(0.0, |m| m.abs() * dist) + softcap.unwrap_or(0.0)
+        })
+        .collect()
+}
+
+fn lse_f64<T: Element>(lse: &DVector<T>) -> Vec<f64> {
+    lse.iter().map(|x| x.to_f64()).collect()
+}
+
+/// Bit-for-bit equality (through the exact widening to f64, so −0 ≠ +0).
+fn assert_bitwise<T: Element>(got: &[T], want: &[T], label: &str) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    for (idx, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            a.to_f64().to_bits(),
+            b.to_f64().to_bits(),
+            "{label}: element {idx} is {a:?} but {b:?}"
+        );
+    }
+}
+
+/// Rows whose expected lse is −∞ (no allowed key) are exactly 0 in output and weights.
+fn assert_fully_masked_rows(
+    out: &DMatrix<f64>,
+    weights: Option<&DMatrix<f64>>,
+    lse: &[f64],
+    want_lse: &[f64],
+    label: &str,
+) {
+    for (i, &want) in want_lse.iter().enumerate() {
+        if want != f64::NEG_INFINITY {
+            continue;
+        }
+        assert_eq!(
+            lse[i],
+            f64::NEG_INFINITY,
+            "{label}: lse[{i}] of a fully masked row"
+        );
+        assert!(
+            out.row(i).iter().all(|&x| x == 0.0),
+            "{label}: fully masked output row {i} is {:?}, not 0",
+            out.row(i)
+        );
+        if let Some(w) = weights {
+            assert!(
+                w.row(i).iter().all(|&x| x == 0.0),
+                "{label}: fully masked weight row {i} is not 0"
+            );
+        }
+    }
+}
+
+/// What core must match for one case: output, lse, and (if given) weights, with the `V`
+/// whose magnitudes scale the output bound.
+struct Expected<'a> {
+    output: &'a DMatrix<f64>,
+    lse: &'a [f64],
+    weights: Option<&'a DMatrix<f64>>,
+    v: &'a DMatrix<f64>,
+}
+
+/// Runs core on `c` in type `T` on every CPU path and checks it against `want`.
+fn check_core<T: Element>(c: &GoldenCase, t: &Typed<T>, want: &Expected<'_>, kind: &str) {
+    let eps = T::EPSILON.to_f64();
+    let delta = t.delta(c);
+    for path in CpuPath::supported() {
+        let label = format!("{} ({kind}, {path:?})", c.name);
+        let options = t.options(c).with_cpu_path(path);
+        let (out, lse) = scaled_dot_product_attention_with_lse(&t.q, &t.k, &t.v, &options)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+
+        // The `_into` form overwrites every entry of a NaN-filled matrix, with the same bits.
+        let mut into = nan_matrix::<T>(c.n_q, c.d_v);
+        scaled_dot_product_attention_into(&t.q, &t.k, &t.v, &options, &mut into)
+            .unwrap_or_else(|e| panic!("{label}: _into: {e}"));
+        assert_bitwise(into.as_slice(), out.as_slice(), &format!("{label}: _into"));
+
+        // Threads never change a bit (documented on `Parallelism`).
+        let sequential = options.clone().with_parallelism(Parallelism::Sequential);
+        let (seq_out, seq_lse) =
+            scaled_dot_product_attention_with_lse(&t.q, &t.k, &t.v, &sequential)
+                .unwrap_or_else(|e| panic!("{label}: sequential: {e}"));
+        assert_bitwise(seq_out.as_slice(), out.as_slice(), &format!("{label}: seq"));
+        assert_bitwise(
+            seq_lse.as_slice(),
+            lse.as_slice(),
+            &format!("{label}: seq lse"),
+        );
+
+        let out = widen(&out);
+        let lse = lse_f64(&lse);
+        assert!(
+            out.iter().all(|x| x.is_finite()),
+            "{label}: non-finite output"
+        );
+        assert_output_close(&out, want.output, want.v, &delta, eps, &label);
+        assert_lse_close(&lse, want.lse, &delta, c.n_kv, eps, &label);
+
+        let weights = want.weights.map(|want_w| {
+            let w = attention_weights(&t.q, &t.k, &t.v, &options)
+                .unwrap_or_else(|e| panic!("{label}: weights: {e}"));
+            let w = widen(&w);
+            assert_weights_close(&w, want_w, &delta, eps, &label);
+            w
+        });
+        assert_fully_masked_rows(&out, weights.as_ref(), &lse, want.lse, &label);
+    }
+}
+
+/// Core in f64 against PyTorch's f64 numbers.
+#[test]
+fn core_f64_matches_golden() {
+    for c in cases() {
+        let t = Typed::<f64>::new(&c);
+        let want = Expected {
+            output: &c.output,
+            lse: &c.lse,
+            weights: c.weights.as_ref(),
+            v: &c.v,
+        };
+        check_core(&c, &t, &want, "f64 vs golden");
+    }
+}
+
+/// Core in f32 against the reference on the same f32-rounded inputs and options.
+#[test]
+fn core_f32_matches_reference_on_rounded_golden_inputs() {
+    for c in cases() {
+        let t = Typed::<f32>::new(&c);
+        let (q, k, v) = (widen(&t.q), widen(&t.k), widen(&t.v));
+        let r = attention_reference::attention(&q, &k, &v, &t.reference_options(&c));
+        let want = Expected {
+            output: &r.output,
+            lse: &r.lse,
+            weights: Some(&r.weights),
+            v: &v,
+        };
+        check_core(&c, &t, &want, "f32 vs reference");
+    }
+}
+
+/// The oracle itself reproduces PyTorch's f64 numbers (within the f64 bound).
+#[test]
+fn reference_matches_golden() {
+    let eps = f64::EPSILON;
+    for c in cases() {
+        let t = Typed::<f64>::new(&c);
+        let delta = t.delta(&c);
+        let label = format!("{} (reference vs golden)", c.name);
+        let r = attention_reference::attention(&c.q, &c.k, &c.v, &t.reference_options(&c));
+        assert_output_close(&r.output, &c.output, &c.v, &delta, eps, &label);
+        assert_lse_close(&r.lse, &c.lse, &delta, c.n_kv, eps, &label);
+        if let Some(w) = &c.weights {
+            assert_weights_close(&r.weights, w, &delta, eps, &label);
+        }
+        assert_fully_masked_rows(&r.output, Some(&r.weights), &r.lse, &c.lse, &label);
+    }
+}
+
+/// The golden file exercises what it claims to: every option, both causal alignments,
+/// fully masked rows, and the block kernel (more keys than the direct path takes).
+#[test]
+fn golden_cases_cover_every_option() {
+    let cases = cases();
+    let any = |f: &dyn Fn(&GoldenCase) -> bool| cases.iter().any(f);
+    assert!(any(&|c| c.causal == Some(CausalAlign::TopLeft)));
+    assert!(any(
+        &|c| c.causal == Some(CausalAlign::BottomRight) && c.n_q != c.n_kv
+    ));
+    assert!(any(&|c| c.mask.is_some()));
+    assert!(any(&|c| c.key_mask.is_some()));
+    assert!(any(&|c| c.bias.is_some()));
+    assert!(any(&|c| c.window.is_some()));
+    assert!(any(&|c| c.softcap.is_some()));
+    assert!(any(&|c| c.alibi_slope.is_some()));
+    assert!(any(&|c| c.scale == Some(0.0)));
+    assert!(any(&|c| c.scale.is_some_and(|s| s < 0.0)));
+    assert!(any(&|c| c.lse.contains(&f64::NEG_INFINITY)));
+    assert!(any(&|c| c.n_kv > 64));
+}
