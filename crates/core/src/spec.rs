@@ -240,7 +240,8 @@ impl<'a, T: Element> Spec<'a, T> {
         (lo, hi)
     }
 
-    /// Whether query `i` may attend to key `j` (`i < n_q`, `j < n_kv`), bias −∞ aside.
+    /// Whether query `i` may attend to key `j` (`i < n_q`, `j < n_kv`): inside the
+    /// causal/window band, allowed by the mask and key mask, and bias not −∞.
     #[inline]
     pub(crate) fn allowed(&self, i: usize, j: usize) -> bool {
         let (lo, hi) = self.key_range(i);
@@ -249,6 +250,10 @@ impl<'a, T: Element> Spec<'a, T> {
             && jj <= hi
             && self.key_mask.is_none_or(|km| km[j])
             && self.mask.as_ref().is_none_or(|m| m[(i, j)])
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| b[(i, j)] != T::NEG_INFINITY)
     }
 
     /// Steps 2–5 of the score definition for an already scaled score `s`:

@@ -93,26 +93,35 @@ pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
 
             MK::scores(qt, &job.kp[j0 * d_k..(j0 + jpad) * d_k], d_k, s);
 
-            let inside = !elementwise && lo_last <= j0 as i64 && hi_first >= (j0 + jn - 1) as i64;
-            if inside {
-                if !MK::apply_scale(spec.scale, &mut s[..jn * bq], l_blk) {
-                    return Err(first_overflow(s, bq, i0, rows, j0, jn));
-                }
-            } else {
+            // Scale (vectorised); only if some score is not finite, look for one at an
+            // allowed position: an overflow where nothing may attend is harmless.
+            if !MK::apply_scale(spec.scale, &mut s[..jn * bq], l_blk)
+                && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
+            {
+                return Err(err);
+            }
+            if elementwise {
                 for j in 0..jn {
                     let row = &mut s[j * bq..(j + 1) * bq];
                     for (r, x) in row.iter_mut().enumerate() {
                         *x = if r < rows {
-                            let (i, jj) = (i0 + r, j0 + j);
-                            let scaled = *x * spec.scale;
-                            if !scaled.finite() && spec.allowed(i, jj) {
-                                return Err(AttentionError::ScoreOverflow { query: i, key: jj });
-                            }
-                            spec.modify(i, jj, scaled)
+                            spec.modify(i0 + r, j0 + j, *x)
                         } else {
                             T::NEG_INFINITY
                         };
                     }
+                }
+            } else if !(lo_last <= j0 as i64 && hi_first >= (j0 + jn - 1) as i64) {
+                // Causal / window only, and the band cuts this tile: for key j the allowed
+                // queries are the contiguous range j − band_hi ≤ i ≤ j − band_lo.
+                for j in 0..jn {
+                    let jj = (j0 + j) as i64;
+                    let r_lo = (jj - spec.band_hi - i0 as i64).clamp(0, bq as i64) as usize;
+                    let r_hi =
+                        (jj - spec.band_lo - i0 as i64 + 1).clamp(r_lo as i64, bq as i64) as usize;
+                    let row = &mut s[j * bq..(j + 1) * bq];
+                    row[..r_lo].fill(T::NEG_INFINITY);
+                    row[r_hi..].fill(T::NEG_INFINITY);
                 }
             }
             s[jn * bq..].fill(T::NEG_INFINITY);
@@ -281,27 +290,29 @@ fn apply_scale<T: Element, const BQ: usize>(scale: T, s: &mut [T], probe: &mut [
     probe.iter().all(|&p| p == T::zero())
 }
 
-/// The first non-finite scaled score of a tile whose positions are all allowed.
+/// The first non-finite scaled score at an allowed position of the tile, in (query, key)
+/// order, as an error.
 #[cold]
 fn first_overflow<T: Element>(
+    spec: &crate::spec::Spec<'_, T>,
     s: &[T],
     bq: usize,
     i0: usize,
     rows: usize,
     j0: usize,
     jn: usize,
-) -> AttentionError {
+) -> Option<AttentionError> {
     for r in 0..rows {
         for j in 0..jn {
-            if !s[j * bq + r].finite() {
-                return AttentionError::ScoreOverflow {
+            if !s[j * bq + r].finite() && spec.allowed(i0 + r, j0 + j) {
+                return Some(AttentionError::ScoreOverflow {
                     query: i0 + r,
                     key: j0 + j,
-                };
+                });
             }
         }
     }
-    unreachable!("first_overflow is called only when a score is not finite")
+    None
 }
 
 /// Turns the score tile into `p = exp(s − m')` and updates `m`, `l`; leaves `α` for `pv`.
