@@ -73,7 +73,7 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
     check_finite(Operand::KeyWeight, &w_k)?;
     check_finite(Operand::ValueWeight, &w_v)?;
     let project = |w: &MatRef<'_, T>, operand| {
-        let m: DMatrix<T> = &x * w;
+        let m: DMatrix<T> = x * w;
         match m.iter().position(|e| !e.finite()) {
             None => Ok(m),
             Some(idx) => Err(AttentionError::ProductOverflow {
@@ -262,13 +262,13 @@ fn run<T: Element>(
     out: &mut DMatrix<T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
-    let spec = Spec::new(&q, &k, &v, options)?;
+    let spec = Spec::new(q, k, v, options)?;
     let path = match options.cpu_path {
         Some(path) => path.check()?,
         None => CpuPath::detect(),
     };
     let parallel = options.parallelism == Parallelism::Rayon;
-    kernel::attention(spec, q, k, v, path, parallel, out, lse)
+    kernel::attention(spec, path, parallel, out, lse)
 }
 
 /// Runs `f` with an `n`-element scratch buffer for the log-sum-exp, on the stack when

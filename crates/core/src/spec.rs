@@ -8,6 +8,9 @@ use crate::options::{AttentionOptions, Causal, MatRef};
 /// A checked attention problem: shapes, the resolved scale and the score modifiers.
 #[derive(Clone, Debug)]
 pub(crate) struct Spec<'a, T: Element> {
+    pub q: MatRef<'a, T>,
+    pub k: MatRef<'a, T>,
+    pub v: MatRef<'a, T>,
     pub n_q: usize,
     pub n_kv: usize,
     pub d_k: usize,
@@ -101,12 +104,12 @@ pub(crate) fn check_qkv<T: Element>(
 impl<'a, T: Element> Spec<'a, T> {
     /// Validates Q, K, V and the options.
     pub(crate) fn new(
-        q: &MatRef<'_, T>,
-        k: &MatRef<'_, T>,
-        v: &MatRef<'_, T>,
+        q: MatRef<'a, T>,
+        k: MatRef<'a, T>,
+        v: MatRef<'a, T>,
         options: &AttentionOptions<'a, T>,
     ) -> Result<Self, AttentionError> {
-        check_qkv(q, k, v)?;
+        check_qkv(&q, &k, &v)?;
         let (n_q, d_k) = q.shape();
         let n_kv = k.nrows();
         let d_v = v.ncols();
@@ -204,6 +207,9 @@ impl<'a, T: Element> Spec<'a, T> {
         }
 
         Ok(Spec {
+            q,
+            k,
+            v,
             n_q,
             n_kv,
             d_k,
@@ -212,9 +218,9 @@ impl<'a, T: Element> Spec<'a, T> {
             diag_offset,
             band_lo,
             band_hi,
-            mask: options.mask.clone(),
+            mask: options.mask,
             key_mask: options.key_mask,
-            bias: options.bias.clone(),
+            bias: options.bias,
             softcap: options.softcap,
             alibi_slope: options.alibi_slope,
         })

@@ -44,9 +44,9 @@ pub fn attention_weights<'q, 'k, 'v, T: Element>(
     options: &AttentionOptions<'_, T>,
 ) -> Result<DMatrix<T>, AttentionError> {
     let (q, k, v) = (query.into(), key.into(), value.into());
-    let spec = Spec::new(&q, &k, &v, options)?;
+    let spec = Spec::new(q, k, v, options)?;
     let (n_q, n_kv) = (spec.n_q, spec.n_kv);
-    let mut w: DMatrix<T> = &q * k.transpose();
+    let mut w: DMatrix<T> = q * k.transpose();
 
     let mut m = vec![T::NEG_INFINITY; n_q];
     for j in 0..n_kv {

@@ -59,7 +59,7 @@ fn magnitude_100<T: Element>() {
     // A fixed, irregular pattern of ±100·(0.5..1.5) entries (no RNG needed for one case).
     let val = |i: usize, j: usize, salt: usize| {
         let h = (i * 7919 + j * 104_729 + salt * 1_299_709) % 1000;
-        let sign = if (i + 3 * j + salt) % 3 == 0 {
+        let sign = if (i + 3 * j + salt).is_multiple_of(3) {
             -1.0
         } else {
             1.0
@@ -158,7 +158,7 @@ fn views_work_without_copies() {
         Dyn(4),
         Dyn(1),
     );
-    assert_eq!(self_attention(&q, &k_view, &v).unwrap(), copy);
+    assert_eq!(self_attention(&q, k_view, &v).unwrap(), copy);
 }
 
 #[test]

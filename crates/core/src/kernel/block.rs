@@ -44,7 +44,7 @@ pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
     let bk = MK::BK;
     let i0 = qb * bq;
     let rows = bq.min(n_q - i0);
-    debug_assert!(rows > 0 && bk % mr == 0 && dvp % mrv == 0);
+    debug_assert!(rows > 0 && bk.is_multiple_of(mr) && dvp.is_multiple_of(mrv));
 
     let Scratch {
         qt,
@@ -284,7 +284,10 @@ fn apply_scale<T: Element, const BQ: usize>(scale: T, s: &mut [T], probe: &mut [
         for r in 0..BQ {
             let x = row[r] * scale;
             row[r] = x;
-            probe[r] += x - x;
+            #[allow(clippy::eq_op)] // x − x is 0 for finite x, NaN otherwise: the point
+            {
+                probe[r] += x - x;
+            }
         }
     }
     probe.iter().all(|&p| p == T::zero())

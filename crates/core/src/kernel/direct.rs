@@ -3,7 +3,6 @@
 
 use nalgebra::DMatrix;
 
-use crate::options::MatRef;
 use crate::spec::Spec;
 use crate::{AttentionError, Element};
 
@@ -12,13 +11,11 @@ pub(super) const MAX_KEYS: usize = 64;
 
 pub(super) fn attention<T: Element>(
     spec: &Spec<'_, T>,
-    q: &MatRef<'_, T>,
-    k: &MatRef<'_, T>,
-    v: &MatRef<'_, T>,
     out: &mut DMatrix<T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
+    let (q, k, v) = (&spec.q, &spec.k, &spec.v);
     let mut s = [T::zero(); MAX_KEYS];
     let s = &mut s[..n_kv];
     for i in 0..n_q {

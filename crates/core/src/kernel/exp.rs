@@ -62,8 +62,8 @@ impl ExpConsts for f32 {
 impl ExpConsts for f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     const SHIFT: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1; // fdlibm's split of ln 2
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = 0.693_147_180_369_123_8; // fdlibm's split of ln 2
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     const CUTOFF: f64 = -708.0;
     const COEFFS: &'static [f64] = &[
         1.0 / 6_227_020_800.0,

@@ -65,15 +65,13 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// into `lse` (n_q).
 pub(crate) fn attention<T: Element>(
     spec: Spec<'_, T>,
-    q: MatRef<'_, T>,
-    k: MatRef<'_, T>,
-    v: MatRef<'_, T>,
     path: CpuPath,
     parallel: bool,
     out: &mut DMatrix<T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
+    let (q, k, v) = (spec.q, spec.k, spec.v);
     debug_assert_eq!(out.shape(), (n_q, d_v));
     debug_assert_eq!(lse.len(), n_q);
     if n_q == 0 {
@@ -81,7 +79,7 @@ pub(crate) fn attention<T: Element>(
     }
     let work = n_q * n_kv * (d_k + d_v);
     if n_kv <= direct::MAX_KEYS && work <= DIRECT_MAX_WORK {
-        return direct::attention(&spec, &q, &k, &v, out, lse);
+        return direct::attention(&spec, out, lse);
     }
 
     let kernel = simd::Kernel::<T>::select(path);

@@ -386,9 +386,9 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     fn scores(qt: &[L::T], kp: &[L::T], d_k: usize, s: &mut [L::T]) {
         let jpad = s.len() / BQ;
         assert!(
-            BQ % (NV * L::N) == 0
+            BQ.is_multiple_of(NV * L::N)
                 && s.len() == jpad * BQ
-                && jpad % MR == 0
+                && jpad.is_multiple_of(MR)
                 && qt.len() >= d_k * BQ
                 && kp.len() >= jpad * d_k
         );
@@ -427,7 +427,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn apply_scale(scale: L::T, s: &mut [L::T], probe: &mut [L::T]) -> bool {
-        assert!(s.len() % L::N == 0 && probe.len() >= L::N);
+        assert!(s.len().is_multiple_of(L::N) && probe.len() >= L::N);
         // SAFETY: CPU features: see the type's documentation. Every access is a whole
         // vector inside `s` (its length is a multiple of N) or the first N of `probe`.
         unsafe {
@@ -455,7 +455,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     ) {
         let jpad = s.len() / BQ;
         assert!(
-            BQ % L::N == 0
+            BQ.is_multiple_of(L::N)
                 && s.len() == jpad * BQ
                 && m.len() >= BQ
                 && l.len() >= BQ
@@ -496,9 +496,9 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     fn pv(p: &[L::T], vp: &[L::T], dvp: usize, acc: &mut [L::T], alpha: &[L::T]) {
         let jpad = p.len() / BQ;
         assert!(
-            BQ % (NV * L::N) == 0
+            BQ.is_multiple_of(NV * L::N)
                 && p.len() == jpad * BQ
-                && dvp % MRV == 0
+                && dvp.is_multiple_of(MRV)
                 && vp.len() >= jpad * dvp
                 && acc.len() >= dvp * BQ
                 && alpha.len() >= BQ
