@@ -32,9 +32,23 @@ use proptest::prelude::*;
 const MAX_N: usize = 40;
 /// Largest d_k and d_v.
 const MAX_D: usize = 16;
+/// Largest n_kv of the long-key properties: several key blocks of the kernel (60 or 64
+/// keys each), so the online softmax rescales across blocks.
+const MAX_LONG_KV: usize = 160;
 
+/// Cases per property: the whole file runs in a few seconds.
 fn config() -> ProptestConfig {
-    ProptestConfig::with_cases(64)
+    ProptestConfig::with_cases(256)
+}
+
+/// The long-key properties cost more per case.
+fn long_config() -> ProptestConfig {
+    ProptestConfig::with_cases(32)
+}
+
+/// Error checks are cheap and pick one of nine faults: more cases.
+fn error_config() -> ProptestConfig {
+    ProptestConfig::with_cases(1024)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -350,6 +364,33 @@ fn input() -> impl Strategy<Value = Input> {
         let (n_q, n_kv) = (p.q.nrows(), p.k.nrows());
         (Just(p), opts(n_q, n_kv), cpu_path()).prop_map(|(p, o, path)| Input { p, o, path })
     })
+}
+
+/// n_q up to 40 but n_kv up to [`MAX_LONG_KV`].
+fn long_input() -> impl Strategy<Value = Input> {
+    (
+        0..=MAX_N,
+        0..=MAX_LONG_KV,
+        1..=MAX_D,
+        1..=MAX_D,
+        magnitude(),
+        magnitude(),
+        magnitude(),
+    )
+        .prop_flat_map(|(n_q, n_kv, d_k, d_v, sq, sk, sv)| {
+            (
+                normal_matrix(n_q, d_k, sq),
+                normal_matrix(n_kv, d_k, sk),
+                normal_matrix(n_kv, d_v, sv),
+                opts(n_q, n_kv),
+                cpu_path(),
+            )
+        })
+        .prop_map(|(q, k, v, o, path)| Input {
+            p: Problem { q, k, v },
+            o,
+            path,
+        })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -962,15 +1003,28 @@ fn invalid_option_is_reported<T: Element>(input: &Input, fault: &Fault) {
         let err = err.unwrap_or_else(|| panic!("{label}: {entry} accepted it"));
         let dims = |operand: Operand, axis: Axis, found: usize, against: Operand| {
             let expected = if against == Operand::Query { n_q } else { n_kv };
-            let ok = matches!(
-                err,
-                AttentionError::DimensionMismatch { operand: o, axis: a, found: f, expected: e, against: g, .. }
-                    if o == operand && a == axis && f == found && e == expected && g == against
-            );
+            let AttentionError::DimensionMismatch {
+                operand: o,
+                axis: a,
+                found: f,
+                expected: e,
+                against: g,
+                ..
+            } = err
+            else {
+                return false;
+            };
             // The message starts with the operand's name ("mask has 3 rows but …").
-            ok && err
-                .to_string()
-                .starts_with(&format!("{operand} has {found} {axis}"))
+            (o, a, f, e, g) == (operand, axis, found, expected, against)
+                && err
+                    .to_string()
+                    .starts_with(&format!("{operand} has {found} {axis}"))
+        };
+        let value_is = |want: f64| match err {
+            AttentionError::InvalidSoftcap { value }
+            | AttentionError::InvalidAlibiSlope { value }
+            | AttentionError::InvalidScale { value } => same_value(value, bad_value(want).to_f64()),
+            _ => false,
         };
         let ok = match *fault {
             Fault::MaskRows(r) => dims(Operand::Mask, Axis::Rows, r, Operand::Query),
@@ -979,37 +1033,100 @@ fn invalid_option_is_reported<T: Element>(input: &Input, fault: &Fault) {
             Fault::BiasRows(r) => dims(Operand::Bias, Axis::Rows, r, Operand::Query),
             Fault::BiasColumns(k) => dims(Operand::Bias, Axis::Columns, k, Operand::Key),
             Fault::BiasValue(r, k, inf) => {
-                matches!(
+                let want = if inf { f64::INFINITY } else { f64::NAN };
+                let at = matches!(
                     err,
-                    AttentionError::NonFinite { operand: Operand::Bias, row, column, value }
+                    AttentionError::NonFinite { operand: Operand::Bias, row, column, .. }
                         if row == r && column == k
-                            && same_value(value, if inf { f64::INFINITY } else { f64::NAN })
-                ) && err.to_string().starts_with(&format!("bias[{r}, {k}]"))
+                );
+                let value = matches!(
+                    err,
+                    AttentionError::NonFinite { value, .. } if same_value(value, want)
+                );
+                at && value && err.to_string().starts_with(&format!("bias[{r}, {k}]"))
             }
-            Fault::Softcap(x) => matches!(
-                err,
-                AttentionError::InvalidSoftcap { value } if same_value(value, bad_value(x).to_f64())
-            ),
-            Fault::Alibi(x) => matches!(
-                err,
-                AttentionError::InvalidAlibiSlope { value } if same_value(value, bad_value(x).to_f64())
-            ),
-            Fault::Scale(x) => matches!(
-                err,
-                AttentionError::InvalidScale { value } if same_value(value, bad_value(x).to_f64())
-            ),
+            Fault::Softcap(x) => {
+                matches!(err, AttentionError::InvalidSoftcap { .. }) && value_is(x)
+            }
+            Fault::Alibi(x) => {
+                matches!(err, AttentionError::InvalidAlibiSlope { .. }) && value_is(x)
+            }
+            Fault::Scale(x) => matches!(err, AttentionError::InvalidScale { .. }) && value_is(x),
         };
         assert!(ok, "{label}: {entry} returned {err:?} ({err})");
     }
+}
+
+/// A score that overflows at a position no option lets the query see is no error: each
+/// way of hiding the key (mask, key mask, −∞ bias, causal, window) ignores it, and the
+/// one allowed key gets weight 1. Unhidden, it is [`AttentionError::ScoreOverflow`].
+fn overflow_at_hidden_position_is_ignored<T: Element>() {
+    // q·k_h = big² overflows T; q·k_other = big does not.
+    let big = T::MAX.sqrt() * T::from_f64_rounded(2.0);
+    let one = T::one();
+    let column = |x: [T; 2]| DMatrix::from_row_slice(2, 1, &x);
+    let q = DMatrix::from_row_slice(1, 1, &[big]);
+    let v = column([T::from_f64_rounded(5.0), T::from_f64_rounded(7.0)]);
+    let mask = DMatrix::from_row_slice(1, 2, &[true, false]);
+    let bias = DMatrix::from_row_slice(1, 2, &[T::zero(), T::NEG_INFINITY]);
+    let key_mask = [true, false];
+    let base = || AttentionOptions::<T>::new().with_scale(one);
+    // (hidden key, options hiding it); n_q = 1, n_kv = 2, so the bottom-right diagonal is 1.
+    let cases = [
+        (1, "mask", base().with_mask(&mask)),
+        (1, "key mask", base().with_key_mask(&key_mask)),
+        (1, "-inf bias", base().with_bias(&bias)),
+        (1, "causal", base().with_causal(Causal::TopLeft)),
+        (0, "window", base().with_window(0, 0)),
+    ];
+    for (hidden, what, options) in cases {
+        let seen = 1 - hidden;
+        let k = if hidden == 1 {
+            column([one, big])
+        } else {
+            column([big, one])
+        };
+        let label = format!("{} {what}", type_name::<T>());
+        let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &options)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(out[(0, 0)], v[(seen, 0)], "{label}: output");
+        assert_eq!(lse[0], big, "{label}: lse");
+        let w = attention_weights(&q, &k, &v, &options).unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(
+            (w[(0, seen)], w[(0, hidden)]),
+            (one, T::zero()),
+            "{label}: weights"
+        );
+
+        let err = scaled_dot_product_attention(&q, &k, &v, &base()).unwrap_err();
+        assert_eq!(
+            err,
+            AttentionError::ScoreOverflow {
+                query: 0,
+                key: hidden
+            },
+            "{label}: unhidden"
+        );
+    }
+}
+
+#[test]
+fn overflow_at_hidden_position_is_ignored_f32() {
+    overflow_at_hidden_position_is_ignored::<f32>();
+}
+
+#[test]
+fn overflow_at_hidden_position_is_ignored_f64() {
+    overflow_at_hidden_position_is_ignored::<f64>();
 }
 
 // ---------------------------------------------------------------------------------------
 // Inputs of the special properties.
 // ---------------------------------------------------------------------------------------
 
-/// Cut points for 1..=5 blocks of keys (sorted and clipped to n_kv by the body).
-fn with_cuts() -> impl Strategy<Value = (Input, Vec<usize>)> {
-    input().prop_flat_map(|input| {
+/// Cut points for 1..=5 blocks of keys (sorted by the body; blocks may be empty).
+fn with_cuts(inputs: impl Strategy<Value = Input>) -> impl Strategy<Value = (Input, Vec<usize>)> {
+    inputs.prop_flat_map(|input| {
         let n_kv = input.p.k.nrows();
         (Just(input), prop::collection::vec(0..=n_kv, 0..=4))
     })
@@ -1112,11 +1229,11 @@ proptest! {
     }
 
     #[test]
-    fn blocks_merge_to_full_f32((input, cuts) in with_cuts()) {
+    fn blocks_merge_to_full_f32((input, cuts) in with_cuts(input())) {
         blocks_merge_to_full::<f32>(&input, &cuts);
     }
     #[test]
-    fn blocks_merge_to_full_f64((input, cuts) in with_cuts()) {
+    fn blocks_merge_to_full_f64((input, cuts) in with_cuts(input())) {
         blocks_merge_to_full::<f64>(&input, &cuts);
     }
 
@@ -1146,6 +1263,33 @@ proptest! {
     fn finite_inputs_never_nan_f64((input, factors) in extreme()) {
         finite_inputs_never_nan::<f64>(&input, &factors);
     }
+
+}
+
+proptest! {
+    #![proptest_config(long_config())]
+
+    #[test]
+    fn long_keys_match_reference_f32(input in long_input()) {
+        combination_matches_reference::<f32>(&input);
+    }
+    #[test]
+    fn long_keys_match_reference_f64(input in long_input()) {
+        combination_matches_reference::<f64>(&input);
+    }
+
+    #[test]
+    fn long_keys_merge_to_full_f32((input, cuts) in with_cuts(long_input())) {
+        blocks_merge_to_full::<f32>(&input, &cuts);
+    }
+    #[test]
+    fn long_keys_merge_to_full_f64((input, cuts) in with_cuts(long_input())) {
+        blocks_merge_to_full::<f64>(&input, &cuts);
+    }
+}
+
+proptest! {
+    #![proptest_config(error_config())]
 
     #[test]
     fn invalid_option_is_reported_f32((input, fault) in error_input()) {
