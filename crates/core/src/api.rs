@@ -163,7 +163,7 @@ pub fn scaled_dot_product_attention<'q, 'k, 'v, T: Element>(
 ) -> Result<DMatrix<T>, AttentionError> {
     let (q, k, v) = (query.into(), key.into(), value.into());
     let mut out = DMatrix::zeros(q.nrows(), v.ncols());
-    with_lse_buffer(q.nrows(), |lse| run(q, k, v, options, &mut out, lse))?;
+    run(q, k, v, options, &mut out, None)?;
     Ok(out)
 }
 
@@ -212,7 +212,7 @@ pub fn scaled_dot_product_attention_into<'q, 'k, 'v, T: Element>(
             });
         }
     }
-    with_lse_buffer(q.nrows(), |lse| run(q, k, v, options, output, lse))
+    run(q, k, v, options, output, None)
 }
 
 /// [`scaled_dot_product_attention`] that also returns each query's log-sum-exp
@@ -249,18 +249,18 @@ pub fn scaled_dot_product_attention_with_lse<'q, 'k, 'v, T: Element>(
     let (q, k, v) = (query.into(), key.into(), value.into());
     let mut out = DMatrix::zeros(q.nrows(), v.ncols());
     let mut lse = DVector::zeros(q.nrows());
-    run(q, k, v, options, &mut out, lse.as_mut_slice())?;
+    run(q, k, v, options, &mut out, Some(lse.as_mut_slice()))?;
     Ok((out, lse))
 }
 
-/// Validates, picks the CPU path and runs the kernel.
+/// Validates, picks the CPU path and runs the kernel; writes the log-sum-exp if asked.
 fn run<T: Element>(
     q: MatRef<'_, T>,
     k: MatRef<'_, T>,
     v: MatRef<'_, T>,
     options: &AttentionOptions<'_, T>,
     out: &mut DMatrix<T>,
-    lse: &mut [T],
+    lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let spec = Spec::new(q, k, v, options)?;
     let path = match options.cpu_path {
@@ -269,16 +269,4 @@ fn run<T: Element>(
     };
     let parallel = options.parallelism == Parallelism::Rayon;
     kernel::attention(spec, path, parallel, out, lse)
-}
-
-/// Runs `f` with an `n`-element scratch buffer for the log-sum-exp, on the stack when
-/// small so that short sequences allocate only their output.
-fn with_lse_buffer<T: Element, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-    const STACK: usize = 64;
-    if n <= STACK {
-        let mut buf = [T::zero(); STACK];
-        f(&mut buf[..n])
-    } else {
-        f(&mut vec![T::zero(); n])
-    }
 }

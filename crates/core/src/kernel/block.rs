@@ -24,8 +24,8 @@ use super::exp::madd;
 use super::{Job, Scratch};
 use crate::{AttentionError, Element, error::Operand};
 
-/// Processes query block `qb` (`BQ` queries from `qb·BQ`), writing `out_cols[c][r]`
-/// (`d_v` column segments of the output) and `lse[r]`.
+/// Processes query block `qb` (`BQ` queries from `qb·BQ`), writing its output to
+/// `out[c·BQ + r]` (`d_v × BQ`) and `lse[r]`.
 ///
 /// `MK` supplies the inner loops and the tile sizes; `job.dvp` is a multiple of `MK::MRV`
 /// and K is packed in panels of `MK::MR` keys.
@@ -34,7 +34,7 @@ pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
     job: &Job<'_, T>,
     qb: usize,
     scratch: &mut Scratch<T>,
-    out_cols: &mut [&mut [T]],
+    out: &mut [T],
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (bq, mr, mrv) = (MK::BQ, MK::MR, MK::MRV);
@@ -68,7 +68,7 @@ pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
 
     // Qᵀ for this block; queries past n_q are zero and never written out.
     for p in 0..d_k {
-        let col = job.q.column(p);
+        let col = job.spec.q.column(p);
         let dst = &mut qt[p * bq..(p + 1) * bq];
         for (r, d) in dst.iter_mut().enumerate() {
             *d = if r < rows { col[i0 + r] } else { T::zero() };
@@ -136,12 +136,12 @@ pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
         if l[r] == T::zero() {
             // No key allowed: output 0, lse −∞ (the documented fully-masked rule).
             lse[r] = T::NEG_INFINITY;
-            for col in out_cols.iter_mut() {
-                col[r] = T::zero();
+            for c in 0..d_v {
+                out[c * bq + r] = T::zero();
             }
         } else {
             lse[r] = m[r] + l[r].ln();
-            for (c, col) in out_cols.iter_mut().enumerate().take(d_v) {
+            for c in 0..d_v {
                 let o = acc[c * bq + r] / l[r];
                 if !o.finite() {
                     return Err(AttentionError::ProductOverflow {
@@ -150,7 +150,7 @@ pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
                         column: c,
                     });
                 }
-                col[r] = o;
+                out[c * bq + r] = o;
             }
         }
     }

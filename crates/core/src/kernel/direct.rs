@@ -12,7 +12,7 @@ pub(super) const MAX_KEYS: usize = 64;
 pub(super) fn attention<T: Element>(
     spec: &Spec<'_, T>,
     out: &mut DMatrix<T>,
-    lse: &mut [T],
+    mut lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
     let (q, k, v) = (&spec.q, &spec.k, &spec.v);
@@ -35,7 +35,9 @@ pub(super) fn attention<T: Element>(
             }
         }
         if m == T::NEG_INFINITY {
-            lse[i] = T::NEG_INFINITY;
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[i] = T::NEG_INFINITY;
+            }
             for c in 0..d_v {
                 out[(i, c)] = T::zero();
             }
@@ -46,7 +48,9 @@ pub(super) fn attention<T: Element>(
             *sj = (*sj - m).exp();
             l += *sj;
         }
-        lse[i] = m + l.ln();
+        if let Some(lse) = lse.as_deref_mut() {
+            lse[i] = m + l.ln();
+        }
         for c in 0..d_v {
             let mut acc = T::zero();
             for (j, &e) in s.iter().enumerate() {

@@ -7,6 +7,9 @@ mod direct;
 pub(crate) mod exp;
 pub(crate) mod simd;
 
+use std::any::Any;
+use std::cell::RefCell;
+
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
@@ -15,18 +18,17 @@ use crate::spec::Spec;
 use crate::{AttentionError, Element};
 pub use simd::CpuPath;
 
-/// Everything the block kernel reads: the checked problem, Q in place, K and V packed.
+/// Everything the block kernel reads: the checked problem, K and V packed.
 pub(crate) struct Job<'a, T: Element> {
     pub spec: Spec<'a, T>,
-    pub q: MatRef<'a, T>,
     /// K in panels of `MR` keys: `kp[j/MR][p][j%MR]`, keys past n_kv zero.
-    pub kp: Vec<T>,
+    pub kp: &'a [T],
     /// V row-major with rows padded to `dvp` columns: `vp[j][c]`, padding zero.
-    pub vp: Vec<T>,
+    pub vp: &'a [T],
     pub dvp: usize,
 }
 
-/// Per-thread working memory of the block kernel.
+/// Per-thread working memory of the block kernel, reused from call to call.
 pub(crate) struct Scratch<T> {
     pub qt: Vec<T>,
     pub s: Vec<T>,
@@ -38,42 +40,134 @@ pub(crate) struct Scratch<T> {
     pub l_blk: Vec<T>,
 }
 
-impl<T: Element> Scratch<T> {
-    fn new(kernel: &simd::Kernel<T>, d_k: usize, dvp: usize) -> Self {
-        let bq = kernel.bq;
-        let z = T::zero();
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
         Scratch {
-            qt: vec![z; d_k * bq],
-            s: vec![z; kernel.bk * bq],
-            acc: vec![z; dvp * bq],
-            m: vec![z; bq],
-            l: vec![z; bq],
-            alpha: vec![z; bq],
-            m_ref: vec![z; bq],
-            l_blk: vec![z; bq],
+            qt: Vec::new(),
+            s: Vec::new(),
+            acc: Vec::new(),
+            m: Vec::new(),
+            l: Vec::new(),
+            alpha: Vec::new(),
+            m_ref: Vec::new(),
+            l_blk: Vec::new(),
         }
     }
+}
+
+impl<T: Element> Scratch<T> {
+    /// Makes every buffer at least as long as `kernel` needs (no allocation when already so).
+    fn fit(&mut self, kernel: &simd::Kernel<T>, d_k: usize, dvp: usize) {
+        let bq = kernel.bq;
+        for (buf, len) in [
+            (&mut self.qt, d_k * bq),
+            (&mut self.s, kernel.bk * bq),
+            (&mut self.acc, dvp * bq),
+            (&mut self.m, bq),
+            (&mut self.l, bq),
+            (&mut self.alpha, bq),
+            (&mut self.m_ref, bq),
+            (&mut self.l_blk, bq),
+        ] {
+            if buf.len() < len {
+                buf.resize(len, T::zero());
+            }
+        }
+    }
+}
+
+/// Per-calling-thread buffers of a call: packed K and V, and the output staged block by
+/// block. Kept between calls so that a loop of calls allocates nothing.
+struct Workspace<T> {
+    kp: Vec<T>,
+    vp: Vec<T>,
+    staging: Vec<T>,
+    /// The log-sum-exp when the caller does not want it.
+    lse: Vec<T>,
+}
+
+impl<T> Default for Workspace<T> {
+    fn default() -> Self {
+        Workspace {
+            kp: Vec::new(),
+            vp: Vec::new(),
+            staging: Vec::new(),
+            lse: Vec::new(),
+        }
+    }
+}
+
+/// Buffers larger than this (in elements) are freed after the call instead of kept.
+const KEEP_MAX_ELEMENTS: usize = 4 << 20;
+
+thread_local! {
+    static WORKSPACE_F32: RefCell<Workspace<f32>> = RefCell::default();
+    static WORKSPACE_F64: RefCell<Workspace<f64>> = RefCell::default();
+    static SCRATCH_F32: RefCell<Scratch<f32>> = RefCell::default();
+    static SCRATCH_F64: RefCell<Scratch<f64>> = RefCell::default();
+}
+
+/// Runs `f` with this thread's cached `X<T>` (a fresh one if it is already in use, e.g.
+/// by a call that rayon nested on the same thread).
+fn with_cached<T: Element, X: Default + 'static, R>(
+    f32_cell: &'static std::thread::LocalKey<RefCell<X::F32>>,
+    f64_cell: &'static std::thread::LocalKey<RefCell<X::F64>>,
+    f: impl FnOnce(&mut X) -> R,
+) -> R
+where
+    X: PerType,
+{
+    let mut f = Some(f);
+    let mut run = |cell: &dyn Any| -> Option<R> {
+        let cell = cell.downcast_ref::<RefCell<X>>()?;
+        let f = f.take()?;
+        Some(match cell.try_borrow_mut() {
+            Ok(mut x) => f(&mut x),
+            Err(_) => f(&mut X::default()),
+        })
+    };
+    if let Some(r) = f32_cell.with(|c| run(c)) {
+        return r;
+    }
+    if let Some(r) = f64_cell.with(|c| run(c)) {
+        return r;
+    }
+    // Element is sealed to f32 and f64, so one of the two cells matched.
+    (f.take().expect("Element is f32 or f64"))(&mut X::default())
+}
+
+/// Names the f32 and f64 instances of a per-type cache.
+trait PerType {
+    type F32: 'static;
+    type F64: 'static;
+}
+impl<T> PerType for Workspace<T> {
+    type F32 = Workspace<f32>;
+    type F64 = Workspace<f64>;
+}
+impl<T> PerType for Scratch<T> {
+    type F32 = Scratch<f32>;
+    type F64 = Scratch<f64>;
 }
 
 /// Work (multiply-adds) below which the direct path is used: packing and blocking would
 /// cost more than they save.
 const DIRECT_MAX_WORK: usize = 8 * 1024;
 /// Work below which a call stays on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 20;
+const PARALLEL_MIN_WORK: usize = 4 << 20;
 
-/// Computes the attention output into `out` (n_q × d_v, overwritten) and the log-sum-exp
-/// into `lse` (n_q).
+/// Computes the attention output into `out` (n_q × d_v, overwritten) and, if given, the
+/// log-sum-exp into `lse` (n_q).
 pub(crate) fn attention<T: Element>(
     spec: Spec<'_, T>,
     path: CpuPath,
     parallel: bool,
     out: &mut DMatrix<T>,
-    lse: &mut [T],
+    lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
-    let (q, k, v) = (spec.q, spec.k, spec.v);
     debug_assert_eq!(out.shape(), (n_q, d_v));
-    debug_assert_eq!(lse.len(), n_q);
+    debug_assert!(lse.as_ref().is_none_or(|l| l.len() == n_q));
     if n_q == 0 {
         return Ok(());
     }
@@ -81,60 +175,149 @@ pub(crate) fn attention<T: Element>(
     if n_kv <= direct::MAX_KEYS && work <= DIRECT_MAX_WORK {
         return direct::attention(&spec, out, lse);
     }
+    let parallel = parallel && work >= PARALLEL_MIN_WORK && n_q > 1;
+    with_cached::<T, Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
+        let mut lse_buf = std::mem::take(&mut ws.lse);
+        let lse = match lse {
+            Some(lse) => lse,
+            None => {
+                lse_buf.clear();
+                lse_buf.resize(n_q, T::zero());
+                &mut lse_buf[..]
+            }
+        };
+        let result = fused(spec, path, parallel, ws, out, lse);
+        ws.lse = lse_buf;
+        for buf in [&mut ws.kp, &mut ws.vp, &mut ws.staging, &mut ws.lse] {
+            if buf.capacity() > KEEP_MAX_ELEMENTS {
+                *buf = Vec::new();
+            }
+        }
+        result
+    })
+}
 
+/// The fused path: pack K and V, run the block kernel over query blocks (in parallel if
+/// asked), copy the staged blocks into `out`.
+fn fused<T: Element>(
+    spec: Spec<'_, T>,
+    path: CpuPath,
+    parallel: bool,
+    ws: &mut Workspace<T>,
+    out: &mut DMatrix<T>,
+    lse: &mut [T],
+) -> Result<(), AttentionError> {
+    let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
     let kernel = simd::Kernel::<T>::select(path);
     let (mr, bq) = (kernel.mr, kernel.bq);
     let n_kv_pad = n_kv.div_ceil(mr) * mr;
     let dvp = d_v.div_ceil(kernel.mrv) * kernel.mrv;
+    pack_keys(&spec.k, mr, n_kv_pad, parallel, &mut ws.kp);
+    pack_values(&spec.v, dvp, n_kv_pad, parallel, &mut ws.vp);
 
-    let mut kp = vec![T::zero(); n_kv_pad * d_k];
-    for p in 0..d_k {
-        let col = k.column(p);
-        for j in 0..n_kv {
-            kp[(j / mr) * mr * d_k + p * mr + j % mr] = col[j];
-        }
-    }
-    let mut vp = vec![T::zero(); n_kv_pad * dvp];
-    for c in 0..d_v {
-        let col = v.column(c);
-        for j in 0..n_kv {
-            vp[j * dvp + c] = col[j];
-        }
-    }
+    // Block qb writes its output to staging[qb][c][r] (d_v × bq; at least one column so
+    // that the chunks below are never empty).
+    let n_blocks = n_q.div_ceil(bq);
+    let block_len = bq * d_v.max(1);
+    ws.staging.clear();
+    ws.staging.resize(n_blocks * block_len, T::zero());
     let job = Job {
         spec,
-        q,
-        kp,
-        vp,
+        kp: &ws.kp,
+        vp: &ws.vp,
         dvp,
     };
+    let run = |(qb, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
+        with_cached::<T, Scratch<T>, _>(&SCRATCH_F32, &SCRATCH_F64, |scratch| {
+            scratch.fit(&kernel, d_k, dvp);
+            (kernel.block)(&job, qb, scratch, staged, lse)
+        })
+    };
+    // `and` keeps the leftmost error: the first in query order, whatever the threads.
+    let blocks = ws.staging.chunks_mut(block_len).zip(lse.chunks_mut(bq));
+    let result = if parallel && n_blocks > 1 {
+        ws.staging
+            .par_chunks_mut(block_len)
+            .zip(lse.par_chunks_mut(bq))
+            .enumerate()
+            .map(run)
+            .reduce(|| Ok(()), Result::and)
+    } else {
+        blocks.enumerate().map(run).fold(Ok(()), Result::and)
+    };
+    result?;
 
-    // Hand each block of BQ queries its segment of every output column.
-    let n_blocks = n_q.div_ceil(bq);
-    let mut block_cols: Vec<Vec<&mut [T]>> =
-        (0..n_blocks).map(|_| Vec::with_capacity(d_v)).collect();
-    for col in out.as_mut_slice().chunks_exact_mut(n_q) {
-        for (b, seg) in col.chunks_mut(bq).enumerate() {
-            block_cols[b].push(seg);
+    for (c, col) in out.as_mut_slice().chunks_exact_mut(n_q).enumerate() {
+        for (qb, seg) in col.chunks_mut(bq).enumerate() {
+            let start = qb * block_len + c * bq;
+            seg.copy_from_slice(&ws.staging[start..start + seg.len()]);
         }
     }
-    let blocks = block_cols.into_iter().zip(lse.chunks_mut(bq)).enumerate();
+    Ok(())
+}
 
-    let run = |scratch: &mut Scratch<T>,
-               (qb, (mut cols, lse)): (usize, (Vec<&mut [T]>, &mut [T]))| {
-        (kernel.block)(&job, qb, scratch, &mut cols, lse)
+/// Keys per packing task: K and V are packed in chunks this long, in parallel when the
+/// call is.
+const PACK_ROWS: usize = 256;
+
+/// Packs K in panels of `mr` keys, `kp[j/mr][p][j%mr] = K[j, p]`, zero past `n_kv`. Each
+/// chunk of `PACK_ROWS` keys reads `K`'s columns in contiguous runs.
+fn pack_keys<T: Element>(
+    k: &MatRef<'_, T>,
+    mr: usize,
+    n_kv_pad: usize,
+    parallel: bool,
+    kp: &mut Vec<T>,
+) {
+    let (n_kv, d_k) = k.shape();
+    kp.clear();
+    kp.resize(n_kv_pad * d_k, T::zero());
+    let rows = PACK_ROWS.div_ceil(mr) * mr; // whole panels per chunk
+    let fill = |(c, chunk): (usize, &mut [T])| {
+        let j0 = c * rows;
+        let jn = rows.min(n_kv.saturating_sub(j0));
+        for p in 0..d_k {
+            for (dj, &x) in k.column(p).rows_range(j0..j0 + jn).iter().enumerate() {
+                chunk[(dj / mr) * mr * d_k + p * mr + dj % mr] = x;
+            }
+        }
     };
-    let results: Vec<Result<(), AttentionError>> =
-        if parallel && n_blocks > 1 && work >= PARALLEL_MIN_WORK {
-            blocks
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map_init(|| Scratch::new(&kernel, d_k, dvp), run)
-                .collect()
-        } else {
-            let mut scratch = Scratch::new(&kernel, d_k, dvp);
-            blocks.map(|b| run(&mut scratch, b)).collect()
-        };
-    // The first error in query order, whatever the thread count.
-    results.into_iter().collect()
+    if parallel {
+        kp.par_chunks_mut(rows * d_k.max(1))
+            .enumerate()
+            .for_each(fill);
+    } else {
+        kp.chunks_mut(rows * d_k.max(1)).enumerate().for_each(fill);
+    }
+}
+
+/// Packs V row-major with rows padded to `dvp`: `vp[j][c] = V[j, c]`, zero padding.
+fn pack_values<T: Element>(
+    v: &MatRef<'_, T>,
+    dvp: usize,
+    n_kv_pad: usize,
+    parallel: bool,
+    vp: &mut Vec<T>,
+) {
+    let (n_kv, d_v) = v.shape();
+    vp.clear();
+    vp.resize(n_kv_pad * dvp, T::zero());
+    let fill = |(c, chunk): (usize, &mut [T])| {
+        let j0 = c * PACK_ROWS;
+        let jn = PACK_ROWS.min(n_kv.saturating_sub(j0));
+        for col in 0..d_v {
+            for (dj, &x) in v.column(col).rows_range(j0..j0 + jn).iter().enumerate() {
+                chunk[dj * dvp + col] = x;
+            }
+        }
+    };
+    if parallel {
+        vp.par_chunks_mut(PACK_ROWS * dvp.max(1))
+            .enumerate()
+            .for_each(fill);
+    } else {
+        vp.chunks_mut(PACK_ROWS * dvp.max(1))
+            .enumerate()
+            .for_each(fill);
+    }
 }

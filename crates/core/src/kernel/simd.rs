@@ -108,13 +108,8 @@ impl CpuPath {
     }
 }
 
-type BlockFn<T> = fn(
-    &Job<'_, T>,
-    usize,
-    &mut Scratch<T>,
-    &mut [&mut [T]],
-    &mut [T],
-) -> Result<(), AttentionError>;
+type BlockFn<T> =
+    fn(&Job<'_, T>, usize, &mut Scratch<T>, &mut [T], &mut [T]) -> Result<(), AttentionError>;
 
 /// One compiled variant of the block kernel with its tile sizes.
 pub(crate) struct Kernel<T: Element> {
@@ -554,22 +549,22 @@ macro_rules! simd_kernel {
                 job: &Job<'_, $t>,
                 qb: usize,
                 scratch: &mut Scratch<$t>,
-                cols: &mut [&mut [$t]],
+                out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_block::<$t, $mk>(job, qb, scratch, cols, lse)
+                block::q_block::<$t, $mk>(job, qb, scratch, out, lse)
             }
             fn entry(
                 job: &Job<'_, $t>,
                 qb: usize,
                 scratch: &mut Scratch<$t>,
-                cols: &mut [&mut [$t]],
+                out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
                 // SAFETY: this kernel is only reachable through `Kernel::select`, which
                 // returns it only for a `CpuPath` whose `is_supported()` is true, i.e. on
                 // a CPU with every feature in `$features`.
-                unsafe { compiled(job, qb, scratch, cols, lse) }
+                unsafe { compiled(job, qb, scratch, out, lse) }
             }
             Kernel::of::<$mk>(entry)
         };
@@ -584,10 +579,10 @@ macro_rules! portable_kernel {
                 job: &Job<'_, $t>,
                 qb: usize,
                 scratch: &mut Scratch<$t>,
-                cols: &mut [&mut [$t]],
+                out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_block::<$t, $mk>(job, qb, scratch, cols, lse)
+                block::q_block::<$t, $mk>(job, qb, scratch, out, lse)
             }
             Kernel::of::<$mk>(entry)
         };

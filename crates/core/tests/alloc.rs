@@ -1,0 +1,102 @@
+//! Allocation counts: a loop of `_into` calls allocates nothing once warm, and small calls
+//! allocate only their output. Counted with a wrapping global allocator, in its own test
+//! binary so no other test disturbs the count.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use attention_core::{
+    AttentionOptions, Causal, Parallelism, scaled_dot_product_attention,
+    scaled_dot_product_attention_into,
+};
+use nalgebra::DMatrix;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations_during(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    f();
+    ALLOCATIONS.load(Ordering::SeqCst) - before
+}
+
+fn matrix(rows: usize, cols: usize, salt: usize) -> DMatrix<f32> {
+    DMatrix::from_fn(rows, cols, |i, j| {
+        (((i * 31 + j * 17 + salt * 7) % 23) as f32 - 11.0) * 0.1
+    })
+}
+
+/// One test function: the counter is process-wide, so the checks must not run in parallel.
+#[test]
+fn allocation_counts() {
+    // The seed-sized call allocates exactly its output matrix.
+    let q = DMatrix::<f32>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
+    let v = DMatrix::<f32>::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+    let opts = AttentionOptions::new();
+    // The first call of a process detects the CPU (and reads ATTENTION_CPU_PATH) once.
+    std::hint::black_box(scaled_dot_product_attention(&q, &q, &v, &opts).unwrap());
+    let n = allocations_during(|| {
+        std::hint::black_box(scaled_dot_product_attention(&q, &q, &v, &opts).unwrap());
+    });
+    assert_eq!(n, 1, "seed call: only the output");
+
+    // A loop of `_into` calls on the fused path allocates nothing after the first.
+    for (n_q, n_kv, d, causal) in [
+        (64, 64, 64, false),
+        (300, 500, 32, false),
+        (300, 500, 32, true),
+    ] {
+        let (q, k, v) = (matrix(n_q, d, 1), matrix(n_kv, d, 2), matrix(n_kv, d, 3));
+        let mut out = DMatrix::<f32>::zeros(n_q, d);
+        let mut opts = AttentionOptions::new().with_parallelism(Parallelism::Sequential);
+        if causal {
+            opts = opts.with_causal(Causal::BottomRight);
+        }
+        scaled_dot_product_attention_into(&q, &k, &v, &opts, &mut out).unwrap();
+        let n = allocations_during(|| {
+            for _ in 0..5 {
+                scaled_dot_product_attention_into(&q, &k, &v, &opts, &mut out).unwrap();
+            }
+        });
+        assert_eq!(
+            n, 0,
+            "{n_q}x{n_kv} d={d}: a warm loop of _into calls allocates nothing"
+        );
+    }
+
+    // Threaded calls: reported, not asserted (rayon may allocate for its own queues).
+    let (q, k, v) = (matrix(600, 64, 1), matrix(600, 64, 2), matrix(600, 64, 3));
+    let mut out = DMatrix::<f32>::zeros(600, 64);
+    let opts = AttentionOptions::new();
+    for _ in 0..3 {
+        scaled_dot_product_attention_into(&q, &k, &v, &opts, &mut out).unwrap();
+    }
+    let n = allocations_during(|| {
+        for _ in 0..10 {
+            scaled_dot_product_attention_into(&q, &k, &v, &opts, &mut out).unwrap();
+        }
+    });
+    println!("10 threaded warm _into calls: {n} allocations");
+}
