@@ -109,14 +109,11 @@ thread_local! {
 
 /// Runs `f` with this thread's cached `X<T>` (a fresh one if it is already in use, e.g.
 /// by a call that rayon nested on the same thread).
-fn with_cached<T: Element, X: Default + 'static, R>(
+fn with_cached<X: PerType + Default + 'static, R>(
     f32_cell: &'static std::thread::LocalKey<RefCell<X::F32>>,
     f64_cell: &'static std::thread::LocalKey<RefCell<X::F64>>,
     f: impl FnOnce(&mut X) -> R,
-) -> R
-where
-    X: PerType,
-{
+) -> R {
     let mut f = Some(f);
     let mut run = |cell: &dyn Any| -> Option<R> {
         let cell = cell.downcast_ref::<RefCell<X>>()?;
@@ -176,7 +173,7 @@ pub(crate) fn attention<T: Element>(
         return direct::attention(&spec, out, lse);
     }
     let parallel = parallel && work >= PARALLEL_MIN_WORK && n_q > 1;
-    with_cached::<T, Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
+    with_cached::<Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
         let mut lse_buf = std::mem::take(&mut ws.lse);
         let lse = match lse {
             Some(lse) => lse,
@@ -228,7 +225,7 @@ fn fused<T: Element>(
         dvp,
     };
     let run = |(qb, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
-        with_cached::<T, Scratch<T>, _>(&SCRATCH_F32, &SCRATCH_F64, |scratch| {
+        with_cached::<Scratch<T>, _>(&SCRATCH_F32, &SCRATCH_F64, |scratch| {
             scratch.fit(&kernel, d_k, dvp);
             (kernel.block)(&job, qb, scratch, staged, lse)
         })
