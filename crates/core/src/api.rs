@@ -218,7 +218,7 @@ pub fn scaled_dot_product_attention_into<'q, 'k, 'v, T: Element>(
 /// [`scaled_dot_product_attention`] that also returns each query's log-sum-exp
 /// `lse_i = ln Σ_j exp(s_ij)` over the final scores (−∞ for a row with no allowed key).
 ///
-/// The pair `(output, lse)` is what [`merge_partial_attention`] combines, and
+/// The pair `(output, lse)` is what [`merge_partial_attention`](crate::merge_partial_attention) combines, and
 /// `exp(s_ij − lse_i)` recovers the attention weights.
 ///
 /// # Shapes

@@ -11,7 +11,7 @@ use crate::{AttentionError, Element};
 ///
 /// `s` is the score matrix of [`AttentionOptions`] (scale, softcap, ALiBi, bias, masks).
 /// Each row sums to 1, or is all 0 for a query with no allowed key; disallowed positions
-/// are exactly 0. `weights · V` equals [`scaled_dot_product_attention`]'s output up to
+/// are exactly 0. `weights · V` equals [`scaled_dot_product_attention`](crate::scaled_dot_product_attention)'s output up to
 /// rounding.
 ///
 /// `Q·Kᵀ` is one matrix product (nalgebra's GEMM); the softmax then sweeps the
