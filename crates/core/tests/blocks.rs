@@ -73,9 +73,17 @@ fn check<T: Element>(n_q: usize, n_kv: usize, d_k: usize, d_v: usize, pos: Posit
     let eps = T::EPSILON.to_f64();
     let delta = score_error(&p.q, &p.k, 1.0 / (d_k as f64).sqrt(), &[], eps);
     for path in CpuPath::supported() {
+        let mut first = None;
         for par in [Parallelism::Sequential, Parallelism::Rayon] {
             let o = opts.clone().with_cpu_path(path).with_parallelism(par);
             let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &o).unwrap();
+            // Threads change how query blocks are grouped, never a bit of the result.
+            match &first {
+                None => first = Some((out.clone(), lse.clone())),
+                Some((o0, l0)) => {
+                    assert!(o0 == &out && l0 == &lse, "{path:?}: threads changed bits")
+                }
+            }
             let label = format!("{path:?}/{par:?} {n_q}x{n_kv} d_k={d_k} d_v={d_v} {pos:?}");
             assert_output_close(&widen(&out), &want.output, &p.v, &delta, eps, &label);
             let lse: Vec<f64> = lse.iter().map(|x| x.to_f64()).collect();
@@ -127,6 +135,16 @@ fn block_edges_f32() {
 #[test]
 fn block_edges_f64() {
     sweep::<f64>();
+}
+
+/// Long query sequences: several query blocks per group (sequential) against one per group
+/// (threaded), with bands that start each block at a different key.
+#[test]
+fn grouped_query_blocks() {
+    for pos in POSITIONAL {
+        check::<f32>(520, 700, 16, 17, pos, 11);
+        check::<f64>(300, 390, 9, 8, pos, 12);
+    }
 }
 
 #[test]

@@ -24,27 +24,52 @@ use super::exp::madd;
 use super::{Job, Scratch};
 use crate::{AttentionError, Element, error::Operand};
 
-/// Processes query block `qb` (`BQ` queries from `qb·BQ`), writing its output to
-/// `out[c·BQ + r]` (`d_v × BQ`) and `lse[r]`.
+/// Most query blocks a group processes together (see [`q_group`]).
+pub(super) const MAX_GROUP: usize = 8;
+
+/// Where one query block of a group stands.
+#[derive(Clone, Copy, Default)]
+struct Cursor {
+    i0: usize,
+    rows: usize,
+    /// The next key tile starts here; tiles end at `j_end`.
+    j_next: usize,
+    j_end: usize,
+    /// The band (causal/window) of the block's last query starts at `lo_last`, that of its
+    /// first query ends at `hi_first`: keys in between are allowed for every query.
+    lo_last: i64,
+    hi_first: i64,
+}
+
+/// Processes a group of consecutive query blocks from block `first_block` (`lse.len()`
+/// queries, `BQ` per block), writing each block's output to `out[b·len + c·BQ + r]`
+/// (`len = BQ·max(d_v, 1)`) and `lse[b·BQ + r]`.
+///
+/// Each block runs the online softmax over its own sequence of key tiles
+/// (`BK` keys each, from the first key its band allows). The group walks the keys in
+/// super-blocks of `job.super_keys` and, within each, advances every block through the
+/// tiles that start there: K and V are then read from memory once per group instead of
+/// once per block, and stay in cache while the group's blocks use them. Which blocks share
+/// a group never changes a block's tiles or their order, so the results do not depend on
+/// the grouping (nor on the number of threads).
 ///
 /// `MK` supplies the inner loops and the tile sizes; `job.dvp` is a multiple of `MK::MRV`
 /// and K is packed in panels of `MK::MR` keys.
 #[inline(always)]
-pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
+pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
     job: &Job<'_, T>,
-    qb: usize,
+    first_block: usize,
     scratch: &mut Scratch<T>,
     out: &mut [T],
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
-    let (bq, mr, mrv) = (MK::BQ, MK::MR, MK::MRV);
+    let (bq, mr, mrv, bk) = (MK::BQ, MK::MR, MK::MRV, MK::BK);
     let spec = &job.spec;
-    let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
+    let (n_kv, d_k, d_v) = (spec.n_kv, spec.d_k, spec.d_v);
     let dvp = job.dvp;
-    let bk = MK::BK;
-    let i0 = qb * bq;
-    let rows = bq.min(n_q - i0);
-    debug_assert!(rows > 0 && bk.is_multiple_of(mr) && dvp.is_multiple_of(mrv));
+    let blocks = lse.len().div_ceil(bq);
+    let block_len = bq * d_v.max(1);
+    debug_assert!(blocks <= MAX_GROUP && bk.is_multiple_of(mr) && dvp.is_multiple_of(mrv));
 
     let Scratch {
         qt,
@@ -56,104 +81,162 @@ pub(super) fn q_block<T: Element, MK: MicroKernels<T>>(
         m_ref,
         l_blk,
     } = scratch;
-    let qt = &mut qt[..d_k * bq];
-    let acc = &mut acc[..dvp * bq];
-    let (m, l, alpha, m_ref, l_blk) = (
-        &mut m[..bq],
-        &mut l[..bq],
-        &mut alpha[..bq],
-        &mut m_ref[..bq],
-        &mut l_blk[..bq],
-    );
+    let (alpha, m_ref, l_blk) = (&mut alpha[..bq], &mut m_ref[..bq], &mut l_blk[..bq]);
 
-    // Qᵀ for this block; queries past n_q are zero and never written out.
-    for p in 0..d_k {
-        let col = job.spec.q.column(p);
-        let dst = &mut qt[p * bq..(p + 1) * bq];
-        for (r, d) in dst.iter_mut().enumerate() {
-            *d = if r < rows { col[i0 + r] } else { T::zero() };
-        }
-    }
-    m.fill(T::NEG_INFINITY);
-    l.fill(T::zero());
-    acc.fill(T::zero());
-
-    // Keys this block can see at all: the causal/window band is monotone in i.
-    let (lo_first, _) = spec.key_range(i0);
-    let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
-    let (_, hi_first) = spec.key_range(i0);
-    let elementwise = spec.has_elementwise();
-    if lo_first <= hi_last {
-        let mut j0 = (lo_first as usize / mr) * mr;
-        let j_end = hi_last as usize + 1;
-        while j0 < j_end {
-            let jn = bk.min(n_kv - j0);
-            let jpad = jn.div_ceil(mr) * mr;
-            let s = &mut s[..jpad * bq];
-
-            MK::scores(qt, &job.kp[j0 * d_k..(j0 + jpad) * d_k], d_k, s);
-
-            // Scale (vectorised); only if some score is not finite, look for one at an
-            // allowed position: an overflow where nothing may attend is harmless.
-            if !MK::apply_scale(spec.scale, &mut s[..jn * bq], l_blk)
-                && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
-            {
-                return Err(err);
+    // Set up every block: Qᵀ (queries past n_q are zero and never written out), the
+    // softmax state, and the range of key tiles its band allows.
+    let mut cursors = [Cursor::default(); MAX_GROUP];
+    for (b, cur) in cursors.iter_mut().enumerate().take(blocks) {
+        let i0 = (first_block + b) * bq;
+        let rows = bq.min(lse.len() - b * bq);
+        let qt = &mut qt[b * d_k * bq..(b + 1) * d_k * bq];
+        for p in 0..d_k {
+            let col = spec.q.column(p);
+            let dst = &mut qt[p * bq..(p + 1) * bq];
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d = if r < rows { col[i0 + r] } else { T::zero() };
             }
-            if elementwise {
-                for j in 0..jn {
-                    let row = &mut s[j * bq..(j + 1) * bq];
-                    for (r, x) in row.iter_mut().enumerate() {
-                        *x = if r < rows {
-                            spec.modify(i0 + r, j0 + j, *x)
-                        } else {
-                            T::NEG_INFINITY
-                        };
+        }
+        m[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
+        l[b * bq..(b + 1) * bq].fill(T::zero());
+        acc[b * dvp * bq..(b + 1) * dvp * bq].fill(T::zero());
+        // The causal/window band is monotone in i.
+        let (lo_first, hi_first) = spec.key_range(i0);
+        let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
+        *cur = Cursor {
+            i0,
+            rows,
+            j_next: (lo_first.max(0) as usize / mr) * mr,
+            j_end: if lo_first <= hi_last {
+                hi_last as usize + 1
+            } else {
+                0
+            },
+            lo_last,
+            hi_first,
+        };
+    }
+
+    let cursors = &mut cursors[..blocks];
+    let start = cursors.iter().map(|c| c.j_next).min().unwrap_or(0);
+    let end = cursors.iter().map(|c| c.j_end).max().unwrap_or(0);
+    let mut sb = start;
+    while sb < end {
+        let sb_end = sb + job.super_keys;
+        for (b, cur) in cursors.iter_mut().enumerate() {
+            while cur.j_next < cur.j_end && cur.j_next < sb_end {
+                let j0 = cur.j_next;
+                let jn = bk.min(n_kv - j0);
+                tile::<T, MK>(
+                    job,
+                    cur,
+                    j0,
+                    jn,
+                    &qt[b * d_k * bq..(b + 1) * d_k * bq],
+                    &mut acc[b * dvp * bq..(b + 1) * dvp * bq],
+                    &mut m[b * bq..(b + 1) * bq],
+                    &mut l[b * bq..(b + 1) * bq],
+                    &mut s[..jn.div_ceil(mr) * mr * bq],
+                    alpha,
+                    m_ref,
+                    l_blk,
+                )?;
+                cur.j_next = j0 + jn;
+            }
+        }
+        sb = sb_end;
+    }
+
+    for (b, cur) in cursors.iter().enumerate() {
+        let (m, l) = (&m[b * bq..(b + 1) * bq], &l[b * bq..(b + 1) * bq]);
+        let acc = &acc[b * dvp * bq..(b + 1) * dvp * bq];
+        let out = &mut out[b * block_len..(b + 1) * block_len];
+        let lse = &mut lse[b * bq..b * bq + cur.rows];
+        for r in 0..cur.rows {
+            if l[r] == T::zero() {
+                // No key allowed: output 0, lse −∞ (the documented fully-masked rule).
+                lse[r] = T::NEG_INFINITY;
+                for c in 0..d_v {
+                    out[c * bq + r] = T::zero();
+                }
+            } else {
+                lse[r] = m[r] + l[r].ln();
+                for c in 0..d_v {
+                    let o = acc[c * bq + r] / l[r];
+                    if !o.finite() {
+                        return Err(AttentionError::ProductOverflow {
+                            operand: Operand::Output,
+                            row: cur.i0 + r,
+                            column: c,
+                        });
                     }
+                    out[c * bq + r] = o;
                 }
-            } else if !(lo_last <= j0 as i64 && hi_first >= (j0 + jn - 1) as i64) {
-                // Causal / window only, and the band cuts this tile: for key j the allowed
-                // queries are the contiguous range j − band_hi ≤ i ≤ j − band_lo.
-                for j in 0..jn {
-                    let jj = (j0 + j) as i64;
-                    let r_lo = (jj - spec.band_hi - i0 as i64).clamp(0, bq as i64) as usize;
-                    let r_hi =
-                        (jj - spec.band_lo - i0 as i64 + 1).clamp(r_lo as i64, bq as i64) as usize;
-                    let row = &mut s[j * bq..(j + 1) * bq];
-                    row[..r_lo].fill(T::NEG_INFINITY);
-                    row[r_hi..].fill(T::NEG_INFINITY);
-                }
-            }
-            s[jn * bq..].fill(T::NEG_INFINITY);
-
-            MK::softmax_step(s, m, l, alpha, m_ref, l_blk);
-            MK::pv(s, &job.vp[j0 * dvp..(j0 + jpad) * dvp], dvp, acc, alpha);
-            j0 += jn;
-        }
-    }
-
-    for r in 0..rows {
-        if l[r] == T::zero() {
-            // No key allowed: output 0, lse −∞ (the documented fully-masked rule).
-            lse[r] = T::NEG_INFINITY;
-            for c in 0..d_v {
-                out[c * bq + r] = T::zero();
-            }
-        } else {
-            lse[r] = m[r] + l[r].ln();
-            for c in 0..d_v {
-                let o = acc[c * bq + r] / l[r];
-                if !o.finite() {
-                    return Err(AttentionError::ProductOverflow {
-                        operand: Operand::Output,
-                        row: i0 + r,
-                        column: c,
-                    });
-                }
-                out[c * bq + r] = o;
             }
         }
     }
+    Ok(())
+}
+
+/// One key tile `[j0, j0 + jn)` of one query block: scores, scale, masks, the online
+/// softmax step and `acc += P·V`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)] // the block's state, passed as the slices it uses
+fn tile<T: Element, MK: MicroKernels<T>>(
+    job: &Job<'_, T>,
+    cur: &Cursor,
+    j0: usize,
+    jn: usize,
+    qt: &[T],
+    acc: &mut [T],
+    m: &mut [T],
+    l: &mut [T],
+    s: &mut [T],
+    alpha: &mut [T],
+    m_ref: &mut [T],
+    l_blk: &mut [T],
+) -> Result<(), AttentionError> {
+    let spec = &job.spec;
+    let (bq, d_k, dvp) = (MK::BQ, spec.d_k, job.dvp);
+    let (i0, rows) = (cur.i0, cur.rows);
+    let jpad = s.len() / bq;
+
+    MK::scores(qt, &job.kp[j0 * d_k..(j0 + jpad) * d_k], d_k, s);
+
+    // Scale (vectorised); only if some score is not finite, look for one at an allowed
+    // position: an overflow where nothing may attend is harmless.
+    if !MK::apply_scale(spec.scale, &mut s[..jn * bq], l_blk)
+        && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
+    {
+        return Err(err);
+    }
+    if spec.has_elementwise() {
+        for j in 0..jn {
+            let row = &mut s[j * bq..(j + 1) * bq];
+            for (r, x) in row.iter_mut().enumerate() {
+                *x = if r < rows {
+                    spec.modify(i0 + r, j0 + j, *x)
+                } else {
+                    T::NEG_INFINITY
+                };
+            }
+        }
+    } else if !(cur.lo_last <= j0 as i64 && cur.hi_first >= (j0 + jn - 1) as i64) {
+        // Causal / window only, and the band cuts this tile: for key j the allowed
+        // queries are the contiguous range j − band_hi ≤ i ≤ j − band_lo.
+        for j in 0..jn {
+            let jj = (j0 + j) as i64;
+            let r_lo = (jj - spec.band_hi - i0 as i64).clamp(0, bq as i64) as usize;
+            let r_hi = (jj - spec.band_lo - i0 as i64 + 1).clamp(r_lo as i64, bq as i64) as usize;
+            let row = &mut s[j * bq..(j + 1) * bq];
+            row[..r_lo].fill(T::NEG_INFINITY);
+            row[r_hi..].fill(T::NEG_INFINITY);
+        }
+    }
+    s[jn * bq..].fill(T::NEG_INFINITY);
+
+    MK::softmax_step(s, m, l, alpha, m_ref, l_blk);
+    MK::pv(s, &job.vp[j0 * dvp..(j0 + jpad) * dvp], dvp, acc, alpha);
     Ok(())
 }
 

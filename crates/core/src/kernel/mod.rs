@@ -26,6 +26,8 @@ pub(crate) struct Job<'a, T: Element> {
     /// V row-major with rows padded to `dvp` columns: `vp[j][c]`, padding zero.
     pub vp: &'a [T],
     pub dvp: usize,
+    /// Keys per super-block: the span of K and V a group of query blocks shares in cache.
+    pub super_keys: usize,
 }
 
 /// Per-thread working memory of the block kernel, reused from call to call.
@@ -56,15 +58,16 @@ impl<T> Default for Scratch<T> {
 }
 
 impl<T: Element> Scratch<T> {
-    /// Makes every buffer at least as long as `kernel` needs (no allocation when already so).
-    fn fit(&mut self, kernel: &simd::Kernel<T>, d_k: usize, dvp: usize) {
+    /// Makes every buffer at least as long as a group of `group` blocks of `kernel` needs
+    /// (no allocation when already so).
+    fn fit(&mut self, kernel: &simd::Kernel<T>, d_k: usize, dvp: usize, group: usize) {
         let bq = kernel.bq;
         for (buf, len) in [
-            (&mut self.qt, d_k * bq),
+            (&mut self.qt, group * d_k * bq),
             (&mut self.s, kernel.bk * bq),
-            (&mut self.acc, dvp * bq),
-            (&mut self.m, bq),
-            (&mut self.l, bq),
+            (&mut self.acc, group * dvp * bq),
+            (&mut self.m, group * bq),
+            (&mut self.l, group * bq),
             (&mut self.alpha, bq),
             (&mut self.m_ref, bq),
             (&mut self.l_blk, bq),
@@ -96,6 +99,10 @@ impl<T> Default for Workspace<T> {
         }
     }
 }
+
+/// About how many bytes of K and V a group of query blocks keeps in cache, and how many
+/// its own Qᵀ and accumulators take (each well inside a 1 MiB L2).
+const GROUP_BYTES: usize = 256 << 10;
 
 /// Buffers larger than this (in elements) are freed after the call instead of kept.
 const KEEP_MAX_ELEMENTS: usize = 4 << 20;
@@ -218,29 +225,49 @@ fn fused<T: Element>(
     let block_len = bq * d_v.max(1);
     ws.staging.clear();
     ws.staging.resize(n_blocks * block_len, T::zero());
+
+    // Groups of query blocks share each super-block of K and V while it is in cache
+    // (see `block::q_group`): a group's Qᵀ and accumulators, and a super-block of K and V,
+    // each take about `GROUP_BYTES`. Keep at least 4 groups per thread for balance.
+    let elem = std::mem::size_of::<T>();
+    let per_block = (d_k + dvp).max(1) * bq * elem;
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let group = (GROUP_BYTES / per_block)
+        .min(n_blocks / (4 * threads))
+        .clamp(1, block::MAX_GROUP);
+    let super_keys = (GROUP_BYTES / ((d_k + dvp).max(1) * elem)).max(kernel.bk);
     let job = Job {
         spec,
         kp: &ws.kp,
         vp: &ws.vp,
         dvp,
+        super_keys,
     };
-    let run = |(qb, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
+    let run = |(g, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
         with_cached::<Scratch<T>, _>(&SCRATCH_F32, &SCRATCH_F64, |scratch| {
-            scratch.fit(&kernel, d_k, dvp);
-            (kernel.block)(&job, qb, scratch, staged, lse)
+            scratch.fit(&kernel, d_k, dvp, group);
+            (kernel.block)(&job, g * group, scratch, staged, lse)
         })
     };
     // `and` keeps the leftmost error: the first in query order, whatever the threads.
-    let blocks = ws.staging.chunks_mut(block_len).zip(lse.chunks_mut(bq));
-    let result = if parallel && n_blocks > 1 {
+    let (group_len, group_rows) = (group * block_len, group * bq);
+    let result = if parallel && n_blocks > group {
         ws.staging
-            .par_chunks_mut(block_len)
-            .zip(lse.par_chunks_mut(bq))
+            .par_chunks_mut(group_len)
+            .zip(lse.par_chunks_mut(group_rows))
             .enumerate()
             .map(run)
             .reduce(|| Ok(()), Result::and)
     } else {
-        blocks.enumerate().map(run).fold(Ok(()), Result::and)
+        let groups = ws
+            .staging
+            .chunks_mut(group_len)
+            .zip(lse.chunks_mut(group_rows));
+        groups.enumerate().map(run).fold(Ok(()), Result::and)
     };
     result?;
 

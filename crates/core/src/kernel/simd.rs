@@ -1,7 +1,7 @@
 //! CPU paths: run-time detection, the `#[target_feature]` instantiations of the block
 //! kernel, and the only `unsafe` code of the crate.
 //!
-//! The block kernel (`block::q_block`) is written once, generic over its four inner loops
+//! The block kernel (`block::q_group`) is written once, generic over its four inner loops
 //! ([`MicroKernels`]). Here those loops are written once more, generic over a small set of
 //! vector operations ([`Lanes`]) implemented with `std::arch` intrinsics for AVX-512 and
 //! AVX2+FMA, in f32 and f64; each combination is compiled inside a `#[target_feature]`
@@ -547,16 +547,16 @@ macro_rules! simd_kernel {
             #[target_feature(enable = $features)]
             fn compiled(
                 job: &Job<'_, $t>,
-                qb: usize,
+                first_block: usize,
                 scratch: &mut Scratch<$t>,
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_block::<$t, $mk>(job, qb, scratch, out, lse)
+                block::q_group::<$t, $mk>(job, first_block, scratch, out, lse)
             }
             fn entry(
                 job: &Job<'_, $t>,
-                qb: usize,
+                first_block: usize,
                 scratch: &mut Scratch<$t>,
                 out: &mut [$t],
                 lse: &mut [$t],
@@ -564,7 +564,7 @@ macro_rules! simd_kernel {
                 // SAFETY: this kernel is only reachable through `Kernel::select`, which
                 // returns it only for a `CpuPath` whose `is_supported()` is true, i.e. on
                 // a CPU with every feature in `$features`.
-                unsafe { compiled(job, qb, scratch, out, lse) }
+                unsafe { compiled(job, first_block, scratch, out, lse) }
             }
             Kernel::of::<$mk>(entry)
         };
@@ -577,12 +577,12 @@ macro_rules! portable_kernel {
         static $kernel: Kernel<$t> = {
             fn entry(
                 job: &Job<'_, $t>,
-                qb: usize,
+                first_block: usize,
                 scratch: &mut Scratch<$t>,
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_block::<$t, $mk>(job, qb, scratch, out, lse)
+                block::q_group::<$t, $mk>(job, first_block, scratch, out, lse)
             }
             Kernel::of::<$mk>(entry)
         };
