@@ -175,6 +175,14 @@ pub(crate) fn attention<T: Element>(
     if n_q == 0 {
         return Ok(());
     }
+    if n_kv == 0 {
+        // Every query attends to nothing: output 0, lse −∞.
+        out.fill(T::zero());
+        if let Some(lse) = lse {
+            lse.fill(T::NEG_INFINITY);
+        }
+        return Ok(());
+    }
     let work = n_q * n_kv * (d_k + d_v);
     if n_kv <= direct::MAX_KEYS && work <= DIRECT_MAX_WORK {
         return direct::attention(&spec, out, lse);
