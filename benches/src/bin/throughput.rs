@@ -5,6 +5,7 @@
 //! cargo run --release -p attention-benches --bin throughput                # full table
 //! cargo run --release -p attention-benches --bin throughput -- --quick     # n ∈ {512, 2048}
 //! cargo run --release -p attention-benches --bin throughput -- --n 4096 --d 128 --types f32 --threads 1,2 --json out.json
+//! cargo run --release -p attention-benches --bin throughput -- --repeat 3  # median of 3 passes
 //! ```
 //! Each figure is the median of several timed calls (at least 3, and at least ~0.5 s of
 //! calls); GFLOP/s counts `4·n²·d`, halved for causal. Peak memory (max RSS) for
@@ -29,6 +30,7 @@ struct Args {
     baselines: bool,
     rss: bool,
     json: Option<String>,
+    repeat: usize,
 }
 
 fn list<T: std::str::FromStr>(s: &str) -> Vec<T> {
@@ -50,6 +52,7 @@ fn parse_args() -> Args {
         baselines: true,
         rss: true,
         json: None,
+        repeat: 1,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -66,6 +69,7 @@ fn parse_args() -> Args {
             "--threads" => (a.threads, i) = (list(&next), i + 1),
             "--causal" => (a.causal, i) = (list(&next), i + 1),
             "--json" => (a.json, i) = (Some(next), i + 1),
+            "--repeat" => (a.repeat, i) = (next.parse().unwrap_or(1).max(1), i + 1),
             "--no-baselines" => a.baselines = false,
             "--no-rss" => a.rss = false,
             "--rss" => a.rss = true,
@@ -234,28 +238,79 @@ fn main() {
         attention_core::CpuPath::supported(),
         attention_core::CpuPath::detect()
     );
-    let mut rows = Vec::new();
+    // Each pass measures every row; with --repeat R the table reports, per row, the median
+    // over the R passes (each pass's fraction uses the peak measured in that pass), so a
+    // burst of noise on the shared machine moves one pass, not the result.
+    let mut passes: Vec<Vec<Row>> = Vec::new();
+    let mut peaks_all: Vec<(String, usize, f64)> = Vec::new();
+    for pass in 0..args.repeat {
+        let mut rows = Vec::new();
+        for ty in &args.types {
+            let is_f64 = ty == "f64";
+            let peaks: Vec<(usize, f64)> = args
+                .threads
+                .iter()
+                .map(|&t| (t, fma_peak(is_f64, t, 5).unwrap_or(f64::NAN) / 1e9))
+                .collect();
+            for (t, p) in &peaks {
+                println!("pass {pass}: FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+                peaks_all.push((ty.clone(), *t, *p));
+            }
+            println!("| type | d | n | mask | threads | impl | GFLOP/s | of peak |");
+            println!("|---|---|---|---|---|---|---|---|");
+            match ty.as_str() {
+                "f32" => bench_type::<f32>(ty, &args, &peaks, &mut rows),
+                "f64" => bench_type::<f64>(ty, &args, &peaks, &mut rows),
+                other => eprintln!("unknown type {other}"),
+            }
+        }
+        passes.push(rows);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    for i in 0..passes[0].len() {
+        let first = &passes[0][i];
+        let gflops = median(passes.iter().map(|p| p[i].gflops).collect());
+        let fraction = median(passes.iter().map(|p| p[i].gflops / p[i].peak).collect());
+        rows.push(Row {
+            ty: first.ty.clone(),
+            d: first.d,
+            n: first.n,
+            causal: first.causal,
+            threads: first.threads,
+            what: first.what,
+            gflops,
+            peak: gflops / fraction,
+        });
+    }
     let mut peak_lines = String::new();
     for ty in &args.types {
-        let is_f64 = ty == "f64";
-        let peaks: Vec<(usize, f64)> = args
-            .threads
-            .iter()
-            .map(|&t| (t, fma_peak(is_f64, t, 5).unwrap_or(f64::NAN) / 1e9))
-            .collect();
-        for (t, p) in &peaks {
-            println!("FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+        for &t in &args.threads {
+            let p = median(
+                peaks_all
+                    .iter()
+                    .filter(|x| &x.0 == ty && x.1 == t)
+                    .map(|x| x.2)
+                    .collect(),
+            );
             let _ = write!(
                 peak_lines,
                 "{{\"type\":\"{ty}\",\"threads\":{t},\"gflops\":{p:.3}}},"
             );
+            if args.repeat > 1 {
+                println!("median FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+            }
         }
+    }
+    if args.repeat > 1 {
+        println!("\nmedian over {} passes:", args.repeat);
         println!("| type | d | n | mask | threads | impl | GFLOP/s | of peak |");
         println!("|---|---|---|---|---|---|---|---|");
-        match ty.as_str() {
-            "f32" => bench_type::<f32>(ty, &args, &peaks, &mut rows),
-            "f64" => bench_type::<f64>(ty, &args, &peaks, &mut rows),
-            other => eprintln!("unknown type {other}"),
+        for r in &rows {
+            print_row(r);
         }
     }
     let mut rss_json = String::from("null");

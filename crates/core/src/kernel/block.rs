@@ -201,11 +201,11 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     let (i0, rows) = (cur.i0, cur.rows);
     let jpad = s.len() / bq;
 
-    MK::scores(qt, &job.kp[j0 * d_k..(j0 + jpad) * d_k], d_k, s);
-
-    // Scale (vectorised); only if some score is not finite, look for one at an allowed
-    // position: an overflow where nothing may attend is harmless.
-    if !MK::apply_scale(spec.scale, &mut s[..jn * bq], l_blk)
+    // Scaled scores; only if one is not finite, look for one at an allowed position: an
+    // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
+    // so their scores are 0 and never trip the check.)
+    let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
+    if !MK::scores(qt, kp, d_k, spec.scale, s, l_blk)
         && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
     {
         return Err(err);
@@ -244,9 +244,8 @@ fn tile<T: Element, MK: MicroKernels<T>>(
 /// implementation is [`Portable`]; the SIMD ones are in `simd.rs`.
 ///
 /// Layouts (all row-major, `BQ` query lanes per row):
-/// - `scores`: `s[j][r] = Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
-///   (a multiple of `MR`);
-/// - `apply_scale`: `s ← scale·s`, false if any result is not finite (`probe`: `BQ` scratch);
+/// - `scores`: `s[j][r] = scale · Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
+///   (a multiple of `MR`); false if any result is not finite (`probe`: `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
 ///   turning scores into `p`, updating `m`, `l` and writing `alpha`;
 /// - `pv`: `acc[c][r] = alpha[r]·acc[c][r] + Σ_j vp[j][c] · p[j][r]`, `c < dvp` (a
@@ -260,8 +259,7 @@ pub(super) trait MicroKernels<T: Element> {
     const MRV: usize;
     /// Keys per online-softmax step (a multiple of `MR`).
     const BK: usize;
-    fn scores(qt: &[T], kp: &[T], d_k: usize, s: &mut [T]);
-    fn apply_scale(scale: T, s: &mut [T], probe: &mut [T]) -> bool;
+    fn scores(qt: &[T], kp: &[T], d_k: usize, scale: T, s: &mut [T], probe: &mut [T]) -> bool;
     fn softmax_step(
         s: &mut [T],
         m: &mut [T],
@@ -300,11 +298,8 @@ impl<
     const MRV: usize = MRV;
     const BK: usize = BK;
     #[inline(always)]
-    fn scores(qt: &[T], kp: &[T], d_k: usize, s: &mut [T]) {
+    fn scores(qt: &[T], kp: &[T], d_k: usize, scale: T, s: &mut [T], probe: &mut [T]) -> bool {
         scores::<T, FMA, MR, NR, BQ>(qt, kp, d_k, s);
-    }
-    #[inline(always)]
-    fn apply_scale(scale: T, s: &mut [T], probe: &mut [T]) -> bool {
         apply_scale::<T, BQ>(scale, s, probe)
     }
     #[inline(always)]

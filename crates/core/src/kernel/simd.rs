@@ -378,7 +378,14 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     const BK: usize = BK;
 
     #[inline(always)]
-    fn scores(qt: &[L::T], kp: &[L::T], d_k: usize, s: &mut [L::T]) {
+    fn scores(
+        qt: &[L::T],
+        kp: &[L::T],
+        d_k: usize,
+        scale: L::T,
+        s: &mut [L::T],
+        probe: &mut [L::T],
+    ) -> bool {
         let jpad = s.len() / BQ;
         assert!(
             BQ.is_multiple_of(NV * L::N)
@@ -386,13 +393,16 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 && jpad.is_multiple_of(MR)
                 && qt.len() >= d_k * BQ
                 && kp.len() >= jpad * d_k
+                && probe.len() >= L::N
         );
         let (qt, kp, s) = (qt.as_ptr(), kp.as_ptr(), s.as_mut_ptr());
         // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
         // loads read qt[p·BQ + rt + v·N ..][..N] with p < d_k and rt + NV·N ≤ BQ;
         // broadcasts read kp[jt·d_k + p·MR + m] < (jt + MR)·d_k ≤ jpad·d_k; stores write
-        // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ.
+        // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ, and the first N of `probe`.
         unsafe {
+            let sc = L::splat(scale);
+            let mut pr = L::splat(L::T::zero());
             for jt in (0..jpad).step_by(MR) {
                 let panel = kp.add(jt * d_k);
                 for rt in (0..BQ).step_by(NV * L::N) {
@@ -412,27 +422,13 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                     }
                     for (m, row) in acc.iter().enumerate() {
                         for (v, &a) in row.iter().enumerate() {
-                            L::store(s.add((jt + m) * BQ + rt + v * L::N), a);
+                            let x = L::mul(a, sc);
+                            L::store(s.add((jt + m) * BQ + rt + v * L::N), x);
+                            // x − x is 0 for finite x and NaN for ±∞ or NaN.
+                            pr = L::add(pr, L::sub(x, x));
                         }
                     }
                 }
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn apply_scale(scale: L::T, s: &mut [L::T], probe: &mut [L::T]) -> bool {
-        assert!(s.len().is_multiple_of(L::N) && probe.len() >= L::N);
-        // SAFETY: CPU features: see the type's documentation. Every access is a whole
-        // vector inside `s` (its length is a multiple of N) or the first N of `probe`.
-        unsafe {
-            let sc = L::splat(scale);
-            let mut pr = L::splat(L::T::zero());
-            for i in (0..s.len()).step_by(L::N) {
-                let x = L::mul(L::load(s.as_ptr().add(i)), sc);
-                L::store(s.as_mut_ptr().add(i), x);
-                // x − x is 0 for finite x and NaN for ±∞ or NaN.
-                pr = L::add(pr, L::sub(x, x));
             }
             L::store(probe.as_mut_ptr(), pr);
         }
