@@ -20,6 +20,7 @@
 //!   - `core`: `scaled_dot_product_attention`, non-causal, all threads (the default);
 //!   - `core_seq`: the same with `Parallelism::Sequential`;
 //!   - `core_causal`: causal (`Causal::TopLeft`), all threads; FLOPs halved;
+//!   - `core_causal_seq`: the same on one thread;
 //!   - `nalgebra`: the plain expression `softmax(&q * k.transpose() * scale) * &v` that
 //!     builds the `n × n` score matrix (n ≤ 4096);
 //!   - `reference`: `attention_reference::self_attention`, the naive f64 oracle
@@ -36,6 +37,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use attention_benches::{attention_flops, nalgebra_attention, normal_matrix};
 use attention_core::{
     AttentionOptions, Causal, Element, Parallelism, scaled_dot_product_attention, self_attention,
 };
@@ -52,91 +54,17 @@ const NALGEBRA_MAX_N: usize = 4096;
 /// The naive f64 reference is O(n²·d) with compensated sums: run it up to this `n`.
 const REFERENCE_MAX_N: usize = 512;
 
-/// FLOPs of one attention call: `4·n_q·n_kv·d`, halved when causal.
-fn attention_flops(n_q: usize, n_kv: usize, d: usize, causal: bool) -> u64 {
-    let dense = 4 * (n_q as u64) * (n_kv as u64) * (d as u64);
-    if causal { dense / 2 } else { dense }
+/// FLOPs of one attention call as criterion's element count (see `attention_flops`).
+fn flops(n: usize, d: usize, causal: bool) -> u64 {
+    attention_flops(n, n, d, causal) as u64
 }
 
-/// A small deterministic generator (SplitMix64) with Box–Muller normal samples: the
-/// benches need reproducible N(0, 1) inputs, not a cryptographic or statistical RNG.
-struct Normal {
-    state: u64,
-    spare: Option<f64>,
-}
-
-impl Normal {
-    fn new(seed: u64) -> Self {
-        Self {
-            state: seed,
-            spare: None,
-        }
-    }
-
-    /// SplitMix64's next output.
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so that `ln` below is finite.
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// One N(0, 1) sample (Box–Muller, both values of each pair used).
-    fn sample(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        let radius = (-2.0 * self.uniform().ln()).sqrt();
-        let angle = std::f64::consts::TAU * self.uniform();
-        self.spare = Some(radius * angle.sin());
-        radius * angle.cos()
-    }
-
-    /// An `rows × cols` matrix of N(0, 1) entries rounded to `T`.
-    fn matrix<T: Element>(&mut self, rows: usize, cols: usize) -> DMatrix<T> {
-        DMatrix::from_fn(rows, cols, |_, _| T::from_f64_rounded(self.sample()))
-    }
-}
-
-/// Random `Q`, `K`, `V` of shape `n × d`, the same for every function of a size.
+/// Random `Q`, `K`, `V` of shape `n × d` (N(0, 1), reproducible), the same for every
+/// function of a size.
 fn random_qkv<T: Element>(n: usize, d: usize) -> (DMatrix<T>, DMatrix<T>, DMatrix<T>) {
-    let mut rng = Normal::new(0x5EED_0000 ^ ((n as u64) << 16) ^ d as u64);
-    (rng.matrix(n, d), rng.matrix(n, d), rng.matrix(n, d))
-}
-
-/// The plain nalgebra expression: `S = Q·Kᵀ·scale`, a stable softmax over each row of the
-/// (column-major) `S`, then `S·V`. Builds the full `n_q × n_kv` score matrix.
-fn nalgebra_attention<T: Element>(q: &DMatrix<T>, k: &DMatrix<T>, v: &DMatrix<T>) -> DMatrix<T> {
-    let scale = T::one() / T::from_count(q.ncols()).sqrt();
-    let mut s = q * k.transpose() * scale;
-    // Row-wise softmax, walking the column-major storage column by column (contiguous)
-    // with one running max and one running sum per row.
-    let n_q = s.nrows();
-    let mut max = vec![T::NEG_INFINITY; n_q];
-    for column in s.column_iter() {
-        for (m, &x) in max.iter_mut().zip(column.iter()) {
-            *m = m.max(x);
-        }
-    }
-    let mut sum = vec![T::zero(); n_q];
-    for mut column in s.column_iter_mut() {
-        for ((x, &m), total) in column.iter_mut().zip(&max).zip(sum.iter_mut()) {
-            *x = (*x - m).exp();
-            *total += *x;
-        }
-    }
-    for mut column in s.column_iter_mut() {
-        for (x, &total) in column.iter_mut().zip(&sum) {
-            *x /= total;
-        }
-    }
-    s * v
+    let seed = 0x5EED_0000 ^ ((n as u64) << 16) ^ d as u64;
+    let m = |s: u64| normal_matrix(n, d, seed + s).map(T::from_f64_rounded);
+    (m(1), m(2), m(3))
 }
 
 /// Group settings for size `n`: fewer samples where one call takes long.
@@ -147,7 +75,7 @@ fn configure_for_size(group: &mut BenchmarkGroup<'_, WallTime>, n: usize) {
 /// `flop/seed/{f32,f64}/2`: the 2×2 seed example through `self_attention`.
 fn bench_seed(c: &mut Criterion) {
     let mut group = c.benchmark_group("flop/seed");
-    group.throughput(Throughput::Elements(attention_flops(2, 2, 2, false)));
+    group.throughput(Throughput::Elements(attention_flops(2, 2, 2, false) as u64));
     let q64 = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
     let v64 = DMatrix::<f64>::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
     let q32: DMatrix<f32> = q64.map(|x| x as f32);
@@ -176,18 +104,20 @@ fn bench_dense_group<T: Element + Into<f64>>(
     let all_threads = AttentionOptions::<T>::new();
     let sequential = AttentionOptions::<T>::new().with_parallelism(Parallelism::Sequential);
     let causal = AttentionOptions::<T>::new().with_causal(Causal::TopLeft);
+    let causal_seq = causal.clone().with_parallelism(Parallelism::Sequential);
     for &n in sizes {
         let (q, k, v) = random_qkv::<T>(n, d);
         configure_for_size(&mut group, n);
 
-        let dense_flops = Throughput::Elements(attention_flops(n, n, d, false));
-        let causal_flops = Throughput::Elements(attention_flops(n, n, d, true));
+        let dense_flops = Throughput::Elements(flops(n, d, false));
+        let causal_flops = Throughput::Elements(flops(n, d, true));
         // `iter` black-boxes what the closure returns too; the explicit `black_box` on
         // the results only makes that visible.
         for (name, options, flops) in [
             ("core", &all_threads, &dense_flops),
             ("core_seq", &sequential, &dense_flops),
             ("core_causal", &causal, &causal_flops),
+            ("core_causal_seq", &causal_seq, &causal_flops),
         ] {
             group.throughput(flops.clone());
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
