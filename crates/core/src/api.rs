@@ -68,10 +68,14 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
             rule: "queries and keys share d_k",
         });
     }
-    check_finite(Operand::Input, &x)?;
-    check_finite(Operand::QueryWeight, &w_q)?;
-    check_finite(Operand::KeyWeight, &w_k)?;
-    check_finite(Operand::ValueWeight, &w_v)?;
+    for (m, operand) in [
+        (&x, Operand::Input),
+        (&w_q, Operand::QueryWeight),
+        (&w_k, Operand::KeyWeight),
+        (&w_v, Operand::ValueWeight),
+    ] {
+        check_finite(operand, m)?;
+    }
     let project = |w: &MatRef<'_, T>, operand| {
         let m: DMatrix<T> = x * w;
         match m.iter().position(|e| !e.finite()) {

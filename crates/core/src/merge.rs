@@ -113,19 +113,18 @@ where
         if m == T::NEG_INFINITY {
             continue; // no allowed key in any part: row stays 0, lse −∞
         }
-        let mut total = T::zero();
+        let total = parts
+            .iter()
+            .fold(T::zero(), |acc, (_, lse)| acc + (lse[i] - m).exp());
+        // Normalised weights (summing to 1) keep Σ w_b·out_b within the outputs' range.
         for (part, lse) in &parts {
-            let w = (lse[i] - m).exp();
+            let w = (lse[i] - m).exp() / total;
             if w == T::zero() {
                 continue;
             }
-            total += w;
             for c in 0..d_v {
                 out[(i, c)] += w * part[(i, c)];
             }
-        }
-        for c in 0..d_v {
-            out[(i, c)] /= total;
         }
         lse_out[i] = m + total.ln();
     }

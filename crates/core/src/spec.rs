@@ -13,6 +13,8 @@ pub(crate) struct Spec<'a, T: Element> {
     pub v: MatRef<'a, T>,
     pub n_q: usize,
     pub n_kv: usize,
+    /// The largest |v|: decides whether `Σ_j p_j·v_j` needs scaling (see `value_scale`).
+    pub v_max_abs: T,
     pub d_k: usize,
     pub d_v: usize,
     pub scale: T,
@@ -53,11 +55,13 @@ fn check_dim(
     }
 }
 
-/// The first NaN or infinity of `m`, in column-major order, as an error.
+/// The first NaN or infinity of `m`, in column-major order, as an error; else the largest
+/// magnitude in `m`.
 pub(crate) fn check_finite<T: Element>(
     operand: Operand,
     m: &MatRef<'_, T>,
-) -> Result<(), AttentionError> {
+) -> Result<T, AttentionError> {
+    let mut max_abs = T::zero();
     for c in 0..m.ncols() {
         for r in 0..m.nrows() {
             let x = m[(r, c)];
@@ -69,17 +73,22 @@ pub(crate) fn check_finite<T: Element>(
                     value: x.to_f64(),
                 });
             }
+            let a = x.abs();
+            if a > max_abs {
+                max_abs = a;
+            }
         }
     }
-    Ok(())
+    Ok(max_abs)
 }
 
-/// Checks the shapes of Q, K, V against each other and their values for NaN/∞.
+/// Checks the shapes of Q, K, V against each other and their values for NaN/∞; returns
+/// the largest |v|.
 pub(crate) fn check_qkv<T: Element>(
     q: &MatRef<'_, T>,
     k: &MatRef<'_, T>,
     v: &MatRef<'_, T>,
-) -> Result<(), AttentionError> {
+) -> Result<T, AttentionError> {
     check_dim(
         Operand::Key,
         Axis::Columns,
@@ -109,7 +118,7 @@ impl<'a, T: Element> Spec<'a, T> {
         v: MatRef<'a, T>,
         options: &AttentionOptions<'a, T>,
     ) -> Result<Self, AttentionError> {
-        check_qkv(&q, &k, &v)?;
+        let v_max_abs = check_qkv(&q, &k, &v)?;
         let (n_q, d_k) = q.shape();
         let n_kv = k.nrows();
         let d_v = v.ncols();
@@ -212,6 +221,7 @@ impl<'a, T: Element> Spec<'a, T> {
             v,
             n_q,
             n_kv,
+            v_max_abs,
             d_k,
             d_v,
             scale,
@@ -224,6 +234,30 @@ impl<'a, T: Element> Spec<'a, T> {
             softcap: options.softcap,
             alibi_slope: options.alibi_slope,
         })
+    }
+
+    /// True if the output sums `Σ_j p_j·v_j` (each `p_j ≤ 1`, so at most `n_kv·max|v|`)
+    /// could overflow: only for values within a factor `2(n_kv + 1)` of the type's maximum.
+    #[inline]
+    pub(crate) fn needs_value_scaling(&self) -> bool {
+        // Divided first: for f64 the product could overflow.
+        self.v_max_abs.to_f64() / T::MAX.to_f64() * 2.0 * (self.n_kv as f64 + 1.0) > 1.0
+    }
+
+    /// Powers of two `(scale, unscale)` for a value column whose largest |v| is `col_max`:
+    /// summing `p_j·(v_j·scale)` cannot overflow, and multiplying the result by `unscale`
+    /// restores it exactly. `(1, 1)` for ordinary columns.
+    pub(crate) fn value_scale(&self, col_max: T) -> (T, T) {
+        let ratio = col_max.to_f64() / T::MAX.to_f64() * 2.0 * (self.n_kv as f64 + 1.0);
+        if ratio <= 1.0 {
+            (T::one(), T::one())
+        } else {
+            let e = ratio.log2().ceil() as i32;
+            (
+                T::from_f64_rounded(2f64.powi(-e)),
+                T::from_f64_rounded(2f64.powi(e)),
+            )
+        }
     }
 
     /// True if some option acts on individual scores (not only on positions).

@@ -387,3 +387,59 @@ fn unsupported_path_is_an_error_not_a_crash() {
         assert!(r.is_ok());
     }
 }
+
+/// Values near the type's maximum: Σ_j p_j·v_j would overflow if summed naively (up to
+/// n_kv·max|v|), but the output is a convex combination of values and must come out
+/// finite and right, on the direct path (few keys) and the fused one, on every CPU path.
+fn huge_values<T: Element>() {
+    let top = T::MAX.to_f64() * 0.9;
+    for (n_q, n_kv) in [(3, 5), (70, 200)] {
+        let p = Problem {
+            q: DMatrix::from_fn(n_q, 4, |i, j| ((i * 3 + j) % 5) as f64 * 0.1),
+            k: DMatrix::from_fn(n_kv, 4, |i, j| ((i + 2 * j) % 7) as f64 * 0.1),
+            // Column 0: all near +MAX (the sum overflows); column 1: mixed signs near MAX;
+            // column 2: ordinary values, which must keep their full accuracy.
+            v: DMatrix::from_fn(n_kv, 3, |j, c| match c {
+                0 => top * (1.0 - j as f64 * 1e-3),
+                1 => top * if j % 2 == 0 { 1.0 } else { -0.5 },
+                _ => (j % 11) as f64 - 5.0,
+            }),
+        }
+        .rounded::<T>();
+        let (q, k, v) = p.cast::<T>();
+        let eps = T::EPSILON.to_f64();
+        let delta = score_error(&p.q, &p.k, 0.5, &[], eps);
+        // The reference sums in f64, which holds f32's maximum many times over; for f64
+        // inputs the expected output is checked against the convex-combination bounds.
+        let want = (T::EPSILON.to_f64() > 1e-10)
+            .then(|| attention_reference::attention(&p.q, &p.k, &p.v, &Default::default()));
+        for path in CpuPath::supported() {
+            let opts = AttentionOptions::new().with_cpu_path(path);
+            let out = scaled_dot_product_attention(&q, &k, &v, &opts).unwrap();
+            assert!(out.iter().all(|x| x.finite()), "{path:?} {n_q}x{n_kv}");
+            let out = widen(&out);
+            if let Some(want) = &want {
+                assert_output_close(&out, &want.output, &p.v, &delta, eps, &format!("{path:?}"));
+            }
+            for c in 0..3 {
+                let (lo, hi) = (p.v.column(c).min(), p.v.column(c).max());
+                let slack = 8.0 * n_kv as f64 * eps * p.v.column(c).amax();
+                assert!(
+                    out.column(c)
+                        .iter()
+                        .all(|&o| o >= lo - slack && o <= hi + slack)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn huge_values_f32() {
+    huge_values::<f32>();
+}
+
+#[test]
+fn huge_values_f64() {
+    huge_values::<f64>();
+}

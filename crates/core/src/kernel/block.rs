@@ -162,7 +162,10 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
             } else {
                 lse[r] = m[r] + l[r].ln();
                 for c in 0..d_v {
-                    let o = acc[c * bq + r] / l[r];
+                    let mut o = acc[c * bq + r] / l[r];
+                    if let Some(&u) = job.v_unscale.get(c) {
+                        o *= u;
+                    }
                     if !o.finite() {
                         return Err(AttentionError::ProductOverflow {
                             operand: Operand::Output,

@@ -52,11 +52,17 @@ pub(super) fn attention<T: Element>(
             lse[i] = m + l.ln();
         }
         for c in 0..d_v {
+            // Values near the type's maximum are summed scaled down by a power of two.
+            let (scale, unscale) = if spec.needs_value_scaling() {
+                spec.value_scale((0..n_kv).map(|j| v[(j, c)].abs()).fold(T::zero(), T::max))
+            } else {
+                (T::one(), T::one())
+            };
             let mut acc = T::zero();
             for (j, &e) in s.iter().enumerate() {
-                acc += e * v[(j, c)];
+                acc += e * (v[(j, c)] * scale);
             }
-            out[(i, c)] = acc / l;
+            out[(i, c)] = acc / l * unscale;
         }
     }
     Ok(())

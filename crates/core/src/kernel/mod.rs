@@ -25,6 +25,8 @@ pub(crate) struct Job<'a, T: Element> {
     pub kp: &'a [T],
     /// V row-major with rows padded to `dvp` columns: `vp[j][c]`, padding zero.
     pub vp: &'a [T],
+    /// Per value column, the power of two the output is multiplied by (empty: all 1).
+    pub v_unscale: &'a [T],
     pub dvp: usize,
     /// Keys per super-block: the span of K and V a group of query blocks shares in cache.
     pub super_keys: usize,
@@ -87,6 +89,9 @@ struct Workspace<T> {
     staging: Vec<T>,
     /// The log-sum-exp when the caller does not want it.
     lse: Vec<T>,
+    /// Per value column scaling (only for values near the type's maximum).
+    v_scale: Vec<T>,
+    v_unscale: Vec<T>,
 }
 
 impl<T> Default for Workspace<T> {
@@ -96,6 +101,8 @@ impl<T> Default for Workspace<T> {
             vp: Vec::new(),
             staging: Vec::new(),
             lse: Vec::new(),
+            v_scale: Vec::new(),
+            v_unscale: Vec::new(),
         }
     }
 }
@@ -225,7 +232,23 @@ fn fused<T: Element>(
     let n_kv_pad = n_kv.div_ceil(mr) * mr;
     let dvp = d_v.div_ceil(kernel.mrv) * kernel.mrv;
     pack_keys(&spec.k, mr, n_kv_pad, parallel, &mut ws.kp);
-    pack_values(&spec.v, dvp, n_kv_pad, parallel, &mut ws.vp);
+    // Values near the type's maximum: each such column is packed scaled down by a power of
+    // two (so Σ p_j·v_j cannot overflow) and its output scaled back up (exactly).
+    ws.v_unscale.clear();
+    ws.v_scale.clear();
+    if spec.needs_value_scaling() {
+        for c in 0..d_v {
+            let col_max = spec
+                .v
+                .column(c)
+                .iter()
+                .fold(T::zero(), |a, &x| a.max(x.abs()));
+            let (scale, unscale) = spec.value_scale(col_max);
+            ws.v_scale.push(scale);
+            ws.v_unscale.push(unscale);
+        }
+    }
+    pack_values(&spec.v, dvp, n_kv_pad, parallel, &ws.v_scale, &mut ws.vp);
 
     // Block qb writes its output to staging[qb][c][r] (d_v × bq; at least one column so
     // that the chunks below are never empty).
@@ -252,6 +275,7 @@ fn fused<T: Element>(
         spec,
         kp: &ws.kp,
         vp: &ws.vp,
+        v_unscale: &ws.v_unscale,
         dvp,
         super_keys,
     };
@@ -324,11 +348,13 @@ fn pack_keys<T: Element>(
 }
 
 /// Packs V row-major with rows padded to `dvp`: `vp[j][c] = V[j, c]`, zero padding.
+/// `scale`, if not empty, multiplies each column (by a power of two: exact).
 fn pack_values<T: Element>(
     v: &MatRef<'_, T>,
     dvp: usize,
     n_kv_pad: usize,
     parallel: bool,
+    scale: &[T],
     vp: &mut Vec<T>,
 ) {
     let (n_kv, d_v) = v.shape();
@@ -338,8 +364,19 @@ fn pack_values<T: Element>(
         let j0 = c * PACK_ROWS;
         let jn = PACK_ROWS.min(n_kv.saturating_sub(j0));
         for col in 0..d_v {
-            for (dj, &x) in v.column(col).rows_range(j0..j0 + jn).iter().enumerate() {
-                chunk[dj * dvp + col] = x;
+            let column = v.column(col);
+            let rows = column.rows_range(j0..j0 + jn);
+            match scale.get(col) {
+                None => {
+                    for (dj, &x) in rows.iter().enumerate() {
+                        chunk[dj * dvp + col] = x;
+                    }
+                }
+                Some(&sc) => {
+                    for (dj, &x) in rows.iter().enumerate() {
+                        chunk[dj * dvp + col] = x * sc;
+                    }
+                }
             }
         }
     };

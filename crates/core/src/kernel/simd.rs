@@ -619,3 +619,95 @@ impl<T: Element> Kernel<T> {
             .expect("Element is implemented only for f32 and f64")
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Worst error in ulps of `exp_v::<L>` against `f64::exp` over `xs` (lengths a multiple
+    /// of the lane count).
+    ///
+    /// # Safety
+    /// The CPU must have `L`'s features.
+    unsafe fn worst_ulps<L: Lanes>(xs: &[L::T]) -> u64
+    where
+        L::T: Into<f64> + Copy,
+    {
+        // Exactly 1 at 0 and exactly 0 at −∞ (masked scores), in every lane.
+        let special = [L::T::zero(), L::T::NEG_INFINITY];
+        for x in special {
+            let mut y = vec![L::T::MAX; L::N];
+            // SAFETY: `y` holds exactly N lanes; features per the caller.
+            unsafe { L::store(y.as_mut_ptr(), exp_v::<L>(L::splat(x))) };
+            let want = if x == L::T::zero() {
+                L::T::from_f64_rounded(1.0)
+            } else {
+                L::T::zero()
+            };
+            assert!(y.iter().all(|&e| e == want), "exp({x:?}) = {y:?}");
+        }
+        let mut out = vec![L::T::zero(); xs.len()];
+        for i in (0..xs.len()).step_by(L::N) {
+            // SAFETY: i + N ≤ len for both buffers; features per the caller.
+            unsafe {
+                L::store(
+                    out.as_mut_ptr().add(i),
+                    exp_v::<L>(L::load(xs.as_ptr().add(i))),
+                )
+            };
+        }
+        xs.iter()
+            .zip(&out)
+            .map(|(&x, &y)| {
+                let want = L::T::from_f64_rounded(Into::<f64>::into(x).exp());
+                let (a, b) = (Into::<f64>::into(y), Into::<f64>::into(want));
+                // Compare as ulps of the element type.
+                ((a - b).abs() / (b * L::T::EPSILON.to_f64()).max(f64::MIN_POSITIVE)).ceil() as u64
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn grid<T: Element>(lo: f64, count: usize) -> Vec<T> {
+        (0..count)
+            .map(|i| T::from_f64_rounded(lo * i as f64 / count as f64))
+            .collect()
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn avx512_worst() -> (u64, u64) {
+        // SAFETY: this function is only called after the features were detected.
+        unsafe {
+            (
+                worst_ulps::<Avx512F32>(&grid::<f32>(-87.0, 1 << 16)),
+                worst_ulps::<Avx512F64>(&grid::<f64>(-708.0, 1 << 16)),
+            )
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2_worst() -> (u64, u64) {
+        // SAFETY: this function is only called after the features were detected.
+        unsafe {
+            (
+                worst_ulps::<Avx2F32>(&grid::<f32>(-87.0, 1 << 16)),
+                worst_ulps::<Avx2F64>(&grid::<f64>(-708.0, 1 << 16)),
+            )
+        }
+    }
+
+    /// The vector exponential of every SIMD path, against `std`, and its special values.
+    #[test]
+    fn vector_exp_within_2_ulp_on_every_path() {
+        if CpuPath::Avx512.is_supported() {
+            // SAFETY: AVX-512F, AVX2 and FMA were detected just above.
+            let (w32, w64) = unsafe { avx512_worst() };
+            assert!(w32 <= 2 && w64 <= 2, "AVX-512 exp: {w32} / {w64} ulp");
+        }
+        if CpuPath::Avx2.is_supported() {
+            // SAFETY: AVX2 and FMA were detected just above.
+            let (w32, w64) = unsafe { avx2_worst() };
+            assert!(w32 <= 2 && w64 <= 2, "AVX2 exp: {w32} / {w64} ulp");
+        }
+    }
+}
