@@ -3,7 +3,7 @@
 
 use crate::Element;
 use crate::error::{AttentionError, Axis, Operand};
-use crate::options::{AttentionOptions, Causal, MatRef};
+use crate::options::{AttentionOptions, Causal, MatRef, Parallelism};
 
 /// A checked attention problem: shapes, the resolved scale and the score modifiers.
 #[derive(Clone, Debug)]
@@ -88,6 +88,7 @@ pub(crate) fn check_qkv<T: Element>(
     q: &MatRef<'_, T>,
     k: &MatRef<'_, T>,
     v: &MatRef<'_, T>,
+    parallel: bool,
 ) -> Result<T, AttentionError> {
     check_dim(
         Operand::Key,
@@ -105,9 +106,31 @@ pub(crate) fn check_qkv<T: Element>(
         Operand::Key,
         "one value row per key: n_kv must match",
     )?;
-    check_finite(Operand::Query, q)?;
-    check_finite(Operand::Key, k)?;
-    check_finite(Operand::Value, v)
+    // Large inputs are scanned in parallel (the scan is the only serial O(n·d) pass of a
+    // call); errors are still reported in the order Q, K, V.
+    let large = q.len() + k.len() + v.len() >= 1 << 18;
+    let (rq, (rk, rv)) = if parallel && large {
+        rayon::join(
+            || check_finite(Operand::Query, q),
+            || {
+                rayon::join(
+                    || check_finite(Operand::Key, k),
+                    || check_finite(Operand::Value, v),
+                )
+            },
+        )
+    } else {
+        (
+            check_finite(Operand::Query, q),
+            (
+                check_finite(Operand::Key, k),
+                check_finite(Operand::Value, v),
+            ),
+        )
+    };
+    rq?;
+    rk?;
+    rv
 }
 
 impl<'a, T: Element> Spec<'a, T> {
@@ -118,7 +141,8 @@ impl<'a, T: Element> Spec<'a, T> {
         v: MatRef<'a, T>,
         options: &AttentionOptions<'a, T>,
     ) -> Result<Self, AttentionError> {
-        let v_max_abs = check_qkv(&q, &k, &v)?;
+        let parallel = options.parallelism == Parallelism::Rayon;
+        let v_max_abs = check_qkv(&q, &k, &v, parallel)?;
         let (n_q, d_k) = q.shape();
         let n_kv = k.nrows();
         let d_v = v.ncols();

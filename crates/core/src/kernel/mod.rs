@@ -254,8 +254,9 @@ fn fused<T: Element>(
     // that the chunks below are never empty).
     let n_blocks = n_q.div_ceil(bq);
     let block_len = bq * d_v.max(1);
-    ws.staging.clear();
-    ws.staging.resize(n_blocks * block_len, T::zero());
+    // Every element a block's rows map to is written by the kernel before it is read, so
+    // the buffer is only grown, never cleared (no serial zero-fill before the threads).
+    set_len(&mut ws.staging, n_blocks * block_len);
 
     // Groups of query blocks share each super-block of K and V while it is in cache
     // (see `block::q_group`): a group's Qᵀ and accumulators, and a super-block of K and V,
@@ -267,8 +268,12 @@ fn fused<T: Element>(
     } else {
         1
     };
+    // Under a causal or window band, blocks differ in work (a causal block's work grows
+    // with its index), so more, smaller groups let work stealing even the threads out.
+    let banded = spec.band_lo > i64::MIN / 4 || spec.band_hi < i64::MAX / 4;
+    let groups_per_thread = if banded { 16 } else { 4 };
     let group = (GROUP_BYTES / per_block)
-        .min(n_blocks / (4 * threads))
+        .min(n_blocks / (groups_per_thread * threads))
         .clamp(1, block::MAX_GROUP);
     let super_keys = (GROUP_BYTES / ((d_k + dvp).max(1) * elem)).max(kernel.bk);
     let job = Job {
@@ -312,6 +317,16 @@ fn fused<T: Element>(
     Ok(())
 }
 
+/// Sets `buf`'s length to `len`, keeping old contents (growing with zeros): for buffers
+/// whose every used element is written before it is read.
+fn set_len<T: Element>(buf: &mut Vec<T>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, T::zero());
+    } else {
+        buf.truncate(len);
+    }
+}
+
 /// Keys per packing task: K and V are packed in chunks this long, in parallel when the
 /// call is.
 const PACK_ROWS: usize = 256;
@@ -326,15 +341,20 @@ fn pack_keys<T: Element>(
     kp: &mut Vec<T>,
 ) {
     let (n_kv, d_k) = k.shape();
-    kp.clear();
-    kp.resize(n_kv_pad * d_k, T::zero());
+    set_len(kp, n_kv_pad * d_k);
     let rows = PACK_ROWS.div_ceil(mr) * mr; // whole panels per chunk
+    // Each chunk writes every one of its elements, padding keys included (as 0).
     let fill = |(c, chunk): (usize, &mut [T])| {
         let j0 = c * rows;
         let jn = rows.min(n_kv.saturating_sub(j0));
+        let chunk_keys = chunk.len() / d_k.max(1);
         for p in 0..d_k {
+            let at = |dj: usize| (dj / mr) * mr * d_k + p * mr + dj % mr;
             for (dj, &x) in k.column(p).rows_range(j0..j0 + jn).iter().enumerate() {
-                chunk[(dj / mr) * mr * d_k + p * mr + dj % mr] = x;
+                chunk[at(dj)] = x;
+            }
+            for dj in jn..chunk_keys {
+                chunk[at(dj)] = T::zero();
             }
         }
     };
@@ -358,11 +378,16 @@ fn pack_values<T: Element>(
     vp: &mut Vec<T>,
 ) {
     let (n_kv, d_v) = v.shape();
-    vp.clear();
-    vp.resize(n_kv_pad * dvp, T::zero());
+    set_len(vp, n_kv_pad * dvp);
+    // Each chunk writes every one of its elements, padding rows and columns included (0).
     let fill = |(c, chunk): (usize, &mut [T])| {
         let j0 = c * PACK_ROWS;
         let jn = PACK_ROWS.min(n_kv.saturating_sub(j0));
+        let chunk_rows = chunk.len() / dvp.max(1);
+        for dj in 0..chunk_rows {
+            let first_pad = if dj < jn { d_v } else { 0 };
+            chunk[dj * dvp + first_pad..(dj + 1) * dvp].fill(T::zero());
+        }
         for col in 0..d_v {
             let column = v.column(col);
             let rows = column.rows_range(j0..j0 + jn);
