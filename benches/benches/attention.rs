@@ -16,7 +16,8 @@
 //! - `flop/seed/{f32,f64}/2`: the 2×2 example of the original numpy code through
 //!   `self_attention` (well under 1 µs).
 //! - `flop/dense_{f32,f64}_d{64,128}/<function>/<n>` with `n_q = n_kv = n` ∈
-//!   {128, 512, 2048, 4096, 16384} (and 1000, an odd size, for `f32`, `d = 64`):
+//!   {64, 128, 256, 512, 1024, 2048, 4096, 16384} (and 1000, an odd size, for `f32`,
+//!   `d = 64`):
 //!   - `core`: `scaled_dot_product_attention`, non-causal, all threads (the default);
 //!   - `core_seq`: the same with `Parallelism::Sequential`;
 //!   - `core_causal`: causal (`Causal::TopLeft`), all threads; FLOPs halved;
@@ -46,7 +47,7 @@ use criterion::{criterion_group, criterion_main};
 use nalgebra::DMatrix;
 
 /// Sequence lengths (`n_q = n_kv = n`) of the dense groups.
-const SIZES: [usize; 5] = [128, 512, 2048, 4096, 16384];
+const SIZES: [usize; 8] = [64, 128, 256, 512, 1024, 2048, 4096, 16384];
 /// Head dimensions (`d_k = d_v = d`) of the dense groups.
 const HEAD_DIMS: [usize; 2] = [64, 128];
 /// The plain nalgebra expression materialises `n × n` scores: run it up to this `n`.
@@ -168,7 +169,7 @@ fn bench_dense(c: &mut Criterion) {
     for d in HEAD_DIMS {
         let mut f32_sizes = SIZES.to_vec();
         if d == 64 {
-            f32_sizes.push(1000);
+            f32_sizes.push(1000); // an odd size, off every block boundary
             f32_sizes.sort_unstable();
         }
         bench_dense_group::<f32>(c, "f32", d, &f32_sizes);

@@ -138,6 +138,18 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
 
     /// Multiplies `Q·Kᵀ` by `scale` instead of `1/√d_k`. Any finite value, 0 and negative
     /// included; needed when `d_k = 0`.
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::from_row_slice(1, 1, &[1.0]);
+    /// let k = DMatrix::from_row_slice(2, 1, &[1.0, 0.0]);
+    /// let v = DMatrix::from_row_slice(2, 1, &[1.0, 0.0]);
+    /// // Scale ln 3 makes the scores (ln 3, 0): weights (3/4, 1/4).
+    /// let out = scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new().with_scale(3f64.ln()))?;
+    /// assert!((out[(0, 0)] - 0.75).abs() < 1e-15);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_scale(mut self, scale: T) -> Self {
         self.scale = Some(scale);
@@ -145,6 +157,19 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     }
 
     /// Restricts query `i` to keys `j ≤ diag(i)`; see [`Causal`] for the two alignments.
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions, Causal};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f32>::zeros(2, 1); // all scores equal
+    /// let v = DMatrix::from_row_slice(3, 1, &[3.0, 6.0, 9.0]);
+    /// let k = DMatrix::zeros(3, 1);
+    /// let tl = scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new().with_causal(Causal::TopLeft))?;
+    /// let br = scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new().with_causal(Causal::BottomRight))?;
+    /// assert_eq!((tl[(0, 0)], tl[(1, 0)]), (3.0, 4.5)); // sees key 0; keys 0–1
+    /// assert_eq!((br[(0, 0)], br[(1, 0)]), (4.5, 6.0)); // sees keys 0–1; keys 0–2
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_causal(mut self, causal: Causal) -> Self {
         self.causal = Some(causal);
@@ -153,6 +178,19 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
 
     /// A boolean mask of shape `n_q × n_kv`; **`true` = may attend** (PyTorch SDPA's and
     /// JAX's convention, the opposite of `nn.MultiheadAttention`'s `attn_mask`).
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::zeros(2, 1);
+    /// let k = DMatrix::zeros(2, 1);
+    /// let v = DMatrix::from_row_slice(2, 1, &[1.0, 5.0]);
+    /// let mask = DMatrix::from_row_slice(2, 2, &[true, false, false, false]);
+    /// let out = scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new().with_mask(&mask))?;
+    /// assert_eq!(out[(0, 0)], 1.0); // only key 0
+    /// assert_eq!(out[(1, 0)], 0.0); // fully masked row: 0, not NaN
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_mask(mut self, mask: impl Into<MatRef<'a, bool>>) -> Self {
         self.mask = Some(mask.into());
@@ -161,6 +199,17 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
 
     /// One boolean per key (`n_kv` of them): `true` = real token, `false` = padding that no
     /// query may attend to. Cheaper than the equivalent `n_q × n_kv` mask.
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::zeros(1, 1);
+    /// let k = DMatrix::zeros(3, 1);
+    /// let v = DMatrix::from_row_slice(3, 1, &[1.0, 2.0, 1e30]); // key 2 is padding
+    /// let out = scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new().with_key_mask(&[true, true, false]))?;
+    /// assert_eq!(out[(0, 0)], 1.5);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_key_mask(mut self, key_mask: &'a [bool]) -> Self {
         self.key_mask = Some(key_mask);
@@ -169,6 +218,18 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
 
     /// An additive bias of shape `n_q × n_kv`, added to the scores after softcap and ALiBi.
     /// Entries must be finite or −∞ (−∞ masks the position).
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::zeros(1, 1);
+    /// let k = DMatrix::zeros(2, 1);
+    /// let v = DMatrix::from_row_slice(2, 1, &[1.0, 0.0]);
+    /// let bias = DMatrix::from_row_slice(1, 2, &[3f64.ln(), f64::NEG_INFINITY]);
+    /// let out = scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new().with_bias(&bias))?;
+    /// assert_eq!(out[(0, 0)], 1.0); // key 1 masked by −∞
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_bias(mut self, bias: impl Into<MatRef<'a, T>>) -> Self {
         self.bias = Some(bias.into());
@@ -178,6 +239,18 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     /// A sliding window: query `i` sees keys `j` with `diag(i) − left ≤ j ≤ diag(i) + right`
     /// (FlashAttention's `window_size`). Combined with `causal`, the intersection applies.
     /// Pass `usize::MAX` for an unbounded side.
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::zeros(4, 1);
+    /// let k = DMatrix::zeros(4, 1);
+    /// let v = DMatrix::from_row_slice(4, 1, &[0.0, 1.0, 2.0, 3.0]);
+    /// // Each query sees itself and the key before it (n_q = n_kv: diag(i) = i).
+    /// let out = scaled_dot_product_attention(&q, &k, &v, &AttentionOptions::new().with_window(1, 0))?;
+    /// assert_eq!(out.as_slice(), &[0.0, 0.5, 1.5, 2.5]);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_window(mut self, left: usize, right: usize) -> Self {
         self.window = Some((left, right));
@@ -186,6 +259,18 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
 
     /// Caps scores smoothly: `s ← c · tanh(s / c)`, applied first (Gemma 2). `c` must be
     /// finite and > 0.
+    ///
+    /// ```
+    /// use attention_core::{attention_weights, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::from_row_slice(1, 1, &[1000.0]);
+    /// let k = DMatrix::from_row_slice(2, 1, &[1.0, 0.0]);
+    /// // Scores (1000, 0) capped at c = 1: (tanh 1000, 0) ≈ (1, 0).
+    /// let w = attention_weights(&q, &k, &k, &AttentionOptions::new().with_softcap(1.0))?;
+    /// let e = std::f64::consts::E;
+    /// assert!((w[(0, 0)] - e / (e + 1.0)).abs() < 1e-15);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_softcap(mut self, cap: T) -> Self {
         self.softcap = Some(cap);
@@ -193,6 +278,17 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     }
 
     /// ALiBi (Press et al. 2022) with slope `m`: `s ← s − m · |diag(i) − j|`. `m` must be finite.
+    ///
+    /// ```
+    /// use attention_core::{attention_weights, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::zeros(1, 1);
+    /// let k = DMatrix::zeros(2, 1);
+    /// // One query, two keys: diag(0) = 0 + 2 − 1 = 1, so key 0 is 1 away, key 1 is 0.
+    /// let w = attention_weights(&q, &k, &k, &AttentionOptions::new().with_alibi_slope(2f64.ln()))?;
+    /// assert!((w[(0, 0)] - 1.0 / 3.0).abs() < 1e-15); // scores (−ln 2, 0)
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
     #[must_use]
     pub fn with_alibi_slope(mut self, slope: T) -> Self {
         self.alibi_slope = Some(slope);
