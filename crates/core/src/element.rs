@@ -38,6 +38,43 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     /// `exp(self)` for `self ≤ 0` or −∞, vectorisable; the kernels' softmax exponential.
     #[doc(hidden)]
     fn exp_nonpos<const FMA: bool>(self) -> Self;
+    /// The bits of `|self|` as an integer: ordered like `|self|` for finite values, and
+    /// `≥ Self::INFINITY_BITS` exactly for ±∞ and NaN. Lets validation scan with integer
+    /// max-reductions, which vectorise.
+    #[doc(hidden)]
+    fn abs_bits(self) -> u64;
+    /// The bits of +∞ (see [`Element::abs_bits`]).
+    #[doc(hidden)]
+    const INFINITY_BITS: u64;
+    /// The value whose `abs_bits` is `bits` (non-negative).
+    #[doc(hidden)]
+    fn from_abs_bits(bits: u64) -> Self;
+    /// The largest `abs_bits` of `xs` (0 if empty), computed in 16 independent lanes so that
+    /// the compiler vectorises it even for the baseline target.
+    #[doc(hidden)]
+    fn max_abs_bits(xs: &[Self]) -> u64;
+}
+
+/// `max_abs_bits` for one element type: `$bits` is the signed integer of its width (|x|'s
+/// bits always fit its positive range, and signed max vectorises on baseline x86-64).
+macro_rules! max_abs_bits {
+    ($xs:ident, $bits:ty, $mask:expr) => {{
+        let mut lanes = [0 as $bits; 16];
+        let chunks = $xs.chunks_exact(16);
+        let mut max = chunks
+            .remainder()
+            .iter()
+            .fold(0 as $bits, |m, x| m.max((x.to_bits() & $mask) as $bits));
+        for chunk in chunks {
+            for (lane, x) in lanes.iter_mut().zip(chunk) {
+                *lane = (*lane).max((x.to_bits() & $mask) as $bits);
+            }
+        }
+        for lane in lanes {
+            max = max.max(lane);
+        }
+        max as u64
+    }};
 }
 
 impl Element for f32 {
@@ -64,6 +101,18 @@ impl Element for f32 {
     fn exp_nonpos<const FMA: bool>(self) -> Self {
         crate::kernel::exp::exp_f32::<FMA>(self)
     }
+    const INFINITY_BITS: u64 = 0x7f80_0000;
+    #[inline(always)]
+    fn abs_bits(self) -> u64 {
+        u64::from(self.to_bits() & 0x7fff_ffff)
+    }
+    #[inline(always)]
+    fn from_abs_bits(bits: u64) -> Self {
+        f32::from_bits(bits as u32)
+    }
+    fn max_abs_bits(xs: &[Self]) -> u64 {
+        max_abs_bits!(xs, i32, 0x7fff_ffff)
+    }
 }
 
 impl Element for f64 {
@@ -89,5 +138,57 @@ impl Element for f64 {
     #[inline(always)]
     fn exp_nonpos<const FMA: bool>(self) -> Self {
         crate::kernel::exp::exp_f64::<FMA>(self)
+    }
+    const INFINITY_BITS: u64 = 0x7ff0_0000_0000_0000;
+    #[inline(always)]
+    fn abs_bits(self) -> u64 {
+        self.to_bits() & 0x7fff_ffff_ffff_ffff
+    }
+    #[inline(always)]
+    fn from_abs_bits(bits: u64) -> Self {
+        f64::from_bits(bits)
+    }
+    fn max_abs_bits(xs: &[Self]) -> u64 {
+        max_abs_bits!(xs, i64, 0x7fff_ffff_ffff_ffff)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lane-chunked maximum equals the plain one, and ±∞/NaN anywhere (chunk or
+    /// remainder) lift it to at least `INFINITY_BITS`.
+    fn max_abs_bits_is_exact<T: Element>() {
+        for len in 0..40 {
+            let xs: Vec<T> = (0..len)
+                .map(|i| T::from_f64_rounded(((i * 7919) % 23) as f64 - 11.5))
+                .collect();
+            let want = xs
+                .iter()
+                .map(|x| x.abs())
+                .fold(T::zero(), |a, b| if b > a { b } else { a });
+            assert_eq!(T::from_abs_bits(T::max_abs_bits(&xs)), want, "len {len}");
+            for at in 0..len {
+                for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                    let mut ys = xs.clone();
+                    ys[at] = T::from_f64_rounded(bad);
+                    assert!(
+                        T::max_abs_bits(&ys) >= T::INFINITY_BITS,
+                        "len {len}, at {at}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn max_abs_bits_f32() {
+        max_abs_bits_is_exact::<f32>();
+    }
+
+    #[test]
+    fn max_abs_bits_f64() {
+        max_abs_bits_is_exact::<f64>();
     }
 }

@@ -63,6 +63,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod api;
+mod columns;
 mod element;
 mod error;
 mod kernel;

@@ -22,6 +22,7 @@
 
 use super::exp::madd;
 use super::{Job, Scratch};
+use crate::columns::for_each_column;
 use crate::{AttentionError, Element, error::Operand};
 
 /// Most query blocks a group processes together (see [`q_group`]).
@@ -90,13 +91,11 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         let i0 = (first_block + b) * bq;
         let rows = bq.min(lse.len() - b * bq);
         let qt = &mut qt[b * d_k * bq..(b + 1) * d_k * bq];
-        for p in 0..d_k {
-            let col = spec.q.column(p);
+        for_each_column(&spec.q, i0..i0 + rows, &mut Vec::new(), |p, col| {
             let dst = &mut qt[p * bq..(p + 1) * bq];
-            for (r, d) in dst.iter_mut().enumerate() {
-                *d = if r < rows { col[i0 + r] } else { T::zero() };
-            }
-        }
+            dst[..rows].copy_from_slice(col);
+            dst[rows..].fill(T::zero());
+        });
         m[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
         l[b * bq..(b + 1) * bq].fill(T::zero());
         acc[b * dvp * bq..(b + 1) * dvp * bq].fill(T::zero());
@@ -152,30 +151,43 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         let acc = &acc[b * dvp * bq..(b + 1) * dvp * bq];
         let out = &mut out[b * block_len..(b + 1) * block_len];
         let lse = &mut lse[b * bq..b * bq + cur.rows];
-        for r in 0..cur.rows {
-            if l[r] == T::zero() {
-                // No key allowed: output 0, lse −∞ (the documented fully-masked rule).
-                lse[r] = T::NEG_INFINITY;
-                for c in 0..d_v {
-                    out[c * bq + r] = T::zero();
-                }
+        let rows = cur.rows;
+        // No key allowed (l = 0): output 0, lse −∞ (the documented fully-masked rule).
+        for r in 0..rows {
+            lse[r] = if l[r] == T::zero() {
+                T::NEG_INFINITY
             } else {
-                lse[r] = m[r] + l[r].ln();
-                for c in 0..d_v {
-                    let mut o = acc[c * bq + r] / l[r];
-                    if let Some(&u) = job.v_unscale.get(c) {
-                        o *= u;
-                    }
-                    if !o.finite() {
-                        return Err(AttentionError::ProductOverflow {
-                            operand: Operand::Output,
-                            row: cur.i0 + r,
-                            column: c,
-                        });
-                    }
-                    out[c * bq + r] = o;
-                }
+                m[r] + l[r].ln()
+            };
+        }
+        // out = acc / l (times the column's power-of-two unscale), lane by lane so that it
+        // vectorises; the result is a convex combination of values and cannot overflow, the
+        // check is a guard.
+        let mut all_finite = true;
+        for c in 0..d_v {
+            let unscale = job.v_unscale.get(c).copied().unwrap_or(T::one());
+            let src = &acc[c * bq..c * bq + rows];
+            let dst = &mut out[c * bq..c * bq + rows];
+            for r in 0..rows {
+                let o = if l[r] == T::zero() {
+                    T::zero()
+                } else {
+                    src[r] / l[r] * unscale
+                };
+                all_finite &= o.finite();
+                dst[r] = o;
             }
+        }
+        if !all_finite {
+            let (r, c) = (0..d_v)
+                .flat_map(|c| (0..rows).map(move |r| (r, c)))
+                .find(|&(r, c)| !out[c * bq + r].finite())
+                .unwrap_or((0, 0));
+            return Err(AttentionError::ProductOverflow {
+                operand: Operand::Output,
+                row: cur.i0 + r,
+                column: c,
+            });
         }
     }
     Ok(())

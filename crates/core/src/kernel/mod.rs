@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
+use crate::columns::for_each_column;
 use crate::options::MatRef;
 use crate::spec::Spec;
 use crate::{AttentionError, Element};
@@ -348,15 +349,18 @@ fn pack_keys<T: Element>(
         let j0 = c * rows;
         let jn = rows.min(n_kv.saturating_sub(j0));
         let chunk_keys = chunk.len() / d_k.max(1);
-        for p in 0..d_k {
-            let at = |dj: usize| (dj / mr) * mr * d_k + p * mr + dj % mr;
-            for (dj, &x) in k.column(p).rows_range(j0..j0 + jn).iter().enumerate() {
-                chunk[at(dj)] = x;
+        for_each_column(k, j0..j0 + jn, &mut Vec::new(), |p, col| {
+            // Key dj of the chunk goes to panel dj / mr, lane dj % mr, row p.
+            for (panel, keys) in col.chunks(mr).enumerate() {
+                let dst = &mut chunk[panel * mr * d_k + p * mr..][..mr];
+                dst[..keys.len()].copy_from_slice(keys);
+                dst[keys.len()..].fill(T::zero());
             }
-            for dj in jn..chunk_keys {
-                chunk[at(dj)] = T::zero();
+            // Whole padding panels past the last key.
+            for panel in jn.div_ceil(mr)..chunk_keys / mr {
+                chunk[panel * mr * d_k + p * mr..][..mr].fill(T::zero());
             }
-        }
+        });
     };
     if parallel {
         kp.par_chunks_mut(rows * d_k.max(1))
@@ -388,22 +392,15 @@ fn pack_values<T: Element>(
             let first_pad = if dj < jn { d_v } else { 0 };
             chunk[dj * dvp + first_pad..(dj + 1) * dvp].fill(T::zero());
         }
-        for col in 0..d_v {
-            let column = v.column(col);
-            let rows = column.rows_range(j0..j0 + jn);
-            match scale.get(col) {
-                None => {
-                    for (dj, &x) in rows.iter().enumerate() {
-                        chunk[dj * dvp + col] = x;
-                    }
-                }
-                Some(&sc) => {
-                    for (dj, &x) in rows.iter().enumerate() {
-                        chunk[dj * dvp + col] = x * sc;
-                    }
-                }
+        for_each_column(v, j0..j0 + jn, &mut Vec::new(), |col, values| {
+            let sc = scale.get(col).copied();
+            for (dj, &x) in values.iter().enumerate() {
+                chunk[dj * dvp + col] = match sc {
+                    None => x,
+                    Some(sc) => x * sc,
+                };
             }
-        }
+        });
     };
     if parallel {
         vp.par_chunks_mut(PACK_ROWS * dvp.max(1))
