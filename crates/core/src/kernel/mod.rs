@@ -112,8 +112,9 @@ impl<T> Default for Workspace<T> {
 /// its own Qᵀ and accumulators take (each well inside a 1 MiB L2).
 const GROUP_BYTES: usize = 256 << 10;
 
-/// Buffers larger than this (in elements) are freed after the call instead of kept.
-const KEEP_MAX_ELEMENTS: usize = 4 << 20;
+/// Buffers larger than this (in elements) are freed after the call instead of kept: a
+/// call that needs more spends far longer computing than reallocating.
+const KEEP_MAX_ELEMENTS: usize = 1 << 20;
 
 thread_local! {
     static WORKSPACE_F32: RefCell<Workspace<f32>> = RefCell::default();
