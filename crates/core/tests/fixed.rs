@@ -443,3 +443,46 @@ fn huge_values_f32() {
 fn huge_values_f64() {
     huge_values::<f64>();
 }
+
+/// Degenerate widths on the fused path (sizes past the direct path's limit): d_k = 0 with
+/// an explicit scale gives uniform weights (the mean of V); d_v = 0 gives an n_q × 0
+/// output and still a log-sum-exp of ln n_kv.
+#[test]
+fn zero_widths_on_the_fused_path() {
+    for path in CpuPath::supported() {
+        for par in [Parallelism::Sequential, Parallelism::Rayon] {
+            let opts = AttentionOptions::new()
+                .with_scale(1.0)
+                .with_cpu_path(path)
+                .with_parallelism(par);
+            let q = DMatrix::<f64>::zeros(300, 0);
+            let k = DMatrix::<f64>::zeros(200, 0);
+            let v = DMatrix::<f64>::from_fn(200, 5, |j, c| (j * (c + 1)) as f64);
+            let out = scaled_dot_product_attention(&q, &k, &v, &opts).unwrap();
+            let mean = v.row_mean();
+            for i in 0..300 {
+                for c in 0..5 {
+                    assert!((out[(i, c)] - mean[c]).abs() <= 1e-12 * mean[c].abs().max(1.0));
+                }
+            }
+            let q = DMatrix::<f32>::from_element(300, 3, 0.5);
+            let k = DMatrix::<f32>::from_element(200, 3, 0.5);
+            let v = DMatrix::<f32>::zeros(200, 0);
+            let opts32 = AttentionOptions::new()
+                .with_cpu_path(path)
+                .with_parallelism(par);
+            let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &opts32).unwrap();
+            assert_eq!(out.shape(), (300, 0));
+            // Equal scores s = 0.75/√3: lse = s + ln n_kv. Bound of common/mod.rs:
+            // 2·(Δ + (n_kv + 4)u + u|lse|) with Δ = (d_k + 4)·u·s.
+            let s = 0.75 / 3f64.sqrt();
+            let want = s + 200f64.ln();
+            let u = f32::EPSILON as f64;
+            let tol = 2.0 * (7.0 * u * s + 204.0 * u + u * want);
+            assert!(
+                lse.iter().all(|&l| (l as f64 - want).abs() <= tol),
+                "{path:?}"
+            );
+        }
+    }
+}
