@@ -159,6 +159,11 @@ fn views_work_without_copies() {
         Dyn(1),
     );
     assert_eq!(self_attention(&q, k_view, &v).unwrap(), copy);
+
+    // The same with three queries (the row-at-a-time path) against the strided keys.
+    let q3 = q.rows(0, 3);
+    let copy3 = self_attention(&q3.clone_owned(), &k.clone_owned(), &v.clone_owned()).unwrap();
+    assert_eq!(self_attention(&q3, k_view, &v).unwrap(), copy3);
 }
 
 #[test]
