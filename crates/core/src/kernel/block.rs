@@ -1,4 +1,5 @@
-//! The fused kernel body: one block of queries against all its keys, with online softmax.
+//! The fused kernel body: groups of query blocks against all their keys, with online
+//! softmax.
 //!
 //! Everything is laid out so that SIMD lanes run over **queries**: the query block is
 //! stored transposed (`qt[p][r]`, `d_k × BQ`), scores as `Sᵀ` (`s[j][r]`, keys × BQ) and the
@@ -16,9 +17,10 @@
 //! and at the end `out = acc / l`, `lse = m + ln l`. When `m' = −∞` (nothing allowed yet)
 //! the step uses 0 in place of `m'` so that every `p_j = exp(−∞) = 0` and nothing is NaN.
 //!
-//! The body is `#[inline(always)]` and generic over the register-tile sizes; `simd.rs`
-//! instantiates it once per CPU path inside `#[target_feature]` functions, so the same safe
-//! code compiles to AVX-512, AVX2+FMA or baseline SSE2.
+//! The body ([`q_group`], [`tile`]) is `#[inline(always)]` and generic over its four inner
+//! loops ([`MicroKernels`]); `simd.rs` instantiates it once per CPU path inside
+//! `#[target_feature]` functions with SIMD micro-kernels, and once with the [`Portable`]
+//! ones, so the same safe orchestration runs on AVX-512, AVX2+FMA or the baseline target.
 
 use super::exp::madd;
 use super::{Job, Scratch};

@@ -1,5 +1,5 @@
-//! The fused attention kernel: packing, blocking over queries, threading, and the small
-//! direct path. The per-block arithmetic is in `block.rs`; the CPU-specific compilation
+//! The fused attention kernel: packing, blocking over queries, threading, and the
+//! row-at-a-time path for tiny calls and few queries (`direct.rs`). The per-block arithmetic is in `block.rs`; the CPU-specific compilation
 //! and all `unsafe` in `simd.rs`.
 
 mod block;
