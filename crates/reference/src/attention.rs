@@ -179,7 +179,7 @@ pub fn attention<T: Copy + Into<f64>>(
     }
 }
 
-/// Plain softmax attention `softmax(Q·Kᵀ/√d_k)·V`: [`attention`] with
+/// Plain softmax attention `softmax(Q·Kᵀ/√d_k)·V`: [`attention()`] with
 /// [`Options::default()`], returning only the output.
 ///
 /// # Shapes
@@ -188,7 +188,7 @@ pub fn attention<T: Copy + Into<f64>>(
 ///
 /// # Panics
 ///
-/// On mismatched shapes, or if d_k = 0 (see [`attention`]).
+/// On mismatched shapes, or if d_k = 0 (see [`attention()`]).
 ///
 /// # Example
 ///

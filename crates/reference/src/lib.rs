@@ -27,12 +27,12 @@
 //!
 //! where `diag_i = i` for top-left causal attention and `diag_i = i + n_kv − n_q` otherwise
 //! (bottom-right: the last query lines up with the last key). A row in which no key is
-//! allowed has output 0, weights 0 and `lse = −∞` (no NaN). See [`attention`] for the
-//! details and [`merge`] for combining results over blocks of keys.
+//! allowed has output 0, weights 0 and `lse = −∞` (no NaN). See [`attention()`] for the
+//! details and [`merge()`] for combining results over blocks of keys.
 //!
 //! # Coming from NumPy / PyTorch
 //!
-//! Matrices hold one token per row, as in `X @ W`: [`attention`] computes what
+//! Matrices hold one token per row, as in `X @ W`: [`attention()`] computes what
 //! `torch.nn.functional.scaled_dot_product_attention(q, k, v)` computes for 2-D `q`, `k`,
 //! `v`, with a boolean mask meaning "may attend" as in PyTorch. For example:
 //!
@@ -86,7 +86,7 @@ pub enum Causal {
     BottomRight,
 }
 
-/// Options of [`attention`]; the default is plain softmax attention with scale 1/√d_k.
+/// Options of [`attention()`]; the default is plain softmax attention with scale 1/√d_k.
 ///
 /// Let `diag_i = i` if `causal == Some(Causal::TopLeft)` and `diag_i = i + n_kv − n_q`
 /// otherwise (also when `causal` is `None`); it may be negative.
@@ -114,7 +114,7 @@ pub struct Options {
     pub alibi_slope: Option<f64>,
 }
 
-/// Result of [`attention`].
+/// Result of [`attention()`].
 #[derive(Clone, Debug)]
 pub struct Attention {
     /// `O = P·V`, n_q × d_v. Rows with no allowed key are exactly 0.
@@ -123,6 +123,6 @@ pub struct Attention {
     /// is 0 elsewhere; rows with no allowed key are exactly 0.
     pub weights: DMatrix<f64>,
     /// Length n_q: `lse_i = ln Σ_j exp(s_ij)` over the allowed keys of row `i`, the
-    /// quantity [`merge`] needs; −∞ for rows with no allowed key.
+    /// quantity [`merge()`] needs; −∞ for rows with no allowed key.
     pub lse: Vec<f64>,
 }

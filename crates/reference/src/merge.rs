@@ -19,7 +19,7 @@ use crate::{dot2, neumaier_sum};
 ///
 /// Parts whose `lse` is −∞ for a row (no allowed key in that block) carry no weight and
 /// their output row is ignored; if every part has `lse = −∞`, the merged row is 0 with
-/// `lse = −∞`, as [`attention`](crate::attention) gives for a fully masked row.
+/// `lse = −∞`, as [`attention()`](crate::attention()) gives for a fully masked row.
 ///
 /// # Shapes
 ///

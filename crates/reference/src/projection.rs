@@ -13,7 +13,7 @@ use crate::dot2;
 ///
 /// `x` is n × d_model (one token per row); `w_q` and `w_k` are d_model × d_k, `w_v` is
 /// d_model × d_v. Returns Q (n × d_k), K (n × d_k) and V (n × d_v), ready for
-/// [`attention`](crate::attention). The column counts of the weights are not checked against
+/// [`attention()`](crate::attention()). The column counts of the weights are not checked against
 /// each other; `attention` checks them.
 ///
 /// # Panics
