@@ -23,7 +23,7 @@ use attention_core::{
 use attention_reference::dot2;
 use common::{
     Problem, assert_lse_close, assert_output_close, assert_weights_close, magnitude, nan_matrix,
-    narrow, normal_matrix, problem, score_error, widen,
+    narrow, normal_matrix, problem, problem_sized, score_error, widen,
 };
 use nalgebra::{DMatrix, DVector};
 use proptest::prelude::*;
@@ -368,29 +368,10 @@ fn input() -> impl Strategy<Value = Input> {
 
 /// n_q up to 40 but n_kv up to [`MAX_LONG_KV`].
 fn long_input() -> impl Strategy<Value = Input> {
-    (
-        0..=MAX_N,
-        0..=MAX_LONG_KV,
-        1..=MAX_D,
-        1..=MAX_D,
-        magnitude(),
-        magnitude(),
-        magnitude(),
-    )
-        .prop_flat_map(|(n_q, n_kv, d_k, d_v, sq, sk, sv)| {
-            (
-                normal_matrix(n_q, d_k, sq),
-                normal_matrix(n_kv, d_k, sk),
-                normal_matrix(n_kv, d_v, sv),
-                opts(n_q, n_kv),
-                cpu_path(),
-            )
-        })
-        .prop_map(|(q, k, v, o, path)| Input {
-            p: Problem { q, k, v },
-            o,
-            path,
-        })
+    problem_sized(MAX_N, MAX_LONG_KV, MAX_D).prop_flat_map(|p| {
+        let (n_q, n_kv) = (p.q.nrows(), p.k.nrows());
+        (Just(p), opts(n_q, n_kv), cpu_path()).prop_map(|(p, o, path)| Input { p, o, path })
+    })
 }
 
 // ---------------------------------------------------------------------------------------

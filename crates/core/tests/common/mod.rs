@@ -84,9 +84,14 @@ impl Problem {
 /// Problems with n_q, n_kv in `0..=max_n`, d_k, d_v in `1..=max_d`, entries N(0,1) times
 /// a magnitude from {0.1, 1, 3, 30} (Q and K drawn with independent magnitudes).
 pub fn problem(max_n: usize, max_d: usize) -> impl Strategy<Value = Problem> {
+    problem_sized(max_n, max_n, max_d)
+}
+
+/// As [`problem`], with separate limits for n_q and n_kv.
+pub fn problem_sized(max_q: usize, max_kv: usize, max_d: usize) -> impl Strategy<Value = Problem> {
     (
-        0..=max_n,
-        0..=max_n,
+        0..=max_q,
+        0..=max_kv,
         1..=max_d,
         1..=max_d,
         magnitude(),
