@@ -3,8 +3,10 @@
 use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
+use crate::columns::owned_if_broadcast;
 use crate::error::{AttentionError, Axis, Operand};
 use crate::kernel::{self, CpuPath};
+use crate::memory::{try_matrix, try_vector};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Spec, check_finite};
 
@@ -76,8 +78,14 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
     ] {
         check_finite(operand, m)?;
     }
+    // nalgebra's product cannot read broadcast (zero-stride) views: copy those first.
+    let x_owned = owned_if_broadcast(&x, Operand::Input)?;
+    let x = x_owned.as_ref().map_or(x, |m| m.as_view());
     let project = |w: &MatRef<'_, T>, operand| {
-        let m: DMatrix<T> = x * w;
+        let w_owned = owned_if_broadcast(w, operand)?;
+        let w = w_owned.as_ref().map_or(*w, |m| m.as_view());
+        let mut m = try_matrix(x.nrows(), w.ncols(), T::zero(), operand)?;
+        x.mul_to(&w, &mut m);
         match m.iter().position(|e| !e.finite()) {
             None => Ok(m),
             Some(idx) => Err(AttentionError::ProductOverflow {
@@ -166,7 +174,7 @@ pub fn scaled_dot_product_attention<'q, 'k, 'v, T: Element>(
     options: &AttentionOptions<'_, T>,
 ) -> Result<DMatrix<T>, AttentionError> {
     let (q, k, v) = (query.into(), key.into(), value.into());
-    let mut out = DMatrix::zeros(q.nrows(), v.ncols());
+    let mut out = try_matrix(q.nrows(), v.ncols(), T::zero(), Operand::Output)?;
     run(q, k, v, options, &mut out, None)?;
     Ok(out)
 }
@@ -251,8 +259,8 @@ pub fn scaled_dot_product_attention_with_lse<'q, 'k, 'v, T: Element>(
     options: &AttentionOptions<'_, T>,
 ) -> Result<(DMatrix<T>, DVector<T>), AttentionError> {
     let (q, k, v) = (query.into(), key.into(), value.into());
-    let mut out = DMatrix::zeros(q.nrows(), v.ncols());
-    let mut lse = DVector::zeros(q.nrows());
+    let mut out = try_matrix(q.nrows(), v.ncols(), T::zero(), Operand::Output)?;
+    let mut lse = try_vector(q.nrows(), T::zero(), Operand::Lse)?;
     run(q, k, v, options, &mut out, Some(lse.as_mut_slice()))?;
     Ok((out, lse))
 }
@@ -267,10 +275,10 @@ fn run<T: Element>(
     lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let spec = Spec::new(q, k, v, options)?;
-    let path = match options.cpu_path {
-        Some(path) => path.check()?,
-        None => CpuPath::detect(),
+    let (path, forced) = match options.cpu_path {
+        Some(path) => (path.check()?, true),
+        None => (CpuPath::detect(), CpuPath::forced_by_env()),
     };
     let parallel = options.parallelism == Parallelism::Rayon;
-    kernel::attention(spec, path, parallel, out, lse)
+    kernel::attention(spec, path, forced, parallel, out, lse)
 }

@@ -5,10 +5,38 @@
 
 use std::ops::Range;
 
-use nalgebra::{Dyn, U1};
+use nalgebra::{DMatrix, Dyn, U1};
 
 use crate::Element;
+use crate::error::{AttentionError, Operand};
+use crate::memory::try_matrix;
 use crate::options::MatRef;
+
+/// Whether `m` has a zero stride along an axis of more than one element (a broadcast row
+/// or column, numpy's `broadcast_to`). Element access by index reads such views correctly,
+/// but nalgebra's iterators and products do not (they assume distinct elements), so the
+/// calls that hand whole matrices to nalgebra copy them first ([`owned_if_broadcast`]).
+pub(crate) fn is_broadcast<T>(m: &MatRef<'_, T>) -> bool {
+    let (rs, cs) = m.strides();
+    (m.nrows() > 1 && rs == 0) || (m.ncols() > 1 && cs == 0)
+}
+
+/// A contiguous copy of `m` if it [`is_broadcast`], else `None` (read it in place).
+pub(crate) fn owned_if_broadcast<T: Element>(
+    m: &MatRef<'_, T>,
+    operand: Operand,
+) -> Result<Option<DMatrix<T>>, AttentionError> {
+    if !is_broadcast(m) {
+        return Ok(None);
+    }
+    let mut owned = try_matrix(m.nrows(), m.ncols(), T::zero(), operand)?;
+    for c in 0..m.ncols() {
+        for r in 0..m.nrows() {
+            owned[(r, c)] = m[(r, c)];
+        }
+    }
+    Ok(Some(owned))
+}
 
 /// Calls `f(c, column)` for every column `c` of `m`, restricted to `rows`. `buf` is only
 /// used (and grown) for matrices whose row stride is not 1.

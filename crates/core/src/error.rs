@@ -28,8 +28,13 @@ pub enum Operand {
     KeyMask,
     /// The additive bias (n_q × n_kv).
     Bias,
-    /// A caller-provided output buffer.
+    /// The attention output (n_q × d_v), returned or caller-provided.
     Output,
+    /// The log-sum-exp vector of a result (n_q).
+    Lse,
+    /// The attention-weight matrix of [`attention_weights`](crate::attention_weights)
+    /// (n_q × n_kv).
+    Weights,
     /// The `index`-th partial result given to [`merge_partial_attention`](crate::merge_partial_attention).
     Partial(usize),
     /// The log-sum-exp vector of the `index`-th partial result.
@@ -50,9 +55,26 @@ impl fmt::Display for Operand {
             Operand::KeyMask => f.write_str("key mask"),
             Operand::Bias => f.write_str("bias"),
             Operand::Output => f.write_str("output"),
+            Operand::Lse => f.write_str("log-sum-exp"),
+            Operand::Weights => f.write_str("attention weights"),
             Operand::Partial(i) => write!(f, "partial output {i}"),
             Operand::PartialLse(i) => write!(f, "partial log-sum-exp {i}"),
         }
+    }
+}
+
+impl Operand {
+    /// Whether the operand is a vector (its entries are named by one index).
+    fn is_vector(self) -> bool {
+        matches!(
+            self,
+            Operand::KeyMask | Operand::Lse | Operand::PartialLse(_)
+        )
+    }
+
+    /// Whether −∞ is a meaningful entry (it masks), so only NaN and +∞ are rejected.
+    fn allows_neg_infinity(self) -> bool {
+        matches!(self, Operand::Bias | Operand::PartialLse(_))
     }
 }
 
@@ -64,6 +86,8 @@ pub enum Axis {
     Rows,
     /// The number of columns (features).
     Columns,
+    /// The number of entries of a vector (a key mask, a log-sum-exp).
+    Entries,
 }
 
 impl fmt::Display for Axis {
@@ -71,6 +95,7 @@ impl fmt::Display for Axis {
         f.write_str(match self {
             Axis::Rows => "rows",
             Axis::Columns => "columns",
+            Axis::Entries => "entries",
         })
     }
 }
@@ -120,7 +145,9 @@ pub enum AttentionError {
         /// The rule in words, e.g. `"d_k must match"`.
         rule: &'static str,
     },
-    /// A NaN or infinity in an input. `row`/`column` are 0-based (for a vector, `column` is 0).
+    /// A NaN or infinity in an input (for a bias or a partial log-sum-exp, where −∞ masks:
+    /// a NaN or +∞). `row`/`column` are 0-based (for a vector, `row` is the entry and
+    /// `column` is 0).
     NonFinite {
         /// The operand that holds the value.
         operand: Operand,
@@ -171,6 +198,18 @@ pub enum AttentionError {
         /// The requested path.
         path: crate::CpuPath,
     },
+    /// A result or working buffer of `rows × columns` elements cannot be allocated (more
+    /// memory than the process can have, or more elements than `usize` counts). Nothing was
+    /// computed.
+    TooLarge {
+        /// What needed the memory: the result ([`Operand::Output`], [`Operand::Weights`],
+        /// [`Operand::Lse`]) or a working copy of an input.
+        operand: Operand,
+        /// Rows (or entries) of the buffer.
+        rows: usize,
+        /// Columns of the buffer (1 for a vector).
+        columns: usize,
+    },
 }
 
 impl fmt::Display for AttentionError {
@@ -192,10 +231,24 @@ impl fmt::Display for AttentionError {
                 row,
                 column,
                 value,
-            } => write!(
-                f,
-                "{operand}[{row}, {column}] is {value}: inputs must be finite"
-            ),
+            } => {
+                write!(f, "{operand}")?;
+                if operand.is_vector() {
+                    write!(f, "[{row}]")?;
+                } else {
+                    write!(f, "[{row}, {column}]")?;
+                }
+                let value = if *value == f64::INFINITY {
+                    "+inf".to_string()
+                } else {
+                    value.to_string()
+                };
+                if operand.allows_neg_infinity() {
+                    write!(f, " is {value}: its entries must be finite or -inf")
+                } else {
+                    write!(f, " is {value}: inputs must be finite")
+                }
+            }
             AttentionError::ZeroHeadDim => f.write_str(
                 "d_k = 0: the default scale 1/sqrt(d_k) is undefined; pass an explicit scale",
             ),
@@ -223,6 +276,14 @@ impl fmt::Display for AttentionError {
             AttentionError::NoPartials => {
                 f.write_str("merge_partial_attention needs at least one partial result")
             }
+            AttentionError::TooLarge {
+                operand,
+                rows,
+                columns,
+            } => write!(
+                f,
+                "the {operand} ({rows} x {columns} elements) needs more memory than can be allocated"
+            ),
             AttentionError::UnsupportedCpuPath { path } => {
                 write!(
                     f,

@@ -67,6 +67,7 @@ mod columns;
 mod element;
 mod error;
 mod kernel;
+mod memory;
 mod merge;
 mod options;
 mod spec;
@@ -79,6 +80,8 @@ pub use api::{
 pub use element::Element;
 pub use error::{AttentionError, Axis, Operand};
 pub use kernel::CpuPath;
+#[doc(hidden)]
+pub use kernel::{KernelRun, last_kernel_run};
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
 pub use weights::attention_weights;

@@ -4,6 +4,7 @@ use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
 use crate::error::{AttentionError, Axis, Operand};
+use crate::memory::{try_matrix, try_vector};
 use crate::options::MatRef;
 use crate::spec::check_finite;
 
@@ -82,7 +83,7 @@ where
         if lse.len() != n_q {
             return Err(AttentionError::DimensionMismatch {
                 operand: Operand::PartialLse(b),
-                axis: Axis::Rows,
+                axis: Axis::Entries,
                 found: lse.len(),
                 expected: n_q,
                 against: Operand::Partial(b),
@@ -103,8 +104,8 @@ where
         }
     }
 
-    let mut out = DMatrix::zeros(n_q, d_v);
-    let mut lse_out = DVector::from_element(n_q, T::NEG_INFINITY);
+    let mut out = try_matrix(n_q, d_v, T::zero(), Operand::Output)?;
+    let mut lse_out = try_vector(n_q, T::NEG_INFINITY, Operand::Lse)?;
     for i in 0..n_q {
         let m = parts
             .iter()
@@ -116,15 +117,22 @@ where
         let total = parts
             .iter()
             .fold(T::zero(), |acc, (_, lse)| acc + (lse[i] - m).exp());
-        // Normalised weights (summing to 1) keep Σ w_b·out_b within the outputs' range.
-        for (part, lse) in &parts {
-            let w = (lse[i] - m).exp() / total;
-            if w == T::zero() {
-                continue;
+        // Normalised weights (summing to 1): the exact result is a convex combination of
+        // the parts' outputs, so it is clamped to their range, which rounding could
+        // otherwise leave (10 parts holding MAX would sum to +∞).
+        for c in 0..d_v {
+            let (mut sum, mut lo, mut hi) = (T::zero(), T::MAX, -T::MAX);
+            for (part, lse) in &parts {
+                let w = (lse[i] - m).exp() / total;
+                if w == T::zero() {
+                    continue;
+                }
+                let x = part[(i, c)];
+                sum += w * x;
+                lo = lo.min(x);
+                hi = hi.max(x);
             }
-            for c in 0..d_v {
-                out[(i, c)] += w * part[(i, c)];
-            }
+            out[(i, c)] = sum.max(lo).min(hi);
         }
         lse_out[i] = m + total.ln();
     }

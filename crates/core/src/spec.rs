@@ -14,8 +14,16 @@ pub(crate) struct Spec<'a, T: Element> {
     pub v: MatRef<'a, T>,
     pub n_q: usize,
     pub n_kv: usize,
-    /// The largest |v|: decides whether `Σ_j p_j·v_j` needs scaling (see `value_scale`).
+    /// The largest |v|: decides whether `Σ_j p_j·v_j` needs scaling (see `value_scale`),
+    /// and bounds every output entry (a convex combination of values).
     pub v_max_abs: T,
+    /// The largest |q| and |k|.
+    pub q_max_abs: T,
+    pub k_max_abs: T,
+    /// Whether every score, at every position and every step of its definition, is
+    /// provably at most a quarter of the type's range (see [`Spec::scores_in_range`]).
+    /// When it is not, the careful path computes the call (`kernel/careful.rs`).
+    pub scores_in_range: bool,
     pub d_k: usize,
     pub d_v: usize,
     pub scale: T,
@@ -88,14 +96,22 @@ pub(crate) fn check_finite<T: Element>(
     unreachable!("a non-finite entry was seen in the first pass")
 }
 
+/// The largest magnitudes of Q, K and V.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaxAbs<T> {
+    pub q: T,
+    pub k: T,
+    pub v: T,
+}
+
 /// Checks the shapes of Q, K, V against each other and their values for NaN/∞; returns
-/// the largest |v|.
+/// their largest magnitudes.
 pub(crate) fn check_qkv<T: Element>(
     q: &MatRef<'_, T>,
     k: &MatRef<'_, T>,
     v: &MatRef<'_, T>,
     parallel: bool,
-) -> Result<T, AttentionError> {
+) -> Result<MaxAbs<T>, AttentionError> {
     check_dim(
         Operand::Key,
         Axis::Columns,
@@ -134,9 +150,78 @@ pub(crate) fn check_qkv<T: Element>(
             ),
         )
     };
-    rq?;
-    rk?;
-    rv
+    Ok(MaxAbs {
+        q: rq?,
+        k: rk?,
+        v: rv?,
+    })
+}
+
+/// What bounds the magnitude of every score (see [`scores_in_range`]); all in f64.
+struct ScoreBound {
+    d_k: usize,
+    q_max: f64,
+    k_max: f64,
+    scale: f64,
+    softcap: Option<f64>,
+    /// `|m| · max |diag(i) − j|`: the largest ALiBi term.
+    alibi: Option<f64>,
+    /// The lowest and highest finite bias entries.
+    bias: (f64, f64),
+}
+
+/// The largest `|diag(i) − j|` over `i < n_q`, `j < n_kv`, `diag(i) = i + diag_offset`
+/// (reached at a corner of the score matrix).
+fn max_distance(n_q: usize, n_kv: usize, diag_offset: i64) -> f64 {
+    if n_q == 0 || n_kv == 0 {
+        return 0.0;
+    }
+    let (i_last, j_last) = ((n_q - 1) as f64, (n_kv - 1) as f64);
+    let off = diag_offset as f64;
+    [off, off - j_last, i_last + off, i_last + off - j_last]
+        .into_iter()
+        .map(f64::abs)
+        .fold(0.0, f64::max)
+}
+
+/// Whether every score is provably far inside the type's range, so that the fast kernels
+/// (which compute scores in `T` in any order and do not look for overflow in the score
+/// modifiers) cannot produce a non-finite score anywhere.
+///
+/// With `u` the unit roundoff of `T` and `γ = 1 + 2(d_k + 4)·u` covering the rounding of
+/// every step, every computed score satisfies, at every step of its definition:
+/// ```text
+/// |Σ_p q_ip·k_jp|              ≤ R  = γ·d_k·max|Q|·max|K|
+/// |scale·q·k|                  ≤ S  = γ·R·|scale|          (then ≤ c after softcap c)
+/// |s − ALiBi|                  ≤ SA = S' + γ·|m|·max|diag(i) − j|
+/// s + bias                     ∈ [b_lo − SA, b_hi + SA]
+/// ```
+/// The fast path is used when `R`, `S` and `SA` are ≤ MAX/4, `b_hi + SA ≤ MAX/2` and
+/// `b_lo − SA` rounds to a finite number (a bias of −MAX, the common "masked" value,
+/// stays allowed). Outside these bounds the careful path decides every score exactly.
+/// The bounds are computed in f64, where f32's range cannot overflow; for f64 an
+/// overflowing bound is +∞ and fails the test.
+fn scores_in_range<T: Element>(b: ScoreBound) -> bool {
+    let max = T::MAX.to_f64();
+    let gamma = 1.0 + 2.0 * (b.d_k as f64 + 4.0) * T::EPSILON.to_f64();
+    let raw = gamma * b.d_k as f64 * b.q_max * b.k_max;
+    let scaled = gamma * raw * b.scale.abs();
+    let capped = b.softcap.map_or(scaled, |c| scaled.min(c));
+    let with_alibi = capped + gamma * b.alibi.unwrap_or(0.0);
+    let (b_lo, b_hi) = b.bias;
+    // The lowest score must round to a finite value in `T`: for f32 (computed here in
+    // f64) it may lie up to a quarter of an ulp of MAX below −MAX; for f64 the f64
+    // computation itself rounds like the kernel's.
+    let lowest_ok = if T::EPSILON.to_f64() > 1e-10 {
+        b_lo - with_alibi >= -max - T::EPSILON.to_f64() * max / 8.0
+    } else {
+        (b_lo - gamma * with_alibi).is_finite()
+    };
+    raw <= max / 4.0
+        && scaled <= max / 4.0
+        && with_alibi <= max / 4.0
+        && b_hi + with_alibi <= max / 2.0
+        && lowest_ok
 }
 
 impl<'a, T: Element> Spec<'a, T> {
@@ -148,7 +233,7 @@ impl<'a, T: Element> Spec<'a, T> {
         options: &AttentionOptions<'a, T>,
     ) -> Result<Self, AttentionError> {
         let parallel = options.parallelism == Parallelism::Rayon;
-        let v_max_abs = check_qkv(&q, &k, &v, parallel)?;
+        let max_abs = check_qkv(&q, &k, &v, parallel)?;
         let (n_q, d_k) = q.shape();
         let n_kv = k.nrows();
         let d_v = v.ncols();
@@ -190,13 +275,15 @@ impl<'a, T: Element> Spec<'a, T> {
         if let Some(key_mask) = options.key_mask {
             check_dim(
                 Operand::KeyMask,
-                Axis::Rows,
+                Axis::Entries,
                 key_mask.len(),
                 n_kv,
                 Operand::Key,
                 "one key-mask entry per key",
             )?;
         }
+        // (lowest, highest) finite bias entry; (0, 0) without a bias.
+        let mut bias_range = (0.0f64, 0.0f64);
         if let Some(bias) = &options.bias {
             check_dim(
                 Operand::Bias,
@@ -214,19 +301,26 @@ impl<'a, T: Element> Spec<'a, T> {
                 Operand::Key,
                 "the bias is n_q x n_kv",
             )?;
-            // −∞ masks a position; NaN and +∞ have no meaning.
-            for c in 0..bias.ncols() {
-                for r in 0..bias.nrows() {
-                    let x = bias[(r, c)];
-                    if !(x.finite() || x == T::NEG_INFINITY) {
-                        return Err(AttentionError::NonFinite {
-                            operand: Operand::Bias,
-                            row: r,
-                            column: c,
-                            value: x.to_f64(),
-                        });
+            // −∞ masks a position; NaN and +∞ have no meaning. The finite entries' range
+            // goes into the score bound.
+            let mut first_bad = None;
+            for_each_column(bias, 0..bias.nrows(), &mut Vec::new(), |c, col| {
+                for (r, &x) in col.iter().enumerate() {
+                    if x.finite() {
+                        bias_range.0 = bias_range.0.min(x.to_f64());
+                        bias_range.1 = bias_range.1.max(x.to_f64());
+                    } else if x != T::NEG_INFINITY && first_bad.is_none() {
+                        first_bad = Some((r, c, x));
                     }
                 }
+            });
+            if let Some((row, column, x)) = first_bad {
+                return Err(AttentionError::NonFinite {
+                    operand: Operand::Bias,
+                    row,
+                    column,
+                    value: x.to_f64(),
+                });
             }
         }
 
@@ -245,13 +339,28 @@ impl<'a, T: Element> Spec<'a, T> {
             band_hi = band_hi.min(diag_offset.saturating_add(clamp(right)));
         }
 
+        let scores_in_range = scores_in_range::<T>(ScoreBound {
+            d_k,
+            q_max: max_abs.q.to_f64(),
+            k_max: max_abs.k.to_f64(),
+            scale: scale.to_f64(),
+            softcap: options.softcap.map(T::to_f64),
+            alibi: options
+                .alibi_slope
+                .map(|m| m.to_f64().abs() * max_distance(n_q, n_kv, diag_offset)),
+            bias: bias_range,
+        });
+
         Ok(Spec {
             q,
             k,
             v,
             n_q,
             n_kv,
-            v_max_abs,
+            v_max_abs: max_abs.v,
+            q_max_abs: max_abs.q,
+            k_max_abs: max_abs.k,
+            scores_in_range,
             d_k,
             d_v,
             scale,

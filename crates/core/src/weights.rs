@@ -3,6 +3,10 @@
 
 use nalgebra::DMatrix;
 
+use crate::columns::owned_if_broadcast;
+use crate::error::Operand;
+use crate::kernel::{KernelRun, careful, record_run};
+use crate::memory::{try_matrix, try_vector};
 use crate::options::{AttentionOptions, MatRef};
 use crate::spec::Spec;
 use crate::{AttentionError, Element};
@@ -46,24 +50,34 @@ pub fn attention_weights<'q, 'k, 'v, T: Element>(
     let (q, k, v) = (query.into(), key.into(), value.into());
     let spec = Spec::new(q, k, v, options)?;
     let (n_q, n_kv) = (spec.n_q, spec.n_kv);
-    let mut w: DMatrix<T> = q * k.transpose();
+    let mut w = try_matrix(n_q, n_kv, T::zero(), Operand::Weights)?;
+    if !spec.scores_in_range {
+        // Scores that may leave the type's range: the same rule as every other call.
+        record_run(KernelRun::Careful);
+        careful::weights(&spec, &mut w)?;
+        return Ok(w);
+    }
+    record_run(KernelRun::Weights);
+    // nalgebra's product cannot read broadcast (zero-stride) views: copy those first.
+    let q_owned = owned_if_broadcast(&q, Operand::Query)?;
+    let k_owned = owned_if_broadcast(&k, Operand::Key)?;
+    let q = q_owned.as_ref().map_or(q, |m| m.as_view());
+    let k = k_owned.as_ref().map_or(k, |m| m.as_view());
+    q.mul_to(&k.transpose(), &mut w);
 
-    let mut m = vec![T::NEG_INFINITY; n_q];
+    let mut m = try_vector(n_q, T::NEG_INFINITY, Operand::Weights)?;
     for j in 0..n_kv {
         let mut col = w.column_mut(j);
         for i in 0..n_q {
-            let scaled = col[i] * spec.scale;
-            if !scaled.finite() && spec.allowed(i, j) {
-                return Err(AttentionError::ScoreOverflow { query: i, key: j });
-            }
-            let s = spec.modify(i, j, scaled);
+            // Scores are in range (`Spec::scores_in_range`): nothing here can overflow.
+            let s = spec.modify(i, j, col[i] * spec.scale);
             col[i] = s;
             if s > m[i] {
                 m[i] = s;
             }
         }
     }
-    let mut l = vec![T::zero(); n_q];
+    let mut l = try_vector(n_q, T::zero(), Operand::Weights)?;
     for mut col in w.column_iter_mut() {
         for i in 0..n_q {
             // A fully masked row has m = −∞ and only −∞ scores: exp(−∞) = 0 keeps it 0.

@@ -316,11 +316,13 @@ fn non_finite_scale_is_an_error() {
 }
 
 fn score_overflow_is_an_error<T: Element>() {
-    // q·k = d_k · MAX/2 · 4 overflows; sizes on both the direct and the fused path.
+    // The score (MAX/2·4√d_k + …)/√d_k ≈ 2·MAX overflows; sizes on both the direct and
+    // the fused path.
     let big = T::MAX / T::from_f64_rounded(2.0);
     for (n_q, n_kv, d_k) in [(2, 2, 2), (100, 90, 16)] {
         let mut q = DMatrix::<T>::from_element(n_q, d_k, T::one());
-        let k = DMatrix::<T>::from_element(n_kv, d_k, T::from_f64_rounded(4.0));
+        let k =
+            DMatrix::<T>::from_element(n_kv, d_k, T::from_f64_rounded(4.0 * (d_k as f64).sqrt()));
         let v = DMatrix::<T>::from_element(n_kv, 3, T::one());
         q[(n_q - 1, 0)] = big;
         for path in CpuPath::supported() {
@@ -346,6 +348,20 @@ fn score_overflow_is_an_error<T: Element>() {
             scaled_dot_product_attention(&q1, &k, &v, &opts).unwrap_err(),
             AttentionError::ScoreOverflow { query: 0, key: 0 }
         );
+        // What counts is the score scale·q·k, not the intermediate q·k: with scale 1/8,
+        // q·k ≈ 2·MAX·√d_k gives scores ≈ MAX/4·√d_k/… inside the range, computed right
+        // (V ≡ 1, so every output is 1 within the bound of `common`) on every path.
+        let opts =
+            AttentionOptions::new().with_scale(T::from_f64_rounded(0.125 / (d_k as f64).sqrt()));
+        for path in CpuPath::supported() {
+            let out = scaled_dot_product_attention(&q, &k, &v, &opts.clone().with_cpu_path(path))
+                .unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let tol = SECOND_ORDER * (n_kv as f64 + 6.0) * T::EPSILON.to_f64();
+            assert!(
+                out.iter().all(|&x| (x.to_f64() - 1.0).abs() <= tol),
+                "{path:?}: {out}"
+            );
+        }
     }
 }
 

@@ -1010,7 +1010,7 @@ fn invalid_option_is_reported<T: Element>(input: &Input, fault: &Fault) {
         let ok = match *fault {
             Fault::MaskRows(r) => dims(Operand::Mask, Axis::Rows, r, Operand::Query),
             Fault::MaskColumns(k) => dims(Operand::Mask, Axis::Columns, k, Operand::Key),
-            Fault::KeyMaskLen(l) => dims(Operand::KeyMask, Axis::Rows, l, Operand::Key),
+            Fault::KeyMaskLen(l) => dims(Operand::KeyMask, Axis::Entries, l, Operand::Key),
             Fault::BiasRows(r) => dims(Operand::Bias, Axis::Rows, r, Operand::Query),
             Fault::BiasColumns(k) => dims(Operand::Bias, Axis::Columns, k, Operand::Key),
             Fault::BiasValue(r, k, inf) => {

@@ -25,7 +25,7 @@
 use super::exp::madd;
 use super::{Job, Scratch};
 use crate::columns::for_each_column;
-use crate::{AttentionError, Element, error::Operand};
+use crate::{AttentionError, Element};
 
 /// Most query blocks a group processes together (see [`q_group`]).
 pub(super) const MAX_GROUP: usize = 8;
@@ -163,9 +163,10 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
             };
         }
         // out = acc / l (times the column's power-of-two unscale), lane by lane so that it
-        // vectorises; the result is a convex combination of values and cannot overflow, the
-        // check is a guard.
-        let mut all_finite = true;
+        // vectorises. The exact result is a convex combination of values, so it lies in
+        // ±max|V|; rounding can push it just past (e.g. past MAX to +∞ when V holds MAX),
+        // so it is clamped there (clamping can only move it closer to the exact value).
+        let v_max = spec.v_max_abs;
         for c in 0..d_v {
             let unscale = job.v_unscale.get(c).copied().unwrap_or(T::one());
             let src = &acc[c * bq..c * bq + rows];
@@ -176,20 +177,8 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
                 } else {
                     src[r] / l[r] * unscale
                 };
-                all_finite &= o.finite();
-                dst[r] = o;
+                dst[r] = o.max(-v_max).min(v_max);
             }
-        }
-        if !all_finite {
-            let (r, c) = (0..d_v)
-                .flat_map(|c| (0..rows).map(move |r| (r, c)))
-                .find(|&(r, c)| !out[c * bq + r].finite())
-                .unwrap_or((0, 0));
-            return Err(AttentionError::ProductOverflow {
-                operand: Operand::Output,
-                row: cur.i0 + r,
-                column: c,
-            });
         }
     }
     Ok(())

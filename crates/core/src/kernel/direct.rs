@@ -26,6 +26,7 @@ pub(super) fn attention<T: Element>(
     let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);
     let (q, k, v) = (&spec.q, &spec.k, &spec.v);
     let s = &mut scores[..n_kv];
+    let v_max = spec.v_max_abs;
     let mut gather = Vec::new(); // used only for row-strided views
     // Values near the type's maximum are summed scaled down by a power of two, per column.
     let scales: Option<Vec<(T, T)>> = spec.needs_value_scaling().then(|| {
@@ -86,7 +87,8 @@ pub(super) fn attention<T: Element>(
             for (&e, &x) in s_rest.iter().zip(col_rest) {
                 total += e * (x * scale);
             }
-            out[(i, c)] = total / l * unscale;
+            // A convex combination of values: clamped to ±max|V| (see `block.rs`).
+            out[(i, c)] = (total / l * unscale).max(-v_max).min(v_max);
         });
     }
     Ok(())

@@ -3,17 +3,20 @@
 //! and all `unsafe` in `simd.rs`.
 
 mod block;
+pub(crate) mod careful;
 mod direct;
 pub(crate) mod exp;
 pub(crate) mod simd;
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::columns::for_each_column;
+use crate::error::Operand;
+use crate::memory::try_resize;
 use crate::options::MatRef;
 use crate::spec::Spec;
 use crate::{AttentionError, Element};
@@ -174,45 +177,116 @@ const DIRECT_MAX_QUERIES: usize = 8;
 /// Work below which a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 4 << 20;
 
+/// Which code computed a call (test instrumentation: see [`last_kernel_run`]).
+#[doc(hidden)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelRun {
+    /// Nothing to compute (no queries, no keys, or an empty output and no lse).
+    Trivial,
+    /// The row-at-a-time path (tiny calls and few queries, default path only).
+    Row,
+    /// The block kernel compiled for this path.
+    Block(CpuPath),
+    /// The careful path, for scores that may leave the type's range (`careful.rs`).
+    Careful,
+    /// The materialised weights of `attention_weights`.
+    Weights,
+}
+
+thread_local! {
+    static LAST_RUN: Cell<Option<KernelRun>> = const { Cell::new(None) };
+}
+
+/// Records which code computed the current call (on the calling thread).
+pub(crate) fn record_run(run: KernelRun) {
+    LAST_RUN.with(|c| c.set(Some(run)));
+}
+
+/// Which code computed the last call made on this thread: lets tests prove that a forced
+/// [`CpuPath`] really runs that path's kernel. Not part of the stable API.
+#[doc(hidden)]
+pub fn last_kernel_run() -> Option<KernelRun> {
+    LAST_RUN.with(Cell::get)
+}
+
 /// Computes the attention output into `out` (n_q × d_v, overwritten) and, if given, the
 /// log-sum-exp into `lse` (n_q).
+///
+/// Routing, in order: nothing to compute; scores that may leave the type's range go to the
+/// careful path (on every CPU path alike, so the outcome never depends on the path);
+/// unless a path was forced, tiny calls and calls with few queries go to the row path;
+/// everything else to the block kernel of `path`. A fast path that meets a non-finite
+/// score (which `Spec::scores_in_range` rules out) hands the call to the careful path.
 pub(crate) fn attention<T: Element>(
     spec: Spec<'_, T>,
     path: CpuPath,
+    forced: bool,
     parallel: bool,
     out: &mut DMatrix<T>,
-    lse: Option<&mut [T]>,
+    mut lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
-    let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
+    let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);
     debug_assert_eq!(out.shape(), (n_q, d_v));
     debug_assert!(lse.as_ref().is_none_or(|l| l.len() == n_q));
-    if n_q == 0 {
-        return Ok(());
-    }
-    if n_kv == 0 {
+    if n_q == 0 || n_kv == 0 {
         // Every query attends to nothing: output 0, lse −∞.
+        record_run(KernelRun::Trivial);
         out.fill(T::zero());
         if let Some(lse) = lse {
             lse.fill(T::NEG_INFINITY);
         }
         return Ok(());
     }
-    let work = n_q * n_kv * (d_k + d_v);
-    if n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
-        let mut scores = [T::zero(); direct::STACK_KEYS];
-        return direct::attention(&spec, out, lse, &mut scores);
+    if !spec.scores_in_range {
+        record_run(KernelRun::Careful);
+        return careful::attention(&spec, out, lse);
     }
-    if n_q <= DIRECT_MAX_QUERIES {
+    if d_v == 0 && lse.is_none() {
+        // No output to compute, and (scores in range) no error to report.
+        record_run(KernelRun::Trivial);
+        return Ok(());
+    }
+    let result = fast(&spec, path, forced, parallel, out, lse.as_deref_mut());
+    if let Err(AttentionError::ScoreOverflow { .. }) = result {
+        record_run(KernelRun::Careful);
+        return careful::attention(&spec, out, lse);
+    }
+    result
+}
+
+/// The row path or the block kernel (see [`attention`]).
+fn fast<T: Element>(
+    spec: &Spec<'_, T>,
+    path: CpuPath,
+    forced: bool,
+    parallel: bool,
+    out: &mut DMatrix<T>,
+    lse: Option<&mut [T]>,
+) -> Result<(), AttentionError> {
+    let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
+    let work = n_q
+        .saturating_mul(n_kv)
+        .saturating_mul(d_k.saturating_add(d_v));
+    if !forced && n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
+        record_run(KernelRun::Row);
+        let mut scores = [T::zero(); direct::STACK_KEYS];
+        return direct::attention(spec, out, lse, &mut scores);
+    }
+    if !forced && n_q <= DIRECT_MAX_QUERIES {
         // A few queries against many keys: row by row, scores in the workspace.
+        record_run(KernelRun::Row);
         return with_cached::<Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
-            set_len(&mut ws.staging, n_kv);
-            let result = direct::attention(&spec, out, lse, &mut ws.staging);
+            set_len(&mut ws.staging, n_kv, Operand::Key)?;
+            let result = direct::attention(spec, out, lse, &mut ws.staging);
             if ws.staging.capacity() > KEEP_MAX_ELEMENTS {
                 ws.staging = Vec::new();
             }
             result
         });
     }
+    record_run(KernelRun::Block(path));
+    let spec = spec.clone();
     let parallel = parallel && work >= PARALLEL_MIN_WORK && n_q > 1;
     with_cached::<Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
         let mut lse_buf = std::mem::take(&mut ws.lse);
@@ -220,7 +294,7 @@ pub(crate) fn attention<T: Element>(
             Some(lse) => lse,
             None => {
                 lse_buf.clear();
-                lse_buf.resize(n_q, T::zero());
+                try_resize(&mut lse_buf, n_q, T::zero(), Operand::Lse)?;
                 &mut lse_buf[..]
             }
         };
@@ -250,24 +324,20 @@ fn fused<T: Element>(
     let (mr, bq) = (kernel.mr, kernel.bq);
     let n_kv_pad = n_kv.div_ceil(mr) * mr;
     let dvp = d_v.div_ceil(kernel.mrv) * kernel.mrv;
-    pack_keys(&spec.k, mr, n_kv_pad, parallel, &mut ws.kp);
+    pack_keys(&spec.k, mr, n_kv_pad, parallel, &mut ws.kp)?;
     // Values near the type's maximum: each such column is packed scaled down by a power of
     // two (so Σ p_j·v_j cannot overflow) and its output scaled back up (exactly).
     ws.v_unscale.clear();
     ws.v_scale.clear();
     if spec.needs_value_scaling() {
-        for c in 0..d_v {
-            let col_max = spec
-                .v
-                .column(c)
-                .iter()
-                .fold(T::zero(), |a, &x| a.max(x.abs()));
+        for_each_column(&spec.v, 0..n_kv, &mut Vec::new(), |_, col| {
+            let col_max = col.iter().fold(T::zero(), |a, &x| a.max(x.abs()));
             let (scale, unscale) = spec.value_scale(col_max);
             ws.v_scale.push(scale);
             ws.v_unscale.push(unscale);
-        }
+        });
     }
-    pack_values(&spec.v, dvp, n_kv_pad, parallel, &ws.v_scale, &mut ws.vp);
+    pack_values(&spec.v, dvp, n_kv_pad, parallel, &ws.v_scale, &mut ws.vp)?;
 
     // Block qb writes its output to staging[qb][c][r] (d_v × bq; at least one column so
     // that the chunks below are never empty).
@@ -275,7 +345,11 @@ fn fused<T: Element>(
     let block_len = bq * d_v.max(1);
     // Every element a block's rows map to is written by the kernel before it is read, so
     // the buffer is only grown, never cleared (no serial zero-fill before the threads).
-    set_len(&mut ws.staging, n_blocks * block_len);
+    set_len(
+        &mut ws.staging,
+        n_blocks.saturating_mul(block_len),
+        Operand::Output,
+    )?;
 
     // Groups of query blocks share each super-block of K and V while it is in cache
     // (see `block::q_group`): a group's Qᵀ and accumulators, and a super-block of K and V,
@@ -338,11 +412,17 @@ fn fused<T: Element>(
 
 /// Sets `buf`'s length to `len`, keeping old contents (growing with zeros): for buffers
 /// whose every used element is written before it is read.
-fn set_len<T: Element>(buf: &mut Vec<T>, len: usize) {
+/// `TooLarge` (naming `operand`) if the memory cannot be had.
+fn set_len<T: Element>(
+    buf: &mut Vec<T>,
+    len: usize,
+    operand: Operand,
+) -> Result<(), AttentionError> {
     if buf.len() < len {
-        buf.resize(len, T::zero());
+        try_resize(buf, len, T::zero(), operand)
     } else {
         buf.truncate(len);
+        Ok(())
     }
 }
 
@@ -358,14 +438,14 @@ fn pack_keys<T: Element>(
     n_kv_pad: usize,
     parallel: bool,
     kp: &mut Vec<T>,
-) {
+) -> Result<(), AttentionError> {
     let (n_kv, d_k) = k.shape();
-    set_len(kp, n_kv_pad * d_k);
+    set_len(kp, n_kv_pad.saturating_mul(d_k), Operand::Key)?;
     let rows = PACK_ROWS.div_ceil(mr) * mr; // whole panels per chunk
     // Each chunk writes every one of its elements, padding keys included (as 0).
     let fill = |(c, chunk): (usize, &mut [T])| {
-        let j0 = c * rows;
-        let jn = rows.min(n_kv.saturating_sub(j0));
+        let j0 = (c * rows).min(n_kv);
+        let jn = rows.min(n_kv - j0);
         let chunk_keys = chunk.len() / d_k.max(1);
         for_each_column(k, j0..j0 + jn, &mut Vec::new(), |p, col| {
             // Key dj of the chunk goes to panel dj / mr, lane dj % mr, row p.
@@ -387,6 +467,7 @@ fn pack_keys<T: Element>(
     } else {
         kp.chunks_mut(rows * d_k.max(1)).enumerate().for_each(fill);
     }
+    Ok(())
 }
 
 /// Packs V row-major with rows padded to `dvp`: `vp[j][c] = V[j, c]`, zero padding.
@@ -398,13 +479,15 @@ fn pack_values<T: Element>(
     parallel: bool,
     scale: &[T],
     vp: &mut Vec<T>,
-) {
+) -> Result<(), AttentionError> {
     let (n_kv, d_v) = v.shape();
-    set_len(vp, n_kv_pad * dvp);
+    set_len(vp, n_kv_pad.saturating_mul(dvp), Operand::Value)?;
     // Each chunk writes every one of its elements, padding rows and columns included (0).
     let fill = |(c, chunk): (usize, &mut [T])| {
-        let j0 = c * PACK_ROWS;
-        let jn = PACK_ROWS.min(n_kv.saturating_sub(j0));
+        // The last chunk may hold only padding rows (n_kv_pad is rounded up to a panel of
+        // K, not to PACK_ROWS): it then starts at or past n_kv and reads no value.
+        let j0 = (c * PACK_ROWS).min(n_kv);
+        let jn = PACK_ROWS.min(n_kv - j0);
         let chunk_rows = chunk.len() / dvp.max(1);
         for dj in 0..chunk_rows {
             let first_pad = if dj < jn { d_v } else { 0 };
@@ -429,4 +512,5 @@ fn pack_values<T: Element>(
             .enumerate()
             .for_each(fill);
     }
+    Ok(())
 }

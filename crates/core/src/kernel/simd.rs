@@ -98,6 +98,20 @@ impl CpuPath {
         })
     }
 
+    /// Whether `ATTENTION_CPU_PATH` names a supported path, which [`CpuPath::detect`] then
+    /// returns: calls then run that path's kernel at every size, as with a path forced
+    /// through the options.
+    pub(crate) fn forced_by_env() -> bool {
+        static FORCED: OnceLock<bool> = OnceLock::new();
+        *FORCED.get_or_init(|| {
+            std::env::var("ATTENTION_CPU_PATH").is_ok_and(|name| {
+                [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512]
+                    .into_iter()
+                    .any(|p| p.is_supported() && format!("{p:?}").eq_ignore_ascii_case(&name))
+            })
+        })
+    }
+
     /// `Ok(self)` if supported, else the typed error.
     pub(crate) fn check(self) -> Result<CpuPath, AttentionError> {
         if self.is_supported() {
