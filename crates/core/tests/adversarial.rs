@@ -19,6 +19,7 @@ use attention_core::{
 };
 use common::*;
 use nalgebra::{DMatrix, DMatrixView, DVector, Dyn};
+use proptest::prelude::*;
 
 /// Every way of running one call: each supported path, sequential and threaded, and the
 /// default (unforced) routing.
@@ -565,4 +566,317 @@ fn a_forced_path_runs_its_own_kernel_at_every_size() {
         let _ = scaled_dot_product_attention(&q, &q, &q, &o);
         assert_eq!(last_kernel_run(), Some(KernelRun::Careful), "{path:?}");
     }
+}
+
+// ---- Hostile values through every option: a property ----
+
+/// A number chosen to hurt: the type's extremes, subnormals, signed zeros, huge and tiny
+/// powers of ten, or an ordinary N(0, 1)-sized value. Kept symbolic so that each element
+/// type gets its own extremes.
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    Max(bool),
+    HalfMax(bool),
+    SmallestNormal(bool),
+    Subnormal(bool),
+    Zero(bool),
+    /// ±10^e.
+    Pow10(bool, i32),
+    Plain(f64),
+}
+
+impl Hostile {
+    fn value<T: Element>(self) -> T {
+        let sign = |neg: bool, x: f64| if neg { -x } else { x };
+        let max = T::MAX.to_f64();
+        let smallest_normal = if T::EPSILON.to_f64() > 1e-10 {
+            f32::MIN_POSITIVE as f64
+        } else {
+            f64::MIN_POSITIVE
+        };
+        T::from_f64_rounded(match self {
+            Hostile::Max(n) => sign(n, max),
+            Hostile::HalfMax(n) => sign(n, max / 2.0),
+            Hostile::SmallestNormal(n) => sign(n, smallest_normal),
+            Hostile::Subnormal(n) => sign(n, smallest_normal / 1024.0),
+            Hostile::Zero(n) => sign(n, 0.0),
+            // Clamped into the type's range (f32 has 10^±38).
+            Hostile::Pow10(n, e) => sign(n, 10f64.powi(e).min(max)),
+            Hostile::Plain(x) => x,
+        })
+    }
+}
+
+fn hostile() -> impl Strategy<Value = Hostile> {
+    prop_oneof![
+        4 => (-3.0f64..3.0).prop_map(Hostile::Plain),
+        1 => any::<bool>().prop_map(Hostile::Max),
+        1 => any::<bool>().prop_map(Hostile::HalfMax),
+        1 => any::<bool>().prop_map(Hostile::SmallestNormal),
+        1 => any::<bool>().prop_map(Hostile::Subnormal),
+        1 => any::<bool>().prop_map(Hostile::Zero),
+        2 => (any::<bool>(), -40i32..40).prop_map(|(n, e)| Hostile::Pow10(n, e)),
+    ]
+}
+
+/// Mostly ordinary values with hostile ones mixed in (a matrix of only extremes tests
+/// little beyond its first overflow).
+fn hostile_matrix(rows: usize, cols: usize) -> impl Strategy<Value = Vec<Hostile>> {
+    prop::collection::vec(
+        prop_oneof![6 => (-3.0f64..3.0).prop_map(Hostile::Plain), 1 => hostile()],
+        rows * cols,
+    )
+}
+
+/// A hostile problem with every option.
+#[derive(Clone, Debug)]
+struct HostileCase {
+    n_q: usize,
+    n_kv: usize,
+    d_k: usize,
+    d_v: usize,
+    q: Vec<Hostile>,
+    k: Vec<Hostile>,
+    v: Vec<Hostile>,
+    /// Read Q through a view whose rows all alias row 0 (row stride 0).
+    broadcast_q: bool,
+    /// Read K through a transposed (row-strided) view.
+    strided_k: bool,
+    scale: Option<Hostile>,
+    causal: Option<attention_core::Causal>,
+    window: Option<(usize, usize)>,
+    softcap: Option<Hostile>,
+    alibi: Option<Hostile>,
+    /// Bias entries; `None` entries are −∞.
+    bias: Option<Vec<Option<Hostile>>>,
+    mask: Option<Vec<bool>>,
+    key_mask: Option<Vec<bool>>,
+}
+
+fn hostile_case() -> impl Strategy<Value = HostileCase> {
+    use attention_core::Causal;
+    (0usize..=20, 0usize..=140, 0usize..=6, 0usize..=4)
+        .prop_flat_map(|(n_q, n_kv, d_k, d_v)| {
+            let nn = n_q * n_kv;
+            (
+                (
+                    hostile_matrix(n_q, d_k),
+                    hostile_matrix(n_kv, d_k),
+                    hostile_matrix(n_kv, d_v),
+                    any::<bool>(),
+                    any::<bool>(),
+                ),
+                (
+                    // d_k = 0 needs a scale; otherwise it is optional.
+                    prop::option::weighted(if d_k == 0 { 0.999 } else { 0.5 }, hostile()),
+                    prop::option::of(prop_oneof![Just(Causal::TopLeft), Just(Causal::BottomRight)]),
+                    prop::option::of((0usize..6, prop_oneof![0usize..6, Just(usize::MAX)])),
+                    prop::option::of(hostile().prop_filter("softcap > 0", |h| h.value::<f32>() > 0.0 && h.value::<f64>() > 0.0)),
+                    prop::option::of(hostile()),
+                ),
+                (
+                    prop::option::of(prop::collection::vec(
+                        prop::option::weighted(0.9, hostile()),
+                        nn,
+                    )),
+                    prop::option::of(prop::collection::vec(prop::bool::weighted(0.8), nn)),
+                    prop::option::of(prop::collection::vec(prop::bool::weighted(0.8), n_kv)),
+                ),
+            )
+                .prop_map(
+                    move |(
+                        (q, k, v, broadcast_q, strided_k),
+                        (scale, causal, window, softcap, alibi),
+                        (bias, mask, key_mask),
+                    )| HostileCase {
+                        n_q,
+                        n_kv,
+                        d_k,
+                        d_v,
+                        q,
+                        k,
+                        v,
+                        broadcast_q,
+                        strided_k,
+                        scale,
+                        causal,
+                        window,
+                        softcap,
+                        alibi,
+                        bias,
+                        mask,
+                        key_mask,
+                    },
+                )
+        })
+}
+
+/// Whether query `i` may see key `j` under the case's options (an independent statement of
+/// the documented rule: band, masks, −∞ bias).
+fn allowed(c: &HostileCase, i: usize, j: usize) -> bool {
+    use attention_core::Causal;
+    let diag = match c.causal {
+        Some(Causal::TopLeft) => i as i128,
+        _ => i as i128 + c.n_kv as i128 - c.n_q as i128,
+    };
+    let jj = j as i128;
+    c.causal.is_none_or(|_| jj <= diag)
+        && c.window.is_none_or(|(l, r)| diag - l as i128 <= jj && jj <= diag + r as i128)
+        && c.mask.as_ref().is_none_or(|m| m[j * c.n_q + i])
+        && c.key_mask.as_ref().is_none_or(|km| km[j])
+        && c.bias.as_ref().is_none_or(|b| b[j * c.n_q + i].is_some())
+}
+
+/// Every path, thread mode and function gives the same outcome; an `Ok` is never NaN,
+/// stays within ±max|V|, has lse −∞ exactly for rows without an allowed key, and agrees
+/// with the reference within the bound of `common/mod.rs` where the reference is finite.
+fn hostile_holds<T: Element>(c: &HostileCase) {
+    let mat = |vals: &[Hostile], r: usize, cl: usize| {
+        DMatrix::<T>::from_iterator(r, cl, vals.iter().map(|h| h.value::<T>()))
+    };
+    let mut q = mat(&c.q, c.n_q, c.d_k);
+    if c.broadcast_q && c.n_q > 0 {
+        // The view below repeats row 0; the owned copy the reference sees must too.
+        for i in 1..c.n_q {
+            let row0 = q.row(0).clone_owned();
+            q.row_mut(i).copy_from(&row0);
+        }
+    }
+    let k = mat(&c.k, c.n_kv, c.d_k);
+    let v = mat(&c.v, c.n_kv, c.d_v);
+    let kt = k.transpose();
+    let q_row0: Vec<T> = (0..c.d_k).map(|p| if c.n_q > 0 { q[(0, p)] } else { T::zero() }).collect();
+    let q_view: MatRef<'_, T> = if c.broadcast_q && c.n_q > 0 && c.d_k > 0 {
+        DMatrixView::from_slice_with_strides_generic(&q_row0, Dyn(c.n_q), Dyn(c.d_k), Dyn(0), Dyn(1))
+    } else {
+        q.as_view()
+    };
+    let k_view: MatRef<'_, T> = if c.strided_k && c.n_kv > 0 && c.d_k > 0 {
+        DMatrixView::from_slice_with_strides_generic(kt.as_slice(), Dyn(c.n_kv), Dyn(c.d_k), Dyn(c.d_k), Dyn(1))
+    } else {
+        k.as_view()
+    };
+    let bias = c.bias.as_ref().map(|b| {
+        DMatrix::<T>::from_iterator(c.n_q, c.n_kv, b.iter().map(|h| h.map_or(T::NEG_INFINITY, Hostile::value::<T>)))
+    });
+    let mask = c.mask.as_ref().map(|m| DMatrix::from_column_slice(c.n_q, c.n_kv, m));
+    let mut o = AttentionOptions::<T>::new();
+    if let Some(s) = c.scale {
+        o = o.with_scale(s.value());
+    }
+    if let Some(causal) = c.causal {
+        o = o.with_causal(causal);
+    }
+    if let Some((l, r)) = c.window {
+        o = o.with_window(l, r);
+    }
+    if let Some(s) = c.softcap {
+        o = o.with_softcap(s.value());
+    }
+    if let Some(a) = c.alibi {
+        o = o.with_alibi_slope(a.value());
+    }
+    if let Some(b) = &bias {
+        o = o.with_bias(b);
+    }
+    if let Some(m) = &mask {
+        o = o.with_mask(m);
+    }
+    if let Some(km) = &c.key_mask {
+        o = o.with_key_mask(km);
+    }
+
+    let outcomes: Vec<(String, Outcome<T>)> = runs(&o)
+        .into_iter()
+        .map(|(label, o)| (label, scaled_dot_product_attention_with_lse(q_view, k_view, &v, &o)))
+        .collect();
+    let first = outcomes[0].1.as_ref().err().cloned();
+    let weights = attention_weights(q_view, k_view, &v, &o);
+    assert_eq!(weights.as_ref().err(), first.as_ref(), "weights vs default");
+    for (label, r) in &outcomes {
+        assert_eq!(r.as_ref().err(), first.as_ref(), "{label} vs default");
+    }
+    if let Some(err) = first {
+        assert!(
+            matches!(err, AttentionError::ScoreOverflow { .. } | AttentionError::ZeroHeadDim),
+            "unexpected error {err}"
+        );
+        return;
+    }
+
+    // The reference, on the same (rounded) numbers, in f64.
+    let wide = |m: &DMatrix<T>| widen(m);
+    let r_opts = attention_reference::Options {
+        scale: c.scale.map(|s| s.value::<T>().to_f64()),
+        causal: c.causal.map(|cz| match cz {
+            attention_core::Causal::TopLeft => attention_reference::Causal::TopLeft,
+            attention_core::Causal::BottomRight => attention_reference::Causal::BottomRight,
+        }),
+        mask: mask.clone(),
+        key_mask: c.key_mask.clone(),
+        bias: bias.as_ref().map(wide),
+        window: c.window,
+        softcap: c.softcap.map(|s| s.value::<T>().to_f64()),
+        alibi_slope: c.alibi.map(|a| a.value::<T>().to_f64()),
+    };
+    let (qf, kf, vf) = (wide(&q), wide(&k), wide(&v));
+    let want = attention_reference::attention(&qf, &kf, &vf, &r_opts);
+    let eps = T::EPSILON.to_f64();
+    let scale = r_opts.scale.unwrap_or(1.0 / (c.d_k as f64).sqrt());
+    // B_i: the largest |bias| + |ALiBi term| + softcap of the row.
+    let extra: Vec<f64> = (0..c.n_q)
+        .map(|i| {
+            let b = bias.as_ref().map_or(0.0, |b| {
+                (0..c.n_kv).map(|j| b[(i, j)].to_f64()).filter(|x| x.is_finite()).fold(0.0f64, |a, x| a.max(x.abs()))
+            });
+            let a = r_opts.alibi_slope.map_or(0.0, |m| m.abs() * (c.n_q + c.n_kv) as f64);
+            b + a + r_opts.softcap.unwrap_or(0.0)
+        })
+        .collect();
+    let delta = score_error(&qf, &kf, scale, &extra, eps);
+    let v_max = vf.amax();
+    for (label, r) in outcomes {
+        let (out, lse) = r.unwrap();
+        for i in 0..c.n_q {
+            let has_key = (0..c.n_kv).any(|j| allowed(c, i, j));
+            let l = lse[i].to_f64();
+            assert!(!l.is_nan(), "{label}: lse[{i}] is NaN");
+            assert_eq!(l == f64::NEG_INFINITY, !has_key, "{label}: lse[{i}] = {l}, allowed keys: {has_key}");
+            for col in 0..c.d_v {
+                let x = out[(i, col)].to_f64();
+                assert!(x.is_finite() && x.abs() <= v_max, "{label}: out[{i}, {col}] = {x}");
+                if !has_key {
+                    assert_eq!(x, 0.0, "{label}: fully masked row {i}");
+                }
+            }
+        }
+        if want.output.iter().all(|x| x.is_finite()) && delta.iter().all(|d| d.is_finite()) {
+            assert_output_close(&widen(&out), &want.output, &vf, &delta, eps, &label);
+        }
+    }
+    let w = weights.unwrap();
+    for i in 0..c.n_q {
+        let sum: f64 = w.row(i).iter().map(|x| x.to_f64()).sum();
+        assert!(w.row(i).iter().all(|x| x.to_f64() >= 0.0 && x.to_f64() <= 1.0), "weights row {i}");
+        let has_key = (0..c.n_kv).any(|j| allowed(c, i, j));
+        let tol = SECOND_ORDER * (2.0 * c.n_kv as f64 + 6.0) * eps;
+        assert!((sum - if has_key { 1.0 } else { 0.0 }).abs() <= tol, "weights row {i} sums to {sum}");
+    }
+}
+
+/// Cases per run: 256 in CI; `ATTENTION_HOSTILE_CASES=10000` for a long hunt.
+fn hostile_config() -> ProptestConfig {
+    let cases = std::env::var("ATTENTION_HOSTILE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    ProptestConfig::with_cases(cases)
+}
+
+proptest! {
+    #![proptest_config(hostile_config())]
+    #[test]
+    fn hostile_f32(c in hostile_case()) { hostile_holds::<f32>(&c); }
+    #[test]
+    fn hostile_f64(c in hostile_case()) { hostile_holds::<f64>(&c); }
 }
