@@ -20,7 +20,8 @@ use crate::spec::{Spec, check_finite};
 /// # Errors
 /// [`AttentionError::DimensionMismatch`] if a weight's rows differ from `X`'s columns or
 /// `W_q` and `W_k` have different widths; [`AttentionError::NonFinite`] for a NaN or ∞ in
-/// any input; [`AttentionError::ProductOverflow`] if a product exceeds the type's range.
+/// any input; [`AttentionError::ProductOverflow`] if a product exceeds the type's range;
+/// [`AttentionError::TooLarge`] if a result cannot be allocated.
 ///
 /// # Example
 /// ```
@@ -116,7 +117,9 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
 /// [`AttentionError::DimensionMismatch`] if K's columns differ from Q's or V's rows from
 /// K's; [`AttentionError::NonFinite`] for NaN or ∞ in any input;
 /// [`AttentionError::ZeroHeadDim`] if `d_k = 0` (use [`scaled_dot_product_attention`] with
-/// an explicit scale); [`AttentionError::ScoreOverflow`] if a `q·k` exceeds the type's range.
+/// an explicit scale); [`AttentionError::ScoreOverflow`] if a score that decides the result
+/// lies outside the type's range (its documentation gives the exact rule);
+/// [`AttentionError::TooLarge`] if the result cannot be allocated.
 ///
 /// # Example
 /// ```

@@ -175,14 +175,21 @@ pub enum AttentionError {
         /// The slope, widened to f64.
         value: f64,
     },
-    /// `scale · q_i · k_j` is not representable: the product overflowed the element type.
+    /// A score that decides the result lies outside the element type's range: for an
+    /// allowed pair, `scale · q_i · k_j` (computed without intermediate overflow) is, or
+    /// the final score after softcap, ALiBi and bias is `+∞`; or every allowed score of
+    /// the row falls below `−MAX` (then `key` is the row's first allowed key). The pair
+    /// reported is the smallest `(query, key)` in lexicographic order, the same on every
+    /// CPU path, thread count and function. An allowed score below `−MAX` in a row that has
+    /// a finite score is not an error: its weight is exactly 0, as the true weight rounds.
     ScoreOverflow {
         /// The query row.
         query: usize,
         /// The key row.
         key: usize,
     },
-    /// A matrix product overflowed the element type (e.g. `X · W_q` in [`compute_qkv`](crate::compute_qkv)).
+    /// A projection `X · W` in [`compute_qkv`](crate::compute_qkv) overflowed the element type.
+    /// (Attention outputs never overflow: they are convex combinations of values.)
     ProductOverflow {
         /// The result that overflowed.
         operand: Operand,
@@ -263,7 +270,7 @@ impl fmt::Display for AttentionError {
             }
             AttentionError::ScoreOverflow { query, key } => write!(
                 f,
-                "the score of query {query} and key {key} (scale * q.k) overflows the element type"
+                "the score of query {query} and key {key} lies outside the element type's range (see ScoreOverflow's documentation)"
             ),
             AttentionError::ProductOverflow {
                 operand,

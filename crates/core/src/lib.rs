@@ -54,7 +54,12 @@
 //!
 //! # Errors and guarantees
 //! Every function returns [`AttentionError`] for bad input (mismatched shapes, NaN or ∞,
-//! invalid options) and never panics on it. Results are computed by a fused kernel that
+//! invalid options, sizes that cannot be allocated) and never panics on it. For finite
+//! inputs the result is either computed within the error bound (never NaN; outputs stay
+//! within `±max|V|`; a row with an allowed key never comes back as a masked row) or, when
+//! a score that decides it lies outside the type's range,
+//! [`AttentionError::ScoreOverflow`] naming the first such (query, key): the same outcome
+//! on every CPU path and thread count. Results are computed by a fused kernel that
 //! never builds the `n_q × n_kv` score matrix (see [`scaled_dot_product_attention`]);
 //! [`attention_weights`] is the one function that does, because it returns it.
 //! Accuracy is checked against the independent, more accurate `attention-reference` crate.

@@ -29,7 +29,12 @@ use crate::spec::check_finite;
 /// # Errors
 /// [`AttentionError::NoPartials`] for an empty list; [`AttentionError::DimensionMismatch`]
 /// if shapes differ from the first part's; [`AttentionError::NonFinite`] for NaN/∞ in an
-/// output, or NaN/+∞ in an lse (−∞ is allowed).
+/// output, or NaN/+∞ in an lse (−∞ is allowed); [`AttentionError::TooLarge`] if the
+/// result cannot be allocated.
+///
+/// Each output entry is clamped to the range of the parts' entries it combines (with
+/// nonzero weight): the exact result, a convex combination, lies there, and rounding
+/// cannot push it out (ten parts holding `MAX` give `MAX`, not `+∞`).
 ///
 /// # Example
 /// ```

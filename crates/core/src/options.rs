@@ -7,6 +7,11 @@ use crate::{CpuPath, Element};
 /// A borrowed matrix with any row and column strides: what every function of this crate
 /// reads. `&DMatrix<T>`, `&DMatrixView<T>`, a column block of a wider matrix, or a view
 /// with swapped strides (a transposed view) all convert into it without a copy.
+///
+/// Zero strides (a broadcast row or column, numpy's `broadcast_to`) are read correctly
+/// too: the attention kernels read them in place; [`compute_qkv`](crate::compute_qkv) and
+/// [`attention_weights`](crate::attention_weights), which hand whole matrices to
+/// nalgebra's product (which misreads such views), copy them to contiguous storage first.
 pub type MatRef<'a, T> = DMatrixView<'a, T, Dyn, Dyn>;
 
 /// How a causal mask is aligned when `n_q ≠ n_kv`.

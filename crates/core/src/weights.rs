@@ -26,7 +26,9 @@ use crate::{AttentionError, Element};
 /// calls, though only its row count matters); the result is `n_q × n_kv`.
 ///
 /// # Errors
-/// Those of [`scaled_dot_product_attention`](crate::scaled_dot_product_attention).
+/// Those of [`scaled_dot_product_attention`](crate::scaled_dot_product_attention), with
+/// [`AttentionError::TooLarge`] naming [`Operand::Weights`](crate::Operand::Weights) when
+/// the `n_q × n_kv` matrix cannot be allocated (n = 200 000 in f32 is 160 GB).
 ///
 /// # Example
 /// ```

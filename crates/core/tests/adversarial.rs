@@ -655,60 +655,64 @@ struct HostileCase {
 
 fn hostile_case() -> impl Strategy<Value = HostileCase> {
     use attention_core::Causal;
-    (0usize..=20, 0usize..=140, 0usize..=6, 0usize..=4)
-        .prop_flat_map(|(n_q, n_kv, d_k, d_v)| {
-            let nn = n_q * n_kv;
+    (0usize..=20, 0usize..=140, 0usize..=6, 0usize..=4).prop_flat_map(|(n_q, n_kv, d_k, d_v)| {
+        let nn = n_q * n_kv;
+        (
             (
-                (
-                    hostile_matrix(n_q, d_k),
-                    hostile_matrix(n_kv, d_k),
-                    hostile_matrix(n_kv, d_v),
-                    any::<bool>(),
-                    any::<bool>(),
-                ),
-                (
-                    // d_k = 0 needs a scale; otherwise it is optional.
-                    prop::option::weighted(if d_k == 0 { 0.999 } else { 0.5 }, hostile()),
-                    prop::option::of(prop_oneof![Just(Causal::TopLeft), Just(Causal::BottomRight)]),
-                    prop::option::of((0usize..6, prop_oneof![0usize..6, Just(usize::MAX)])),
-                    prop::option::of(hostile().prop_filter("softcap > 0", |h| h.value::<f32>() > 0.0 && h.value::<f64>() > 0.0)),
-                    prop::option::of(hostile()),
-                ),
-                (
-                    prop::option::of(prop::collection::vec(
-                        prop::option::weighted(0.9, hostile()),
-                        nn,
-                    )),
-                    prop::option::of(prop::collection::vec(prop::bool::weighted(0.8), nn)),
-                    prop::option::of(prop::collection::vec(prop::bool::weighted(0.8), n_kv)),
-                ),
+                hostile_matrix(n_q, d_k),
+                hostile_matrix(n_kv, d_k),
+                hostile_matrix(n_kv, d_v),
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            (
+                // d_k = 0 needs a scale; otherwise it is optional.
+                prop::option::weighted(if d_k == 0 { 0.999 } else { 0.5 }, hostile()),
+                prop::option::of(prop_oneof![
+                    Just(Causal::TopLeft),
+                    Just(Causal::BottomRight)
+                ]),
+                prop::option::of((0usize..6, prop_oneof![0usize..6, Just(usize::MAX)])),
+                prop::option::of(hostile().prop_filter("softcap > 0", |h| {
+                    h.value::<f32>() > 0.0 && h.value::<f64>() > 0.0
+                })),
+                prop::option::of(hostile()),
+            ),
+            (
+                prop::option::of(prop::collection::vec(
+                    prop::option::weighted(0.9, hostile()),
+                    nn,
+                )),
+                prop::option::of(prop::collection::vec(prop::bool::weighted(0.8), nn)),
+                prop::option::of(prop::collection::vec(prop::bool::weighted(0.8), n_kv)),
+            ),
+        )
+            .prop_map(
+                move |(
+                    (q, k, v, broadcast_q, strided_k),
+                    (scale, causal, window, softcap, alibi),
+                    (bias, mask, key_mask),
+                )| HostileCase {
+                    n_q,
+                    n_kv,
+                    d_k,
+                    d_v,
+                    q,
+                    k,
+                    v,
+                    broadcast_q,
+                    strided_k,
+                    scale,
+                    causal,
+                    window,
+                    softcap,
+                    alibi,
+                    bias,
+                    mask,
+                    key_mask,
+                },
             )
-                .prop_map(
-                    move |(
-                        (q, k, v, broadcast_q, strided_k),
-                        (scale, causal, window, softcap, alibi),
-                        (bias, mask, key_mask),
-                    )| HostileCase {
-                        n_q,
-                        n_kv,
-                        d_k,
-                        d_v,
-                        q,
-                        k,
-                        v,
-                        broadcast_q,
-                        strided_k,
-                        scale,
-                        causal,
-                        window,
-                        softcap,
-                        alibi,
-                        bias,
-                        mask,
-                        key_mask,
-                    },
-                )
-        })
+    })
 }
 
 /// Whether query `i` may see key `j` under the case's options (an independent statement of
@@ -721,7 +725,8 @@ fn allowed(c: &HostileCase, i: usize, j: usize) -> bool {
     };
     let jj = j as i128;
     c.causal.is_none_or(|_| jj <= diag)
-        && c.window.is_none_or(|(l, r)| diag - l as i128 <= jj && jj <= diag + r as i128)
+        && c.window
+            .is_none_or(|(l, r)| diag - l as i128 <= jj && jj <= diag + r as i128)
         && c.mask.as_ref().is_none_or(|m| m[j * c.n_q + i])
         && c.key_mask.as_ref().is_none_or(|km| km[j])
         && c.bias.as_ref().is_none_or(|b| b[j * c.n_q + i].is_some())
@@ -745,21 +750,43 @@ fn hostile_holds<T: Element>(c: &HostileCase) {
     let k = mat(&c.k, c.n_kv, c.d_k);
     let v = mat(&c.v, c.n_kv, c.d_v);
     let kt = k.transpose();
-    let q_row0: Vec<T> = (0..c.d_k).map(|p| if c.n_q > 0 { q[(0, p)] } else { T::zero() }).collect();
+    let q_row0: Vec<T> = (0..c.d_k)
+        .map(|p| if c.n_q > 0 { q[(0, p)] } else { T::zero() })
+        .collect();
     let q_view: MatRef<'_, T> = if c.broadcast_q && c.n_q > 0 && c.d_k > 0 {
-        DMatrixView::from_slice_with_strides_generic(&q_row0, Dyn(c.n_q), Dyn(c.d_k), Dyn(0), Dyn(1))
+        DMatrixView::from_slice_with_strides_generic(
+            &q_row0,
+            Dyn(c.n_q),
+            Dyn(c.d_k),
+            Dyn(0),
+            Dyn(1),
+        )
     } else {
         q.as_view()
     };
     let k_view: MatRef<'_, T> = if c.strided_k && c.n_kv > 0 && c.d_k > 0 {
-        DMatrixView::from_slice_with_strides_generic(kt.as_slice(), Dyn(c.n_kv), Dyn(c.d_k), Dyn(c.d_k), Dyn(1))
+        DMatrixView::from_slice_with_strides_generic(
+            kt.as_slice(),
+            Dyn(c.n_kv),
+            Dyn(c.d_k),
+            Dyn(c.d_k),
+            Dyn(1),
+        )
     } else {
         k.as_view()
     };
     let bias = c.bias.as_ref().map(|b| {
-        DMatrix::<T>::from_iterator(c.n_q, c.n_kv, b.iter().map(|h| h.map_or(T::NEG_INFINITY, Hostile::value::<T>)))
+        DMatrix::<T>::from_iterator(
+            c.n_q,
+            c.n_kv,
+            b.iter()
+                .map(|h| h.map_or(T::NEG_INFINITY, Hostile::value::<T>)),
+        )
     });
-    let mask = c.mask.as_ref().map(|m| DMatrix::from_column_slice(c.n_q, c.n_kv, m));
+    let mask = c
+        .mask
+        .as_ref()
+        .map(|m| DMatrix::from_column_slice(c.n_q, c.n_kv, m));
     let mut o = AttentionOptions::<T>::new();
     if let Some(s) = c.scale {
         o = o.with_scale(s.value());
@@ -788,7 +815,12 @@ fn hostile_holds<T: Element>(c: &HostileCase) {
 
     let outcomes: Vec<(String, Outcome<T>)> = runs(&o)
         .into_iter()
-        .map(|(label, o)| (label, scaled_dot_product_attention_with_lse(q_view, k_view, &v, &o)))
+        .map(|(label, o)| {
+            (
+                label,
+                scaled_dot_product_attention_with_lse(q_view, k_view, &v, &o),
+            )
+        })
         .collect();
     let first = outcomes[0].1.as_ref().err().cloned();
     let weights = attention_weights(q_view, k_view, &v, &o);
@@ -798,7 +830,10 @@ fn hostile_holds<T: Element>(c: &HostileCase) {
     }
     if let Some(err) = first {
         assert!(
-            matches!(err, AttentionError::ScoreOverflow { .. } | AttentionError::ZeroHeadDim),
+            matches!(
+                err,
+                AttentionError::ScoreOverflow { .. } | AttentionError::ZeroHeadDim
+            ),
             "unexpected error {err}"
         );
         return;
@@ -827,9 +862,14 @@ fn hostile_holds<T: Element>(c: &HostileCase) {
     let extra: Vec<f64> = (0..c.n_q)
         .map(|i| {
             let b = bias.as_ref().map_or(0.0, |b| {
-                (0..c.n_kv).map(|j| b[(i, j)].to_f64()).filter(|x| x.is_finite()).fold(0.0f64, |a, x| a.max(x.abs()))
+                (0..c.n_kv)
+                    .map(|j| b[(i, j)].to_f64())
+                    .filter(|x| x.is_finite())
+                    .fold(0.0f64, |a, x| a.max(x.abs()))
             });
-            let a = r_opts.alibi_slope.map_or(0.0, |m| m.abs() * (c.n_q + c.n_kv) as f64);
+            let a = r_opts
+                .alibi_slope
+                .map_or(0.0, |m| m.abs() * (c.n_q + c.n_kv) as f64);
             b + a + r_opts.softcap.unwrap_or(0.0)
         })
         .collect();
@@ -841,10 +881,17 @@ fn hostile_holds<T: Element>(c: &HostileCase) {
             let has_key = (0..c.n_kv).any(|j| allowed(c, i, j));
             let l = lse[i].to_f64();
             assert!(!l.is_nan(), "{label}: lse[{i}] is NaN");
-            assert_eq!(l == f64::NEG_INFINITY, !has_key, "{label}: lse[{i}] = {l}, allowed keys: {has_key}");
+            assert_eq!(
+                l == f64::NEG_INFINITY,
+                !has_key,
+                "{label}: lse[{i}] = {l}, allowed keys: {has_key}"
+            );
             for col in 0..c.d_v {
                 let x = out[(i, col)].to_f64();
-                assert!(x.is_finite() && x.abs() <= v_max, "{label}: out[{i}, {col}] = {x}");
+                assert!(
+                    x.is_finite() && x.abs() <= v_max,
+                    "{label}: out[{i}, {col}] = {x}"
+                );
                 if !has_key {
                     assert_eq!(x, 0.0, "{label}: fully masked row {i}");
                 }
@@ -857,10 +904,18 @@ fn hostile_holds<T: Element>(c: &HostileCase) {
     let w = weights.unwrap();
     for i in 0..c.n_q {
         let sum: f64 = w.row(i).iter().map(|x| x.to_f64()).sum();
-        assert!(w.row(i).iter().all(|x| x.to_f64() >= 0.0 && x.to_f64() <= 1.0), "weights row {i}");
+        assert!(
+            w.row(i)
+                .iter()
+                .all(|x| x.to_f64() >= 0.0 && x.to_f64() <= 1.0),
+            "weights row {i}"
+        );
         let has_key = (0..c.n_kv).any(|j| allowed(c, i, j));
         let tol = SECOND_ORDER * (2.0 * c.n_kv as f64 + 6.0) * eps;
-        assert!((sum - if has_key { 1.0 } else { 0.0 }).abs() <= tol, "weights row {i} sums to {sum}");
+        assert!(
+            (sum - if has_key { 1.0 } else { 0.0 }).abs() <= tol,
+            "weights row {i} sums to {sum}"
+        );
     }
 }
 
