@@ -187,8 +187,8 @@ pub fn scaled_dot_product_attention<'q, 'k, 'v, T: Element>(
 ///
 /// # Errors
 /// Those of [`scaled_dot_product_attention`], and [`AttentionError::DimensionMismatch`]
-/// with [`Operand::Output`] if `output` is not `n_q × d_v`. On error `output` holds
-/// unspecified finite values or its old contents.
+/// with [`Operand::Output`] if `output` is not `n_q × d_v`. On error `output` keeps its
+/// old contents.
 ///
 /// # Example
 /// ```

@@ -133,6 +133,10 @@ pub(super) fn attention<T: Element>(
     let pre = Prescale::new(spec);
     let v_max = spec.v_max_abs.to_f64();
     let mut s = vec![0.0f64; n_kv];
+    // First every row's verdict, so that on error nothing has been written.
+    for i in 0..n_q {
+        row_scores(spec, pre, i, &mut s)?;
+    }
     for i in 0..n_q {
         row_scores(spec, pre, i, &mut s)?;
         let (m, l) = exponentiate(&mut s);
@@ -168,6 +172,9 @@ pub(crate) fn weights<T: Element>(
 ) -> Result<(), AttentionError> {
     let pre = Prescale::new(spec);
     let mut s = vec![0.0f64; spec.n_kv];
+    for i in 0..spec.n_q {
+        row_scores(spec, pre, i, &mut s)?;
+    }
     for i in 0..spec.n_q {
         row_scores(spec, pre, i, &mut s)?;
         let (_, l) = exponentiate(&mut s);
