@@ -3,6 +3,7 @@
 //! and all `unsafe` in `simd.rs`.
 
 mod block;
+mod cpu;
 mod direct;
 pub(crate) mod exp;
 pub(crate) mod simd;

@@ -22,6 +22,7 @@ use num_traits::Zero;
 use std::arch::x86_64::*;
 
 use super::block::{self, MicroKernels, Portable};
+use super::cpu::{self, CpuFeatures};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
 use crate::{AttentionError, Element};
@@ -50,31 +51,13 @@ impl CpuPath {
     /// Whether this CPU can run the path.
     #[must_use]
     pub fn is_supported(self) -> bool {
-        match self {
-            CpuPath::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
+        CpuFeatures::detect().supports(self)
     }
 
     /// Every path this CPU can run, slowest first.
     #[must_use]
     pub fn supported() -> Vec<CpuPath> {
-        [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512]
-            .into_iter()
-            .filter(|p| p.is_supported())
-            .collect()
+        CpuFeatures::detect().supported()
     }
 
     /// The path calls use by default: the one `ATTENTION_CPU_PATH` names if it is set
@@ -83,28 +66,14 @@ impl CpuPath {
     pub fn detect() -> CpuPath {
         static DETECTED: OnceLock<CpuPath> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            let forced = std::env::var("ATTENTION_CPU_PATH").ok().and_then(|name| {
-                match name.to_ascii_lowercase().as_str() {
-                    "portable" => Some(CpuPath::Portable),
-                    "avx2" => Some(CpuPath::Avx2),
-                    "avx512" => Some(CpuPath::Avx512),
-                    _ => None,
-                }
-            });
-            match forced {
-                Some(p) if p.is_supported() => p,
-                _ => *CpuPath::supported().last().unwrap_or(&CpuPath::Portable),
-            }
+            let env = std::env::var(cpu::ENV_VAR).ok();
+            cpu::choose(CpuFeatures::detect(), env.as_deref())
         })
     }
 
     /// `Ok(self)` if supported, else the typed error.
     pub(crate) fn check(self) -> Result<CpuPath, AttentionError> {
-        if self.is_supported() {
-            Ok(self)
-        } else {
-            Err(AttentionError::UnsupportedCpuPath { path: self })
-        }
+        cpu::check(self, CpuFeatures::detect())
     }
 }
 
