@@ -13,23 +13,6 @@ use attention_core::{
 };
 use attention_reference::{Causal as RefCausal, Options as RefOptions};
 use common::*;
-use nalgebra::DMatrix;
-
-/// Deterministic N(0, σ²) entries (xorshift + Box–Muller); fixed seeds keep this grid of
-/// cases reproducible, proptest covers random shapes elsewhere.
-fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    DMatrix::from_fn(rows, cols, |_, _| {
-        let (a, b) = (u(), u());
-        sigma * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-    })
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Positional {
