@@ -109,9 +109,18 @@ pub fn problem(max_n: usize, max_d: usize) -> impl Strategy<Value = Problem> {
 
 /// As [`problem`], with separate limits for n_q and n_kv.
 pub fn problem_sized(max_q: usize, max_kv: usize, max_d: usize) -> impl Strategy<Value = Problem> {
+    problem_in(0..=max_q, 0..=max_kv, max_d)
+}
+
+/// As [`problem`], with n_q and n_kv drawn from the given ranges.
+pub fn problem_in(
+    n_q: std::ops::RangeInclusive<usize>,
+    n_kv: std::ops::RangeInclusive<usize>,
+    max_d: usize,
+) -> impl Strategy<Value = Problem> {
     (
-        0..=max_q,
-        0..=max_kv,
+        n_q,
+        n_kv,
         1..=max_d,
         1..=max_d,
         magnitude(),
