@@ -137,3 +137,20 @@ fn wide_heads_f32_and_f64() {
         check::<f64>(n, n, d, d, Positional::Causal(Causal::TopLeft), 8);
     }
 }
+
+/// Key counts just below a multiple of 256 whose padding to whole panels of 6 keys (the
+/// AVX2 kernels) reaches past it: 253–255, 511, 1021–1023. The value packing works in
+/// chunks of 256 keys and then starts a chunk past the last key.
+///
+/// Found by the long-key options properties (`options.rs`, 400 keys at the time), which
+/// are now kept below 253 keys; `properties.rs`' threaded problems below 511.
+#[test]
+#[ignore = "library defect: on the AVX2 path these n_kv panic in kernel::pack_values \
+            (range start index 256 out of range for slice of length 254, via \
+            columns::for_each_column); the default path of AVX2-only CPUs"]
+fn key_counts_whose_avx2_padding_crosses_a_packing_chunk() {
+    for n_kv in [253, 254, 255, 511, 1021, 1022, 1023] {
+        check::<f32>(16, n_kv, 8, 5, Positional::None, n_kv as u64);
+        check::<f64>(40, n_kv, 3, 7, Positional::Causal(Causal::BottomRight), 1);
+    }
+}
