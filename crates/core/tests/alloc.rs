@@ -3,6 +3,7 @@
 //! binary so no other test disturbs the count.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use attention_core::{
@@ -15,10 +16,29 @@ struct Counting;
 
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Whether this thread's allocations count: the test's own thread and the workers of
+    /// its pool. The test harness's main thread is not counted: it may still be
+    /// allocating (after spawning the test's thread) while a count runs, which made the
+    /// count flaky on a loaded machine.
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn count_this_thread() {
+    COUNTED.with(|c| c.set(true));
+}
+
+fn counted() -> bool {
+    // A const-initialised `Cell<bool>` has no destructor: readable at any time.
+    COUNTED.try_with(Cell::get).unwrap_or(false)
+}
+
 // SAFETY: forwards every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        if counted() {
+            ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        }
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
@@ -27,7 +47,9 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        if counted() {
+            ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        }
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -51,6 +73,7 @@ fn matrix(rows: usize, cols: usize, salt: usize) -> DMatrix<f32> {
 /// One test function: the counter is process-wide, so the checks must not run in parallel.
 #[test]
 fn allocation_counts() {
+    count_this_thread();
     // The seed-sized call allocates exactly its output matrix.
     let q = DMatrix::<f32>::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 1.0]);
     let v = DMatrix::<f32>::from_row_slice(2, 2, &[1.0, 2.0, 3.0, 4.0]);
@@ -86,17 +109,34 @@ fn allocation_counts() {
         );
     }
 
-    // Threaded calls: reported, not asserted (rayon may allocate for its own queues).
-    let (q, k, v) = (matrix(600, 64, 1), matrix(600, 64, 2), matrix(600, 64, 3));
-    let mut out = DMatrix::<f32>::zeros(600, 64);
-    let opts = AttentionOptions::new();
-    for _ in 0..3 {
-        scaled_dot_product_attention_into(&q, &k, &v, &opts, &mut out).unwrap();
-    }
-    let n = allocations_during(|| {
-        for _ in 0..10 {
-            scaled_dot_product_attention_into(&q, &k, &v, &opts, &mut out).unwrap();
-        }
+    // Threaded calls allocate nothing once warm either. In a pool of our own, every worker
+    // first runs one sequential call: its cached workspace and scratch then fit the
+    // largest group of query blocks any threaded call gives it (fewer threads, larger
+    // groups). Then a loop of threaded calls runs inside the pool (one job enters the
+    // pool from outside; the calls' own tasks stay on the workers' deques).
+    let (n_q, n_kv, d) = (600, 600, 64);
+    // Enough work to run threaded (PARALLEL_MIN_WORK in kernel/mod.rs: 4·2^20).
+    assert!(n_q * n_kv * 2 * d >= 4 << 20);
+    let (q, k, v) = (matrix(n_q, d, 1), matrix(n_kv, d, 2), matrix(n_kv, d, 3));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .start_handler(|_| count_this_thread())
+        .build()
+        .unwrap();
+    let sequential = AttentionOptions::new().with_parallelism(Parallelism::Sequential);
+    let threaded = AttentionOptions::new().with_parallelism(Parallelism::Rayon);
+    pool.broadcast(|_| {
+        let mut out = DMatrix::<f32>::zeros(n_q, d);
+        scaled_dot_product_attention_into(&q, &k, &v, &sequential, &mut out).unwrap();
     });
-    println!("10 threaded warm _into calls: {n} allocations");
+    let mut out = DMatrix::<f32>::zeros(n_q, d);
+    pool.install(|| scaled_dot_product_attention_into(&q, &k, &v, &threaded, &mut out).unwrap());
+    let n = allocations_during(|| {
+        pool.install(|| {
+            for _ in 0..10 {
+                scaled_dot_product_attention_into(&q, &k, &v, &threaded, &mut out).unwrap();
+            }
+        })
+    });
+    assert_eq!(n, 0, "10 warm threaded _into calls in a 4-thread pool");
 }

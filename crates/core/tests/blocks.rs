@@ -13,23 +13,6 @@ use attention_core::{
 };
 use attention_reference::{Causal as RefCausal, Options as RefOptions};
 use common::*;
-use nalgebra::DMatrix;
-
-/// Deterministic N(0, σ²) entries (xorshift + Box–Muller); fixed seeds keep this grid of
-/// cases reproducible, proptest covers random shapes elsewhere.
-fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    DMatrix::from_fn(rows, cols, |_, _| {
-        let (a, b) = (u(), u());
-        sigma * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-    })
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Positional {
@@ -152,5 +135,17 @@ fn wide_heads_f32_and_f64() {
     for (n, d) in [(130, 128), (70, 256)] {
         check::<f32>(n, n, d, d, Positional::None, 7);
         check::<f64>(n, n, d, d, Positional::Causal(Causal::TopLeft), 8);
+    }
+}
+
+/// Key counts just below a multiple of 256 whose padding to whole panels of 6 keys (the
+/// AVX2 kernels) reaches past it: 253–255, 511, 1021–1023. The value packing works in
+/// chunks of 256 keys and used to start a chunk past the last key (a panic on AVX2, the
+/// default path of AVX2-only CPUs; found by the long-key options properties).
+#[test]
+fn key_counts_whose_avx2_padding_crosses_a_packing_chunk() {
+    for n_kv in [253, 254, 255, 511, 1021, 1022, 1023] {
+        check::<f32>(16, n_kv, 8, 5, Positional::None, n_kv as u64);
+        check::<f64>(40, n_kv, 3, 7, Positional::Causal(Causal::BottomRight), 1);
     }
 }

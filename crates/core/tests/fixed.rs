@@ -390,23 +390,58 @@ fn projection_overflow_is_an_error() {
     );
 }
 
+/// The environment variable naming the CPU paths (`avx2`, `avx512`, comma-separated) this
+/// machine is known to lack; see `docs/TESTING.md`.
+const HOST_LACKS: &str = "ATTENTION_TEST_HOST_LACKS";
+
+/// Every test that loops over `CpuPath::supported()` silently tests fewer paths on a CPU
+/// without AVX2 or AVX-512: this fails instead, unless `ATTENTION_TEST_HOST_LACKS` names
+/// each missing path (so that a run on such a host is a decision, not an accident).
 #[test]
-fn unsupported_path_is_an_error_not_a_crash() {
+fn every_cpu_path_is_tested_or_declared_missing() {
+    let declared = std::env::var(HOST_LACKS)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let declared: Vec<&str> = declared.split(',').map(str::trim).collect();
+    for (path, name) in [(CpuPath::Avx2, "avx2"), (CpuPath::Avx512, "avx512")] {
+        assert!(
+            path.is_supported() || declared.contains(&name),
+            "this CPU lacks the {path:?} path, so no test here runs it; set \
+             {HOST_LACKS}={name} (comma-separated) if this machine is known to lack it"
+        );
+    }
+}
+
+/// Forcing a path: the supported ones run, the others are the typed error (whose message
+/// is checked here unconditionally; which CPUs lack which path is unit-tested with
+/// simulated feature sets in `kernel/cpu.rs`). A call without a forced path runs the
+/// detected one.
+#[test]
+fn forced_path_runs_or_is_the_typed_error() {
+    // Equal keys: every weight is exp(0)/80 and Σ_j 0.5 = 40 is exact in any order, so
+    // every path gives exactly 0.5 (80 queries: the fused kernel, not the row path).
+    let q = DMatrix::<f64>::from_element(80, 8, 0.5);
+    let exact = DMatrix::<f64>::from_element(80, 8, 0.5);
+    assert_eq!(self_attention(&q, &q, &q), Ok(exact.clone()));
     for path in [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512] {
-        let q = DMatrix::<f64>::from_element(80, 8, 0.1);
-        let r = self_attention(&q, &q, &q);
         let forced =
             scaled_dot_product_attention(&q, &q, &q, &AttentionOptions::new().with_cpu_path(path));
-        if path.is_supported() {
-            assert!(forced.is_ok());
+        let expected = if path.is_supported() {
+            Ok(exact.clone())
         } else {
-            assert_eq!(
-                forced.unwrap_err(),
-                AttentionError::UnsupportedCpuPath { path }
-            );
-        }
-        assert!(r.is_ok());
+            Err(AttentionError::UnsupportedCpuPath { path })
+        };
+        assert_eq!(forced, expected, "{path:?}");
     }
+    assert_eq!(
+        AttentionError::UnsupportedCpuPath {
+            path: CpuPath::Avx512
+        }
+        .to_string(),
+        "the Avx512 kernel path needs CPU features this machine lacks"
+    );
+    assert!(CpuPath::supported().contains(&CpuPath::Portable));
+    assert!(CpuPath::detect().is_supported());
 }
 
 /// Values near the type's maximum: Σ_j p_j·v_j would overflow if summed naively (up to

@@ -23,18 +23,24 @@ use attention_core::{
 use attention_reference::dot2;
 use common::{
     Problem, assert_lse_close, assert_output_close, assert_weights_close, magnitude, nan_matrix,
-    narrow, normal_matrix, problem, problem_sized, score_error, widen,
+    narrow, normal_matrix, problem, problem_in, problem_sized, score_error, widen,
 };
 use nalgebra::{DMatrix, DVector};
 use proptest::prelude::*;
 
-/// Largest n_q and n_kv.
+/// Largest n_q and n_kv of the small problems (half of the main properties' cases).
 const MAX_N: usize = 40;
 /// Largest d_k and d_v.
 const MAX_D: usize = 16;
-/// Largest n_kv of the long-key properties: several key blocks of the kernel (60 or 64
-/// keys each), so the online softmax rescales across blocks.
-const MAX_LONG_KV: usize = 160;
+/// n_q of the tiled problems (the other half): more than 8 queries, so the block kernel
+/// runs (not the row-at-a-time path), up to more than one block of 64.
+const TILED_Q: std::ops::RangeInclusive<usize> = 9..=72;
+/// n_kv of the tiled problems: three or four key tiles of the kernel (60 or 64 keys
+/// each), so the online softmax rescales across tiles with every option on.
+const TILED_KV: std::ops::RangeInclusive<usize> = 129..=200;
+/// Largest n_kv of the long-key properties: 4–5 key tiles, past the first 256-key packing
+/// chunk (at 253–255 keys the AVX2 path used to panic: see `blocks.rs`).
+const MAX_LONG_KV: usize = 300;
 
 /// Cases per property: the whole file runs in a few seconds.
 fn config() -> ProptestConfig {
@@ -290,7 +296,12 @@ impl<T: Element> Typed<T> {
 
 /// A window side: small, up to past the sequence, or unbounded.
 fn window_side() -> impl Strategy<Value = usize> {
-    prop_oneof![0..=4usize, 0..=MAX_N + 5, Just(usize::MAX)]
+    prop_oneof![
+        0..=4usize,
+        0..=MAX_N + 5,
+        0..=*TILED_KV.end() + 5,
+        Just(usize::MAX)
+    ]
 }
 
 /// Random options for an `n_q × n_kv` problem; each is present about half the time. The
@@ -359,14 +370,16 @@ struct Input {
     path: CpuPath,
 }
 
+/// Half small problems (up to [`MAX_N`] queries and keys: the row path, the direct path,
+/// one key tile), half tiled ones ([`TILED_Q`] × [`TILED_KV`]).
 fn input() -> impl Strategy<Value = Input> {
-    problem(MAX_N, MAX_D).prop_flat_map(|p| {
+    prop_oneof![problem(MAX_N, MAX_D), problem_in(TILED_Q, TILED_KV, MAX_D)].prop_flat_map(|p| {
         let (n_q, n_kv) = (p.q.nrows(), p.k.nrows());
         (Just(p), opts(n_q, n_kv), cpu_path()).prop_map(|(p, o, path)| Input { p, o, path })
     })
 }
 
-/// n_q up to 40 but n_kv up to [`MAX_LONG_KV`].
+/// n_q up to [`MAX_N`] but n_kv up to [`MAX_LONG_KV`].
 fn long_input() -> impl Strategy<Value = Input> {
     problem_sized(MAX_N, MAX_LONG_KV, MAX_D).prop_flat_map(|p| {
         let (n_q, n_kv) = (p.q.nrows(), p.k.nrows());

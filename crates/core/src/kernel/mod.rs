@@ -4,6 +4,7 @@
 
 mod block;
 pub(crate) mod careful;
+mod cpu;
 mod direct;
 pub(crate) mod exp;
 pub(crate) mod simd;

@@ -22,6 +22,7 @@ use num_traits::Zero;
 use std::arch::x86_64::*;
 
 use super::block::{self, MicroKernels, Portable};
+use super::cpu::{self, CpuFeatures};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
 use crate::{AttentionError, Element};
@@ -50,31 +51,13 @@ impl CpuPath {
     /// Whether this CPU can run the path.
     #[must_use]
     pub fn is_supported(self) -> bool {
-        match self {
-            CpuPath::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
+        CpuFeatures::detect().supports(self)
     }
 
     /// Every path this CPU can run, slowest first.
     #[must_use]
     pub fn supported() -> Vec<CpuPath> {
-        [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512]
-            .into_iter()
-            .filter(|p| p.is_supported())
-            .collect()
+        CpuFeatures::detect().supported()
     }
 
     /// The path calls use by default: the one `ATTENTION_CPU_PATH` names if it is set
@@ -83,18 +66,8 @@ impl CpuPath {
     pub fn detect() -> CpuPath {
         static DETECTED: OnceLock<CpuPath> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            let forced = std::env::var("ATTENTION_CPU_PATH").ok().and_then(|name| {
-                match name.to_ascii_lowercase().as_str() {
-                    "portable" => Some(CpuPath::Portable),
-                    "avx2" => Some(CpuPath::Avx2),
-                    "avx512" => Some(CpuPath::Avx512),
-                    _ => None,
-                }
-            });
-            match forced {
-                Some(p) if p.is_supported() => p,
-                _ => *CpuPath::supported().last().unwrap_or(&CpuPath::Portable),
-            }
+            let env = std::env::var(cpu::ENV_VAR).ok();
+            cpu::choose(CpuFeatures::detect(), env.as_deref())
         })
     }
 
@@ -104,21 +77,14 @@ impl CpuPath {
     pub(crate) fn forced_by_env() -> bool {
         static FORCED: OnceLock<bool> = OnceLock::new();
         *FORCED.get_or_init(|| {
-            std::env::var("ATTENTION_CPU_PATH").is_ok_and(|name| {
-                [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512]
-                    .into_iter()
-                    .any(|p| p.is_supported() && format!("{p:?}").eq_ignore_ascii_case(&name))
-            })
+            let env = std::env::var(cpu::ENV_VAR).ok();
+            cpu::forced(CpuFeatures::detect(), env.as_deref())
         })
     }
 
     /// `Ok(self)` if supported, else the typed error.
     pub(crate) fn check(self) -> Result<CpuPath, AttentionError> {
-        if self.is_supported() {
-            Ok(self)
-        } else {
-            Err(AttentionError::UnsupportedCpuPath { path: self })
-        }
+        cpu::check(self, CpuFeatures::detect())
     }
 }
 
@@ -710,16 +676,37 @@ mod tests {
         }
     }
 
+    /// Whether to test `path` (named `name` in `ATTENTION_TEST_HOST_LACKS`): true if this
+    /// CPU has it; false if it lacks it and the variable names it; otherwise the test
+    /// fails, so that a host without AVX2 or AVX-512 cannot pass without testing them
+    /// unless someone said it lacks them (see `docs/TESTING.md`).
+    fn must_test(path: CpuPath, name: &str) -> bool {
+        if path.is_supported() {
+            return true;
+        }
+        let declared = std::env::var("ATTENTION_TEST_HOST_LACKS").unwrap_or_default();
+        assert!(
+            declared
+                .to_ascii_lowercase()
+                .split(',')
+                .any(|d| d.trim() == name),
+            "this CPU lacks the {path:?} path, so its exponential is untested; set \
+             ATTENTION_TEST_HOST_LACKS={name} (comma-separated) if that is expected"
+        );
+        eprintln!("{path:?} not tested: ATTENTION_TEST_HOST_LACKS says this CPU lacks it");
+        false
+    }
+
     /// The vector exponential of every SIMD path, against `std`, and its special values.
     #[test]
     fn vector_exp_within_2_ulp_on_every_path() {
-        if CpuPath::Avx512.is_supported() {
-            // SAFETY: AVX-512F, AVX2 and FMA were detected just above.
+        if must_test(CpuPath::Avx512, "avx512") {
+            // SAFETY: AVX-512F, AVX2 and FMA were detected (`is_supported`) just above.
             let (w32, w64) = unsafe { avx512_worst() };
             assert!(w32 <= 2 && w64 <= 2, "AVX-512 exp: {w32} / {w64} ulp");
         }
-        if CpuPath::Avx2.is_supported() {
-            // SAFETY: AVX2 and FMA were detected just above.
+        if must_test(CpuPath::Avx2, "avx2") {
+            // SAFETY: AVX2 and FMA were detected (`is_supported`) just above.
             let (w32, w64) = unsafe { avx2_worst() };
             assert!(w32 <= 2 && w64 <= 2, "AVX2 exp: {w32} / {w64} ulp");
         }

@@ -23,7 +23,11 @@
 //! small, e.g. scores near 1e4 in f32), never by more.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
-use attention_core::Element;
+use std::sync::OnceLock;
+
+use attention_core::{
+    AttentionOptions, CpuPath, Element, Parallelism, scaled_dot_product_attention_with_lse,
+};
 use nalgebra::DMatrix;
 use proptest::prelude::*;
 
@@ -49,6 +53,22 @@ pub fn normal_matrix(rows: usize, cols: usize, scale: f64) -> impl Strategy<Valu
             .map(|&(a, b)| scale * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos())
             .collect();
         DMatrix::from_vec(rows, cols, vals)
+    })
+}
+
+/// Deterministic N(0, σ²) entries (xorshift + Box–Muller), for fixed grids of cases that
+/// must be reproducible without proptest.
+pub fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut u = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    DMatrix::from_fn(rows, cols, |_, _| {
+        let (a, b) = (u(), u());
+        sigma * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
     })
 }
 
@@ -89,9 +109,18 @@ pub fn problem(max_n: usize, max_d: usize) -> impl Strategy<Value = Problem> {
 
 /// As [`problem`], with separate limits for n_q and n_kv.
 pub fn problem_sized(max_q: usize, max_kv: usize, max_d: usize) -> impl Strategy<Value = Problem> {
+    problem_in(0..=max_q, 0..=max_kv, max_d)
+}
+
+/// As [`problem`], with n_q and n_kv drawn from the given ranges.
+pub fn problem_in(
+    n_q: std::ops::RangeInclusive<usize>,
+    n_kv: std::ops::RangeInclusive<usize>,
+    max_d: usize,
+) -> impl Strategy<Value = Problem> {
     (
-        0..=max_q,
-        0..=max_kv,
+        n_q,
+        n_kv,
         1..=max_d,
         1..=max_d,
         magnitude(),
@@ -209,4 +238,80 @@ pub fn assert_weights_close(
 /// A matrix of the given shape filled with NaN, to show unwritten outputs.
 pub fn nan_matrix<T: Element>(rows: usize, cols: usize) -> DMatrix<T> {
     DMatrix::from_element(rows, cols, T::from_f64_rounded(f64::NAN))
+}
+
+/// Work (multiply-adds `n_q·n_kv·(d_k + d_v)`) from which the kernel splits a call over
+/// threads: `PARALLEL_MIN_WORK` in `kernel/mod.rs`, restated here (not exported).
+pub const PARALLEL_MIN_WORK: usize = 4 << 20;
+/// Queries up to which the kernel uses its row-at-a-time path, which never runs threads:
+/// `DIRECT_MAX_QUERIES` in `kernel/mod.rs`.
+pub const DIRECT_MAX_QUERIES: usize = 8;
+
+/// Rayon pools of 1, 2 and 7 threads (built once per test binary). One thread runs
+/// rayon's code with the largest groups of query blocks; two is this machine's core
+/// count; seven is more threads than cores and splits the blocks unevenly.
+pub fn pools() -> &'static [(usize, rayon::ThreadPool)] {
+    static POOLS: OnceLock<Vec<(usize, rayon::ThreadPool)>> = OnceLock::new();
+    POOLS.get_or_init(|| {
+        [1, 2, 7]
+            .into_iter()
+            .map(|t| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .expect("a thread pool");
+                (t, pool)
+            })
+            .collect()
+    })
+}
+
+/// Asserts that threads change no bit: on every CPU path this machine has, the call with
+/// `Parallelism::Sequential` and the call with `Parallelism::Rayon` inside each of
+/// [`pools`] give the same bits of output and log-sum-exp (so −0 ≠ +0).
+///
+/// Panics if the problem is too small for the kernel to split it over threads (then both
+/// calls would run the same single-threaded code and the comparison could not fail).
+pub fn assert_thread_count_irrelevant<T: Element>(
+    q: &DMatrix<T>,
+    k: &DMatrix<T>,
+    v: &DMatrix<T>,
+    options: &AttentionOptions<'_, T>,
+    label: &str,
+) {
+    let (n_q, n_kv, d_k, d_v) = (q.nrows(), k.nrows(), q.ncols(), v.ncols());
+    assert!(
+        n_q * n_kv * (d_k + d_v) >= PARALLEL_MIN_WORK && n_q > DIRECT_MAX_QUERIES,
+        "{label}: {n_q}x{n_kv}, d_k={d_k}, d_v={d_v} is too small to run threaded"
+    );
+    let bits = |(out, lse): &(DMatrix<T>, nalgebra::DVector<T>)| -> Vec<u64> {
+        out.iter()
+            .chain(lse.iter())
+            .map(|x| x.to_f64().to_bits())
+            .collect()
+    };
+    for path in CpuPath::supported() {
+        let on = |par| options.clone().with_cpu_path(path).with_parallelism(par);
+        let run = |o: &AttentionOptions<'_, T>| {
+            scaled_dot_product_attention_with_lse(q, k, v, o)
+                .unwrap_or_else(|e| panic!("{label} {path:?}: {e}"))
+        };
+        let sequential = bits(&run(&on(Parallelism::Sequential)));
+        for (threads, pool) in pools() {
+            let threaded = bits(&pool.install(|| run(&on(Parallelism::Rayon))));
+            if let Some(idx) = (0..sequential.len()).find(|&i| sequential[i] != threaded[i]) {
+                let what = if idx < n_q * d_v {
+                    format!("output[{}, {}]", idx % n_q, idx / n_q)
+                } else {
+                    format!("lse[{}]", idx - n_q * d_v)
+                };
+                panic!(
+                    "{label} {path:?}: {threads} threads change {what}: {} sequential, {} threaded",
+                    f64::from_bits(sequential[idx]),
+                    f64::from_bits(threaded[idx])
+                );
+            }
+            assert_eq!(sequential.len(), threaded.len(), "{label}: lengths");
+        }
+    }
 }
