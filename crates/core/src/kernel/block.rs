@@ -17,6 +17,27 @@
 //! and at the end `out = acc / l`, `lse = m + ln l`. When `m' = −∞` (nothing allowed yet)
 //! the step uses 0 in place of `m'` so that every `p_j = exp(−∞) = 0` and nothing is NaN.
 //!
+//! # Accuracy
+//! A row's sums `l = Σ_j p_j` and `acc_c = Σ_j p_j·v_jc` run over all `n_kv` keys. Added
+//! one by one into a single accumulator of the element type, each term would be rounded
+//! up to `n_kv` times: a relative error up to `n_kv·u` (`u = T::EPSILON`), e.g. 1.005
+//! instead of 1 for f32 at 2²⁰ keys. So each sum is computed in two levels:
+//! ```text
+//! P_J = Σ_{j∈J} p_j·v_j,  L_J = Σ_{j∈J} p_j      in T, from zero, over the BK ≤ 64 keys of tile J
+//! acc' = α·acc + P_J,      l' = α·l + L_J         in f64, α = exp(m − m') computed in f64
+//! ```
+//! A term is then rounded at most `BK` times in T (its product and the additions after it
+//! within its tile) and at most `2·(tiles − 1)` times in f64 (the FMA, or multiply and add,
+//! of each later tile; the first tile's flush into 0 is exact), and it is multiplied by at
+//! most `tiles − 1` rescale factors, each within 2 ulp of f64. Relative to `Σ_j |p_j·v_j|`:
+//! ```text
+//! |error| ≤ BK·u/2 + 3·(⌈n_kv/BK⌉ − 1)·u₆₄          (u₆₄ = f64::EPSILON)
+//! ```
+//! For f32 the second term is below `10⁻⁴·u` for any `n_kv ≤ 2²⁴`: the error no longer
+//! grows with the row. For f64 it is the two-level bound, `⌈n_kv/BK⌉` instead of `n_kv`.
+//! The output `acc / l` and `lse = m + ln l` are computed in f64 and rounded once to T.
+//! Every sum's order depends only on the problem's sizes, never on threads.
+//!
 //! The body ([`q_group`], [`tile`]) is `#[inline(always)]` and generic over its four inner
 //! loops ([`MicroKernels`]); `simd.rs` instantiates it once per CPU path inside
 //! `#[target_feature]` functions with SIMD micro-kernels, and once with the [`Portable`]
@@ -99,8 +120,8 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
             dst[rows..].fill(T::zero());
         });
         m[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
-        l[b * bq..(b + 1) * bq].fill(T::zero());
-        acc[b * dvp * bq..(b + 1) * dvp * bq].fill(T::zero());
+        l[b * bq..(b + 1) * bq].fill(0.0);
+        acc[b * dvp * bq..(b + 1) * dvp * bq].fill(0.0);
         // The causal/window band is monotone in i.
         let (lo_first, hi_first) = spec.key_range(i0);
         let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
@@ -156,25 +177,25 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         let rows = cur.rows;
         // No key allowed (l = 0): output 0, lse −∞ (the documented fully-masked rule).
         for r in 0..rows {
-            lse[r] = if l[r] == T::zero() {
+            lse[r] = if l[r] == 0.0 {
                 T::NEG_INFINITY
             } else {
-                m[r] + l[r].ln()
+                T::from_f64_rounded(m[r].to_f64() + l[r].ln())
             };
         }
-        // out = acc / l (times the column's power-of-two unscale), lane by lane so that it
-        // vectorises; the result is a convex combination of values and cannot overflow, the
-        // check is a guard.
+        // out = acc / l (times the column's power-of-two unscale) in f64, rounded once to T,
+        // lane by lane so that it vectorises; the result is a convex combination of values
+        // and cannot overflow, the check is a guard.
         let mut all_finite = true;
         for c in 0..d_v {
-            let unscale = job.v_unscale.get(c).copied().unwrap_or(T::one());
+            let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
             let src = &acc[c * bq..c * bq + rows];
             let dst = &mut out[c * bq..c * bq + rows];
             for r in 0..rows {
-                let o = if l[r] == T::zero() {
+                let o = if l[r] == 0.0 {
                     T::zero()
                 } else {
-                    src[r] / l[r] * unscale
+                    T::from_f64_rounded(src[r] / l[r] * unscale)
                 };
                 all_finite &= o.finite();
                 dst[r] = o;
@@ -205,11 +226,11 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     j0: usize,
     jn: usize,
     qt: &[T],
-    acc: &mut [T],
+    acc: &mut [f64],
     m: &mut [T],
-    l: &mut [T],
+    l: &mut [f64],
     s: &mut [T],
-    alpha: &mut [T],
+    alpha: &mut [f64],
     m_ref: &mut [T],
     l_blk: &mut [T],
 ) -> Result<(), AttentionError> {
@@ -264,9 +285,15 @@ fn tile<T: Element, MK: MicroKernels<T>>(
 /// - `scores`: `s[j][r] = scale · Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
 ///   (a multiple of `MR`); false if any result is not finite (`probe`: `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
-///   turning scores into `p`, updating `m`, `l` and writing `alpha`;
-/// - `pv`: `acc[c][r] = alpha[r]·acc[c][r] + Σ_j vp[j][c] · p[j][r]`, `c < dvp` (a
+///   turning scores into `p`, updating `m`, `l` and writing `alpha`: `α` in f64 from the
+///   maxima widened to f64, `l[r] = α[r]·l[r] + L[r]` in f64 where `L[r] = Σ_j p[j][r]` is
+///   summed in T from zero, in key order (`l_blk`: `BQ` scratch);
+/// - `pv`: `acc[c][r] = alpha[r]·acc[c][r] + P[c][r]` in f64, where
+///   `P[c][r] = Σ_j vp[j][c] · p[j][r]` is summed in T from zero, in key order; `c < dvp` (a
 ///   multiple of `MRV`).
+///
+/// With `V ≡ 1` the two updates perform the same operations (`fma(1, p, a) = p + a`), so
+/// `acc = l` exactly.
 pub(super) trait MicroKernels<T: Element> {
     /// Keys per register tile and per packed K panel.
     const MR: usize;
@@ -280,12 +307,12 @@ pub(super) trait MicroKernels<T: Element> {
     fn softmax_step(
         s: &mut [T],
         m: &mut [T],
-        l: &mut [T],
-        alpha: &mut [T],
+        l: &mut [f64],
+        alpha: &mut [f64],
         m_ref: &mut [T],
         l_blk: &mut [T],
     );
-    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [T], alpha: &[T]);
+    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [f64], alpha: &[f64]);
 }
 
 /// Plain-Rust micro-kernels over fixed-size arrays (`MR × NR` register tiles), with or
@@ -323,8 +350,8 @@ impl<
     fn softmax_step(
         s: &mut [T],
         m: &mut [T],
-        l: &mut [T],
-        alpha: &mut [T],
+        l: &mut [f64],
+        alpha: &mut [f64],
         m_ref: &mut [T],
         l_blk: &mut [T],
     ) {
@@ -332,7 +359,7 @@ impl<
         softmax_step::<T, FMA, BQ>(s, jpad, m, l, alpha, m_ref, l_blk);
     }
     #[inline(always)]
-    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [T], alpha: &[T]) {
+    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [f64], alpha: &[f64]) {
         pv::<T, FMA, NR, BQ, MRV>(p, vp, dvp, acc, alpha);
     }
 }
@@ -419,8 +446,8 @@ fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
     s: &mut [T],
     jpad: usize,
     m: &mut [T],
-    l: &mut [T],
-    alpha: &mut [T],
+    l: &mut [f64],
+    alpha: &mut [f64],
     m_ref: &mut [T],
     l_blk: &mut [T],
 ) {
@@ -439,7 +466,8 @@ fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
         } else {
             m_new
         };
-        alpha[r] = (m[r] - m_use).exp_nonpos::<FMA>();
+        // In f64, where the difference of the maxima is exact for f32.
+        alpha[r] = (m[r].to_f64() - m_use.to_f64()).exp_nonpos::<FMA>();
         m[r] = m_new;
         m_ref[r] = m_use;
         m_blk[r] = T::zero();
@@ -454,30 +482,25 @@ fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
         }
     }
     for r in 0..BQ {
-        l[r] = madd::<T, FMA>(alpha[r], l[r], l_blk[r]);
+        l[r] = madd::<f64, FMA>(alpha[r], l[r], l_blk[r].to_f64());
     }
 }
 
-/// `acc[c][r] = α[r]·acc[c][r] + Σ_j vp[j][c] · p[j][r]`.
+/// `acc[c][r] = α[r]·acc[c][r] + P[c][r]` in f64, `P[c][r] = Σ_j vp[j][c] · p[j][r]` in T
+/// from zero.
 #[inline(always)]
 fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: usize>(
     p: &[T],
     vp: &[T],
     dvp: usize,
-    acc: &mut [T],
-    alpha: &[T],
+    acc: &mut [f64],
+    alpha: &[f64],
 ) {
     let jpad = p.len() / BQ;
     for ct in (0..dvp).step_by(MRV) {
         for rt in (0..BQ).step_by(NR) {
-            let al: &[T; NR] = alpha[rt..rt + NR].try_into().unwrap();
+            let al: &[f64; NR] = alpha[rt..rt + NR].try_into().unwrap();
             let mut a = [[T::zero(); NR]; MRV];
-            for (mi, row) in a.iter_mut().enumerate() {
-                let src = &acc[(ct + mi) * BQ + rt..(ct + mi) * BQ + rt + NR];
-                for r in 0..NR {
-                    row[r] = src[r] * al[r];
-                }
-            }
             for j in 0..jpad {
                 let pr: &[T; NR] = p[j * BQ + rt..j * BQ + rt + NR].try_into().unwrap();
                 let vr: &[T; MRV] = vp[j * dvp + ct..j * dvp + ct + MRV].try_into().unwrap();
@@ -488,7 +511,10 @@ fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: 
                 }
             }
             for (mi, row) in a.iter().enumerate() {
-                acc[(ct + mi) * BQ + rt..(ct + mi) * BQ + rt + NR].copy_from_slice(row);
+                let dst = &mut acc[(ct + mi) * BQ + rt..(ct + mi) * BQ + rt + NR];
+                for r in 0..NR {
+                    dst[r] = madd::<f64, FMA>(al[r], dst[r], row[r].to_f64());
+                }
             }
         }
     }

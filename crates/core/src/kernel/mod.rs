@@ -34,13 +34,16 @@ pub(crate) struct Job<'a, T: Element> {
 }
 
 /// Per-thread working memory of the block kernel, reused from call to call.
+///
+/// The running sums across key tiles (`acc`, `l`) and the rescale factors `alpha` are f64
+/// whatever `T` is: see "Accuracy" in `block.rs`.
 pub(crate) struct Scratch<T> {
     pub qt: Vec<T>,
     pub s: Vec<T>,
-    pub acc: Vec<T>,
+    pub acc: Vec<f64>,
     pub m: Vec<T>,
-    pub l: Vec<T>,
-    pub alpha: Vec<T>,
+    pub l: Vec<f64>,
+    pub alpha: Vec<f64>,
     pub m_ref: Vec<T>,
     pub l_blk: Vec<T>,
 }
@@ -68,15 +71,21 @@ impl<T: Element> Scratch<T> {
         for (buf, len) in [
             (&mut self.qt, group * d_k * bq),
             (&mut self.s, kernel.bk * bq),
-            (&mut self.acc, group * dvp * bq),
             (&mut self.m, group * bq),
-            (&mut self.l, group * bq),
-            (&mut self.alpha, bq),
             (&mut self.m_ref, bq),
             (&mut self.l_blk, bq),
         ] {
             if buf.len() < len {
                 buf.resize(len, T::zero());
+            }
+        }
+        for (buf, len) in [
+            (&mut self.acc, group * dvp * bq),
+            (&mut self.l, group * bq),
+            (&mut self.alpha, bq),
+        ] {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
             }
         }
     }
@@ -280,8 +289,9 @@ fn fused<T: Element>(
     // Groups of query blocks share each super-block of K and V while it is in cache
     // (see `block::q_group`): a group's Qᵀ and accumulators, and a super-block of K and V,
     // each take about `GROUP_BYTES`. Keep at least 4 groups per thread for balance.
+    // Qᵀ is in T, the accumulators in f64.
     let elem = std::mem::size_of::<T>();
-    let per_block = (d_k + dvp).max(1) * bq * elem;
+    let per_block = (d_k * elem + dvp * std::mem::size_of::<f64>()).max(1) * bq;
     let threads = if parallel {
         rayon::current_num_threads()
     } else {

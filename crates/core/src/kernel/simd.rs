@@ -153,6 +153,13 @@ trait Lanes {
     type V: Copy;
     /// Lanes per vector.
     const N: usize;
+    /// The f64 vectors of the same instruction set (`Self` for f64): the kernels' running
+    /// sums are kept in f64 (see "Accuracy" in `block.rs`).
+    type W: Lanes<T = f64>;
+    /// How many `W` vectors one vector widens to: `N = PARTS · W::N` (2 for f32, 1 for f64).
+    const PARTS: usize;
+    /// Lanes `k·W::N ..` of `v` (`k < PARTS`) widened to f64, exactly.
+    unsafe fn widen(v: Self::V, k: usize) -> <Self::W as Lanes>::V;
     unsafe fn splat(x: Self::T) -> Self::V;
     unsafe fn load(p: *const Self::T) -> Self::V;
     unsafe fn store(p: *mut Self::T, v: Self::V);
@@ -195,7 +202,8 @@ macro_rules! lanes {
     ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal,
      set1 = $set1:ident, loadu = $loadu:ident, storeu = $storeu:ident, add = $add:ident,
      sub = $sub:ident, mul = $mul:ident, fmadd = $fmadd:ident, max = $max:ident,
-     pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr) => {
+     pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr,
+     wide = $w:ty, parts = $parts:literal, widen = |$wv:ident, $wk:ident| $widen:expr) => {
         #[cfg(target_arch = "x86_64")]
         struct $name;
         #[cfg(target_arch = "x86_64")]
@@ -203,6 +211,14 @@ macro_rules! lanes {
             type T = $t;
             type V = $v;
             const N: usize = $n;
+            type W = $w;
+            const PARTS: usize = $parts;
+            #[inline(always)]
+            #[allow(unused_unsafe)] // for f64 it is the identity
+            unsafe fn widen($wv: $v, $wk: usize) -> <$w as Lanes>::V {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $widen }
+            }
             #[inline(always)]
             unsafe fn splat(x: $t) -> $v {
                 // SAFETY: the trait's contract: the CPU has `$features`.
@@ -278,7 +294,16 @@ lanes!(
             _mm512_set1_epi32(127),
         )))
     },
-    zero_below = |x, c, y| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx512F64,
+    parts = 2,
+    widen = |v, k| if k == 0 {
+        _mm512_cvtps_pd(_mm512_castps512_ps256(v))
+    } else {
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(v),
+        )))
+    }
 );
 
 lanes!(
@@ -305,7 +330,10 @@ lanes!(
             _mm512_set1_epi64(1023),
         )))
     },
-    zero_below = |x, c, y| _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx512F64,
+    parts = 1,
+    widen = |v, _k| v
 );
 
 lanes!(
@@ -329,7 +357,14 @@ lanes!(
             _mm256_set1_epi32(127),
         )))
     },
-    zero_below = |x, c, y| _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx2F64,
+    parts = 2,
+    widen = |v, k| if k == 0 {
+        _mm256_cvtps_pd(_mm256_castps256_ps128(v))
+    } else {
+        _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v))
+    }
 );
 
 lanes!(
@@ -356,7 +391,10 @@ lanes!(
             _mm256_set1_epi64x(1023),
         )))
     },
-    zero_below = |x, c, y| _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx2F64,
+    parts = 1,
+    widen = |v, _k| v
 );
 
 /// SIMD micro-kernels: register tiles of `MR` keys (or `MRV` value columns) × `NV` vectors
@@ -439,22 +477,26 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     fn softmax_step(
         s: &mut [L::T],
         m: &mut [L::T],
-        l: &mut [L::T],
-        alpha: &mut [L::T],
+        l: &mut [f64],
+        alpha: &mut [f64],
         _m_ref: &mut [L::T],
         _l_blk: &mut [L::T],
     ) {
         let jpad = s.len() / BQ;
         assert!(
             BQ.is_multiple_of(L::N)
+                && L::N == L::PARTS * <L::W as Lanes>::N
                 && s.len() == jpad * BQ
                 && m.len() >= BQ
                 && l.len() >= BQ
                 && alpha.len() >= BQ
         );
         let s = s.as_mut_ptr();
-        // SAFETY: CPU features: see the type's documentation. Bounds: rt + N ≤ BQ, so
-        // every vector lies in the first BQ of m, l, alpha and in row j < jpad of `s`.
+        // SAFETY: CPU features: see the type's documentation (`L::W` is the f64 type of
+        // the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies in the first
+        // BQ of m and in row j < jpad of `s`; the f64 vectors at rt + k·W::N with
+        // k < PARTS cover the same N lanes of l and alpha (N = PARTS·W::N), so they too
+        // lie in the first BQ.
         unsafe {
             let neg_inf = L::splat(L::T::NEG_INFINITY);
             // m' = −∞ (nothing allowed yet) is replaced by the lowest finite number, so
@@ -468,26 +510,33 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 let m_old = L::load(m.as_ptr().add(rt));
                 let m_new = L::max(m_old, m_blk);
                 let m_use = L::max(m_new, lowest);
-                let a = exp_v::<L>(L::sub(m_old, m_use));
                 L::store(m.as_mut_ptr().add(rt), m_new);
-                L::store(alpha.as_mut_ptr().add(rt), a);
                 let mut l_blk = L::splat(L::T::zero());
                 for j in 0..jpad {
                     let e = exp_v::<L>(L::sub(L::load(s.add(j * BQ + rt)), m_use));
                     L::store(s.add(j * BQ + rt), e);
                     l_blk = L::add(l_blk, e);
                 }
-                let l_old = L::load(l.as_ptr().add(rt));
-                L::store(l.as_mut_ptr().add(rt), L::fma(a, l_old, l_blk));
+                // α = exp(m_old − m_use) and l = α·l + l_blk, in f64.
+                for k in 0..L::PARTS {
+                    let at = rt + k * <L::W as Lanes>::N;
+                    let diff = <L::W as Lanes>::sub(L::widen(m_old, k), L::widen(m_use, k));
+                    let a = exp_v::<L::W>(diff);
+                    <L::W as Lanes>::store(alpha.as_mut_ptr().add(at), a);
+                    let l_old = <L::W as Lanes>::load(l.as_ptr().add(at));
+                    let l_new = <L::W as Lanes>::fma(a, l_old, L::widen(l_blk, k));
+                    <L::W as Lanes>::store(l.as_mut_ptr().add(at), l_new);
+                }
             }
         }
     }
 
     #[inline(always)]
-    fn pv(p: &[L::T], vp: &[L::T], dvp: usize, acc: &mut [L::T], alpha: &[L::T]) {
+    fn pv(p: &[L::T], vp: &[L::T], dvp: usize, acc: &mut [f64], alpha: &[f64]) {
         let jpad = p.len() / BQ;
         assert!(
             BQ.is_multiple_of(NV * L::N)
+                && L::N == L::PARTS * <L::W as Lanes>::N
                 && p.len() == jpad * BQ
                 && dvp.is_multiple_of(MRV)
                 && vp.len() >= jpad * dvp
@@ -495,22 +544,17 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 && alpha.len() >= BQ
         );
         let (p, vp, accp) = (p.as_ptr(), vp.as_ptr(), acc.as_mut_ptr());
-        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
-        // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
-        // acc[(ct + m)·BQ + rt + v·N ..][..N] < dvp·BQ; alpha[rt + v·N ..][..N] < BQ.
+        // SAFETY: CPU features: see the type's documentation (`L::W` is the f64 type of
+        // the same instruction set). Bounds, from the assert: p[j·BQ + rt + v·N ..][..N]
+        // with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp; in f64,
+        // acc[(ct + m)·BQ + rt + v·N + k·W::N ..][..W::N] and alpha[rt + v·N + k·W::N ..]
+        // [..W::N] with k < PARTS lie in the N lanes from rt + v·N (N = PARTS·W::N), so
+        // below dvp·BQ and BQ.
         unsafe {
             for ct in (0..dvp).step_by(MRV) {
                 for rt in (0..BQ).step_by(NV * L::N) {
-                    let mut al = [L::splat(L::T::zero()); NV];
-                    for (v, a) in al.iter_mut().enumerate() {
-                        *a = L::load(alpha.as_ptr().add(rt + v * L::N));
-                    }
+                    // The tile's partial sums, in T from zero.
                     let mut tile = [[L::splat(L::T::zero()); NV]; MRV];
-                    for (m, row) in tile.iter_mut().enumerate() {
-                        for (v, t) in row.iter_mut().enumerate() {
-                            *t = L::mul(L::load(accp.add((ct + m) * BQ + rt + v * L::N)), al[v]);
-                        }
-                    }
                     for j in 0..jpad {
                         let mut pv = [L::splat(L::T::zero()); NV];
                         for (v, x) in pv.iter_mut().enumerate() {
@@ -523,9 +567,17 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                             }
                         }
                     }
-                    for (m, row) in tile.iter().enumerate() {
-                        for (v, &t) in row.iter().enumerate() {
-                            L::store(accp.add((ct + m) * BQ + rt + v * L::N), t);
+                    // acc = α·acc + partial, in f64.
+                    for v in 0..NV {
+                        for k in 0..L::PARTS {
+                            let at = rt + v * L::N + k * <L::W as Lanes>::N;
+                            let a = <L::W as Lanes>::load(alpha.as_ptr().add(at));
+                            for (m, row) in tile.iter().enumerate() {
+                                let dst = accp.add((ct + m) * BQ + at);
+                                let old = <L::W as Lanes>::load(dst);
+                                let new = <L::W as Lanes>::fma(a, old, L::widen(row[v], k));
+                                <L::W as Lanes>::store(dst, new);
+                            }
                         }
                     }
                 }
