@@ -9,16 +9,17 @@
 //!
 //! # Accuracy
 //! Both sums run over all `n_kv` keys, so they are computed in two levels (see
-//! [`weighted_sum`]): keys in blocks of [`BLOCK`] = 64, each block in [`LANES`] = 8 lanes
-//! (key `j` in lane `j mod 8`) summed in T from zero, so at most 8 terms per lane; each
+//! [`weighted_sum`]): keys in blocks of [`BLOCK`] = 512, each block in [`LANES`] = 8 lanes
+//! (key `j` in lane `j mod 8`) summed in T from zero, so at most 64 terms per lane; each
 //! lane's block sums are added into an f64 lane accumulator, and the 8 accumulators are
-//! added pairwise at the end. A term is rounded at most 8 times in T and at most
-//! `⌈n_kv/64⌉ + 2` times in f64; relative to `Σ_j |e_j·v_jc|`:
+//! added pairwise at the end. A term is rounded at most `min(⌈n_kv/8⌉, 64)` times in T and
+//! at most `⌈n_kv/512⌉ + 2` times in f64; relative to `Σ_j |e_j·v_jc|`:
 //! ```text
-//! |error| ≤ 8·u/2 + (⌈n_kv/64⌉ + 2)·u₆₄/2          (u = T::EPSILON, u₆₄ = f64::EPSILON)
+//! |error| ≤ min(⌈n_kv/8⌉, 64)·u/2 + (⌈n_kv/512⌉ + 2)·u₆₄/2     (u₆₄ = f64::EPSILON)
 //! ```
-//! which for f32 does not grow with `n_kv` (below `5u` for any `n_kv ≤ 2³⁰`). `l` is summed
-//! the same way as each numerator (so `V ≡ 1` gives exactly 1); the division, `ln` and
+//! which for f32 does not grow with `n_kv` (below `33u` for any `n_kv ≤ 2³⁰`); for f64 it
+//! is the block kernel's bound (`kernel/block.rs`, "Accuracy") or less. `l` is summed the
+//! same way as each numerator (so `V ≡ 1` gives exactly 1); the division, `ln` and
 //! `m + ln l` are computed in f64 and rounded once to T.
 
 use nalgebra::DMatrix;
@@ -30,8 +31,8 @@ use crate::{AttentionError, Element};
 /// Keys whose scores fit the stack buffer of tiny calls.
 pub(super) const STACK_KEYS: usize = 64;
 
-/// Keys per block of the two-level sums (see the module documentation).
-const BLOCK: usize = 64;
+/// Keys per block of the two-level sums, 64 per lane (see the module documentation).
+const BLOCK: usize = 512;
 /// Independent partial sums per block: lanes the compiler can vectorise.
 const LANES: usize = 8;
 

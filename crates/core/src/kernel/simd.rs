@@ -21,7 +21,7 @@ use num_traits::Zero;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::block::{self, MicroKernels, Portable};
+use super::block::{self, Factors, MicroKernels, Portable, Step, Sums};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
 use crate::{AttentionError, Element};
@@ -194,6 +194,44 @@ unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
             p = L::fma(p, r, L::splat(ci));
         }
         L::zero_below(x, cutoff, L::mul(p, L::pow2_shifted(t)))
+    }
+}
+
+/// `block::span_update` for a vector of partial sums `x` (`N` rows from the pointers):
+/// `value = x` (first tile of a span) or `α·span + x`, in T; stored to `span`, or when
+/// flushing added to the f64 running sums instead, `run = β·run + value`.
+///
+/// # Safety
+/// The CPU must have `L`'s features; `span` must be valid for `N` elements of T, `beta`
+/// and `run` for `N` f64 (unaligned is fine).
+#[inline(always)]
+unsafe fn span_update_v<L: Lanes>(
+    step: Step,
+    x: L::V,
+    alpha: L::V,
+    beta: *const f64,
+    span: *mut L::T,
+    run: *mut f64,
+) {
+    // SAFETY: the caller guarantees the CPU features and the pointers' extents; the f64
+    // vectors at k·W::N with k < PARTS cover exactly N = PARTS·W::N lanes.
+    unsafe {
+        let value = if step.first {
+            x
+        } else {
+            L::fma(alpha, L::load(span), x)
+        };
+        if step.flush {
+            for k in 0..L::PARTS {
+                let at = k * <L::W as Lanes>::N;
+                let b = <L::W as Lanes>::load(beta.add(at));
+                let old = <L::W as Lanes>::load(run.add(at));
+                let new = <L::W as Lanes>::fma(b, old, L::widen(value, k));
+                <L::W as Lanes>::store(run.add(at), new);
+            }
+        } else {
+            L::store(span, value);
+        }
     }
 }
 
@@ -476,27 +514,31 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     #[inline(always)]
     fn softmax_step(
         s: &mut [L::T],
-        m: &mut [L::T],
-        l: &mut [f64],
-        alpha: &mut [f64],
-        _m_ref: &mut [L::T],
-        _l_blk: &mut [L::T],
+        step: Step,
+        sums: &mut Sums<'_, L::T>,
+        factors: &mut Factors<'_, L::T>,
     ) {
         let jpad = s.len() / BQ;
         assert!(
             BQ.is_multiple_of(L::N)
                 && L::N == L::PARTS * <L::W as Lanes>::N
                 && s.len() == jpad * BQ
-                && m.len() >= BQ
-                && l.len() >= BQ
-                && alpha.len() >= BQ
+                && sums.m.len() >= BQ
+                && sums.m_run.len() >= BQ
+                && sums.l.len() >= BQ
+                && sums.l_span.len() >= BQ
+                && factors.alpha.len() >= BQ
+                && factors.beta.len() >= BQ
         );
         let s = s.as_mut_ptr();
+        let (m, m_run) = (sums.m.as_mut_ptr(), sums.m_run.as_mut_ptr());
+        let (l, l_span) = (sums.l.as_mut_ptr(), sums.l_span.as_mut_ptr());
+        let (alpha, beta) = (factors.alpha.as_mut_ptr(), factors.beta.as_mut_ptr());
         // SAFETY: CPU features: see the type's documentation (`L::W` is the f64 type of
         // the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies in the first
-        // BQ of m and in row j < jpad of `s`; the f64 vectors at rt + k·W::N with
-        // k < PARTS cover the same N lanes of l and alpha (N = PARTS·W::N), so they too
-        // lie in the first BQ.
+        // BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the f64 vectors at
+        // rt + k·W::N with k < PARTS cover the same N lanes of l and beta (N = PARTS·W::N),
+        // so they too lie in the first BQ.
         unsafe {
             let neg_inf = L::splat(L::T::NEG_INFINITY);
             // m' = −∞ (nothing allowed yet) is replaced by the lowest finite number, so
@@ -507,32 +549,44 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 for j in 0..jpad {
                     m_blk = L::max(m_blk, L::load(s.add(j * BQ + rt)));
                 }
-                let m_old = L::load(m.as_ptr().add(rt));
+                let m_old = L::load(m.add(rt));
                 let m_new = L::max(m_old, m_blk);
                 let m_use = L::max(m_new, lowest);
-                L::store(m.as_mut_ptr().add(rt), m_new);
+                let a = exp_v::<L>(L::sub(m_old, m_use));
+                L::store(m.add(rt), m_new);
+                L::store(alpha.add(rt), a);
+                if step.flush {
+                    // β = exp(m_run − m') in f64, where the difference is exact for f32.
+                    let m_r = L::load(m_run.add(rt));
+                    for k in 0..L::PARTS {
+                        let at = rt + k * <L::W as Lanes>::N;
+                        let diff = <L::W as Lanes>::sub(L::widen(m_r, k), L::widen(m_use, k));
+                        <L::W as Lanes>::store(beta.add(at), exp_v::<L::W>(diff));
+                    }
+                    L::store(m_run.add(rt), m_new);
+                }
                 let mut l_blk = L::splat(L::T::zero());
                 for j in 0..jpad {
                     let e = exp_v::<L>(L::sub(L::load(s.add(j * BQ + rt)), m_use));
                     L::store(s.add(j * BQ + rt), e);
                     l_blk = L::add(l_blk, e);
                 }
-                // α = exp(m_old − m_use) and l = α·l + l_blk, in f64.
-                for k in 0..L::PARTS {
-                    let at = rt + k * <L::W as Lanes>::N;
-                    let diff = <L::W as Lanes>::sub(L::widen(m_old, k), L::widen(m_use, k));
-                    let a = exp_v::<L::W>(diff);
-                    <L::W as Lanes>::store(alpha.as_mut_ptr().add(at), a);
-                    let l_old = <L::W as Lanes>::load(l.as_ptr().add(at));
-                    let l_new = <L::W as Lanes>::fma(a, l_old, L::widen(l_blk, k));
-                    <L::W as Lanes>::store(l.as_mut_ptr().add(at), l_new);
-                }
+                span_update_v::<L>(step, l_blk, a, beta.add(rt), l_span.add(rt), l.add(rt));
             }
         }
     }
 
     #[inline(always)]
-    fn pv(p: &[L::T], vp: &[L::T], dvp: usize, acc: &mut [f64], alpha: &[f64]) {
+    fn pv(
+        p: &[L::T],
+        vp: &[L::T],
+        dvp: usize,
+        step: Step,
+        acc: &mut [f64],
+        acc_span: &mut [L::T],
+        alpha: &[L::T],
+        beta: &[f64],
+    ) {
         let jpad = p.len() / BQ;
         assert!(
             BQ.is_multiple_of(NV * L::N)
@@ -541,15 +595,17 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 && dvp.is_multiple_of(MRV)
                 && vp.len() >= jpad * dvp
                 && acc.len() >= dvp * BQ
+                && acc_span.len() >= dvp * BQ
                 && alpha.len() >= BQ
+                && beta.len() >= BQ
         );
-        let (p, vp, accp) = (p.as_ptr(), vp.as_ptr(), acc.as_mut_ptr());
-        // SAFETY: CPU features: see the type's documentation (`L::W` is the f64 type of
-        // the same instruction set). Bounds, from the assert: p[j·BQ + rt + v·N ..][..N]
-        // with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp; in f64,
-        // acc[(ct + m)·BQ + rt + v·N + k·W::N ..][..W::N] and alpha[rt + v·N + k·W::N ..]
-        // [..W::N] with k < PARTS lie in the N lanes from rt + v·N (N = PARTS·W::N), so
-        // below dvp·BQ and BQ.
+        let (p, vp) = (p.as_ptr(), vp.as_ptr());
+        let (acc, acc_span) = (acc.as_mut_ptr(), acc_span.as_mut_ptr());
+        let (alpha, beta) = (alpha.as_ptr(), beta.as_ptr());
+        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
+        // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
+        // the N lanes from (ct + m)·BQ + rt + v·N of acc_span (T) and acc (f64) lie below
+        // dvp·BQ, those from rt + v·N of alpha (T) and beta (f64) below BQ.
         unsafe {
             for ct in (0..dvp).step_by(MRV) {
                 for rt in (0..BQ).step_by(NV * L::N) {
@@ -567,17 +623,19 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                             }
                         }
                     }
-                    // acc = α·acc + partial, in f64.
                     for v in 0..NV {
-                        for k in 0..L::PARTS {
-                            let at = rt + v * L::N + k * <L::W as Lanes>::N;
-                            let a = <L::W as Lanes>::load(alpha.as_ptr().add(at));
-                            for (m, row) in tile.iter().enumerate() {
-                                let dst = accp.add((ct + m) * BQ + at);
-                                let old = <L::W as Lanes>::load(dst);
-                                let new = <L::W as Lanes>::fma(a, old, L::widen(row[v], k));
-                                <L::W as Lanes>::store(dst, new);
-                            }
+                        let r = rt + v * L::N;
+                        let a = L::load(alpha.add(r));
+                        for (m, row) in tile.iter().enumerate() {
+                            let at = (ct + m) * BQ + r;
+                            span_update_v::<L>(
+                                step,
+                                row[v],
+                                a,
+                                beta.add(r),
+                                acc_span.add(at),
+                                acc.add(at),
+                            );
                         }
                     }
                 }

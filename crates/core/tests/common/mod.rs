@@ -12,27 +12,33 @@
 //! ```
 //! A softmax perturbed by at most `Δ_i` per score changes each weight by a relative
 //! `≤ 2Δ_i` (first order; the roundings of `s − m` and of the rescale arguments `m − m'`
-//! are covered by counting each of Δ's four roundings as `u` rather than `u/2`). The sums
-//! `l = Σ_j p_j` and `Σ_j p_j·v_jc` are computed in two levels on every path (fused
-//! kernel, row path, weights; see "Accuracy" in `kernel/block.rs`): partials over at most
-//! 64 keys in the element type, then a running sum of the partials in f64. With
-//! `u₆₄ = f64::EPSILON`, `B' = min(n_kv, 64)` and `T' = ⌈n_kv/60⌉ − 1` (key tiles after the
-//! first: tiles are 60 or 64 keys), a term of either sum is rounded at most `B'` times in
-//! T (`≤ B'·u/2`) and at most `2T'` times in f64 (`≤ T'·u₆₄`), and is multiplied by at most
-//! `T'` rescale factors `α`, each within 2 ulp of f64 (`≤ 2T'·u₆₄`, the same in both sums).
-//! The exponential adds ≤ 2 ulp (`2u`, the same in both sums). A ratio of two sums whose
-//! terms carry such errors moves by at most the sum of their two per-term errors plus twice
-//! the shared ones; with the division in f64 and one final rounding (`u₆₄/2 + u/2`):
+//! are covered by counting each of Δ's four roundings as `u` rather than `u/2`).
+//!
+//! The sums `l = Σ_j p_j` and `Σ_j p_j·v_jc` are never accumulated key by key into one
+//! variable (see "Accuracy" in `kernel/block.rs`): the block kernel sums key tiles of at
+//! most 64 keys (60 with AVX2) in T from zero, combines the tiles of a span of 8 in T
+//! (`span ← α·span + tile`) and adds each span to a running sum in f64
+//! (`run ← β·run + span`); the row path and the weights use partials of at most 64 keys
+//! in T and f64 above them, a special case. With `u₆₄ = f64::EPSILON`,
+//! `B' = min(n_kv, 64)`, `t = ⌈n_kv/60⌉` tiles, `G' = min(t, 8)` tiles per span and
+//! `R = ⌈t/8⌉ − 1` later spans, a term of either sum is rounded at most `B'` times in its
+//! tile (`≤ B'·u/2`), at most `2(G' − 1)` times in its span (`≤ (G' − 1)·u`) and at most
+//! `2R` times in f64 (`≤ R·u₆₄`); it is multiplied by at most `G' − 1` factors `α`, each
+//! within 2 ulp (`≤ 2(G' − 1)·u`), and `R` factors `β`, each within 2 ulp of f64
+//! (`≤ 2R·u₆₄`); the exponential adds ≤ 2 ulp (`2u`). The last three are the same in both
+//! sums. A ratio of two sums whose terms carry such errors moves by at most the sum of
+//! their two own errors plus twice the shared ones; with the division in f64 and one final
+//! rounding (`u₆₄/2 + u/2`):
 //! ```text
-//! S     := (B' + 5)·u + 6T'·u₆₄                             (sum_error)
+//! S     := (B' + 5 + 6·(G' − 1))·u + 6R·u₆₄                    (sum_error)
 //! |ô_ic − o_ic| ≤ (2Δ_i + S) · max_j |v_jc|
 //! |l̂se_i − lse_i| ≤ Δ_i + S + u·|lse_i|
 //! |ŵ_ij − w_ij| ≤ 2Δ_i + S
 //! ```
-//! (For lse, S also covers the `ln` in f64: `≤ u·ln(n_kv)/2`, far inside the slack of
-//! `B' + 5`.) For f32 the `T'` term is below `10⁻⁴·u` for any `n_kv ≤ 2²⁴`, so the bound no
-//! longer grows with the row; for f64 it grows like `n_kv/10`, not like `n_kv`. (Before
-//! the two-level sums, `S` was `(n_kv + 6)·u`.)
+//! (For lse, S also covers the `ln` in f64, `≤ u·ln(n_kv)/2`, inside the slack of
+//! `B' + 5`.) For f32 the `R` term is below `10⁻⁴·u` for any `n_kv ≤ 2²⁴`, so `S ≤ 111u`
+//! whatever the row length; for f64 it grows like `n_kv/80`, not like `n_kv`. (Before the
+//! multi-level sums, `S` was `(n_kv + 6)·u`.)
 //!
 //! These are worst-case first-order bounds; the tests multiply them by 2 to cover the
 //! second-order terms (products of two `O(u)` errors, non-negligible only when Δ_i is not
@@ -124,13 +130,16 @@ pub fn problem_sized(max_q: usize, max_kv: usize, max_d: usize) -> impl Strategy
         })
 }
 
-/// `S` of the module documentation: the error of the two-level softmax sums of a row of
-/// `n_kv` keys, relative to the row's largest |value| (output) or absolute (weights, lse),
-/// `(min(n_kv, 64) + 5)·u + 6·(⌈n_kv/60⌉ − 1)·u₆₄`.
+/// `S` of the module documentation: the error of the softmax sums of a row of `n_kv`
+/// keys, relative to the row's largest |value| (output) or absolute (weights, lse),
+/// `(B' + 5 + 6·(G' − 1))·u + 6R·u₆₄` with `B' = min(n_kv, 64)`, `t = ⌈n_kv/60⌉`,
+/// `G' = min(t, 8)`, `R = ⌈t/8⌉ − 1`.
 pub fn sum_error(n_kv: usize, eps: f64) -> f64 {
     let partial = n_kv.min(64) as f64;
-    let later_tiles = n_kv.div_ceil(60).saturating_sub(1) as f64;
-    (partial + 5.0) * eps + 6.0 * later_tiles * f64::EPSILON
+    let tiles = n_kv.div_ceil(60);
+    let span = tiles.clamp(1, 8) as f64;
+    let later_spans = tiles.div_ceil(8).saturating_sub(1) as f64;
+    (partial + 5.0 + 6.0 * (span - 1.0)) * eps + 6.0 * later_spans * f64::EPSILON
 }
 
 /// `Δ_i` of the module documentation, for every query row. `extra[i]` is `B_i`.
