@@ -88,11 +88,12 @@ pub fn attention_weights<'q, 'k, 'v, T: Element>(
             }
         }
     }
-    // w = e / l in f64, rounded once to T.
+    // w = e / l in T (l rounded once to T: dividing in f64 made f32 weights 8% slower).
+    let l: Vec<T> = l.into_iter().map(T::from_f64_rounded).collect();
     for mut col in w.column_iter_mut() {
         for i in 0..n_q {
-            if l[i] > 0.0 {
-                col[i] = T::from_f64_rounded(col[i].to_f64() / l[i]);
+            if l[i] > T::zero() {
+                col[i] /= l[i];
             }
         }
     }
