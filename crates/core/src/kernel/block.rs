@@ -365,12 +365,11 @@ pub(super) struct Factors<'a, T> {
 ///   (a multiple of `MR`); false if any result is not finite (`probe`: `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
 ///   turning scores into `p = exp(s − m')` and updating `m`; `L[r] = Σ_j p[j][r]` is summed
-///   in T from zero, in key order, and goes where `step` says ([`span_update`]), with
-///   `alpha = exp(m − m')` in T and, when flushing, `beta = exp(m_run − m')` in f64 (then
-///   `m_run = m'`), both written to `factors`;
+///   in T from zero, in key order, and goes where `step` says ([`span_store`], then
+///   [`span_flush`] when flushing), with `alpha = exp(m − m')` in T and, when flushing,
+///   `beta = exp(m_run − m')` in f64 (then `m_run = m'`), both written to `factors`;
 /// - `pv`: `P[c][r] = Σ_j vp[j][c] · p[j][r]` summed in T from zero, in key order, going
-///   where `step` says ([`span_update`]) with the same `alpha` and `beta`; `c < dvp` (a
-///   multiple of `MRV`).
+///   where `step` says with the same `alpha` and `beta`; `c < dvp` (a multiple of `MRV`).
 ///
 /// With `V ≡ 1` the two updates perform the same operations (`fma(1, p, a) = p + a`), so
 /// `acc = l` exactly.
@@ -524,27 +523,38 @@ fn first_overflow<T: Element>(
     None
 }
 
-/// Where a tile's partial sum `x` goes (see "Accuracy" in the module docs): into the span
-/// sum `span = x` (first tile of a span) or `span = α·span + x`; when flushing, that value
-/// goes to the running sum instead, `run = β·run + value` in f64.
+/// The span sums of a tile, lane by lane (see "Accuracy" in the module docs):
+/// `span = x` for the first tile of a span, else `span = α·span + x`.
 #[inline(always)]
-pub(super) fn span_update<T: Element, const FMA: bool>(
-    step: Step,
-    x: T,
-    alpha: T,
-    beta: f64,
-    span: &mut T,
-    run: &mut f64,
+fn span_store<T: Element, const FMA: bool>(first: bool, x: &[T], alpha: &[T], span: &mut [T]) {
+    let n = x.len();
+    let (alpha, span) = (&alpha[..n], &mut span[..n]);
+    if first {
+        span.copy_from_slice(x);
+    } else {
+        for r in 0..n {
+            span[r] = madd::<T, FMA>(alpha[r], span[r], x[r]);
+        }
+    }
+}
+
+/// Adds a span's sums to the running sums in f64, `run[c][r] = β[r]·run[c][r] + span[c][r]`
+/// over rows of `BQ` lanes.
+///
+/// A separate pass over the block rather than fused into the loop that produces the span
+/// sums: fused, the compiler no longer vectorised the portable kernel's key loop (f32: 2.2×
+/// slower).
+#[inline(always)]
+fn span_flush<T: Element, const FMA: bool, const BQ: usize>(
+    beta: &[f64],
+    span: &[T],
+    run: &mut [f64],
 ) {
-    let value = if step.first {
-        x
-    } else {
-        madd::<T, FMA>(alpha, *span, x)
-    };
-    if step.flush {
-        *run = madd::<f64, FMA>(beta, *run, value.to_f64());
-    } else {
-        *span = value;
+    let beta = &beta[..BQ];
+    for (run, span) in run.chunks_exact_mut(BQ).zip(span.chunks_exact(BQ)) {
+        for r in 0..BQ {
+            run[r] = madd::<f64, FMA>(beta[r], run[r], span[r].to_f64());
+        }
     }
 }
 
@@ -599,14 +609,14 @@ fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
             l_blk[r] += e;
         }
     }
-    let (l, l_span) = (&mut sums.l[..BQ], &mut sums.l_span[..BQ]);
-    for r in 0..BQ {
-        span_update::<T, FMA>(step, l_blk[r], alpha[r], beta[r], &mut l_span[r], &mut l[r]);
+    span_store::<T, FMA>(step.first, l_blk, alpha, sums.l_span);
+    if step.flush {
+        span_flush::<T, FMA, BQ>(beta, &sums.l_span[..BQ], &mut sums.l[..BQ]);
     }
 }
 
-/// `P[c][r] = Σ_j vp[j][c] · p[j][r]` in T from zero, then [`span_update`] into
-/// `acc_span[c][r]` / `acc[c][r]`.
+/// `P[c][r] = Σ_j vp[j][c] · p[j][r]` in T from zero, then [`span_store`] into
+/// `acc_span[c][r]` and, when the step flushes, [`span_flush`] into `acc[c][r]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: usize>(
@@ -622,8 +632,7 @@ fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: 
     let jpad = p.len() / BQ;
     for ct in (0..dvp).step_by(MRV) {
         for rt in (0..BQ).step_by(NR) {
-            let al: &[T; NR] = alpha[rt..rt + NR].try_into().unwrap();
-            let be: &[f64; NR] = beta[rt..rt + NR].try_into().unwrap();
+            let al = &alpha[rt..rt + NR];
             let mut a = [[T::zero(); NR]; MRV];
             for j in 0..jpad {
                 let pr: &[T; NR] = p[j * BQ + rt..j * BQ + rt + NR].try_into().unwrap();
@@ -636,12 +645,11 @@ fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: 
             }
             for (mi, row) in a.iter().enumerate() {
                 let at = (ct + mi) * BQ + rt;
-                let run = &mut acc[at..at + NR];
-                let span = &mut acc_span[at..at + NR];
-                for r in 0..NR {
-                    span_update::<T, FMA>(step, row[r], al[r], be[r], &mut span[r], &mut run[r]);
-                }
+                span_store::<T, FMA>(step.first, row, al, &mut acc_span[at..at + NR]);
             }
         }
+    }
+    if step.flush {
+        span_flush::<T, FMA, BQ>(beta, &acc_span[..dvp * BQ], &mut acc[..dvp * BQ]);
     }
 }

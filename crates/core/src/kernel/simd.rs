@@ -197,9 +197,9 @@ unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
     }
 }
 
-/// `block::span_update` for a vector of partial sums `x` (`N` rows from the pointers):
-/// `value = x` (first tile of a span) or `α·span + x`, in T; stored to `span`, or when
-/// flushing added to the f64 running sums instead, `run = β·run + value`.
+/// `block::span_store` and `block::span_flush` for a vector of partial sums `x` (`N` rows
+/// from the pointers): `value = x` (first tile of a span) or `α·span + x`, in T; stored to
+/// `span`, or when flushing added to the f64 running sums instead, `run = β·run + value`.
 ///
 /// # Safety
 /// The CPU must have `L`'s features; `span` must be valid for `N` elements of T, `beta`
