@@ -42,7 +42,7 @@
 //! with the row. For f64 it grows like `n_kv/(BK·SPAN_TILES)` instead of `n_kv`. The
 //! spans (rather than adding every tile to the f64 sums) keep the f64 accumulators' memory
 //! traffic to one pass per `SPAN_TILES` tiles: adding every tile cost 3.5–4.4% of f32
-//! throughput at n = 2048–4096, spans of 8 tiles about 1.5% (`docs/PERFORMANCE.md`).
+//! throughput at n = 2048–4096, spans of 8 tiles about 2% (`docs/PERFORMANCE.md`).
 //! The output `acc / l` and `lse = m_run + ln l` are computed in f64 and rounded once to
 //! T. Every sum's order depends only on the problem's sizes, never on threads.
 //!
