@@ -302,8 +302,8 @@ fn fused<T: Element>(
     // (see `block::q_group`): a group's Qᵀ and accumulators, and a super-block of K and V,
     // each take about `GROUP_BYTES`. Keep at least 4 groups per thread for balance. (The
     // accumulators are counted at T's size although the running sums are f64: a group's
-    // working set then stays well inside a 1 MiB L2, and counting them at their full
-    // size made smaller groups and cost 3% at f32, d = 128, n = 4096.)
+    // working set then still fits a 1 MiB L2, and counting them at their full size made
+    // groups smaller, which cost 3% at f32, d = 128, n = 4096 when measured.)
     let elem = std::mem::size_of::<T>();
     let per_block = (d_k + dvp).max(1) * bq * elem;
     let threads = if parallel {
