@@ -17,6 +17,35 @@
 //! and at the end `out = acc / l`, `lse = m + ln l`. When `m' = −∞` (nothing allowed yet)
 //! the step uses 0 in place of `m'` so that every `p_j = exp(−∞) = 0` and nothing is NaN.
 //!
+//! # Accuracy
+//! A row's sums `l = Σ_j p_j` and `acc_c = Σ_j p_j·v_jc` run over all `n_kv` keys. Added
+//! one by one into a single accumulator of the element type, each term would be rounded
+//! up to `n_kv` times: a relative error up to `n_kv·u` (`u = T::EPSILON`), e.g. 1.005
+//! instead of 1 for f32 at 2²⁰ keys. So each sum is computed in three levels, each
+//! starting from zero:
+//! ```text
+//! tile J (BK ≤ 64 keys):     P_J = Σ_{j∈J} p_j·v_j,  L_J = Σ_{j∈J} p_j        in T
+//! span (SPAN_TILES tiles):   A ← α·A + P_J,          Λ ← α·Λ + L_J            in T
+//! run (the whole row):       acc ← β·acc + A,        l ← β·l + Λ              in f64
+//! ```
+//! `α = exp(m − m')` (in T) rescales the span's sums at every tile, `β = exp(m_run − m')`
+//! (in f64, `m_run` the maximum at the previous flush) rescales the running sums when a
+//! span is added to them, at its last tile (or the block's last). A term is then rounded
+//! at most `BK` times in its tile, `2·(SPAN_TILES − 1)` times in its span and twice per
+//! later span in f64; it is multiplied by at most `SPAN_TILES − 1` factors `α` (each within
+//! 2 ulp) and one `β` per later span (within 2 ulp of f64). Relative to `Σ_j |p_j·v_j|`,
+//! with `u₆₄ = f64::EPSILON` and `spans = ⌈⌈n_kv/BK⌉/SPAN_TILES⌉`:
+//! ```text
+//! |error| ≤ (BK/2 + 3·(SPAN_TILES − 1))·u + 3·(spans − 1)·u₆₄
+//! ```
+//! For f32 the last term is below `10⁻⁴·u` for any `n_kv ≤ 2²⁴`: the error does not grow
+//! with the row. For f64 it grows like `n_kv/(BK·SPAN_TILES)` instead of `n_kv`. The
+//! spans (rather than adding every tile to the f64 sums) keep the f64 accumulators' memory
+//! traffic to one pass per `SPAN_TILES` tiles: adding every tile cost 3.5–4.4% of f32
+//! throughput at n = 2048–4096, spans of 8 tiles about 2% (`docs/PERFORMANCE.md`).
+//! The output `acc / l` and `lse = m_run + ln l` are computed in f64 and rounded once to
+//! T. Every sum's order depends only on the problem's sizes, never on threads.
+//!
 //! The body ([`q_group`], [`tile`]) is `#[inline(always)]` and generic over its four inner
 //! loops ([`MicroKernels`]); `simd.rs` instantiates it once per CPU path inside
 //! `#[target_feature]` functions with SIMD micro-kernels, and once with the [`Portable`]
@@ -30,6 +59,20 @@ use crate::{AttentionError, Element};
 /// Most query blocks a group processes together (see [`q_group`]).
 pub(super) const MAX_GROUP: usize = 8;
 
+/// Key tiles per span: their sums are combined in T, then added to the f64 running sums
+/// (see "Accuracy" in the module docs).
+pub(super) const SPAN_TILES: usize = 8;
+
+/// Where one key tile's sums go (see "Accuracy" in the module docs).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Step {
+    /// The tile opens a span: the span's sums start from its partials.
+    pub first: bool,
+    /// The tile closes a span (or the block's keys): the span's sums are added to the f64
+    /// running sums instead of being stored.
+    pub flush: bool,
+}
+
 /// Where one query block of a group stands.
 #[derive(Clone, Copy, Default)]
 struct Cursor {
@@ -42,6 +85,8 @@ struct Cursor {
     /// first query ends at `hi_first`: keys in between are allowed for every query.
     lo_last: i64,
     hi_first: i64,
+    /// Key tiles processed so far.
+    tiles: usize,
 }
 
 /// Processes a group of consecutive query blocks from block `first_block` (`lse.len()`
@@ -78,13 +123,22 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         qt,
         s,
         acc,
+        acc_span,
         m,
+        m_run,
         l,
+        l_span,
         alpha,
+        beta,
         m_ref,
         l_blk,
     } = scratch;
-    let (alpha, m_ref, l_blk) = (&mut alpha[..bq], &mut m_ref[..bq], &mut l_blk[..bq]);
+    let mut factors = Factors {
+        alpha: &mut alpha[..bq],
+        beta: &mut beta[..bq],
+        m_ref: &mut m_ref[..bq],
+        l_blk: &mut l_blk[..bq],
+    };
 
     // Set up every block: Qᵀ (queries past n_q are zero and never written out), the
     // softmax state, and the range of key tiles its band allows.
@@ -98,9 +152,11 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
             dst[..rows].copy_from_slice(col);
             dst[rows..].fill(T::zero());
         });
+        // (The span sums need no initial value: a span's first tile overwrites them.)
         m[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
-        l[b * bq..(b + 1) * bq].fill(T::zero());
-        acc[b * dvp * bq..(b + 1) * dvp * bq].fill(T::zero());
+        m_run[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
+        l[b * bq..(b + 1) * bq].fill(0.0);
+        acc[b * dvp * bq..(b + 1) * dvp * bq].fill(0.0);
         // The causal/window band is monotone in i.
         let (lo_first, hi_first) = spec.key_range(i0);
         let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
@@ -115,6 +171,7 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
             },
             lo_last,
             hi_first,
+            tiles: 0,
         };
     }
 
@@ -128,54 +185,66 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
             while cur.j_next < cur.j_end && cur.j_next < sb_end {
                 let j0 = cur.j_next;
                 let jn = bk.min(n_kv - j0);
+                let step = Step {
+                    first: cur.tiles % SPAN_TILES == 0,
+                    flush: cur.tiles % SPAN_TILES == SPAN_TILES - 1 || j0 + jn >= cur.j_end,
+                };
+                let mut sums = Sums {
+                    m: &mut m[b * bq..(b + 1) * bq],
+                    m_run: &mut m_run[b * bq..(b + 1) * bq],
+                    l: &mut l[b * bq..(b + 1) * bq],
+                    l_span: &mut l_span[b * bq..(b + 1) * bq],
+                    acc: &mut acc[b * dvp * bq..(b + 1) * dvp * bq],
+                    acc_span: &mut acc_span[b * dvp * bq..(b + 1) * dvp * bq],
+                };
                 tile::<T, MK>(
                     job,
                     cur,
                     j0,
                     jn,
+                    step,
                     &qt[b * d_k * bq..(b + 1) * d_k * bq],
-                    &mut acc[b * dvp * bq..(b + 1) * dvp * bq],
-                    &mut m[b * bq..(b + 1) * bq],
-                    &mut l[b * bq..(b + 1) * bq],
+                    &mut sums,
                     &mut s[..jn.div_ceil(mr) * mr * bq],
-                    alpha,
-                    m_ref,
-                    l_blk,
+                    &mut factors,
                 )?;
                 cur.j_next = j0 + jn;
+                cur.tiles += 1;
             }
         }
         sb = sb_end;
     }
 
     for (b, cur) in cursors.iter().enumerate() {
-        let (m, l) = (&m[b * bq..(b + 1) * bq], &l[b * bq..(b + 1) * bq]);
+        // After the last flush the running sums are relative to m_run = m.
+        let (m, l) = (&m_run[b * bq..(b + 1) * bq], &l[b * bq..(b + 1) * bq]);
         let acc = &acc[b * dvp * bq..(b + 1) * dvp * bq];
         let out = &mut out[b * block_len..(b + 1) * block_len];
         let lse = &mut lse[b * bq..b * bq + cur.rows];
         let rows = cur.rows;
         // No key allowed (l = 0): output 0, lse −∞ (the documented fully-masked rule).
         for r in 0..rows {
-            lse[r] = if l[r] == T::zero() {
+            lse[r] = if l[r] == 0.0 {
                 T::NEG_INFINITY
             } else {
-                m[r] + l[r].ln()
+                T::from_f64_rounded(m[r].to_f64() + l[r].ln())
             };
         }
-        // out = acc / l (times the column's power-of-two unscale), lane by lane so that it
-        // vectorises. The exact result is a convex combination of values, so it lies in
-        // ±max|V|; rounding can push it just past (e.g. past MAX to +∞ when V holds MAX),
-        // so it is clamped there (clamping can only move it closer to the exact value).
+        // out = acc / l (times the column's power-of-two unscale) in f64, rounded once to T,
+        // lane by lane so that it vectorises. The exact result is a convex combination of
+        // values, so it lies in ±max|V|; rounding can push it just past (e.g. past MAX to
+        // +∞ when V holds MAX), so it is clamped there (clamping can only move it closer to
+        // the exact value).
         let v_max = spec.v_max_abs;
         for c in 0..d_v {
-            let unscale = job.v_unscale.get(c).copied().unwrap_or(T::one());
+            let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
             let src = &acc[c * bq..c * bq + rows];
             let dst = &mut out[c * bq..c * bq + rows];
             for r in 0..rows {
-                let o = if l[r] == T::zero() {
+                let o = if l[r] == 0.0 {
                     T::zero()
                 } else {
-                    src[r] / l[r] * unscale
+                    T::from_f64_rounded(src[r] / l[r] * unscale)
                 };
                 dst[r] = o.max(-v_max).min(v_max);
             }
@@ -185,7 +254,7 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
 }
 
 /// One key tile `[j0, j0 + jn)` of one query block: scores, scale, masks, the online
-/// softmax step and `acc += P·V`.
+/// softmax step and `acc += P·V`, the sums going where `step` says.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)] // the block's state, passed as the slices it uses
 fn tile<T: Element, MK: MicroKernels<T>>(
@@ -193,14 +262,11 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     cur: &Cursor,
     j0: usize,
     jn: usize,
+    step: Step,
     qt: &[T],
-    acc: &mut [T],
-    m: &mut [T],
-    l: &mut [T],
+    sums: &mut Sums<'_, T>,
     s: &mut [T],
-    alpha: &mut [T],
-    m_ref: &mut [T],
-    l_blk: &mut [T],
+    factors: &mut Factors<'_, T>,
 ) -> Result<(), AttentionError> {
     let spec = &job.spec;
     let (bq, d_k, dvp) = (MK::BQ, spec.d_k, job.dvp);
@@ -211,7 +277,7 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
     // so their scores are 0 and never trip the check.)
     let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
-    if !MK::scores(qt, kp, d_k, spec.scale, s, l_blk)
+    if !MK::scores(qt, kp, d_k, spec.scale, s, factors.l_blk)
         && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
     {
         return Err(err);
@@ -241,9 +307,44 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     }
     s[jn * bq..].fill(T::NEG_INFINITY);
 
-    MK::softmax_step(s, m, l, alpha, m_ref, l_blk);
-    MK::pv(s, &job.vp[j0 * dvp..(j0 + jpad) * dvp], dvp, acc, alpha);
+    MK::softmax_step(s, step, sums, factors);
+    let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
+    MK::pv(
+        s,
+        vp,
+        dvp,
+        step,
+        sums.acc,
+        sums.acc_span,
+        factors.alpha,
+        factors.beta,
+    );
     Ok(())
+}
+
+/// One query block's online-softmax state, per row `r` (and value column `c`); see
+/// "Accuracy" in the module docs.
+pub(super) struct Sums<'a, T> {
+    /// The running maximum `m`.
+    pub m: &'a mut [T],
+    /// The maximum the running sums are relative to: `m` at the last flush.
+    pub m_run: &'a mut [T],
+    /// The running sums in f64, `l[r]` and `acc[c][r]`.
+    pub l: &'a mut [f64],
+    pub acc: &'a mut [f64],
+    /// The current span's sums in T, relative to `m`: `l_span[r]`, `acc_span[c][r]`.
+    pub l_span: &'a mut [T],
+    pub acc_span: &'a mut [T],
+}
+
+/// Per-tile working memory, `BQ` each: the rescale factors `softmax_step` leaves for `pv`
+/// (`alpha = exp(m − m')` for the span sums, `beta = exp(m_run − m')` for the running
+/// sums, the latter only when flushing) and scratch.
+pub(super) struct Factors<'a, T> {
+    pub alpha: &'a mut [T],
+    pub beta: &'a mut [f64],
+    pub m_ref: &'a mut [T],
+    pub l_blk: &'a mut [T],
 }
 
 /// The four inner loops of the block kernel, with their tile sizes. The portable
@@ -253,9 +354,15 @@ fn tile<T: Element, MK: MicroKernels<T>>(
 /// - `scores`: `s[j][r] = scale · Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
 ///   (a multiple of `MR`); false if any result is not finite (`probe`: `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
-///   turning scores into `p`, updating `m`, `l` and writing `alpha`;
-/// - `pv`: `acc[c][r] = alpha[r]·acc[c][r] + Σ_j vp[j][c] · p[j][r]`, `c < dvp` (a
-///   multiple of `MRV`).
+///   turning scores into `p = exp(s − m')` and updating `m`; `L[r] = Σ_j p[j][r]` is summed
+///   in T from zero, in key order, and goes where `step` says ([`span_store`], then
+///   [`span_flush`] when flushing), with `alpha = exp(m − m')` in T and, when flushing,
+///   `beta = exp(m_run − m')` in f64 (then `m_run = m'`), both written to `factors`;
+/// - `pv`: `P[c][r] = Σ_j vp[j][c] · p[j][r]` summed in T from zero, in key order, going
+///   where `step` says with the same `alpha` and `beta`; `c < dvp` (a multiple of `MRV`).
+///
+/// With `V ≡ 1` the two updates perform the same operations (`fma(1, p, a) = p + a`), so
+/// `acc = l` exactly.
 pub(super) trait MicroKernels<T: Element> {
     /// Keys per register tile and per packed K panel.
     const MR: usize;
@@ -266,15 +373,18 @@ pub(super) trait MicroKernels<T: Element> {
     /// Keys per online-softmax step (a multiple of `MR`).
     const BK: usize;
     fn scores(qt: &[T], kp: &[T], d_k: usize, scale: T, s: &mut [T], probe: &mut [T]) -> bool;
-    fn softmax_step(
-        s: &mut [T],
-        m: &mut [T],
-        l: &mut [T],
-        alpha: &mut [T],
-        m_ref: &mut [T],
-        l_blk: &mut [T],
+    fn softmax_step(s: &mut [T], step: Step, sums: &mut Sums<'_, T>, factors: &mut Factors<'_, T>);
+    #[allow(clippy::too_many_arguments)] // the sums and factors it reads, as slices
+    fn pv(
+        p: &[T],
+        vp: &[T],
+        dvp: usize,
+        step: Step,
+        acc: &mut [f64],
+        acc_span: &mut [T],
+        alpha: &[T],
+        beta: &[f64],
     );
-    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [T], alpha: &[T]);
 }
 
 /// Plain-Rust micro-kernels over fixed-size arrays (`MR × NR` register tiles), with or
@@ -309,20 +419,21 @@ impl<
         apply_scale::<T, BQ>(scale, s, probe)
     }
     #[inline(always)]
-    fn softmax_step(
-        s: &mut [T],
-        m: &mut [T],
-        l: &mut [T],
-        alpha: &mut [T],
-        m_ref: &mut [T],
-        l_blk: &mut [T],
-    ) {
-        let jpad = s.len() / BQ;
-        softmax_step::<T, FMA, BQ>(s, jpad, m, l, alpha, m_ref, l_blk);
+    fn softmax_step(s: &mut [T], step: Step, sums: &mut Sums<'_, T>, factors: &mut Factors<'_, T>) {
+        softmax_step::<T, FMA, BQ>(s, step, sums, factors);
     }
     #[inline(always)]
-    fn pv(p: &[T], vp: &[T], dvp: usize, acc: &mut [T], alpha: &[T]) {
-        pv::<T, FMA, NR, BQ, MRV>(p, vp, dvp, acc, alpha);
+    fn pv(
+        p: &[T],
+        vp: &[T],
+        dvp: usize,
+        step: Step,
+        acc: &mut [f64],
+        acc_span: &mut [T],
+        alpha: &[T],
+        beta: &[f64],
+    ) {
+        pv::<T, FMA, NR, BQ, MRV>(p, vp, dvp, step, acc, acc_span, alpha, beta);
     }
 }
 
@@ -402,18 +513,59 @@ fn first_overflow<T: Element>(
     None
 }
 
-/// Turns the score tile into `p = exp(s − m')` and updates `m`, `l`; leaves `α` for `pv`.
+/// The span sums of a tile, lane by lane (see "Accuracy" in the module docs):
+/// `span = x` for the first tile of a span, else `span = α·span + x`.
+#[inline(always)]
+fn span_store<T: Element, const FMA: bool>(first: bool, x: &[T], alpha: &[T], span: &mut [T]) {
+    let n = x.len();
+    let (alpha, span) = (&alpha[..n], &mut span[..n]);
+    if first {
+        span.copy_from_slice(x);
+    } else {
+        for r in 0..n {
+            span[r] = madd::<T, FMA>(alpha[r], span[r], x[r]);
+        }
+    }
+}
+
+/// Adds a span's sums to the running sums in f64, `run[c][r] = β[r]·run[c][r] + span[c][r]`
+/// over rows of `BQ` lanes.
+///
+/// A separate pass over the block rather than fused into the loop that produces the span
+/// sums: fused, the compiler no longer vectorised the portable kernel's key loop (f32: 2.2×
+/// slower).
+#[inline(always)]
+fn span_flush<T: Element, const FMA: bool, const BQ: usize>(
+    beta: &[f64],
+    span: &[T],
+    run: &mut [f64],
+) {
+    let beta = &beta[..BQ];
+    for (run, span) in run.chunks_exact_mut(BQ).zip(span.chunks_exact(BQ)) {
+        for r in 0..BQ {
+            run[r] = madd::<f64, FMA>(beta[r], run[r], span[r].to_f64());
+        }
+    }
+}
+
+/// Turns the score tile into `p = exp(s − m')`, updates `m` and the sums of `p`; leaves `α`
+/// and `β` for `pv`.
 #[inline(always)]
 fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
     s: &mut [T],
-    jpad: usize,
-    m: &mut [T],
-    l: &mut [T],
-    alpha: &mut [T],
-    m_ref: &mut [T],
-    l_blk: &mut [T],
+    step: Step,
+    sums: &mut Sums<'_, T>,
+    factors: &mut Factors<'_, T>,
 ) {
-    let m_blk = l_blk; // reused: first the block maximum, then the block sum
+    let jpad = s.len() / BQ;
+    let Factors {
+        alpha,
+        beta,
+        m_ref,
+        l_blk,
+    } = factors;
+    let (m, m_run) = (&mut sums.m[..BQ], &mut sums.m_run[..BQ]);
+    let m_blk = &mut l_blk[..BQ]; // reused: first the block maximum, then the block sum
     m_blk.fill(T::NEG_INFINITY);
     for j in 0..jpad {
         let row = &s[j * BQ..(j + 1) * BQ];
@@ -429,6 +581,11 @@ fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
             m_new
         };
         alpha[r] = (m[r] - m_use).exp_nonpos::<FMA>();
+        if step.flush {
+            // In f64, where the difference of the maxima is exact for f32.
+            beta[r] = (m_run[r].to_f64() - m_use.to_f64()).exp_nonpos::<FMA>();
+            m_run[r] = m_new;
+        }
         m[r] = m_new;
         m_ref[r] = m_use;
         m_blk[r] = T::zero();
@@ -442,31 +599,31 @@ fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
             l_blk[r] += e;
         }
     }
-    for r in 0..BQ {
-        l[r] = madd::<T, FMA>(alpha[r], l[r], l_blk[r]);
+    span_store::<T, FMA>(step.first, l_blk, alpha, sums.l_span);
+    if step.flush {
+        span_flush::<T, FMA, BQ>(beta, &sums.l_span[..BQ], &mut sums.l[..BQ]);
     }
 }
 
-/// `acc[c][r] = α[r]·acc[c][r] + Σ_j vp[j][c] · p[j][r]`.
+/// `P[c][r] = Σ_j vp[j][c] · p[j][r]` in T from zero, then [`span_store`] into
+/// `acc_span[c][r]` and, when the step flushes, [`span_flush`] into `acc[c][r]`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: usize>(
     p: &[T],
     vp: &[T],
     dvp: usize,
-    acc: &mut [T],
+    step: Step,
+    acc: &mut [f64],
+    acc_span: &mut [T],
     alpha: &[T],
+    beta: &[f64],
 ) {
     let jpad = p.len() / BQ;
     for ct in (0..dvp).step_by(MRV) {
         for rt in (0..BQ).step_by(NR) {
-            let al: &[T; NR] = alpha[rt..rt + NR].try_into().unwrap();
+            let al = &alpha[rt..rt + NR];
             let mut a = [[T::zero(); NR]; MRV];
-            for (mi, row) in a.iter_mut().enumerate() {
-                let src = &acc[(ct + mi) * BQ + rt..(ct + mi) * BQ + rt + NR];
-                for r in 0..NR {
-                    row[r] = src[r] * al[r];
-                }
-            }
             for j in 0..jpad {
                 let pr: &[T; NR] = p[j * BQ + rt..j * BQ + rt + NR].try_into().unwrap();
                 let vr: &[T; MRV] = vp[j * dvp + ct..j * dvp + ct + MRV].try_into().unwrap();
@@ -477,8 +634,12 @@ fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: 
                 }
             }
             for (mi, row) in a.iter().enumerate() {
-                acc[(ct + mi) * BQ + rt..(ct + mi) * BQ + rt + NR].copy_from_slice(row);
+                let at = (ct + mi) * BQ + rt;
+                span_store::<T, FMA>(step.first, row, al, &mut acc_span[at..at + NR]);
             }
         }
+    }
+    if step.flush {
+        span_flush::<T, FMA, BQ>(beta, &acc_span[..dvp * BQ], &mut acc[..dvp * BQ]);
     }
 }

@@ -6,6 +6,21 @@
 //! Per row `i`: `s_j = scale·Σ_p q_ip·k_jp` accumulated column by column of K (contiguous
 //! over keys, so it vectorises), then the score modifiers, `m = max_j s_j`,
 //! `e_j = exp(s_j − m)`, `l = Σ_j e_j`, `out_ic = Σ_j e_j·v_jc / l`, `lse_i = m + ln l`.
+//!
+//! # Accuracy
+//! Both sums run over all `n_kv` keys, so they are computed in two levels (see
+//! [`weighted_sum`]): keys in blocks of [`BLOCK`] = 512, each block in [`LANES`] = 8 lanes
+//! (key `j` in lane `j mod 8`) summed in T from zero, so at most 64 terms per lane; each
+//! lane's block sums are added into an f64 lane accumulator, and the 8 accumulators are
+//! added pairwise at the end. A term is rounded at most `min(⌈n_kv/8⌉, 64)` times in T and
+//! at most `⌈n_kv/512⌉ + 2` times in f64; relative to `Σ_j |e_j·v_jc|`:
+//! ```text
+//! |error| ≤ min(⌈n_kv/8⌉, 64)·u/2 + (⌈n_kv/512⌉ + 2)·u₆₄/2     (u₆₄ = f64::EPSILON)
+//! ```
+//! which for f32 does not grow with `n_kv` (below `33u` for any `n_kv ≤ 2³⁰`); for f64 it
+//! is the block kernel's bound (`kernel/block.rs`, "Accuracy") or less. `l` is summed the
+//! same way as each numerator (so `V ≡ 1` gives exactly 1); the division, `ln` and
+//! `m + ln l` are computed in f64 and rounded once to T.
 
 use nalgebra::DMatrix;
 
@@ -15,6 +30,65 @@ use crate::{AttentionError, Element};
 
 /// Keys whose scores fit the stack buffer of tiny calls.
 pub(super) const STACK_KEYS: usize = 64;
+
+/// Keys per block of the two-level sums, 64 per lane (see the module documentation).
+const BLOCK: usize = 512;
+/// Independent partial sums per block: lanes the compiler can vectorise.
+const LANES: usize = 8;
+
+/// `Σ_j e_j · x_j·scale` (or `Σ_j e_j` if `x` is `None`) in f64, in the order of the
+/// module documentation: per block of [`BLOCK`] keys, the lane sums of [`block_lanes`];
+/// each lane's block sums added into its f64 accumulator; the accumulators added
+/// pairwise. The order depends only on `e.len()`.
+fn weighted_sum<T: Element>(e: &[T], x: Option<&[T]>, scale: T) -> f64 {
+    let mut wide = [0.0f64; LANES];
+    for (b, eb) in e.chunks(BLOCK).enumerate() {
+        let xb = x.map(|x| &x[b * BLOCK..b * BLOCK + eb.len()]);
+        let lanes = block_lanes(eb, xb, scale);
+        for t in 0..LANES {
+            wide[t] += lanes[t].to_f64();
+        }
+    }
+    let [w0, w1, w2, w3, w4, w5, w6, w7] = wide;
+    ((w0 + w1) + (w2 + w3)) + ((w4 + w5) + (w6 + w7))
+}
+
+/// One block's lane sums in T from zero: key `j` added to lane `j mod 8`.
+///
+/// Kept out of line: inlined into [`weighted_sum`], the compiler vectorised the lanes in
+/// shuffled pairs (to match their conversion to f64) instead of 4 or 8 at a time, and the
+/// row path lost a quarter of its speed.
+#[inline(never)]
+fn block_lanes<T: Element>(e: &[T], x: Option<&[T]>, scale: T) -> [T; LANES] {
+    let mut lanes = [T::zero(); LANES];
+    let e8 = e.chunks_exact(LANES);
+    let e_rest = e8.remainder();
+    match x {
+        Some(x) => {
+            let x8 = x.chunks_exact(LANES);
+            let x_rest = x8.remainder();
+            for (ec, xc) in e8.zip(x8) {
+                for t in 0..LANES {
+                    lanes[t] += ec[t] * (xc[t] * scale);
+                }
+            }
+            for (t, (&ej, &xj)) in e_rest.iter().zip(x_rest).enumerate() {
+                lanes[t] += ej * (xj * scale);
+            }
+        }
+        None => {
+            for ec in e8 {
+                for t in 0..LANES {
+                    lanes[t] += ec[t];
+                }
+            }
+            for (t, &ej) in e_rest.iter().enumerate() {
+                lanes[t] += ej;
+            }
+        }
+    }
+    lanes
+}
 
 /// Computes attention row by row; `scores` holds `n_kv` elements (any contents).
 pub(super) fn attention<T: Element>(
@@ -63,32 +137,21 @@ pub(super) fn attention<T: Element>(
             }
             continue;
         }
-        let mut l = T::zero();
         for sj in s.iter_mut() {
             *sj = (*sj - m).exp();
-            l += *sj;
         }
+        let l = weighted_sum(s, None, T::one());
         if let Some(lse) = lse.as_deref_mut() {
-            lse[i] = m + l.ln();
+            lse[i] = T::from_f64_rounded(m.to_f64() + l.ln());
         }
         let s = &*s;
         for_each_column(v, 0..n_kv, &mut gather, |c, col| {
             let (scale, unscale) = scales.as_ref().map_or((T::one(), T::one()), |sc| sc[c]);
-            // Eight partial sums: independent lanes the compiler can vectorise.
-            let mut acc = [T::zero(); 8];
-            let (s8, col8) = (s.chunks_exact(8), col.chunks_exact(8));
-            let (s_rest, col_rest) = (s8.remainder(), col8.remainder());
-            for (e, x) in s8.zip(col8) {
-                for t in 0..8 {
-                    acc[t] += e[t] * (x[t] * scale);
-                }
-            }
-            let mut total = acc.iter().fold(T::zero(), |a, &b| a + b);
-            for (&e, &x) in s_rest.iter().zip(col_rest) {
-                total += e * (x * scale);
-            }
+            let total = weighted_sum(s, Some(col), scale);
             // A convex combination of values: clamped to ±max|V| (see `block.rs`).
-            out[(i, c)] = (total / l * unscale).max(-v_max).min(v_max);
+            out[(i, c)] = T::from_f64_rounded(total / l * unscale.to_f64())
+                .max(-v_max)
+                .min(v_max);
         });
     }
     Ok(())

@@ -21,7 +21,7 @@ use num_traits::Zero;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::block::{self, MicroKernels, Portable};
+use super::block::{self, Factors, MicroKernels, Portable, Step, Sums};
 use super::cpu::{self, CpuFeatures};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
@@ -133,6 +133,13 @@ trait Lanes {
     type V: Copy;
     /// Lanes per vector.
     const N: usize;
+    /// The f64 vectors of the same instruction set (`Self` for f64): the kernels' running
+    /// sums are kept in f64 (see "Accuracy" in `block.rs`).
+    type W: Lanes<T = f64>;
+    /// How many `W` vectors one vector widens to: `N = PARTS · W::N` (2 for f32, 1 for f64).
+    const PARTS: usize;
+    /// Lanes `k·W::N ..` of `v` (`k < PARTS`) widened to f64, exactly.
+    unsafe fn widen(v: Self::V, k: usize) -> <Self::W as Lanes>::V;
     unsafe fn splat(x: Self::T) -> Self::V;
     unsafe fn load(p: *const Self::T) -> Self::V;
     unsafe fn store(p: *mut Self::T, v: Self::V);
@@ -170,12 +177,51 @@ unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
     }
 }
 
+/// `block::span_store` and `block::span_flush` for a vector of partial sums `x` (`N` rows
+/// from the pointers): `value = x` (first tile of a span) or `α·span + x`, in T; stored to
+/// `span`, or when flushing added to the f64 running sums instead, `run = β·run + value`.
+///
+/// # Safety
+/// The CPU must have `L`'s features; `span` must be valid for `N` elements of T, `beta`
+/// and `run` for `N` f64 (unaligned is fine).
+#[inline(always)]
+unsafe fn span_update_v<L: Lanes>(
+    step: Step,
+    x: L::V,
+    alpha: L::V,
+    beta: *const f64,
+    span: *mut L::T,
+    run: *mut f64,
+) {
+    // SAFETY: the caller guarantees the CPU features and the pointers' extents; the f64
+    // vectors at k·W::N with k < PARTS cover exactly N = PARTS·W::N lanes.
+    unsafe {
+        let value = if step.first {
+            x
+        } else {
+            L::fma(alpha, L::load(span), x)
+        };
+        if step.flush {
+            for k in 0..L::PARTS {
+                let at = k * <L::W as Lanes>::N;
+                let b = <L::W as Lanes>::load(beta.add(at));
+                let old = <L::W as Lanes>::load(run.add(at));
+                let new = <L::W as Lanes>::fma(b, old, L::widen(value, k));
+                <L::W as Lanes>::store(run.add(at), new);
+            }
+        } else {
+            L::store(span, value);
+        }
+    }
+}
+
 /// Implements [`Lanes`] for one instruction set and element type from its intrinsics.
 macro_rules! lanes {
     ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal,
      set1 = $set1:ident, loadu = $loadu:ident, storeu = $storeu:ident, add = $add:ident,
      sub = $sub:ident, mul = $mul:ident, fmadd = $fmadd:ident, max = $max:ident,
-     pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr) => {
+     pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr,
+     wide = $w:ty, parts = $parts:literal, widen = |$wv:ident, $wk:ident| $widen:expr) => {
         #[cfg(target_arch = "x86_64")]
         struct $name;
         #[cfg(target_arch = "x86_64")]
@@ -183,6 +229,14 @@ macro_rules! lanes {
             type T = $t;
             type V = $v;
             const N: usize = $n;
+            type W = $w;
+            const PARTS: usize = $parts;
+            #[inline(always)]
+            #[allow(unused_unsafe)] // for f64 it is the identity
+            unsafe fn widen($wv: $v, $wk: usize) -> <$w as Lanes>::V {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $widen }
+            }
             #[inline(always)]
             unsafe fn splat(x: $t) -> $v {
                 // SAFETY: the trait's contract: the CPU has `$features`.
@@ -258,7 +312,16 @@ lanes!(
             _mm512_set1_epi32(127),
         )))
     },
-    zero_below = |x, c, y| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx512F64,
+    parts = 2,
+    widen = |v, k| if k == 0 {
+        _mm512_cvtps_pd(_mm512_castps512_ps256(v))
+    } else {
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(v),
+        )))
+    }
 );
 
 lanes!(
@@ -285,7 +348,10 @@ lanes!(
             _mm512_set1_epi64(1023),
         )))
     },
-    zero_below = |x, c, y| _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx512F64,
+    parts = 1,
+    widen = |v, _k| v
 );
 
 lanes!(
@@ -309,7 +375,14 @@ lanes!(
             _mm256_set1_epi32(127),
         )))
     },
-    zero_below = |x, c, y| _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx2F64,
+    parts = 2,
+    widen = |v, k| if k == 0 {
+        _mm256_cvtps_pd(_mm256_castps256_ps128(v))
+    } else {
+        _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v))
+    }
 );
 
 lanes!(
@@ -336,7 +409,10 @@ lanes!(
             _mm256_set1_epi64x(1023),
         )))
     },
-    zero_below = |x, c, y| _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, c), y)
+    zero_below = |x, c, y| _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, c), y),
+    wide = Avx2F64,
+    parts = 1,
+    widen = |v, _k| v
 );
 
 /// SIMD micro-kernels: register tiles of `MR` keys (or `MRV` value columns) × `NV` vectors
@@ -418,23 +494,31 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     #[inline(always)]
     fn softmax_step(
         s: &mut [L::T],
-        m: &mut [L::T],
-        l: &mut [L::T],
-        alpha: &mut [L::T],
-        _m_ref: &mut [L::T],
-        _l_blk: &mut [L::T],
+        step: Step,
+        sums: &mut Sums<'_, L::T>,
+        factors: &mut Factors<'_, L::T>,
     ) {
         let jpad = s.len() / BQ;
         assert!(
             BQ.is_multiple_of(L::N)
+                && L::N == L::PARTS * <L::W as Lanes>::N
                 && s.len() == jpad * BQ
-                && m.len() >= BQ
-                && l.len() >= BQ
-                && alpha.len() >= BQ
+                && sums.m.len() >= BQ
+                && sums.m_run.len() >= BQ
+                && sums.l.len() >= BQ
+                && sums.l_span.len() >= BQ
+                && factors.alpha.len() >= BQ
+                && factors.beta.len() >= BQ
         );
         let s = s.as_mut_ptr();
-        // SAFETY: CPU features: see the type's documentation. Bounds: rt + N ≤ BQ, so
-        // every vector lies in the first BQ of m, l, alpha and in row j < jpad of `s`.
+        let (m, m_run) = (sums.m.as_mut_ptr(), sums.m_run.as_mut_ptr());
+        let (l, l_span) = (sums.l.as_mut_ptr(), sums.l_span.as_mut_ptr());
+        let (alpha, beta) = (factors.alpha.as_mut_ptr(), factors.beta.as_mut_ptr());
+        // SAFETY: CPU features: see the type's documentation (`L::W` is the f64 type of
+        // the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies in the first
+        // BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the f64 vectors at
+        // rt + k·W::N with k < PARTS cover the same N lanes of l and beta (N = PARTS·W::N),
+        // so they too lie in the first BQ.
         unsafe {
             let neg_inf = L::splat(L::T::NEG_INFINITY);
             // m' = −∞ (nothing allowed yet) is replaced by the lowest finite number, so
@@ -445,52 +529,68 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 for j in 0..jpad {
                     m_blk = L::max(m_blk, L::load(s.add(j * BQ + rt)));
                 }
-                let m_old = L::load(m.as_ptr().add(rt));
+                let m_old = L::load(m.add(rt));
                 let m_new = L::max(m_old, m_blk);
                 let m_use = L::max(m_new, lowest);
                 let a = exp_v::<L>(L::sub(m_old, m_use));
-                L::store(m.as_mut_ptr().add(rt), m_new);
-                L::store(alpha.as_mut_ptr().add(rt), a);
+                L::store(m.add(rt), m_new);
+                L::store(alpha.add(rt), a);
+                if step.flush {
+                    // β = exp(m_run − m') in f64, where the difference is exact for f32.
+                    let m_r = L::load(m_run.add(rt));
+                    for k in 0..L::PARTS {
+                        let at = rt + k * <L::W as Lanes>::N;
+                        let diff = <L::W as Lanes>::sub(L::widen(m_r, k), L::widen(m_use, k));
+                        <L::W as Lanes>::store(beta.add(at), exp_v::<L::W>(diff));
+                    }
+                    L::store(m_run.add(rt), m_new);
+                }
                 let mut l_blk = L::splat(L::T::zero());
                 for j in 0..jpad {
                     let e = exp_v::<L>(L::sub(L::load(s.add(j * BQ + rt)), m_use));
                     L::store(s.add(j * BQ + rt), e);
                     l_blk = L::add(l_blk, e);
                 }
-                let l_old = L::load(l.as_ptr().add(rt));
-                L::store(l.as_mut_ptr().add(rt), L::fma(a, l_old, l_blk));
+                span_update_v::<L>(step, l_blk, a, beta.add(rt), l_span.add(rt), l.add(rt));
             }
         }
     }
 
     #[inline(always)]
-    fn pv(p: &[L::T], vp: &[L::T], dvp: usize, acc: &mut [L::T], alpha: &[L::T]) {
+    fn pv(
+        p: &[L::T],
+        vp: &[L::T],
+        dvp: usize,
+        step: Step,
+        acc: &mut [f64],
+        acc_span: &mut [L::T],
+        alpha: &[L::T],
+        beta: &[f64],
+    ) {
         let jpad = p.len() / BQ;
         assert!(
             BQ.is_multiple_of(NV * L::N)
+                && L::N == L::PARTS * <L::W as Lanes>::N
                 && p.len() == jpad * BQ
                 && dvp.is_multiple_of(MRV)
                 && vp.len() >= jpad * dvp
                 && acc.len() >= dvp * BQ
+                && acc_span.len() >= dvp * BQ
                 && alpha.len() >= BQ
+                && beta.len() >= BQ
         );
-        let (p, vp, accp) = (p.as_ptr(), vp.as_ptr(), acc.as_mut_ptr());
+        let (p, vp) = (p.as_ptr(), vp.as_ptr());
+        let (acc, acc_span) = (acc.as_mut_ptr(), acc_span.as_mut_ptr());
+        let (alpha, beta) = (alpha.as_ptr(), beta.as_ptr());
         // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
         // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
-        // acc[(ct + m)·BQ + rt + v·N ..][..N] < dvp·BQ; alpha[rt + v·N ..][..N] < BQ.
+        // the N lanes from (ct + m)·BQ + rt + v·N of acc_span (T) and acc (f64) lie below
+        // dvp·BQ, those from rt + v·N of alpha (T) and beta (f64) below BQ.
         unsafe {
             for ct in (0..dvp).step_by(MRV) {
                 for rt in (0..BQ).step_by(NV * L::N) {
-                    let mut al = [L::splat(L::T::zero()); NV];
-                    for (v, a) in al.iter_mut().enumerate() {
-                        *a = L::load(alpha.as_ptr().add(rt + v * L::N));
-                    }
+                    // The tile's partial sums, in T from zero.
                     let mut tile = [[L::splat(L::T::zero()); NV]; MRV];
-                    for (m, row) in tile.iter_mut().enumerate() {
-                        for (v, t) in row.iter_mut().enumerate() {
-                            *t = L::mul(L::load(accp.add((ct + m) * BQ + rt + v * L::N)), al[v]);
-                        }
-                    }
                     for j in 0..jpad {
                         let mut pv = [L::splat(L::T::zero()); NV];
                         for (v, x) in pv.iter_mut().enumerate() {
@@ -503,9 +603,19 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                             }
                         }
                     }
-                    for (m, row) in tile.iter().enumerate() {
-                        for (v, &t) in row.iter().enumerate() {
-                            L::store(accp.add((ct + m) * BQ + rt + v * L::N), t);
+                    for v in 0..NV {
+                        let r = rt + v * L::N;
+                        let a = L::load(alpha.add(r));
+                        for (m, row) in tile.iter().enumerate() {
+                            let at = (ct + m) * BQ + r;
+                            span_update_v::<L>(
+                                step,
+                                row[v],
+                                a,
+                                beta.add(r),
+                                acc_span.add(at),
+                                acc.add(at),
+                            );
                         }
                     }
                 }
