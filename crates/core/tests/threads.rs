@@ -17,8 +17,8 @@ use attention_core::{AttentionOptions, Causal, Element};
 use common::{assert_thread_count_irrelevant, gaussian, narrow};
 use nalgebra::DMatrix;
 
-/// `(n_q, n_kv, d_k, d_v)`: 4 to 10 query blocks of every kernel (blocks of 16 to 64
-/// queries), whole and partial key tiles, d_k ≠ d_v. Work: 7.7M, 16M and 22M multiply-adds.
+/// `(n_q, n_kv, d_k, d_v)`: from 4 query blocks (of 64) to 38 (of 16), whole and partial
+/// key tiles, d_k ≠ d_v. Work: 7.7M, 16M and 22M multiply-adds.
 const SIZES: [(usize, usize, usize, usize); 3] =
     [(200, 300, 64, 64), (600, 257, 64, 40), (333, 600, 48, 64)];
 
