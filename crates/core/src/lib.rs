@@ -76,6 +76,7 @@ mod memory;
 mod merge;
 mod options;
 mod spec;
+mod view;
 mod weights;
 
 pub use api::{
@@ -89,6 +90,7 @@ pub use kernel::CpuPath;
 pub use kernel::{KernelRun, last_kernel_run};
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
+pub use view::{AsMatMut, AsMatRef, MatMut};
 pub use weights::attention_weights;
 
 /// The README's Rust example, run as a doctest so it cannot go stale.

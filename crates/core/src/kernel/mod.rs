@@ -1,6 +1,6 @@
 //! The fused attention kernel: packing, blocking over queries, threading, and the
 //! row-at-a-time path for tiny calls and few queries (`direct.rs`). The per-block arithmetic is in `block.rs`; the CPU-specific compilation
-//! and all `unsafe` in `simd.rs`.
+//! and all the kernel's `unsafe` in `simd.rs`.
 
 mod block;
 pub(crate) mod careful;
@@ -12,7 +12,6 @@ pub(crate) mod simd;
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 
-use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::columns::for_each_column;
@@ -20,6 +19,7 @@ use crate::error::Operand;
 use crate::memory::try_resize;
 use crate::options::MatRef;
 use crate::spec::Spec;
+use crate::view::MatMut;
 use crate::{AttentionError, Element};
 pub use simd::CpuPath;
 
@@ -245,7 +245,7 @@ pub(crate) fn attention<T: Element>(
     path: CpuPath,
     forced: bool,
     parallel: bool,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     mut lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);
@@ -283,7 +283,7 @@ fn fast<T: Element>(
     path: CpuPath,
     forced: bool,
     parallel: bool,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
@@ -338,7 +338,7 @@ fn fused<T: Element>(
     path: CpuPath,
     parallel: bool,
     ws: &mut Workspace<T>,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
@@ -426,10 +426,16 @@ fn fused<T: Element>(
     };
     result?;
 
-    for (c, col) in out.as_mut_slice().chunks_exact_mut(n_q).enumerate() {
-        for (qb, seg) in col.chunks_mut(bq).enumerate() {
-            let start = qb * block_len + c * bq;
-            seg.copy_from_slice(&ws.staging[start..start + seg.len()]);
+    // Into `out`, which may be a column block of a wider matrix (any strides): nalgebra's
+    // column iterator steps by the row stride, 1 for a matrix or a block of its columns.
+    for c in 0..d_v {
+        for qb in 0..n_blocks {
+            let (r0, start) = (qb * bq, qb * block_len + c * bq);
+            let len = bq.min(n_q - r0);
+            let mut seg = out.view_mut((r0, c), (len, 1));
+            for (dst, &x) in seg.iter_mut().zip(&ws.staging[start..start + len]) {
+                *dst = x;
+            }
         }
     }
     Ok(())

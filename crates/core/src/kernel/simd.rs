@@ -1,5 +1,5 @@
 //! CPU paths: run-time detection, the `#[target_feature]` instantiations of the block
-//! kernel, and the only `unsafe` code of the crate.
+//! kernel, and all the `unsafe` code of the kernel (the crate's only other is `view.rs`).
 //!
 //! The block kernel (`block::q_group`) is written once, generic over its four inner loops
 //! ([`MicroKernels`]). Here those loops are written once more, generic over a small set of
