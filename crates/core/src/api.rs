@@ -4,8 +4,9 @@ use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
 use crate::columns::owned_if_broadcast;
+use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, Operand};
-use crate::kernel::{self, CpuPath};
+use crate::kernel;
 use crate::memory::{try_matrix, try_vector};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Spec, check_finite};

@@ -69,6 +69,7 @@
 
 mod api;
 mod columns;
+mod cpu;
 mod element;
 mod error;
 mod kernel;
@@ -83,9 +84,9 @@ pub use api::{
     compute_qkv, scaled_dot_product_attention, scaled_dot_product_attention_into,
     scaled_dot_product_attention_with_lse, self_attention,
 };
+pub use cpu::CpuPath;
 pub use element::Element;
 pub use error::{AttentionError, Axis, Operand};
-pub use kernel::CpuPath;
 #[doc(hidden)]
 pub use kernel::{KernelRun, last_kernel_run};
 pub use merge::merge_partial_attention;

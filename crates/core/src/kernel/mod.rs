@@ -4,7 +4,6 @@
 
 mod block;
 pub(crate) mod careful;
-mod cpu;
 mod direct;
 pub(crate) mod exp;
 pub(crate) mod simd;
@@ -15,13 +14,13 @@ use std::cell::{Cell, RefCell};
 use rayon::prelude::*;
 
 use crate::columns::for_each_column;
+use crate::cpu::CpuPath;
 use crate::error::Operand;
 use crate::memory::try_resize;
 use crate::options::MatRef;
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
-pub use simd::CpuPath;
 
 /// Everything the block kernel reads: the checked problem, K and V packed.
 pub(crate) struct Job<'a, T: Element> {

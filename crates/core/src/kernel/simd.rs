@@ -1,4 +1,4 @@
-//! CPU paths: run-time detection, the `#[target_feature]` instantiations of the block
+//! The kernels of the CPU paths ([`CpuPath`], chosen in `cpu.rs`): the `#[target_feature]` instantiations of the block
 //! kernel, and all the `unsafe` code of the kernel (the crate's only other is `view.rs`).
 //!
 //! The block kernel (`block::q_group`) is written once, generic over its four inner loops
@@ -12,7 +12,6 @@
 //! which is how the tests run every path.
 
 use std::any::Any;
-use std::sync::OnceLock;
 
 use std::marker::PhantomData;
 
@@ -22,71 +21,10 @@ use num_traits::Zero;
 use std::arch::x86_64::*;
 
 use super::block::{self, Factors, MicroKernels, Portable, Step, Sums};
-use super::cpu::{self, CpuFeatures};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
+use crate::cpu::CpuPath;
 use crate::{AttentionError, Element};
-
-/// A compiled variant of the kernel, chosen by CPU features.
-///
-/// # Example
-/// ```
-/// use attention_core::CpuPath;
-/// let best = CpuPath::detect();
-/// assert!(best.is_supported());
-/// assert!(CpuPath::supported().contains(&CpuPath::Portable));
-/// ```
-#[non_exhaustive]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CpuPath {
-    /// Plain Rust, compiled for the target's baseline (SSE2 on x86-64); runs everywhere.
-    Portable,
-    /// x86-64 with AVX2 and FMA (256-bit vectors, fused multiply-add).
-    Avx2,
-    /// x86-64 with AVX-512F (512-bit vectors).
-    Avx512,
-}
-
-impl CpuPath {
-    /// Whether this CPU can run the path.
-    #[must_use]
-    pub fn is_supported(self) -> bool {
-        CpuFeatures::detect().supports(self)
-    }
-
-    /// Every path this CPU can run, slowest first.
-    #[must_use]
-    pub fn supported() -> Vec<CpuPath> {
-        CpuFeatures::detect().supported()
-    }
-
-    /// The path calls use by default: the one `ATTENTION_CPU_PATH` names if it is set
-    /// and supported, else the fastest supported. Read once per process.
-    #[must_use]
-    pub fn detect() -> CpuPath {
-        static DETECTED: OnceLock<CpuPath> = OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            let env = std::env::var(cpu::ENV_VAR).ok();
-            cpu::choose(CpuFeatures::detect(), env.as_deref())
-        })
-    }
-
-    /// Whether `ATTENTION_CPU_PATH` names a supported path, which [`CpuPath::detect`] then
-    /// returns: calls then run that path's kernel at every size, as with a path forced
-    /// through the options.
-    pub(crate) fn forced_by_env() -> bool {
-        static FORCED: OnceLock<bool> = OnceLock::new();
-        *FORCED.get_or_init(|| {
-            let env = std::env::var(cpu::ENV_VAR).ok();
-            cpu::forced(CpuFeatures::detect(), env.as_deref())
-        })
-    }
-
-    /// `Ok(self)` if supported, else the typed error.
-    pub(crate) fn check(self) -> Result<CpuPath, AttentionError> {
-        cpu::check(self, CpuFeatures::detect())
-    }
-}
 
 type BlockFn<T> =
     fn(&Job<'_, T>, usize, &mut Scratch<T>, &mut [T], &mut [T]) -> Result<(), AttentionError>;
