@@ -52,7 +52,7 @@
 //! ones, so the same safe orchestration runs on AVX-512, AVX2+FMA or the baseline target.
 
 use super::exp::madd;
-use super::{Job, Scratch};
+use super::{ElementKernels, Job, Scratch};
 use crate::columns::for_each_column;
 use crate::{AttentionError, Element};
 

@@ -8,7 +8,6 @@ mod direct;
 pub(crate) mod exp;
 pub(crate) mod simd;
 
-use std::any::Any;
 use std::cell::{Cell, RefCell};
 
 use rayon::prelude::*;
@@ -40,7 +39,7 @@ pub(crate) struct Job<'a, T: Element> {
 ///
 /// The running sums (`acc`, `l`) and their rescale factors (`beta`) are f64 whatever `T`
 /// is; the span sums (`acc_span`, `l_span`) are in T: see "Accuracy" in `block.rs`.
-pub(crate) struct Scratch<T> {
+pub struct Scratch<T> {
     pub qt: Vec<T>,
     pub s: Vec<T>,
     pub acc: Vec<f64>,
@@ -108,7 +107,7 @@ impl<T: Element> Scratch<T> {
 
 /// Per-calling-thread buffers of a call: packed K and V, and the output staged block by
 /// block. Kept between calls so that a loop of calls allocates nothing.
-struct Workspace<T> {
+pub struct Workspace<T> {
     kp: Vec<T>,
     vp: Vec<T>,
     staging: Vec<T>,
@@ -140,51 +139,72 @@ const GROUP_BYTES: usize = 256 << 10;
 /// call that needs more spends far longer computing than reallocating.
 const KEEP_MAX_ELEMENTS: usize = 1 << 20;
 
-thread_local! {
-    static WORKSPACE_F32: RefCell<Workspace<f32>> = RefCell::default();
-    static WORKSPACE_F64: RefCell<Workspace<f64>> = RefCell::default();
-    static SCRATCH_F32: RefCell<Scratch<f32>> = RefCell::default();
-    static SCRATCH_F64: RefCell<Scratch<f64>> = RefCell::default();
+/// What the kernel needs per element type: its compiled kernels and its thread-local
+/// buffers. A supertrait of [`Element`] (through its seal), implemented for `f32` and
+/// `f64` only, so that generic code reaches each type's own kernels and caches statically.
+///
+/// Nominally public (a supertrait of a public trait must be) but in a private module:
+/// outside this crate it can be neither named nor implemented.
+pub trait ElementKernels: Sized + 'static {
+    /// The kernel for this type on `path`. An unsupported path falls back to the portable
+    /// kernel (callers check support first and report it as an error).
+    #[doc(hidden)]
+    fn kernel(path: CpuPath) -> simd::Kernel<Self>
+    where
+        Self: Element;
+    /// Runs `f` with this thread's cached workspace (see [`with_cached`]).
+    #[doc(hidden)]
+    fn with_workspace<R>(f: impl FnOnce(&mut Workspace<Self>) -> R) -> R;
+    /// Runs `f` with this thread's cached block-kernel scratch (see [`with_cached`]).
+    #[doc(hidden)]
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
+    /// `exp(self)` for `self ≤ 0` or −∞, vectorisable: the portable kernel's softmax
+    /// exponential (`exp.rs`).
+    #[doc(hidden)]
+    fn exp_nonpos<const FMA: bool>(self) -> Self;
 }
 
-/// Runs `f` with this thread's cached `X<T>` (a fresh one if it is already in use, e.g.
-/// by a call that rayon nested on the same thread).
-fn with_cached<X: PerType + Default + 'static, R>(
-    f32_cell: &'static std::thread::LocalKey<RefCell<X::F32>>,
-    f64_cell: &'static std::thread::LocalKey<RefCell<X::F64>>,
+/// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
+/// thread-local caches.
+macro_rules! element_kernels {
+    ($t:ty, $select:path, $exp:ident) => {
+        impl ElementKernels for $t {
+            #[inline]
+            fn kernel(path: CpuPath) -> simd::Kernel<$t> {
+                $select(path)
+            }
+            fn with_workspace<R>(f: impl FnOnce(&mut Workspace<$t>) -> R) -> R {
+                thread_local! {
+                    static WORKSPACE: RefCell<Workspace<$t>> = RefCell::default();
+                }
+                with_cached(&WORKSPACE, f)
+            }
+            fn with_scratch<R>(f: impl FnOnce(&mut Scratch<$t>) -> R) -> R {
+                thread_local! {
+                    static SCRATCH: RefCell<Scratch<$t>> = RefCell::default();
+                }
+                with_cached(&SCRATCH, f)
+            }
+            #[inline(always)]
+            fn exp_nonpos<const FMA: bool>(self) -> $t {
+                exp::$exp::<FMA>(self)
+            }
+        }
+    };
+}
+element_kernels!(f32, simd::kernel_f32, exp_f32);
+element_kernels!(f64, simd::kernel_f64, exp_f64);
+
+/// Runs `f` with this thread's cached `X` from `cell` (a fresh one if it is already in
+/// use, e.g. by a call that rayon nested on the same thread).
+fn with_cached<X: Default + 'static, R>(
+    cell: &'static std::thread::LocalKey<RefCell<X>>,
     f: impl FnOnce(&mut X) -> R,
 ) -> R {
-    let mut f = Some(f);
-    let mut run = |cell: &dyn Any| -> Option<R> {
-        let cell = cell.downcast_ref::<RefCell<X>>()?;
-        let f = f.take()?;
-        Some(match cell.try_borrow_mut() {
-            Ok(mut x) => f(&mut x),
-            Err(_) => f(&mut X::default()),
-        })
-    };
-    if let Some(r) = f32_cell.with(|c| run(c)) {
-        return r;
-    }
-    if let Some(r) = f64_cell.with(|c| run(c)) {
-        return r;
-    }
-    // Element is sealed to f32 and f64, so one of the two cells matched.
-    (f.take().expect("Element is f32 or f64"))(&mut X::default())
-}
-
-/// Names the f32 and f64 instances of a per-type cache.
-trait PerType {
-    type F32: 'static;
-    type F64: 'static;
-}
-impl<T> PerType for Workspace<T> {
-    type F32 = Workspace<f32>;
-    type F64 = Workspace<f64>;
-}
-impl<T> PerType for Scratch<T> {
-    type F32 = Scratch<f32>;
-    type F64 = Scratch<f64>;
+    cell.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut x) => f(&mut x),
+        Err(_) => f(&mut X::default()),
+    })
 }
 
 /// Work (multiply-adds) below which the direct path is used: packing and blocking would
@@ -297,7 +317,7 @@ fn fast<T: Element>(
     if !forced && n_q <= DIRECT_MAX_QUERIES {
         // A few queries against many keys: row by row, scores in the workspace.
         record_run(KernelRun::Row);
-        return with_cached::<Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
+        return T::with_workspace(|ws| {
             set_len(&mut ws.staging, n_kv, Operand::Key)?;
             let result = direct::attention(spec, out, lse, &mut ws.staging);
             if ws.staging.capacity() > KEEP_MAX_ELEMENTS {
@@ -309,7 +329,7 @@ fn fast<T: Element>(
     record_run(KernelRun::Block(path));
     let spec = spec.clone();
     let parallel = parallel && work >= PARALLEL_MIN_WORK && n_q > 1;
-    with_cached::<Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
+    T::with_workspace(|ws| {
         let mut lse_buf = std::mem::take(&mut ws.lse);
         let lse = match lse {
             Some(lse) => lse,
@@ -341,7 +361,7 @@ fn fused<T: Element>(
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
-    let kernel = simd::Kernel::<T>::select(path);
+    let kernel = T::kernel(path);
     let (mr, bq) = (kernel.mr, kernel.bq);
     let n_kv_pad = n_kv.div_ceil(mr) * mr;
     let dvp = d_v.div_ceil(kernel.mrv) * kernel.mrv;
@@ -402,7 +422,7 @@ fn fused<T: Element>(
         super_keys,
     };
     let run = |(g, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
-        with_cached::<Scratch<T>, _>(&SCRATCH_F32, &SCRATCH_F64, |scratch| {
+        T::with_scratch(|scratch| {
             scratch.fit(&kernel, d_k, dvp, group);
             (kernel.block)(&job, g * group, scratch, staged, lse)
         })

@@ -11,8 +11,6 @@
 //! [`AttentionOptions::with_cpu_path`](crate::AttentionOptions::with_cpu_path) forces one,
 //! which is how the tests run every path.
 
-use std::any::Any;
-
 use std::marker::PhantomData;
 
 use num_traits::Zero;
@@ -30,16 +28,16 @@ type BlockFn<T> =
     fn(&Job<'_, T>, usize, &mut Scratch<T>, &mut [T], &mut [T]) -> Result<(), AttentionError>;
 
 /// One compiled variant of the block kernel with its tile sizes.
-pub(crate) struct Kernel<T: Element> {
+pub struct Kernel<T: Element> {
     /// Keys per packed K panel.
-    pub mr: usize,
+    pub(crate) mr: usize,
     /// Queries per block.
-    pub bq: usize,
+    pub(crate) bq: usize,
     /// Keys per online-softmax step.
-    pub bk: usize,
+    pub(crate) bk: usize,
     /// Value columns per register tile (V rows are padded to a multiple).
-    pub mrv: usize,
-    pub block: BlockFn<T>,
+    pub(crate) mrv: usize,
+    pub(crate) block: BlockFn<T>,
 }
 
 impl<T: Element> Clone for Kernel<T> {
@@ -622,31 +620,28 @@ simd_kernel!(AVX2_F64: f64, "avx2,fma", Simd<Avx2F64, 6, 2, 32, 4, 60>);
 portable_kernel!(PORTABLE_F32: f32, Portable<false, 4, 8, 32, 4, 64>);
 portable_kernel!(PORTABLE_F64: f64, Portable<false, 4, 4, 16, 4, 64>);
 
-impl<T: Element> Kernel<T> {
-    /// The kernel for element type `T` on `path`. An unsupported path falls back to the
-    /// portable kernel (callers check support first and report it as an error).
-    pub(crate) fn select(path: CpuPath) -> Kernel<T> {
-        let path = if path.is_supported() {
-            path
-        } else {
-            CpuPath::Portable
-        };
-        let (k32, k64): (&Kernel<f32>, &Kernel<f64>) = match path {
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx512 => (&AVX512_F32, &AVX512_F64),
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx2 => (&AVX2_F32, &AVX2_F64),
-            _ => (&PORTABLE_F32, &PORTABLE_F64),
-        };
-        // `Element` is sealed to f32 and f64, so exactly one downcast succeeds.
-        let any32: &dyn Any = k32;
-        let any64: &dyn Any = k64;
-        *any32
-            .downcast_ref::<Kernel<T>>()
-            .or_else(|| any64.downcast_ref::<Kernel<T>>())
-            .expect("Element is implemented only for f32 and f64")
-    }
+/// Declares `$name(path)`: the kernel for one element type on `path`, the portable one if
+/// the CPU lacks the path (callers check support first and report it as an error).
+macro_rules! select {
+    ($name:ident: $t:ty, $avx512:ident, $avx2:ident, $portable:ident) => {
+        pub(super) fn $name(path: CpuPath) -> Kernel<$t> {
+            let path = if path.is_supported() {
+                path
+            } else {
+                CpuPath::Portable
+            };
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                CpuPath::Avx512 => $avx512,
+                #[cfg(target_arch = "x86_64")]
+                CpuPath::Avx2 => $avx2,
+                _ => $portable,
+            }
+        }
+    };
 }
+select!(kernel_f32: f32, AVX512_F32, AVX2_F32, PORTABLE_F32);
+select!(kernel_f64: f64, AVX512_F64, AVX2_F64, PORTABLE_F64);
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
