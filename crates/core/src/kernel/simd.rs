@@ -59,12 +59,43 @@ impl<T: Element> Kernel<T> {
     }
 }
 
+/// Proof that this CPU has AVX-512F, AVX2 and FMA (the features of [`CpuPath::Avx512`] and
+/// of the AVX-512 kernels' `#[target_feature]`): the private field means a value can only
+/// be made here, and [`Avx512::detect`] is the only code that makes one.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx512(());
+
+/// Proof that this CPU has AVX2 and FMA (the features of [`CpuPath::Avx2`]); made only by
+/// [`Avx2::detect`].
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    /// The token if [`CpuPath::Avx512`] is supported.
+    fn detect() -> Option<Self> {
+        CpuPath::Avx512.is_supported().then_some(Avx512(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// The token if [`CpuPath::Avx2`] is supported.
+    fn detect() -> Option<Self> {
+        CpuPath::Avx2.is_supported().then_some(Avx2(()))
+    }
+}
+
 /// Vector operations of one instruction set on one element type.
 ///
 /// # Safety
 /// Every method requires the CPU features of the implementing type (AVX-512F, or AVX2
 /// and FMA); pointer arguments must be valid for `N` elements (unaligned is fine).
 trait Lanes {
+    /// The token that proves the CPU has this instruction set ([`Avx512`], [`Avx2`]).
+    type Features: Copy;
     type T: ExpConsts;
     type V: Copy;
     /// Lanes per vector.
@@ -153,7 +184,7 @@ unsafe fn span_update_v<L: Lanes>(
 
 /// Implements [`Lanes`] for one instruction set and element type from its intrinsics.
 macro_rules! lanes {
-    ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal,
+    ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal, $token:ty,
      set1 = $set1:ident, loadu = $loadu:ident, storeu = $storeu:ident, add = $add:ident,
      sub = $sub:ident, mul = $mul:ident, fmadd = $fmadd:ident, max = $max:ident,
      pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr,
@@ -162,6 +193,7 @@ macro_rules! lanes {
         struct $name;
         #[cfg(target_arch = "x86_64")]
         impl Lanes for $name {
+            type Features = $token;
             type T = $t;
             type V = $v;
             const N: usize = $n;
@@ -233,6 +265,7 @@ lanes!(
     __m512,
     16,
     "avx512f",
+    Avx512,
     set1 = _mm512_set1_ps,
     loadu = _mm512_loadu_ps,
     storeu = _mm512_storeu_ps,
@@ -266,6 +299,7 @@ lanes!(
     __m512d,
     8,
     "avx512f",
+    Avx512,
     set1 = _mm512_set1_pd,
     loadu = _mm512_loadu_pd,
     storeu = _mm512_storeu_pd,
@@ -296,6 +330,7 @@ lanes!(
     __m256,
     8,
     "avx2,fma",
+    Avx2,
     set1 = _mm256_set1_ps,
     loadu = _mm256_loadu_ps,
     storeu = _mm256_storeu_ps,
@@ -327,6 +362,7 @@ lanes!(
     __m256d,
     4,
     "avx2,fma",
+    Avx2,
     set1 = _mm256_set1_pd,
     loadu = _mm256_loadu_pd,
     storeu = _mm256_storeu_pd,
@@ -354,9 +390,10 @@ lanes!(
 /// SIMD micro-kernels: register tiles of `MR` keys (or `MRV` value columns) × `NV` vectors
 /// of queries, `BQ` queries per block, `BK` keys per step.
 ///
-/// Only instantiated inside the `#[target_feature]` functions of `simd_kernel!`, which are
-/// only called when the CPU supports `L`'s features: that is what makes the safe trait
-/// methods below sound.
+/// The trait methods are safe because each takes `L::Features`, a token that exists only
+/// if the CPU has `L`'s instruction set (see [`MicroKernels`] for why a token and not
+/// `unsafe fn`). They are instantiated inside the `#[target_feature]` functions of
+/// `simd_kernel!`, so that the intrinsics inline into straight vector code.
 struct Simd<L, const MR: usize, const NV: usize, const BQ: usize, const MRV: usize, const BK: usize>(
     PhantomData<L>,
 );
@@ -364,6 +401,7 @@ struct Simd<L, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usize, const BK: usize>
     MicroKernels<L::T> for Simd<L, MR, NV, BQ, MRV, BK>
 {
+    type Features = L::Features;
     const MR: usize = MR;
     const BQ: usize = BQ;
     const MRV: usize = MRV;
@@ -371,6 +409,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn scores(
+        _: L::Features,
         qt: &[L::T],
         kp: &[L::T],
         d_k: usize,
@@ -388,7 +427,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 && probe.len() >= L::N
         );
         let (qt, kp, s) = (qt.as_ptr(), kp.as_ptr(), s.as_mut_ptr());
-        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
+        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
         // loads read qt[p·BQ + rt + v·N ..][..N] with p < d_k and rt + NV·N ≤ BQ;
         // broadcasts read kp[jt·d_k + p·MR + m] < (jt + MR)·d_k ≤ jpad·d_k; stores write
         // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ, and the first N of `probe`.
@@ -429,6 +468,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn softmax_step(
+        _: L::Features,
         s: &mut [L::T],
         step: Step,
         sums: &mut Sums<'_, L::T>,
@@ -450,7 +490,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (m, m_run) = (sums.m.as_mut_ptr(), sums.m_run.as_mut_ptr());
         let (l, l_span) = (sums.l.as_mut_ptr(), sums.l_span.as_mut_ptr());
         let (alpha, beta) = (factors.alpha.as_mut_ptr(), factors.beta.as_mut_ptr());
-        // SAFETY: CPU features: see the type's documentation (`L::W` is the f64 type of
+        // SAFETY: CPU features: the `L::Features` token argument proves them (`L::W` is the f64 type of
         // the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies in the first
         // BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the f64 vectors at
         // rt + k·W::N with k < PARTS cover the same N lanes of l and beta (N = PARTS·W::N),
@@ -494,6 +534,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn pv(
+        _: L::Features,
         p: &[L::T],
         vp: &[L::T],
         dvp: usize,
@@ -518,7 +559,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (p, vp) = (p.as_ptr(), vp.as_ptr());
         let (acc, acc_span) = (acc.as_mut_ptr(), acc_span.as_mut_ptr());
         let (alpha, beta) = (alpha.as_ptr(), beta.as_ptr());
-        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
+        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
         // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
         // the N lanes from (ct + m)·BQ + rt + v·N of acc_span (T) and acc (f64) lie below
         // dvp·BQ, those from rt + v·N of alpha (T) and beta (f64) below BQ.
@@ -563,18 +604,19 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 /// Declares one SIMD kernel as a `static Kernel`: the block body with micro-kernels `$mk`,
 /// compiled by a `#[target_feature]` function, called through a safe entry point.
 macro_rules! simd_kernel {
-    ($kernel:ident: $t:ty, $features:literal, $mk:ty) => {
+    ($kernel:ident: $t:ty, $features:literal, $token:ident, $mk:ty) => {
         #[cfg(target_arch = "x86_64")]
         static $kernel: Kernel<$t> = {
             #[target_feature(enable = $features)]
             fn compiled(
+                token: $token,
                 job: &Job<'_, $t>,
                 first_block: usize,
                 scratch: &mut Scratch<$t>,
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_group::<$t, $mk>(job, first_block, scratch, out, lse)
+                block::q_group::<$t, $mk>(token, job, first_block, scratch, out, lse)
             }
             fn entry(
                 job: &Job<'_, $t>,
@@ -583,10 +625,12 @@ macro_rules! simd_kernel {
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                // SAFETY: this kernel is only reachable through `Kernel::select`, which
-                // returns it only for a `CpuPath` whose `is_supported()` is true, i.e. on
-                // a CPU with every feature in `$features`.
-                unsafe { compiled(job, first_block, scratch, out, lse) }
+                // `kernel_f32` / `kernel_f64` hand out this kernel only for a supported
+                // path, so detection succeeds here (a few cached atomic loads per group).
+                let token = $token::detect().expect("the kernel of a path this CPU supports");
+                // SAFETY: `token` exists, so the CPU has every feature of `$token`'s path,
+                // which are the features in `$features` (`CpuFeatures::supports`).
+                unsafe { compiled(token, job, first_block, scratch, out, lse) }
             }
             Kernel::of::<$mk>(entry)
         };
@@ -604,7 +648,7 @@ macro_rules! portable_kernel {
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_group::<$t, $mk>(job, first_block, scratch, out, lse)
+                block::q_group::<$t, $mk>((), job, first_block, scratch, out, lse)
             }
             Kernel::of::<$mk>(entry)
         };
@@ -613,10 +657,10 @@ macro_rules! portable_kernel {
 
 // Tile sizes: the `MR × NV` (and `MRV × NV`) accumulators plus the loaded operands must
 // fit the register file: 32 zmm for AVX-512, 16 ymm for AVX2.
-simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Simd<Avx512F32, 8, 2, 64, 8, 64>);
-simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Simd<Avx512F64, 8, 2, 32, 8, 64>);
-simd_kernel!(AVX2_F32: f32, "avx2,fma", Simd<Avx2F32, 6, 2, 64, 4, 60>);
-simd_kernel!(AVX2_F64: f64, "avx2,fma", Simd<Avx2F64, 6, 2, 32, 4, 60>);
+simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Avx512, Simd<Avx512F32, 8, 2, 64, 8, 64>);
+simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Avx512, Simd<Avx512F64, 8, 2, 32, 8, 64>);
+simd_kernel!(AVX2_F32: f32, "avx2,fma", Avx2, Simd<Avx2F32, 6, 2, 64, 4, 60>);
+simd_kernel!(AVX2_F64: f64, "avx2,fma", Avx2, Simd<Avx2F64, 6, 2, 32, 4, 60>);
 portable_kernel!(PORTABLE_F32: f32, Portable<false, 4, 8, 32, 4, 64>);
 portable_kernel!(PORTABLE_F64: f64, Portable<false, 4, 4, 16, 4, 64>);
 
