@@ -1,5 +1,6 @@
-//! The kernels of the CPU paths ([`CpuPath`], chosen in `cpu.rs`): the `#[target_feature]` instantiations of the block
-//! kernel, and all the `unsafe` code of the kernel (the crate's only other is `view.rs`).
+//! The kernels of the CPU paths ([`CpuPath`], chosen in `cpu.rs`): the
+//! `#[target_feature]` instantiations of the block kernel, and all the `unsafe` code of
+//! the kernel (the crate's only other is `view.rs`).
 //!
 //! The block kernel (`block::q_group`) is written once, generic over its four inner loops
 //! ([`MicroKernels`]). Here those loops are written once more, generic over a small set of
