@@ -4,11 +4,13 @@ use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
 use crate::columns::owned_if_broadcast;
+use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, Operand};
-use crate::kernel::{self, CpuPath};
+use crate::kernel;
 use crate::memory::{try_matrix, try_vector};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Spec, check_finite};
+use crate::view::{AsMatMut, AsMatRef, MatMut};
 
 /// Projects tokens to queries, keys and values: `Q = X·W_q`, `K = X·W_k`, `V = X·W_v`.
 ///
@@ -38,12 +40,17 @@ use crate::spec::{Spec, check_finite};
 /// ```
 #[allow(clippy::type_complexity)] // (Q, K, V) reads better than a one-use alias
 pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
-    x: impl Into<MatRef<'x, T>>,
-    w_q: impl Into<MatRef<'q, T>>,
-    w_k: impl Into<MatRef<'k, T>>,
-    w_v: impl Into<MatRef<'v, T>>,
+    x: impl AsMatRef<'x, T>,
+    w_q: impl AsMatRef<'q, T>,
+    w_k: impl AsMatRef<'k, T>,
+    w_v: impl AsMatRef<'v, T>,
 ) -> Result<(DMatrix<T>, DMatrix<T>, DMatrix<T>), AttentionError> {
-    let (x, w_q, w_k, w_v) = (x.into(), w_q.into(), w_k.into(), w_v.into());
+    let (x, w_q, w_k, w_v) = (
+        x.into_mat_ref(),
+        w_q.into_mat_ref(),
+        w_k.into_mat_ref(),
+        w_v.into_mat_ref(),
+    );
     let d_model = x.ncols();
     for (w, operand) in [
         (&w_q, Operand::QueryWeight),
@@ -133,9 +140,9 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
 /// # Ok::<(), attention_core::AttentionError>(())
 /// ```
 pub fn self_attention<'q, 'k, 'v, T: Element>(
-    query: impl Into<MatRef<'q, T>>,
-    key: impl Into<MatRef<'k, T>>,
-    value: impl Into<MatRef<'v, T>>,
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
 ) -> Result<DMatrix<T>, AttentionError> {
     scaled_dot_product_attention(query, key, value, &AttentionOptions::default())
 }
@@ -171,19 +178,27 @@ pub fn self_attention<'q, 'k, 'v, T: Element>(
 /// # Ok::<(), attention_core::AttentionError>(())
 /// ```
 pub fn scaled_dot_product_attention<'q, 'k, 'v, T: Element>(
-    query: impl Into<MatRef<'q, T>>,
-    key: impl Into<MatRef<'k, T>>,
-    value: impl Into<MatRef<'v, T>>,
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
     options: &AttentionOptions<'_, T>,
 ) -> Result<DMatrix<T>, AttentionError> {
-    let (q, k, v) = (query.into(), key.into(), value.into());
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
     let mut out = try_matrix(q.nrows(), v.ncols(), T::zero(), Operand::Output)?;
-    run(q, k, v, options, &mut out, None)?;
+    run(q, k, v, options, &mut out.into_mat_mut(), None)?;
     Ok(out)
 }
 
-/// [`scaled_dot_product_attention`] writing into a caller's `n_q × d_v` matrix, so that a
-/// loop of calls does not allocate the output each time.
+/// [`scaled_dot_product_attention`] writing into a caller's `n_q × d_v` matrix or mutable
+/// view, so that a loop of calls does not allocate the output each time.
+///
+/// `output` is `&mut` a matrix or view, or a mutable view by value ([`AsMatMut`]), with
+/// any strides: e.g. `out.columns_mut(h * d_v, d_v)`, one head's columns of a wider
+/// output. Only the elements of `output` are written.
 ///
 /// # Errors
 /// Those of [`scaled_dot_product_attention`], and [`AttentionError::DimensionMismatch`]
@@ -202,16 +217,29 @@ pub fn scaled_dot_product_attention<'q, 'k, 'v, T: Element>(
 ///     scaled_dot_product_attention_into(&q, &q, &v, &AttentionOptions::new(), &mut out)?;
 /// }
 /// assert!(out.iter().all(|x| x.is_finite()));
+///
+/// // The second of two heads of width 2: inputs and output are column blocks.
+/// let x = DMatrix::<f32>::from_fn(2, 4, |i, j| (i + j) as f32);
+/// let mut wide = DMatrix::from_element(2, 4, f32::NAN);
+/// let head = x.columns(2, 2);
+/// scaled_dot_product_attention_into(head, head, head, &AttentionOptions::new(), wide.columns_mut(2, 2))?;
+/// assert!(wide.columns(0, 2).iter().all(|x| x.is_nan())); // the first head's columns: untouched
+/// assert!(wide.columns(2, 2).iter().all(|x| x.is_finite()));
 /// # Ok::<(), attention_core::AttentionError>(())
 /// ```
-pub fn scaled_dot_product_attention_into<'q, 'k, 'v, T: Element>(
-    query: impl Into<MatRef<'q, T>>,
-    key: impl Into<MatRef<'k, T>>,
-    value: impl Into<MatRef<'v, T>>,
+pub fn scaled_dot_product_attention_into<'q, 'k, 'v, 'o, T: Element>(
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
     options: &AttentionOptions<'_, T>,
-    output: &mut DMatrix<T>,
+    output: impl AsMatMut<'o, T>,
 ) -> Result<(), AttentionError> {
-    let (q, k, v) = (query.into(), key.into(), value.into());
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
+    let mut output = output.into_mat_mut();
     for (axis, found, expected, against) in [
         (Axis::Rows, output.nrows(), q.nrows(), Operand::Query),
         (Axis::Columns, output.ncols(), v.ncols(), Operand::Value),
@@ -227,7 +255,7 @@ pub fn scaled_dot_product_attention_into<'q, 'k, 'v, T: Element>(
             });
         }
     }
-    run(q, k, v, options, output, None)
+    run(q, k, v, options, &mut output, None)
 }
 
 /// [`scaled_dot_product_attention`] that also returns each query's log-sum-exp
@@ -256,15 +284,26 @@ pub fn scaled_dot_product_attention_into<'q, 'k, 'v, T: Element>(
 /// ```
 #[allow(clippy::type_complexity)] // (output, lse) is the documented pair
 pub fn scaled_dot_product_attention_with_lse<'q, 'k, 'v, T: Element>(
-    query: impl Into<MatRef<'q, T>>,
-    key: impl Into<MatRef<'k, T>>,
-    value: impl Into<MatRef<'v, T>>,
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
     options: &AttentionOptions<'_, T>,
 ) -> Result<(DMatrix<T>, DVector<T>), AttentionError> {
-    let (q, k, v) = (query.into(), key.into(), value.into());
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
     let mut out = try_matrix(q.nrows(), v.ncols(), T::zero(), Operand::Output)?;
     let mut lse = try_vector(q.nrows(), T::zero(), Operand::Lse)?;
-    run(q, k, v, options, &mut out, Some(lse.as_mut_slice()))?;
+    run(
+        q,
+        k,
+        v,
+        options,
+        &mut out.into_mat_mut(),
+        Some(lse.as_mut_slice()),
+    )?;
     Ok((out, lse))
 }
 
@@ -274,7 +313,7 @@ fn run<T: Element>(
     k: MatRef<'_, T>,
     v: MatRef<'_, T>,
     options: &AttentionOptions<'_, T>,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let spec = Spec::new(q, k, v, options)?;

@@ -3,7 +3,9 @@
 use nalgebra::RealField;
 
 mod sealed {
-    pub trait Sealed {}
+    /// Seals [`Element`](super::Element) to `f32` and `f64`, and through its supertrait
+    /// gives each its own kernels and thread-local buffers.
+    pub trait Sealed: crate::kernel::ElementKernels {}
     impl Sealed for f32 {}
     impl Sealed for f64 {}
 }
@@ -35,9 +37,6 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     fn from_count(n: usize) -> Self;
     /// True if the value is neither infinite nor NaN.
     fn finite(self) -> bool;
-    /// `exp(self)` for `self ≤ 0` or −∞, vectorisable; the kernels' softmax exponential.
-    #[doc(hidden)]
-    fn exp_nonpos<const FMA: bool>(self) -> Self;
     /// The bits of `|self|` as an integer: ordered like `|self|` for finite values, and
     /// `≥ Self::INFINITY_BITS` exactly for ±∞ and NaN. Lets validation scan with integer
     /// max-reductions, which vectorise.
@@ -97,10 +96,6 @@ impl Element for f32 {
     fn finite(self) -> bool {
         self.is_finite()
     }
-    #[inline(always)]
-    fn exp_nonpos<const FMA: bool>(self) -> Self {
-        crate::kernel::exp::exp_f32::<FMA>(self)
-    }
     const INFINITY_BITS: u64 = 0x7f80_0000;
     #[inline(always)]
     fn abs_bits(self) -> u64 {
@@ -134,10 +129,6 @@ impl Element for f64 {
     #[inline(always)]
     fn finite(self) -> bool {
         self.is_finite()
-    }
-    #[inline(always)]
-    fn exp_nonpos<const FMA: bool>(self) -> Self {
-        crate::kernel::exp::exp_f64::<FMA>(self)
     }
     const INFINITY_BITS: u64 = 0x7ff0_0000_0000_0000;
     #[inline(always)]

@@ -69,6 +69,7 @@
 
 mod api;
 mod columns;
+mod cpu;
 mod element;
 mod error;
 mod kernel;
@@ -76,19 +77,21 @@ mod memory;
 mod merge;
 mod options;
 mod spec;
+mod view;
 mod weights;
 
 pub use api::{
     compute_qkv, scaled_dot_product_attention, scaled_dot_product_attention_into,
     scaled_dot_product_attention_with_lse, self_attention,
 };
+pub use cpu::CpuPath;
 pub use element::Element;
 pub use error::{AttentionError, Axis, Operand};
-pub use kernel::CpuPath;
 #[doc(hidden)]
 pub use kernel::{KernelRun, last_kernel_run};
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
+pub use view::{AsMatMut, AsMatRef, MatMut};
 pub use weights::attention_weights;
 
 /// The README's Rust example, run as a doctest so it cannot go stale.

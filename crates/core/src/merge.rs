@@ -7,6 +7,7 @@ use crate::error::{AttentionError, Axis, Operand};
 use crate::memory::{try_matrix, try_vector};
 use crate::options::MatRef;
 use crate::spec::check_finite;
+use crate::view::AsMatRef;
 
 /// Combines partial results `(output_b, lse_b)`, each the attention of the same queries
 /// over a disjoint block `B` of the keys (with [`scaled_dot_product_attention_with_lse`]),
@@ -60,11 +61,13 @@ pub fn merge_partial_attention<'a, T, O, I>(
 ) -> Result<(DMatrix<T>, DVector<T>), AttentionError>
 where
     T: Element,
-    O: Into<MatRef<'a, T>>,
+    O: AsMatRef<'a, T>,
     I: IntoIterator<Item = (O, &'a [T])>,
 {
-    let parts: Vec<(MatRef<'a, T>, &'a [T])> =
-        parts.into_iter().map(|(o, l)| (o.into(), l)).collect();
+    let parts: Vec<(MatRef<'a, T>, &'a [T])> = parts
+        .into_iter()
+        .map(|(o, l)| (o.into_mat_ref(), l))
+        .collect();
     let Some((first, _)) = parts.first() else {
         return Err(AttentionError::NoPartials);
     };

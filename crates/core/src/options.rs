@@ -2,11 +2,13 @@
 
 use nalgebra::{DMatrixView, Dyn};
 
+use crate::view::AsMatRef;
 use crate::{CpuPath, Element};
 
 /// A borrowed matrix with any row and column strides: what every function of this crate
-/// reads. `&DMatrix<T>`, `&DMatrixView<T>`, a column block of a wider matrix, or a view
-/// with swapped strides (a transposed view) all convert into it without a copy.
+/// reads. `&DMatrix<T>`, `&DMatrixView<T>`, a column block of a wider matrix (by value or
+/// by reference), or a view with swapped strides (a transposed view) all convert into it
+/// without a copy ([`AsMatRef`](crate::AsMatRef)).
 ///
 /// Zero strides (a broadcast row or column, numpy's `broadcast_to`) are read correctly
 /// too: the attention kernels read them in place; [`compute_qkv`](crate::compute_qkv) and
@@ -197,8 +199,8 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     /// # Ok::<(), attention_core::AttentionError>(())
     /// ```
     #[must_use]
-    pub fn with_mask(mut self, mask: impl Into<MatRef<'a, bool>>) -> Self {
-        self.mask = Some(mask.into());
+    pub fn with_mask(mut self, mask: impl AsMatRef<'a, bool>) -> Self {
+        self.mask = Some(mask.into_mat_ref());
         self
     }
 
@@ -236,8 +238,8 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     /// # Ok::<(), attention_core::AttentionError>(())
     /// ```
     #[must_use]
-    pub fn with_bias(mut self, bias: impl Into<MatRef<'a, T>>) -> Self {
-        self.bias = Some(bias.into());
+    pub fn with_bias(mut self, bias: impl AsMatRef<'a, T>) -> Self {
+        self.bias = Some(bias.into_mat_ref());
         self
     }
 

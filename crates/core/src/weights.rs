@@ -7,8 +7,9 @@ use crate::columns::owned_if_broadcast;
 use crate::error::Operand;
 use crate::kernel::{KernelRun, careful, record_run};
 use crate::memory::{try_matrix, try_vector};
-use crate::options::{AttentionOptions, MatRef};
+use crate::options::AttentionOptions;
 use crate::spec::Spec;
+use crate::view::AsMatRef;
 use crate::{AttentionError, Element};
 
 /// The attention weights `softmax(s)`, one row per query, as an `n_q × n_kv` matrix.
@@ -44,12 +45,16 @@ use crate::{AttentionError, Element};
 /// # Ok::<(), attention_core::AttentionError>(())
 /// ```
 pub fn attention_weights<'q, 'k, 'v, T: Element>(
-    query: impl Into<MatRef<'q, T>>,
-    key: impl Into<MatRef<'k, T>>,
-    value: impl Into<MatRef<'v, T>>,
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
     options: &AttentionOptions<'_, T>,
 ) -> Result<DMatrix<T>, AttentionError> {
-    let (q, k, v) = (query.into(), key.into(), value.into());
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
     let spec = Spec::new(q, k, v, options)?;
     let (n_q, n_kv) = (spec.n_q, spec.n_kv);
     let mut w = try_matrix(n_q, n_kv, T::zero(), Operand::Weights)?;

@@ -1,5 +1,10 @@
 //! Fixed tests: the seed example, extreme magnitudes, empty shapes, views, and every error.
 
+// These tests pass views by reference (`&m.columns(..)`), the form that worked before
+// views could be passed by value; clippy would have them by value, but the old form must
+// keep compiling.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 mod common;
 
 use attention_core::{
@@ -414,7 +419,7 @@ fn every_cpu_path_is_tested_or_declared_missing() {
 
 /// Forcing a path: the supported ones run, the others are the typed error (whose message
 /// is checked here unconditionally; which CPUs lack which path is unit-tested with
-/// simulated feature sets in `kernel/cpu.rs`). A call without a forced path runs the
+/// simulated feature sets in `src/cpu.rs`). A call without a forced path runs the
 /// detected one.
 #[test]
 fn forced_path_runs_or_is_the_typed_error() {

@@ -1,5 +1,6 @@
-//! The golden cases (`attention_testdata::golden_cases()`, computed by PyTorch in f64; see
-//! `shared/golden/README.md`) through every CPU path this machine has:
+//! The golden cases (`attention_testdata::golden_cases()`, computed by PyTorch in f64 and
+//! stored in `crates/testdata/data/sdpa_cases.json`, format in `crates/testdata/data/README.md`)
+//! through every CPU path this machine has:
 //!
 //! - f64: core's output, log-sum-exp and weights against the golden numbers;
 //! - f32: the inputs and options rounded to f32, core against the reference run on the

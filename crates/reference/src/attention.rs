@@ -247,13 +247,9 @@ impl Scores<'_> {
         if o.causal.is_some() && j_signed > diag {
             return false;
         }
-        // (Not a let-chain: the workspace's MSRV is 1.85.)
-        match o.window {
-            Some((left, right)) => {
-                diag - left as i128 <= j_signed && j_signed <= diag + right as i128
-            }
-            None => true,
-        }
+        o.window.is_none_or(|(left, right)| {
+            diag - left as i128 <= j_signed && j_signed <= diag + right as i128
+        })
     }
 
     /// The final score `s_ij` (steps 1–5), −∞ if disallowed.

@@ -1,11 +1,12 @@
 //! Golden cases for single-head scaled dot-product attention, for the workspace's tests.
 //!
-//! The cases live in `data/sdpa_cases.json` (a copy of `shared/golden/sdpa_cases.json`):
-//! 113 cases computed in float64 by PyTorch's `scaled_dot_product_attention`, or by an
-//! explicit float64 formula where PyTorch cannot express the option (softcap). The file's
-//! format is described in `shared/golden/README.md`; in short, matrices are stored
-//! row-major (row = token), `null` means "option not set", and numbers that are not finite
-//! are written as the strings `"-inf"`, `"inf"` or `"nan"`.
+//! The cases live in this crate, in `data/sdpa_cases.json` (`crates/testdata/data/` in the
+//! repository): 113 cases computed in float64 by PyTorch's `scaled_dot_product_attention`,
+//! or by an explicit float64 formula where PyTorch cannot express the option (softcap).
+//! `data/README.md` beside it describes every field; in short, the top level is
+//! `{"format": ..., "cases": [...]}`, matrices are flat row-major lists (row = token),
+//! `null` means "option not set", and numbers that are not finite are written as the
+//! strings `"-inf"`, `"inf"` or `"nan"`.
 //!
 //! [`golden_cases`] reads and parses the file at run time and hands back nalgebra matrices
 //! in the library's conventions:

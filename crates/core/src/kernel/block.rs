@@ -52,7 +52,7 @@
 //! ones, so the same safe orchestration runs on AVX-512, AVX2+FMA or the baseline target.
 
 use super::exp::madd;
-use super::{Job, Scratch};
+use super::{ElementKernels, Job, Scratch};
 use crate::columns::for_each_column;
 use crate::{AttentionError, Element};
 
@@ -105,6 +105,7 @@ struct Cursor {
 /// and K is packed in panels of `MK::MR` keys.
 #[inline(always)]
 pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
+    features: MK::Features,
     job: &Job<'_, T>,
     first_block: usize,
     scratch: &mut Scratch<T>,
@@ -198,6 +199,7 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
                     acc_span: &mut acc_span[b * dvp * bq..(b + 1) * dvp * bq],
                 };
                 tile::<T, MK>(
+                    features,
                     job,
                     cur,
                     j0,
@@ -258,6 +260,7 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)] // the block's state, passed as the slices it uses
 fn tile<T: Element, MK: MicroKernels<T>>(
+    features: MK::Features,
     job: &Job<'_, T>,
     cur: &Cursor,
     j0: usize,
@@ -277,7 +280,7 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
     // so their scores are 0 and never trip the check.)
     let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
-    if !MK::scores(qt, kp, d_k, spec.scale, s, factors.l_blk)
+    if !MK::scores(features, qt, kp, d_k, spec.scale, s, factors.l_blk)
         && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
     {
         return Err(err);
@@ -307,9 +310,10 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     }
     s[jn * bq..].fill(T::NEG_INFINITY);
 
-    MK::softmax_step(s, step, sums, factors);
+    MK::softmax_step(features, s, step, sums, factors);
     let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
     MK::pv(
+        features,
         s,
         vp,
         dvp,
@@ -363,7 +367,17 @@ pub(super) struct Factors<'a, T> {
 ///
 /// With `V ≡ 1` the two updates perform the same operations (`fma(1, p, a) = p + a`), so
 /// `acc = l` exactly.
+///
+/// Every method takes a value of [`MicroKernels::Features`], the proof that the CPU has
+/// the instructions the implementation uses: `()` for the portable one, a token that only
+/// CPU detection makes for the SIMD ones (`simd.rs`). A token rather than `unsafe fn`:
+/// these loops are called from the safe, generic block kernel of this file, so an
+/// `unsafe fn` would move a precondition no type checks (and `unsafe` blocks) into it;
+/// with a token, safe code cannot call an AVX kernel on a CPU that was not found to have
+/// AVX, and the one `unsafe` step stays where the token is checked.
 pub(super) trait MicroKernels<T: Element> {
+    /// Proof that this CPU can run these kernels (see above).
+    type Features: Copy;
     /// Keys per register tile and per packed K panel.
     const MR: usize;
     /// Queries per block.
@@ -372,10 +386,25 @@ pub(super) trait MicroKernels<T: Element> {
     const MRV: usize;
     /// Keys per online-softmax step (a multiple of `MR`).
     const BK: usize;
-    fn scores(qt: &[T], kp: &[T], d_k: usize, scale: T, s: &mut [T], probe: &mut [T]) -> bool;
-    fn softmax_step(s: &mut [T], step: Step, sums: &mut Sums<'_, T>, factors: &mut Factors<'_, T>);
+    fn scores(
+        features: Self::Features,
+        qt: &[T],
+        kp: &[T],
+        d_k: usize,
+        scale: T,
+        s: &mut [T],
+        probe: &mut [T],
+    ) -> bool;
+    fn softmax_step(
+        features: Self::Features,
+        s: &mut [T],
+        step: Step,
+        sums: &mut Sums<'_, T>,
+        factors: &mut Factors<'_, T>,
+    );
     #[allow(clippy::too_many_arguments)] // the sums and factors it reads, as slices
     fn pv(
+        features: Self::Features,
         p: &[T],
         vp: &[T],
         dvp: usize,
@@ -409,21 +438,37 @@ impl<
     const BK: usize,
 > MicroKernels<T> for Portable<FMA, MR, NR, BQ, MRV, BK>
 {
+    type Features = ();
     const MR: usize = MR;
     const BQ: usize = BQ;
     const MRV: usize = MRV;
     const BK: usize = BK;
     #[inline(always)]
-    fn scores(qt: &[T], kp: &[T], d_k: usize, scale: T, s: &mut [T], probe: &mut [T]) -> bool {
+    fn scores(
+        _: (),
+        qt: &[T],
+        kp: &[T],
+        d_k: usize,
+        scale: T,
+        s: &mut [T],
+        probe: &mut [T],
+    ) -> bool {
         scores::<T, FMA, MR, NR, BQ>(qt, kp, d_k, s);
         apply_scale::<T, BQ>(scale, s, probe)
     }
     #[inline(always)]
-    fn softmax_step(s: &mut [T], step: Step, sums: &mut Sums<'_, T>, factors: &mut Factors<'_, T>) {
+    fn softmax_step(
+        _: (),
+        s: &mut [T],
+        step: Step,
+        sums: &mut Sums<'_, T>,
+        factors: &mut Factors<'_, T>,
+    ) {
         softmax_step::<T, FMA, BQ>(s, step, sums, factors);
     }
     #[inline(always)]
     fn pv(
+        _: (),
         p: &[T],
         vp: &[T],
         dvp: usize,

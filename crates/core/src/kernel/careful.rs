@@ -30,6 +30,7 @@
 use nalgebra::DMatrix;
 
 use crate::spec::Spec;
+use crate::view::MatMut;
 use crate::{AttentionError, Element};
 
 /// How products `q_ip·k_jp` are pre-scaled so that their sum cannot overflow f64:
@@ -126,7 +127,7 @@ fn exponentiate(s: &mut [f64]) -> (f64, f64) {
 /// The attention output (and log-sum-exp) by the module's rule.
 pub(super) fn attention<T: Element>(
     spec: &Spec<'_, T>,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     mut lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);

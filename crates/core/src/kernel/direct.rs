@@ -22,10 +22,9 @@
 //! same way as each numerator (so `V ≡ 1` gives exactly 1); the division, `ln` and
 //! `m + ln l` are computed in f64 and rounded once to T.
 
-use nalgebra::DMatrix;
-
 use crate::columns::for_each_column;
 use crate::spec::Spec;
+use crate::view::MatMut;
 use crate::{AttentionError, Element};
 
 /// Keys whose scores fit the stack buffer of tiny calls.
@@ -93,7 +92,7 @@ fn block_lanes<T: Element>(e: &[T], x: Option<&[T]>, scale: T) -> [T; LANES] {
 /// Computes attention row by row; `scores` holds `n_kv` elements (any contents).
 pub(super) fn attention<T: Element>(
     spec: &Spec<'_, T>,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     mut lse: Option<&mut [T]>,
     scores: &mut [T],
 ) -> Result<(), AttentionError> {

@@ -1,27 +1,25 @@
 //! The fused attention kernel: packing, blocking over queries, threading, and the
 //! row-at-a-time path for tiny calls and few queries (`direct.rs`). The per-block arithmetic is in `block.rs`; the CPU-specific compilation
-//! and all `unsafe` in `simd.rs`.
+//! and all the kernel's `unsafe` in `simd.rs`.
 
 mod block;
 pub(crate) mod careful;
-mod cpu;
 mod direct;
 pub(crate) mod exp;
 pub(crate) mod simd;
 
-use std::any::Any;
 use std::cell::{Cell, RefCell};
 
-use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::columns::for_each_column;
+use crate::cpu::CpuPath;
 use crate::error::Operand;
 use crate::memory::try_resize;
 use crate::options::MatRef;
 use crate::spec::Spec;
+use crate::view::MatMut;
 use crate::{AttentionError, Element};
-pub use simd::CpuPath;
 
 /// Everything the block kernel reads: the checked problem, K and V packed.
 pub(crate) struct Job<'a, T: Element> {
@@ -41,7 +39,7 @@ pub(crate) struct Job<'a, T: Element> {
 ///
 /// The running sums (`acc`, `l`) and their rescale factors (`beta`) are f64 whatever `T`
 /// is; the span sums (`acc_span`, `l_span`) are in T: see "Accuracy" in `block.rs`.
-pub(crate) struct Scratch<T> {
+pub struct Scratch<T> {
     pub qt: Vec<T>,
     pub s: Vec<T>,
     pub acc: Vec<f64>,
@@ -109,7 +107,7 @@ impl<T: Element> Scratch<T> {
 
 /// Per-calling-thread buffers of a call: packed K and V, and the output staged block by
 /// block. Kept between calls so that a loop of calls allocates nothing.
-struct Workspace<T> {
+pub struct Workspace<T> {
     kp: Vec<T>,
     vp: Vec<T>,
     staging: Vec<T>,
@@ -141,51 +139,72 @@ const GROUP_BYTES: usize = 256 << 10;
 /// call that needs more spends far longer computing than reallocating.
 const KEEP_MAX_ELEMENTS: usize = 1 << 20;
 
-thread_local! {
-    static WORKSPACE_F32: RefCell<Workspace<f32>> = RefCell::default();
-    static WORKSPACE_F64: RefCell<Workspace<f64>> = RefCell::default();
-    static SCRATCH_F32: RefCell<Scratch<f32>> = RefCell::default();
-    static SCRATCH_F64: RefCell<Scratch<f64>> = RefCell::default();
+/// What the kernel needs per element type: its compiled kernels and its thread-local
+/// buffers. A supertrait of [`Element`] (through its seal), implemented for `f32` and
+/// `f64` only, so that generic code reaches each type's own kernels and caches statically.
+///
+/// Nominally public (a supertrait of a public trait must be) but in a private module:
+/// outside this crate it can be neither named nor implemented.
+pub trait ElementKernels: Sized + 'static {
+    /// The kernel for this type on `path`. An unsupported path falls back to the portable
+    /// kernel (callers check support first and report it as an error).
+    #[doc(hidden)]
+    fn kernel(path: CpuPath) -> simd::Kernel<Self>
+    where
+        Self: Element;
+    /// Runs `f` with this thread's cached workspace (see [`with_cached`]).
+    #[doc(hidden)]
+    fn with_workspace<R>(f: impl FnOnce(&mut Workspace<Self>) -> R) -> R;
+    /// Runs `f` with this thread's cached block-kernel scratch (see [`with_cached`]).
+    #[doc(hidden)]
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
+    /// `exp(self)` for `self ≤ 0` or −∞, vectorisable: the portable kernel's softmax
+    /// exponential (`exp.rs`).
+    #[doc(hidden)]
+    fn exp_nonpos<const FMA: bool>(self) -> Self;
 }
 
-/// Runs `f` with this thread's cached `X<T>` (a fresh one if it is already in use, e.g.
-/// by a call that rayon nested on the same thread).
-fn with_cached<X: PerType + Default + 'static, R>(
-    f32_cell: &'static std::thread::LocalKey<RefCell<X::F32>>,
-    f64_cell: &'static std::thread::LocalKey<RefCell<X::F64>>,
+/// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
+/// thread-local caches.
+macro_rules! element_kernels {
+    ($t:ty, $select:path, $exp:ident) => {
+        impl ElementKernels for $t {
+            #[inline]
+            fn kernel(path: CpuPath) -> simd::Kernel<$t> {
+                $select(path)
+            }
+            fn with_workspace<R>(f: impl FnOnce(&mut Workspace<$t>) -> R) -> R {
+                thread_local! {
+                    static WORKSPACE: RefCell<Workspace<$t>> = RefCell::default();
+                }
+                with_cached(&WORKSPACE, f)
+            }
+            fn with_scratch<R>(f: impl FnOnce(&mut Scratch<$t>) -> R) -> R {
+                thread_local! {
+                    static SCRATCH: RefCell<Scratch<$t>> = RefCell::default();
+                }
+                with_cached(&SCRATCH, f)
+            }
+            #[inline(always)]
+            fn exp_nonpos<const FMA: bool>(self) -> $t {
+                exp::$exp::<FMA>(self)
+            }
+        }
+    };
+}
+element_kernels!(f32, simd::kernel_f32, exp_f32);
+element_kernels!(f64, simd::kernel_f64, exp_f64);
+
+/// Runs `f` with this thread's cached `X` from `cell` (a fresh one if it is already in
+/// use, e.g. by a call that rayon nested on the same thread).
+fn with_cached<X: Default + 'static, R>(
+    cell: &'static std::thread::LocalKey<RefCell<X>>,
     f: impl FnOnce(&mut X) -> R,
 ) -> R {
-    let mut f = Some(f);
-    let mut run = |cell: &dyn Any| -> Option<R> {
-        let cell = cell.downcast_ref::<RefCell<X>>()?;
-        let f = f.take()?;
-        Some(match cell.try_borrow_mut() {
-            Ok(mut x) => f(&mut x),
-            Err(_) => f(&mut X::default()),
-        })
-    };
-    if let Some(r) = f32_cell.with(|c| run(c)) {
-        return r;
-    }
-    if let Some(r) = f64_cell.with(|c| run(c)) {
-        return r;
-    }
-    // Element is sealed to f32 and f64, so one of the two cells matched.
-    (f.take().expect("Element is f32 or f64"))(&mut X::default())
-}
-
-/// Names the f32 and f64 instances of a per-type cache.
-trait PerType {
-    type F32: 'static;
-    type F64: 'static;
-}
-impl<T> PerType for Workspace<T> {
-    type F32 = Workspace<f32>;
-    type F64 = Workspace<f64>;
-}
-impl<T> PerType for Scratch<T> {
-    type F32 = Scratch<f32>;
-    type F64 = Scratch<f64>;
+    cell.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut x) => f(&mut x),
+        Err(_) => f(&mut X::default()),
+    })
 }
 
 /// Work (multiply-adds) below which the direct path is used: packing and blocking would
@@ -245,7 +264,7 @@ pub(crate) fn attention<T: Element>(
     path: CpuPath,
     forced: bool,
     parallel: bool,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     mut lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);
@@ -283,7 +302,7 @@ fn fast<T: Element>(
     path: CpuPath,
     forced: bool,
     parallel: bool,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
@@ -298,7 +317,7 @@ fn fast<T: Element>(
     if !forced && n_q <= DIRECT_MAX_QUERIES {
         // A few queries against many keys: row by row, scores in the workspace.
         record_run(KernelRun::Row);
-        return with_cached::<Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
+        return T::with_workspace(|ws| {
             set_len(&mut ws.staging, n_kv, Operand::Key)?;
             let result = direct::attention(spec, out, lse, &mut ws.staging);
             if ws.staging.capacity() > KEEP_MAX_ELEMENTS {
@@ -310,7 +329,7 @@ fn fast<T: Element>(
     record_run(KernelRun::Block(path));
     let spec = spec.clone();
     let parallel = parallel && work >= PARALLEL_MIN_WORK && n_q > 1;
-    with_cached::<Workspace<T>, _>(&WORKSPACE_F32, &WORKSPACE_F64, |ws| {
+    T::with_workspace(|ws| {
         let mut lse_buf = std::mem::take(&mut ws.lse);
         let lse = match lse {
             Some(lse) => lse,
@@ -338,11 +357,11 @@ fn fused<T: Element>(
     path: CpuPath,
     parallel: bool,
     ws: &mut Workspace<T>,
-    out: &mut DMatrix<T>,
+    out: &mut MatMut<'_, T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
-    let kernel = simd::Kernel::<T>::select(path);
+    let kernel = T::kernel(path);
     let (mr, bq) = (kernel.mr, kernel.bq);
     let n_kv_pad = n_kv.div_ceil(mr) * mr;
     let dvp = d_v.div_ceil(kernel.mrv) * kernel.mrv;
@@ -403,7 +422,7 @@ fn fused<T: Element>(
         super_keys,
     };
     let run = |(g, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
-        with_cached::<Scratch<T>, _>(&SCRATCH_F32, &SCRATCH_F64, |scratch| {
+        T::with_scratch(|scratch| {
             scratch.fit(&kernel, d_k, dvp, group);
             (kernel.block)(&job, g * group, scratch, staged, lse)
         })
@@ -426,10 +445,16 @@ fn fused<T: Element>(
     };
     result?;
 
-    for (c, col) in out.as_mut_slice().chunks_exact_mut(n_q).enumerate() {
-        for (qb, seg) in col.chunks_mut(bq).enumerate() {
-            let start = qb * block_len + c * bq;
-            seg.copy_from_slice(&ws.staging[start..start + seg.len()]);
+    // Into `out`, which may be a column block of a wider matrix (any strides): nalgebra's
+    // column iterator steps by the row stride, 1 for a matrix or a block of its columns.
+    for c in 0..d_v {
+        for qb in 0..n_blocks {
+            let (r0, start) = (qb * bq, qb * block_len + c * bq);
+            let len = bq.min(n_q - r0);
+            let mut seg = out.view_mut((r0, c), (len, 1));
+            for (dst, &x) in seg.iter_mut().zip(&ws.staging[start..start + len]) {
+                *dst = x;
+            }
         }
     }
     Ok(())

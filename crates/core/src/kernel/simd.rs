@@ -1,5 +1,6 @@
-//! CPU paths: run-time detection, the `#[target_feature]` instantiations of the block
-//! kernel, and the only `unsafe` code of the crate.
+//! The kernels of the CPU paths ([`CpuPath`], chosen in `cpu.rs`): the
+//! `#[target_feature]` instantiations of the block kernel, and all the `unsafe` code of
+//! the kernel (the crate's only other is `view.rs`).
 //!
 //! The block kernel (`block::q_group`) is written once, generic over its four inner loops
 //! ([`MicroKernels`]). Here those loops are written once more, generic over a small set of
@@ -11,9 +12,6 @@
 //! [`AttentionOptions::with_cpu_path`](crate::AttentionOptions::with_cpu_path) forces one,
 //! which is how the tests run every path.
 
-use std::any::Any;
-use std::sync::OnceLock;
-
 use std::marker::PhantomData;
 
 use num_traits::Zero;
@@ -22,86 +20,25 @@ use num_traits::Zero;
 use std::arch::x86_64::*;
 
 use super::block::{self, Factors, MicroKernels, Portable, Step, Sums};
-use super::cpu::{self, CpuFeatures};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
+use crate::cpu::CpuPath;
 use crate::{AttentionError, Element};
-
-/// A compiled variant of the kernel, chosen by CPU features.
-///
-/// # Example
-/// ```
-/// use attention_core::CpuPath;
-/// let best = CpuPath::detect();
-/// assert!(best.is_supported());
-/// assert!(CpuPath::supported().contains(&CpuPath::Portable));
-/// ```
-#[non_exhaustive]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CpuPath {
-    /// Plain Rust, compiled for the target's baseline (SSE2 on x86-64); runs everywhere.
-    Portable,
-    /// x86-64 with AVX2 and FMA (256-bit vectors, fused multiply-add).
-    Avx2,
-    /// x86-64 with AVX-512F (512-bit vectors).
-    Avx512,
-}
-
-impl CpuPath {
-    /// Whether this CPU can run the path.
-    #[must_use]
-    pub fn is_supported(self) -> bool {
-        CpuFeatures::detect().supports(self)
-    }
-
-    /// Every path this CPU can run, slowest first.
-    #[must_use]
-    pub fn supported() -> Vec<CpuPath> {
-        CpuFeatures::detect().supported()
-    }
-
-    /// The path calls use by default: the one `ATTENTION_CPU_PATH` names if it is set
-    /// and supported, else the fastest supported. Read once per process.
-    #[must_use]
-    pub fn detect() -> CpuPath {
-        static DETECTED: OnceLock<CpuPath> = OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            let env = std::env::var(cpu::ENV_VAR).ok();
-            cpu::choose(CpuFeatures::detect(), env.as_deref())
-        })
-    }
-
-    /// Whether `ATTENTION_CPU_PATH` names a supported path, which [`CpuPath::detect`] then
-    /// returns: calls then run that path's kernel at every size, as with a path forced
-    /// through the options.
-    pub(crate) fn forced_by_env() -> bool {
-        static FORCED: OnceLock<bool> = OnceLock::new();
-        *FORCED.get_or_init(|| {
-            let env = std::env::var(cpu::ENV_VAR).ok();
-            cpu::forced(CpuFeatures::detect(), env.as_deref())
-        })
-    }
-
-    /// `Ok(self)` if supported, else the typed error.
-    pub(crate) fn check(self) -> Result<CpuPath, AttentionError> {
-        cpu::check(self, CpuFeatures::detect())
-    }
-}
 
 type BlockFn<T> =
     fn(&Job<'_, T>, usize, &mut Scratch<T>, &mut [T], &mut [T]) -> Result<(), AttentionError>;
 
 /// One compiled variant of the block kernel with its tile sizes.
-pub(crate) struct Kernel<T: Element> {
+pub struct Kernel<T: Element> {
     /// Keys per packed K panel.
-    pub mr: usize,
+    pub(crate) mr: usize,
     /// Queries per block.
-    pub bq: usize,
+    pub(crate) bq: usize,
     /// Keys per online-softmax step.
-    pub bk: usize,
+    pub(crate) bk: usize,
     /// Value columns per register tile (V rows are padded to a multiple).
-    pub mrv: usize,
-    pub block: BlockFn<T>,
+    pub(crate) mrv: usize,
+    pub(crate) block: BlockFn<T>,
 }
 
 impl<T: Element> Clone for Kernel<T> {
@@ -123,12 +60,43 @@ impl<T: Element> Kernel<T> {
     }
 }
 
+/// Proof that this CPU has AVX-512F, AVX2 and FMA (the features of [`CpuPath::Avx512`] and
+/// of the AVX-512 kernels' `#[target_feature]`): the private field means a value can only
+/// be made here, and [`Avx512::detect`] is the only code that makes one.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx512(());
+
+/// Proof that this CPU has AVX2 and FMA (the features of [`CpuPath::Avx2`]); made only by
+/// [`Avx2::detect`].
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    /// The token if [`CpuPath::Avx512`] is supported.
+    fn detect() -> Option<Self> {
+        CpuPath::Avx512.is_supported().then_some(Avx512(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// The token if [`CpuPath::Avx2`] is supported.
+    fn detect() -> Option<Self> {
+        CpuPath::Avx2.is_supported().then_some(Avx2(()))
+    }
+}
+
 /// Vector operations of one instruction set on one element type.
 ///
 /// # Safety
 /// Every method requires the CPU features of the implementing type (AVX-512F, or AVX2
 /// and FMA); pointer arguments must be valid for `N` elements (unaligned is fine).
 trait Lanes {
+    /// The token that proves the CPU has this instruction set ([`Avx512`], [`Avx2`]).
+    type Features: Copy;
     type T: ExpConsts;
     type V: Copy;
     /// Lanes per vector.
@@ -217,7 +185,7 @@ unsafe fn span_update_v<L: Lanes>(
 
 /// Implements [`Lanes`] for one instruction set and element type from its intrinsics.
 macro_rules! lanes {
-    ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal,
+    ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal, $token:ty,
      set1 = $set1:ident, loadu = $loadu:ident, storeu = $storeu:ident, add = $add:ident,
      sub = $sub:ident, mul = $mul:ident, fmadd = $fmadd:ident, max = $max:ident,
      pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr,
@@ -226,6 +194,7 @@ macro_rules! lanes {
         struct $name;
         #[cfg(target_arch = "x86_64")]
         impl Lanes for $name {
+            type Features = $token;
             type T = $t;
             type V = $v;
             const N: usize = $n;
@@ -297,6 +266,7 @@ lanes!(
     __m512,
     16,
     "avx512f",
+    Avx512,
     set1 = _mm512_set1_ps,
     loadu = _mm512_loadu_ps,
     storeu = _mm512_storeu_ps,
@@ -330,6 +300,7 @@ lanes!(
     __m512d,
     8,
     "avx512f",
+    Avx512,
     set1 = _mm512_set1_pd,
     loadu = _mm512_loadu_pd,
     storeu = _mm512_storeu_pd,
@@ -360,6 +331,7 @@ lanes!(
     __m256,
     8,
     "avx2,fma",
+    Avx2,
     set1 = _mm256_set1_ps,
     loadu = _mm256_loadu_ps,
     storeu = _mm256_storeu_ps,
@@ -391,6 +363,7 @@ lanes!(
     __m256d,
     4,
     "avx2,fma",
+    Avx2,
     set1 = _mm256_set1_pd,
     loadu = _mm256_loadu_pd,
     storeu = _mm256_storeu_pd,
@@ -418,9 +391,10 @@ lanes!(
 /// SIMD micro-kernels: register tiles of `MR` keys (or `MRV` value columns) × `NV` vectors
 /// of queries, `BQ` queries per block, `BK` keys per step.
 ///
-/// Only instantiated inside the `#[target_feature]` functions of `simd_kernel!`, which are
-/// only called when the CPU supports `L`'s features: that is what makes the safe trait
-/// methods below sound.
+/// The trait methods are safe because each takes `L::Features`, a token that exists only
+/// if the CPU has `L`'s instruction set (see [`MicroKernels`] for why a token and not
+/// `unsafe fn`). They are instantiated inside the `#[target_feature]` functions of
+/// `simd_kernel!`, so that the intrinsics inline into straight vector code.
 struct Simd<L, const MR: usize, const NV: usize, const BQ: usize, const MRV: usize, const BK: usize>(
     PhantomData<L>,
 );
@@ -428,6 +402,7 @@ struct Simd<L, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usize, const BK: usize>
     MicroKernels<L::T> for Simd<L, MR, NV, BQ, MRV, BK>
 {
+    type Features = L::Features;
     const MR: usize = MR;
     const BQ: usize = BQ;
     const MRV: usize = MRV;
@@ -435,6 +410,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn scores(
+        _: L::Features,
         qt: &[L::T],
         kp: &[L::T],
         d_k: usize,
@@ -452,7 +428,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 && probe.len() >= L::N
         );
         let (qt, kp, s) = (qt.as_ptr(), kp.as_ptr(), s.as_mut_ptr());
-        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
+        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
         // loads read qt[p·BQ + rt + v·N ..][..N] with p < d_k and rt + NV·N ≤ BQ;
         // broadcasts read kp[jt·d_k + p·MR + m] < (jt + MR)·d_k ≤ jpad·d_k; stores write
         // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ, and the first N of `probe`.
@@ -493,6 +469,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn softmax_step(
+        _: L::Features,
         s: &mut [L::T],
         step: Step,
         sums: &mut Sums<'_, L::T>,
@@ -514,7 +491,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (m, m_run) = (sums.m.as_mut_ptr(), sums.m_run.as_mut_ptr());
         let (l, l_span) = (sums.l.as_mut_ptr(), sums.l_span.as_mut_ptr());
         let (alpha, beta) = (factors.alpha.as_mut_ptr(), factors.beta.as_mut_ptr());
-        // SAFETY: CPU features: see the type's documentation (`L::W` is the f64 type of
+        // SAFETY: CPU features: the `L::Features` token argument proves them (`L::W` is the f64 type of
         // the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies in the first
         // BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the f64 vectors at
         // rt + k·W::N with k < PARTS cover the same N lanes of l and beta (N = PARTS·W::N),
@@ -558,6 +535,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn pv(
+        _: L::Features,
         p: &[L::T],
         vp: &[L::T],
         dvp: usize,
@@ -582,7 +560,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (p, vp) = (p.as_ptr(), vp.as_ptr());
         let (acc, acc_span) = (acc.as_mut_ptr(), acc_span.as_mut_ptr());
         let (alpha, beta) = (alpha.as_ptr(), beta.as_ptr());
-        // SAFETY: CPU features: see the type's documentation. Bounds, from the assert:
+        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
         // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
         // the N lanes from (ct + m)·BQ + rt + v·N of acc_span (T) and acc (f64) lie below
         // dvp·BQ, those from rt + v·N of alpha (T) and beta (f64) below BQ.
@@ -627,18 +605,19 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 /// Declares one SIMD kernel as a `static Kernel`: the block body with micro-kernels `$mk`,
 /// compiled by a `#[target_feature]` function, called through a safe entry point.
 macro_rules! simd_kernel {
-    ($kernel:ident: $t:ty, $features:literal, $mk:ty) => {
+    ($kernel:ident: $t:ty, $features:literal, $token:ident, $mk:ty) => {
         #[cfg(target_arch = "x86_64")]
         static $kernel: Kernel<$t> = {
             #[target_feature(enable = $features)]
             fn compiled(
+                token: $token,
                 job: &Job<'_, $t>,
                 first_block: usize,
                 scratch: &mut Scratch<$t>,
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_group::<$t, $mk>(job, first_block, scratch, out, lse)
+                block::q_group::<$t, $mk>(token, job, first_block, scratch, out, lse)
             }
             fn entry(
                 job: &Job<'_, $t>,
@@ -647,10 +626,12 @@ macro_rules! simd_kernel {
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                // SAFETY: this kernel is only reachable through `Kernel::select`, which
-                // returns it only for a `CpuPath` whose `is_supported()` is true, i.e. on
-                // a CPU with every feature in `$features`.
-                unsafe { compiled(job, first_block, scratch, out, lse) }
+                // `kernel_f32` / `kernel_f64` hand out this kernel only for a supported
+                // path, so detection succeeds here (a few cached atomic loads per group).
+                let token = $token::detect().expect("the kernel of a path this CPU supports");
+                // SAFETY: `token` exists, so the CPU has every feature of `$token`'s path,
+                // which are the features in `$features` (`CpuFeatures::supports`).
+                unsafe { compiled(token, job, first_block, scratch, out, lse) }
             }
             Kernel::of::<$mk>(entry)
         };
@@ -668,7 +649,7 @@ macro_rules! portable_kernel {
                 out: &mut [$t],
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
-                block::q_group::<$t, $mk>(job, first_block, scratch, out, lse)
+                block::q_group::<$t, $mk>((), job, first_block, scratch, out, lse)
             }
             Kernel::of::<$mk>(entry)
         };
@@ -677,38 +658,35 @@ macro_rules! portable_kernel {
 
 // Tile sizes: the `MR × NV` (and `MRV × NV`) accumulators plus the loaded operands must
 // fit the register file: 32 zmm for AVX-512, 16 ymm for AVX2.
-simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Simd<Avx512F32, 8, 2, 64, 8, 64>);
-simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Simd<Avx512F64, 8, 2, 32, 8, 64>);
-simd_kernel!(AVX2_F32: f32, "avx2,fma", Simd<Avx2F32, 6, 2, 64, 4, 60>);
-simd_kernel!(AVX2_F64: f64, "avx2,fma", Simd<Avx2F64, 6, 2, 32, 4, 60>);
+simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Avx512, Simd<Avx512F32, 8, 2, 64, 8, 64>);
+simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Avx512, Simd<Avx512F64, 8, 2, 32, 8, 64>);
+simd_kernel!(AVX2_F32: f32, "avx2,fma", Avx2, Simd<Avx2F32, 6, 2, 64, 4, 60>);
+simd_kernel!(AVX2_F64: f64, "avx2,fma", Avx2, Simd<Avx2F64, 6, 2, 32, 4, 60>);
 portable_kernel!(PORTABLE_F32: f32, Portable<false, 4, 8, 32, 4, 64>);
 portable_kernel!(PORTABLE_F64: f64, Portable<false, 4, 4, 16, 4, 64>);
 
-impl<T: Element> Kernel<T> {
-    /// The kernel for element type `T` on `path`. An unsupported path falls back to the
-    /// portable kernel (callers check support first and report it as an error).
-    pub(crate) fn select(path: CpuPath) -> Kernel<T> {
-        let path = if path.is_supported() {
-            path
-        } else {
-            CpuPath::Portable
-        };
-        let (k32, k64): (&Kernel<f32>, &Kernel<f64>) = match path {
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx512 => (&AVX512_F32, &AVX512_F64),
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx2 => (&AVX2_F32, &AVX2_F64),
-            _ => (&PORTABLE_F32, &PORTABLE_F64),
-        };
-        // `Element` is sealed to f32 and f64, so exactly one downcast succeeds.
-        let any32: &dyn Any = k32;
-        let any64: &dyn Any = k64;
-        *any32
-            .downcast_ref::<Kernel<T>>()
-            .or_else(|| any64.downcast_ref::<Kernel<T>>())
-            .expect("Element is implemented only for f32 and f64")
-    }
+/// Declares `$name(path)`: the kernel for one element type on `path`, the portable one if
+/// the CPU lacks the path (callers check support first and report it as an error).
+macro_rules! select {
+    ($name:ident: $t:ty, $avx512:ident, $avx2:ident, $portable:ident) => {
+        pub(super) fn $name(path: CpuPath) -> Kernel<$t> {
+            let path = if path.is_supported() {
+                path
+            } else {
+                CpuPath::Portable
+            };
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                CpuPath::Avx512 => $avx512,
+                #[cfg(target_arch = "x86_64")]
+                CpuPath::Avx2 => $avx2,
+                _ => $portable,
+            }
+        }
+    };
 }
+select!(kernel_f32: f32, AVX512_F32, AVX2_F32, PORTABLE_F32);
+select!(kernel_f64: f64, AVX512_F64, AVX2_F64, PORTABLE_F64);
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {

@@ -1,11 +1,76 @@
-//! Which kernel path a CPU gets: a pure function of its features and of the environment
-//! variable `ATTENTION_CPU_PATH`, so that the choice made for any CPU (baseline only,
-//! AVX2 without AVX-512, AVX-512) is unit-tested on whatever machine runs the tests.
+//! [`CpuPath`]: the compiled variants of the kernel, and which one a CPU gets. The choice
+//! is a pure function of the CPU's features and of the environment variable
+//! `ATTENTION_CPU_PATH`, so that the choice made for any CPU (baseline only, AVX2 without
+//! AVX-512, AVX-512) is unit-tested on whatever machine runs the tests.
 //! [`CpuPath::detect`], [`CpuPath::is_supported`] and the check of a forced path call
-//! these functions with the features this CPU reports.
+//! these functions with the features this CPU reports. The kernels (`kernel/simd.rs`)
+//! compile one variant per path; this module, like the options and errors that name a
+//! path, does not depend on them.
 
-use super::CpuPath;
+use std::sync::OnceLock;
+
 use crate::AttentionError;
+
+/// A compiled variant of the kernel, chosen by CPU features.
+///
+/// # Example
+/// ```
+/// use attention_core::CpuPath;
+/// let best = CpuPath::detect();
+/// assert!(best.is_supported());
+/// assert!(CpuPath::supported().contains(&CpuPath::Portable));
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuPath {
+    /// Plain Rust, compiled for the target's baseline (SSE2 on x86-64); runs everywhere.
+    Portable,
+    /// x86-64 with AVX2 and FMA (256-bit vectors, fused multiply-add).
+    Avx2,
+    /// x86-64 with AVX-512F (512-bit vectors).
+    Avx512,
+}
+
+impl CpuPath {
+    /// Whether this CPU can run the path.
+    #[must_use]
+    pub fn is_supported(self) -> bool {
+        CpuFeatures::detect().supports(self)
+    }
+
+    /// Every path this CPU can run, slowest first.
+    #[must_use]
+    pub fn supported() -> Vec<CpuPath> {
+        CpuFeatures::detect().supported()
+    }
+
+    /// The path calls use by default: the one `ATTENTION_CPU_PATH` names if it is set
+    /// and supported, else the fastest supported. Read once per process.
+    #[must_use]
+    pub fn detect() -> CpuPath {
+        static DETECTED: OnceLock<CpuPath> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let env = std::env::var(ENV_VAR).ok();
+            choose(CpuFeatures::detect(), env.as_deref())
+        })
+    }
+
+    /// Whether `ATTENTION_CPU_PATH` names a supported path, which [`CpuPath::detect`] then
+    /// returns: calls then run that path's kernel at every size, as with a path forced
+    /// through the options.
+    pub(crate) fn forced_by_env() -> bool {
+        static FORCED: OnceLock<bool> = OnceLock::new();
+        *FORCED.get_or_init(|| {
+            let env = std::env::var(ENV_VAR).ok();
+            forced(CpuFeatures::detect(), env.as_deref())
+        })
+    }
+
+    /// `Ok(self)` if supported, else the typed error.
+    pub(crate) fn check(self) -> Result<CpuPath, AttentionError> {
+        check(self, CpuFeatures::detect())
+    }
+}
 
 /// The environment variable that forces the default path (`portable`, `avx2`, `avx512`,
 /// any case); read once per process by [`CpuPath::detect`].
