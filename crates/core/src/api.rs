@@ -5,7 +5,7 @@ use nalgebra::{DMatrix, DVector};
 use crate::Element;
 use crate::columns::owned_if_broadcast;
 use crate::cpu::CpuPath;
-use crate::error::{AttentionError, Axis, Operand};
+use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::kernel;
 use crate::memory::{try_matrix, try_vector};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
@@ -57,27 +57,23 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
         (&w_k, Operand::KeyWeight),
         (&w_v, Operand::ValueWeight),
     ] {
-        if w.nrows() != d_model {
-            return Err(AttentionError::DimensionMismatch {
-                operand,
-                axis: Axis::Rows,
-                found: w.nrows(),
-                expected: d_model,
-                against: Operand::Input,
-                rule: "X·W needs one weight row per input column (d_model)",
-            });
-        }
+        check_dim(
+            operand,
+            Axis::Rows,
+            w.nrows(),
+            d_model,
+            Operand::Input,
+            "X·W needs one weight row per input column (d_model)",
+        )?;
     }
-    if w_k.ncols() != w_q.ncols() {
-        return Err(AttentionError::DimensionMismatch {
-            operand: Operand::KeyWeight,
-            axis: Axis::Columns,
-            found: w_k.ncols(),
-            expected: w_q.ncols(),
-            against: Operand::QueryWeight,
-            rule: "queries and keys share d_k",
-        });
-    }
+    check_dim(
+        Operand::KeyWeight,
+        Axis::Columns,
+        w_k.ncols(),
+        w_q.ncols(),
+        Operand::QueryWeight,
+        "queries and keys share d_k",
+    )?;
     for (m, operand) in [
         (&x, Operand::Input),
         (&w_q, Operand::QueryWeight),
@@ -244,16 +240,14 @@ pub fn scaled_dot_product_attention_into<'q, 'k, 'v, 'o, T: Element>(
         (Axis::Rows, output.nrows(), q.nrows(), Operand::Query),
         (Axis::Columns, output.ncols(), v.ncols(), Operand::Value),
     ] {
-        if found != expected {
-            return Err(AttentionError::DimensionMismatch {
-                operand: Operand::Output,
-                axis,
-                found,
-                expected,
-                against,
-                rule: "the output is n_q x d_v",
-            });
-        }
+        check_dim(
+            Operand::Output,
+            axis,
+            found,
+            expected,
+            against,
+            "the output is n_q x d_v",
+        )?;
     }
     run(q, k, v, options, &mut output, None)
 }

@@ -302,3 +302,27 @@ impl fmt::Display for AttentionError {
 }
 
 impl std::error::Error for AttentionError {}
+
+/// `Ok` if `found == expected`, else the [`AttentionError::DimensionMismatch`] saying so:
+/// every shape check of the crate goes through here.
+pub(crate) fn check_dim(
+    operand: Operand,
+    axis: Axis,
+    found: usize,
+    expected: usize,
+    against: Operand,
+    rule: &'static str,
+) -> Result<(), AttentionError> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(AttentionError::DimensionMismatch {
+            operand,
+            axis,
+            found,
+            expected,
+            against,
+            rule,
+        })
+    }
+}

@@ -76,6 +76,7 @@ mod kernel;
 mod memory;
 mod merge;
 mod options;
+mod score;
 mod spec;
 mod view;
 mod weights;

@@ -3,7 +3,7 @@
 use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
-use crate::error::{AttentionError, Axis, Operand};
+use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::memory::{try_matrix, try_vector};
 use crate::options::MatRef;
 use crate::spec::check_finite;
@@ -77,27 +77,23 @@ where
             (Axis::Rows, out.nrows(), n_q),
             (Axis::Columns, out.ncols(), d_v),
         ] {
-            if found != expected {
-                return Err(AttentionError::DimensionMismatch {
-                    operand: Operand::Partial(b),
-                    axis,
-                    found,
-                    expected,
-                    against: Operand::Partial(0),
-                    rule: "all partial outputs have the same shape",
-                });
-            }
+            check_dim(
+                Operand::Partial(b),
+                axis,
+                found,
+                expected,
+                Operand::Partial(0),
+                "all partial outputs have the same shape",
+            )?;
         }
-        if lse.len() != n_q {
-            return Err(AttentionError::DimensionMismatch {
-                operand: Operand::PartialLse(b),
-                axis: Axis::Entries,
-                found: lse.len(),
-                expected: n_q,
-                against: Operand::Partial(b),
-                rule: "one log-sum-exp per query row",
-            });
-        }
+        check_dim(
+            Operand::PartialLse(b),
+            Axis::Entries,
+            lse.len(),
+            n_q,
+            Operand::Partial(b),
+            "one log-sum-exp per query row",
+        )?;
         check_finite(Operand::Partial(b), out)?;
         if let Some(row) = lse
             .iter()

@@ -3,7 +3,7 @@
 
 use crate::Element;
 use crate::columns::for_each_column;
-use crate::error::{AttentionError, Axis, Operand};
+use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::options::{AttentionOptions, Causal, MatRef, Parallelism};
 
 /// A checked attention problem: shapes, the resolved scale and the score modifiers.
@@ -41,28 +41,6 @@ pub(crate) struct Spec<'a, T: Element> {
 }
 
 const UNBOUNDED: i64 = 1 << 62;
-
-fn check_dim(
-    operand: Operand,
-    axis: Axis,
-    found: usize,
-    expected: usize,
-    against: Operand,
-    rule: &'static str,
-) -> Result<(), AttentionError> {
-    if found == expected {
-        Ok(())
-    } else {
-        Err(AttentionError::DimensionMismatch {
-            operand,
-            axis,
-            found,
-            expected,
-            against,
-            rule,
-        })
-    }
-}
 
 /// The first NaN or infinity of `m`, in column-major order, as an error; else the largest
 /// magnitude in `m`.
@@ -373,85 +351,5 @@ impl<'a, T: Element> Spec<'a, T> {
             softcap: options.softcap,
             alibi_slope: options.alibi_slope,
         })
-    }
-
-    /// True if the output sums `Σ_j p_j·v_j` (each `p_j ≤ 1`, so at most `n_kv·max|v|`)
-    /// could overflow: only for values within a factor `2(n_kv + 1)` of the type's maximum.
-    #[inline]
-    pub(crate) fn needs_value_scaling(&self) -> bool {
-        // Divided first: for f64 the product could overflow.
-        self.v_max_abs.to_f64() / T::MAX.to_f64() * 2.0 * (self.n_kv as f64 + 1.0) > 1.0
-    }
-
-    /// Powers of two `(scale, unscale)` for a value column whose largest |v| is `col_max`:
-    /// summing `p_j·(v_j·scale)` cannot overflow, and multiplying the result by `unscale`
-    /// restores it exactly. `(1, 1)` for ordinary columns.
-    pub(crate) fn value_scale(&self, col_max: T) -> (T, T) {
-        let ratio = col_max.to_f64() / T::MAX.to_f64() * 2.0 * (self.n_kv as f64 + 1.0);
-        if ratio <= 1.0 {
-            (T::one(), T::one())
-        } else {
-            let e = ratio.log2().ceil() as i32;
-            (
-                T::from_f64_rounded(2f64.powi(-e)),
-                T::from_f64_rounded(2f64.powi(e)),
-            )
-        }
-    }
-
-    /// True if some option acts on individual scores (not only on positions).
-    #[inline]
-    pub(crate) fn has_elementwise(&self) -> bool {
-        self.mask.is_some()
-            || self.key_mask.is_some()
-            || self.bias.is_some()
-            || self.softcap.is_some()
-            || self.alibi_slope.is_some()
-    }
-
-    /// The inclusive range of keys query `i` may see by position alone (causal, window),
-    /// clipped to `[0, n_kv)`; empty when `lo > hi`.
-    #[inline]
-    pub(crate) fn key_range(&self, i: usize) -> (i64, i64) {
-        let i = i as i64;
-        let lo = (i + self.band_lo).max(0);
-        let hi = (i + self.band_hi).min(self.n_kv as i64 - 1);
-        (lo, hi)
-    }
-
-    /// Whether query `i` may attend to key `j` (`i < n_q`, `j < n_kv`): inside the
-    /// causal/window band, allowed by the mask and key mask, and bias not −∞.
-    #[inline]
-    pub(crate) fn allowed(&self, i: usize, j: usize) -> bool {
-        let (lo, hi) = self.key_range(i);
-        let jj = j as i64;
-        jj >= lo
-            && jj <= hi
-            && self.key_mask.is_none_or(|km| km[j])
-            && self.mask.as_ref().is_none_or(|m| m[(i, j)])
-            && self
-                .bias
-                .as_ref()
-                .is_none_or(|b| b[(i, j)] != T::NEG_INFINITY)
-    }
-
-    /// Steps 2–5 of the score definition for an already scaled score `s`:
-    /// softcap, ALiBi, bias, then −∞ where not allowed.
-    #[inline]
-    pub(crate) fn modify(&self, i: usize, j: usize, mut s: T) -> T {
-        if !self.allowed(i, j) {
-            return T::NEG_INFINITY;
-        }
-        if let Some(c) = self.softcap {
-            s = c * (s / c).tanh();
-        }
-        if let Some(m) = self.alibi_slope {
-            let dist = (i as i64 + self.diag_offset - j as i64).unsigned_abs();
-            s -= m * T::from_count(dist as usize);
-        }
-        if let Some(b) = &self.bias {
-            s += b[(i, j)];
-        }
-        s
     }
 }

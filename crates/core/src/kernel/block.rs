@@ -54,6 +54,7 @@
 use super::exp::madd;
 use super::{ElementKernels, Job, Scratch};
 use crate::columns::for_each_column;
+use crate::score::{row_lse, row_output};
 use crate::{AttentionError, Element};
 
 /// Most query blocks a group processes together (see [`q_group`]).
@@ -224,31 +225,18 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         let out = &mut out[b * block_len..(b + 1) * block_len];
         let lse = &mut lse[b * bq..b * bq + cur.rows];
         let rows = cur.rows;
-        // No key allowed (l = 0): output 0, lse −∞ (the documented fully-masked rule).
+        // The rows' lse and `out = acc / l · unscale` (the fully-masked rule and the clamp
+        // to ±max|V| are in `score.rs`), lane by lane so that it vectorises.
         for r in 0..rows {
-            lse[r] = if l[r] == 0.0 {
-                T::NEG_INFINITY
-            } else {
-                T::from_f64_rounded(m[r].to_f64() + l[r].ln())
-            };
+            lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
         }
-        // out = acc / l (times the column's power-of-two unscale) in f64, rounded once to T,
-        // lane by lane so that it vectorises. The exact result is a convex combination of
-        // values, so it lies in ±max|V|; rounding can push it just past (e.g. past MAX to
-        // +∞ when V holds MAX), so it is clamped there (clamping can only move it closer to
-        // the exact value).
         let v_max = spec.v_max_abs;
         for c in 0..d_v {
             let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
             let src = &acc[c * bq..c * bq + rows];
             let dst = &mut out[c * bq..c * bq + rows];
             for r in 0..rows {
-                let o = if l[r] == 0.0 {
-                    T::zero()
-                } else {
-                    T::from_f64_rounded(src[r] / l[r] * unscale)
-                };
-                dst[r] = o.max(-v_max).min(v_max);
+                dst[r] = row_output(src[r], l[r], unscale, v_max);
             }
         }
     }

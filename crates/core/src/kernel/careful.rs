@@ -29,6 +29,7 @@
 
 use nalgebra::DMatrix;
 
+use crate::score::{row_lse, row_output};
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -132,7 +133,6 @@ pub(super) fn attention<T: Element>(
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);
     let pre = Prescale::new(spec);
-    let v_max = spec.v_max_abs.to_f64();
     let mut s = vec![0.0f64; n_kv];
     // First every row's verdict, so that on error nothing has been written.
     for i in 0..n_q {
@@ -142,25 +142,20 @@ pub(super) fn attention<T: Element>(
         row_scores(spec, pre, i, &mut s)?;
         let (m, l) = exponentiate(&mut s);
         if let Some(lse) = lse.as_deref_mut() {
-            lse[i] = if l == 0.0 {
-                T::NEG_INFINITY
-            } else {
-                T::from_f64_rounded(m + l.ln())
-            };
+            lse[i] = T::from_f64_rounded(row_lse(m, l));
         }
+        // Weights normalised first and values halved: Σ_j (w_j/l)·(v_j/2) ≤ max|v|/2·(1 +
+        // n_kv·u) cannot overflow. That sum is already divided by l, so it is finished with
+        // l = 1 (0 for a row with no allowed key) and unscale 2.
+        let l_done = if l == 0.0 { 0.0 } else { 1.0 };
         for c in 0..d_v {
-            if l == 0.0 {
-                out[(i, c)] = T::zero();
-                continue;
-            }
-            // Halved values: Σ_j (w_j/l)·(v_j/2) ≤ max|v|/2·(1 + n_kv·u) cannot overflow.
             let half: f64 = s
                 .iter()
                 .enumerate()
                 .filter(|&(_, &w)| w != 0.0)
                 .map(|(j, &w)| w / l * (spec.v[(j, c)].to_f64() * 0.5))
                 .sum();
-            out[(i, c)] = T::from_f64_rounded((2.0 * half).clamp(-v_max, v_max));
+            out[(i, c)] = row_output(half, l_done, 2.0, spec.v_max_abs);
         }
     }
     Ok(())

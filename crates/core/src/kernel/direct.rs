@@ -23,6 +23,7 @@
 //! `m + ln l` are computed in f64 and rounded once to T.
 
 use crate::columns::for_each_column;
+use crate::score::{row_lse, row_output};
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -102,11 +103,7 @@ pub(super) fn attention<T: Element>(
     let v_max = spec.v_max_abs;
     let mut gather = Vec::new(); // used only for row-strided views
     // Values near the type's maximum are summed scaled down by a power of two, per column.
-    let scales: Option<Vec<(T, T)>> = spec.needs_value_scaling().then(|| {
-        (0..d_v)
-            .map(|c| spec.value_scale((0..n_kv).map(|j| v[(j, c)].abs()).fold(T::zero(), T::max)))
-            .collect()
-    });
+    let scales = spec.value_scales();
     for i in 0..n_q {
         s.fill(T::zero());
         for_each_column(k, 0..n_kv, &mut gather, |p, col| {
@@ -141,16 +138,13 @@ pub(super) fn attention<T: Element>(
         }
         let l = weighted_sum(s, None, T::one());
         if let Some(lse) = lse.as_deref_mut() {
-            lse[i] = T::from_f64_rounded(m.to_f64() + l.ln());
+            lse[i] = T::from_f64_rounded(row_lse(m.to_f64(), l));
         }
         let s = &*s;
         for_each_column(v, 0..n_kv, &mut gather, |c, col| {
-            let (scale, unscale) = scales.as_ref().map_or((T::one(), T::one()), |sc| sc[c]);
+            let (scale, unscale) = scales.get(c).copied().unwrap_or((T::one(), T::one()));
             let total = weighted_sum(s, Some(col), scale);
-            // A convex combination of values: clamped to ±max|V| (see `block.rs`).
-            out[(i, c)] = T::from_f64_rounded(total / l * unscale.to_f64())
-                .max(-v_max)
-                .min(v_max);
+            out[(i, c)] = row_output(total, l, unscale.to_f64(), v_max);
         });
     }
     Ok(())

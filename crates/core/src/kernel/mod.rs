@@ -370,13 +370,9 @@ fn fused<T: Element>(
     // two (so Σ p_j·v_j cannot overflow) and its output scaled back up (exactly).
     ws.v_unscale.clear();
     ws.v_scale.clear();
-    if spec.needs_value_scaling() {
-        for_each_column(&spec.v, 0..n_kv, &mut Vec::new(), |_, col| {
-            let col_max = col.iter().fold(T::zero(), |a, &x| a.max(x.abs()));
-            let (scale, unscale) = spec.value_scale(col_max);
-            ws.v_scale.push(scale);
-            ws.v_unscale.push(unscale);
-        });
+    for (scale, unscale) in spec.value_scales() {
+        ws.v_scale.push(scale);
+        ws.v_unscale.push(unscale);
     }
     pack_values(&spec.v, dvp, n_kv_pad, parallel, &ws.v_scale, &mut ws.vp)?;
 
