@@ -1,22 +1,25 @@
-//! The fused attention kernel: packing, blocking over queries, threading, and the
-//! row-at-a-time path for tiny calls and few queries (`direct.rs`). The per-block arithmetic is in `block.rs`; the CPU-specific compilation
-//! and all the kernel's `unsafe` in `simd.rs`.
+//! The attention kernels and the routing between them (`attention`): the row-at-a-time
+//! path for tiny calls and few queries (`direct.rs`), the careful path for scores that may
+//! leave the type's range (`careful.rs`), and the block kernel: packing (`pack.rs`),
+//! scheduling over query blocks and threads (`schedule.rs`), the tile loop with online
+//! softmax (`block.rs`), and its CPU-specific compilation with all of the kernels'
+//! `unsafe` (`simd.rs`).
 
 mod block;
 pub(crate) mod careful;
 mod direct;
 pub(crate) mod exp;
+mod pack;
+mod schedule;
 pub(crate) mod simd;
 
 use std::cell::{Cell, RefCell};
 
-use rayon::prelude::*;
+use pack::set_len;
 
-use crate::columns::for_each_column;
 use crate::cpu::CpuPath;
 use crate::error::Operand;
 use crate::memory::try_resize;
-use crate::options::MatRef;
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -130,10 +133,6 @@ impl<T> Default for Workspace<T> {
         }
     }
 }
-
-/// About how many bytes of K and V a group of query blocks keeps in cache, and how many
-/// its own Qᵀ and accumulators take (each well inside a 1 MiB L2).
-const GROUP_BYTES: usize = 256 << 10;
 
 /// Buffers larger than this (in elements) are freed after the call instead of kept: a
 /// call that needs more spends far longer computing than reallocating.
@@ -339,7 +338,7 @@ fn fast<T: Element>(
                 &mut lse_buf[..]
             }
         };
-        let result = fused(spec, path, parallel, ws, out, lse);
+        let result = schedule::fused(spec, path, parallel, ws, out, lse);
         ws.lse = lse_buf;
         for buf in [&mut ws.kp, &mut ws.vp, &mut ws.staging, &mut ws.lse] {
             if buf.capacity() > KEEP_MAX_ELEMENTS {
@@ -348,215 +347,4 @@ fn fast<T: Element>(
         }
         result
     })
-}
-
-/// The fused path: pack K and V, run the block kernel over query blocks (in parallel if
-/// asked), copy the staged blocks into `out`.
-fn fused<T: Element>(
-    spec: Spec<'_, T>,
-    path: CpuPath,
-    parallel: bool,
-    ws: &mut Workspace<T>,
-    out: &mut MatMut<'_, T>,
-    lse: &mut [T],
-) -> Result<(), AttentionError> {
-    let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
-    let kernel = T::kernel(path);
-    let (mr, bq) = (kernel.mr, kernel.bq);
-    let n_kv_pad = n_kv.div_ceil(mr) * mr;
-    let dvp = d_v.div_ceil(kernel.mrv) * kernel.mrv;
-    pack_keys(&spec.k, mr, n_kv_pad, parallel, &mut ws.kp)?;
-    // Values near the type's maximum: each such column is packed scaled down by a power of
-    // two (so Σ p_j·v_j cannot overflow) and its output scaled back up (exactly).
-    ws.v_unscale.clear();
-    ws.v_scale.clear();
-    for (scale, unscale) in spec.value_scales() {
-        ws.v_scale.push(scale);
-        ws.v_unscale.push(unscale);
-    }
-    pack_values(&spec.v, dvp, n_kv_pad, parallel, &ws.v_scale, &mut ws.vp)?;
-
-    // Block qb writes its output to staging[qb][c][r] (d_v × bq; at least one column so
-    // that the chunks below are never empty).
-    let n_blocks = n_q.div_ceil(bq);
-    let block_len = bq * d_v.max(1);
-    // Every element a block's rows map to is written by the kernel before it is read, so
-    // the buffer is only grown, never cleared (no serial zero-fill before the threads).
-    set_len(
-        &mut ws.staging,
-        n_blocks.saturating_mul(block_len),
-        Operand::Output,
-    )?;
-
-    // Groups of query blocks share each super-block of K and V while it is in cache
-    // (see `block::q_group`): a group's Qᵀ and accumulators, and a super-block of K and V,
-    // each take about `GROUP_BYTES`. Keep at least 4 groups per thread for balance. (The
-    // accumulators are counted at T's size although the running sums are f64: a group's
-    // working set then still fits a 1 MiB L2, and counting them at their full size made
-    // groups smaller, which cost 3% at f32, d = 128, n = 4096 when measured.)
-    let elem = std::mem::size_of::<T>();
-    let per_block = (d_k + dvp).max(1) * bq * elem;
-    let threads = if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    // Under a causal or window band, blocks differ in work (a causal block's work grows
-    // with its index), so more, smaller groups let work stealing even the threads out.
-    let banded = spec.band_lo > i64::MIN / 4 || spec.band_hi < i64::MAX / 4;
-    let groups_per_thread = if banded { 16 } else { 4 };
-    let group = (GROUP_BYTES / per_block)
-        .min(n_blocks / (groups_per_thread * threads))
-        .clamp(1, block::MAX_GROUP);
-    let super_keys = (GROUP_BYTES / ((d_k + dvp).max(1) * elem)).max(kernel.bk);
-    let job = Job {
-        spec,
-        kp: &ws.kp,
-        vp: &ws.vp,
-        v_unscale: &ws.v_unscale,
-        dvp,
-        super_keys,
-    };
-    let run = |(g, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
-        T::with_scratch(|scratch| {
-            scratch.fit(&kernel, d_k, dvp, group);
-            (kernel.block)(&job, g * group, scratch, staged, lse)
-        })
-    };
-    // `and` keeps the leftmost error: the first in query order, whatever the threads.
-    let (group_len, group_rows) = (group * block_len, group * bq);
-    let result = if parallel && n_blocks > group {
-        ws.staging
-            .par_chunks_mut(group_len)
-            .zip(lse.par_chunks_mut(group_rows))
-            .enumerate()
-            .map(run)
-            .reduce(|| Ok(()), Result::and)
-    } else {
-        let groups = ws
-            .staging
-            .chunks_mut(group_len)
-            .zip(lse.chunks_mut(group_rows));
-        groups.enumerate().map(run).fold(Ok(()), Result::and)
-    };
-    result?;
-
-    // Into `out`, which may be a column block of a wider matrix (any strides): nalgebra's
-    // column iterator steps by the row stride, 1 for a matrix or a block of its columns.
-    for c in 0..d_v {
-        for qb in 0..n_blocks {
-            let (r0, start) = (qb * bq, qb * block_len + c * bq);
-            let len = bq.min(n_q - r0);
-            let mut seg = out.view_mut((r0, c), (len, 1));
-            for (dst, &x) in seg.iter_mut().zip(&ws.staging[start..start + len]) {
-                *dst = x;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Sets `buf`'s length to `len`, keeping old contents (growing with zeros): for buffers
-/// whose every used element is written before it is read.
-/// `TooLarge` (naming `operand`) if the memory cannot be had.
-fn set_len<T: Element>(
-    buf: &mut Vec<T>,
-    len: usize,
-    operand: Operand,
-) -> Result<(), AttentionError> {
-    if buf.len() < len {
-        try_resize(buf, len, T::zero(), operand)
-    } else {
-        buf.truncate(len);
-        Ok(())
-    }
-}
-
-/// Keys per packing task: K and V are packed in chunks this long, in parallel when the
-/// call is.
-const PACK_ROWS: usize = 256;
-
-/// Packs K in panels of `mr` keys, `kp[j/mr][p][j%mr] = K[j, p]`, zero past `n_kv`. Each
-/// chunk of `PACK_ROWS` keys reads `K`'s columns in contiguous runs.
-fn pack_keys<T: Element>(
-    k: &MatRef<'_, T>,
-    mr: usize,
-    n_kv_pad: usize,
-    parallel: bool,
-    kp: &mut Vec<T>,
-) -> Result<(), AttentionError> {
-    let (n_kv, d_k) = k.shape();
-    set_len(kp, n_kv_pad.saturating_mul(d_k), Operand::Key)?;
-    let rows = PACK_ROWS.div_ceil(mr) * mr; // whole panels per chunk
-    // Each chunk writes every one of its elements, padding keys included (as 0).
-    let fill = |(c, chunk): (usize, &mut [T])| {
-        let j0 = (c * rows).min(n_kv);
-        let jn = rows.min(n_kv - j0);
-        let chunk_keys = chunk.len() / d_k.max(1);
-        for_each_column(k, j0..j0 + jn, &mut Vec::new(), |p, col| {
-            // Key dj of the chunk goes to panel dj / mr, lane dj % mr, row p.
-            for (panel, keys) in col.chunks(mr).enumerate() {
-                let dst = &mut chunk[panel * mr * d_k + p * mr..][..mr];
-                dst[..keys.len()].copy_from_slice(keys);
-                dst[keys.len()..].fill(T::zero());
-            }
-            // Whole padding panels past the last key.
-            for panel in jn.div_ceil(mr)..chunk_keys / mr {
-                chunk[panel * mr * d_k + p * mr..][..mr].fill(T::zero());
-            }
-        });
-    };
-    if parallel {
-        kp.par_chunks_mut(rows * d_k.max(1))
-            .enumerate()
-            .for_each(fill);
-    } else {
-        kp.chunks_mut(rows * d_k.max(1)).enumerate().for_each(fill);
-    }
-    Ok(())
-}
-
-/// Packs V row-major with rows padded to `dvp`: `vp[j][c] = V[j, c]`, zero padding.
-/// `scale`, if not empty, multiplies each column (by a power of two: exact).
-fn pack_values<T: Element>(
-    v: &MatRef<'_, T>,
-    dvp: usize,
-    n_kv_pad: usize,
-    parallel: bool,
-    scale: &[T],
-    vp: &mut Vec<T>,
-) -> Result<(), AttentionError> {
-    let (n_kv, d_v) = v.shape();
-    set_len(vp, n_kv_pad.saturating_mul(dvp), Operand::Value)?;
-    // Each chunk writes every one of its elements, padding rows and columns included (0).
-    let fill = |(c, chunk): (usize, &mut [T])| {
-        // The last chunk may hold only padding rows (n_kv_pad is rounded up to a panel of
-        // K, not to PACK_ROWS): it then starts at or past n_kv and reads no value.
-        let j0 = (c * PACK_ROWS).min(n_kv);
-        let jn = PACK_ROWS.min(n_kv - j0);
-        let chunk_rows = chunk.len() / dvp.max(1);
-        for dj in 0..chunk_rows {
-            let first_pad = if dj < jn { d_v } else { 0 };
-            chunk[dj * dvp + first_pad..(dj + 1) * dvp].fill(T::zero());
-        }
-        for_each_column(v, j0..j0 + jn, &mut Vec::new(), |col, values| {
-            let sc = scale.get(col).copied();
-            for (dj, &x) in values.iter().enumerate() {
-                chunk[dj * dvp + col] = match sc {
-                    None => x,
-                    Some(sc) => x * sc,
-                };
-            }
-        });
-    };
-    if parallel {
-        vp.par_chunks_mut(PACK_ROWS * dvp.max(1))
-            .enumerate()
-            .for_each(fill);
-    } else {
-        vp.chunks_mut(PACK_ROWS * dvp.max(1))
-            .enumerate()
-            .for_each(fill);
-    }
-    Ok(())
 }
