@@ -213,110 +213,14 @@ impl<'a, T: Element> Spec<'a, T> {
         let parallel = options.parallelism == Parallelism::Rayon;
         let max_abs = check_qkv(&q, &k, &v, parallel)?;
         let (n_q, d_k) = q.shape();
-        let n_kv = k.nrows();
-        let d_v = v.ncols();
-
-        let scale = match options.scale {
-            Some(s) if s.finite() => s,
-            Some(s) => return Err(AttentionError::InvalidScale { value: s.to_f64() }),
-            None if d_k == 0 => return Err(AttentionError::ZeroHeadDim),
-            None => T::one() / T::from_count(d_k).sqrt(),
+        let (n_kv, d_v) = (k.nrows(), v.ncols());
+        let scale = check_scalars(options, d_k)?;
+        check_mask_shapes(options, n_q, n_kv)?;
+        let bias_range = match &options.bias {
+            Some(bias) => check_bias(bias, n_q, n_kv)?,
+            None => (0.0, 0.0),
         };
-        if let Some(c) = options.softcap
-            && !(c.finite() && c > T::zero())
-        {
-            return Err(AttentionError::InvalidSoftcap { value: c.to_f64() });
-        }
-        if let Some(m) = options.alibi_slope
-            && !m.finite()
-        {
-            return Err(AttentionError::InvalidAlibiSlope { value: m.to_f64() });
-        }
-        if let Some(mask) = &options.mask {
-            check_dim(
-                Operand::Mask,
-                Axis::Rows,
-                mask.nrows(),
-                n_q,
-                Operand::Query,
-                "the mask is n_q x n_kv",
-            )?;
-            check_dim(
-                Operand::Mask,
-                Axis::Columns,
-                mask.ncols(),
-                n_kv,
-                Operand::Key,
-                "the mask is n_q x n_kv",
-            )?;
-        }
-        if let Some(key_mask) = options.key_mask {
-            check_dim(
-                Operand::KeyMask,
-                Axis::Entries,
-                key_mask.len(),
-                n_kv,
-                Operand::Key,
-                "one key-mask entry per key",
-            )?;
-        }
-        // (lowest, highest) finite bias entry; (0, 0) without a bias.
-        let mut bias_range = (0.0f64, 0.0f64);
-        if let Some(bias) = &options.bias {
-            check_dim(
-                Operand::Bias,
-                Axis::Rows,
-                bias.nrows(),
-                n_q,
-                Operand::Query,
-                "the bias is n_q x n_kv",
-            )?;
-            check_dim(
-                Operand::Bias,
-                Axis::Columns,
-                bias.ncols(),
-                n_kv,
-                Operand::Key,
-                "the bias is n_q x n_kv",
-            )?;
-            // −∞ masks a position; NaN and +∞ have no meaning. The finite entries' range
-            // goes into the score bound.
-            let mut first_bad = None;
-            for_each_column(bias, 0..bias.nrows(), &mut Vec::new(), |c, col| {
-                for (r, &x) in col.iter().enumerate() {
-                    if x.finite() {
-                        bias_range.0 = bias_range.0.min(x.to_f64());
-                        bias_range.1 = bias_range.1.max(x.to_f64());
-                    } else if x != T::NEG_INFINITY && first_bad.is_none() {
-                        first_bad = Some((r, c, x));
-                    }
-                }
-            });
-            if let Some((row, column, x)) = first_bad {
-                return Err(AttentionError::NonFinite {
-                    operand: Operand::Bias,
-                    row,
-                    column,
-                    value: x.to_f64(),
-                });
-            }
-        }
-
-        // Shapes are bounded by memory, far below 2^62, so these casts are exact.
-        let diag_offset = match options.causal {
-            Some(Causal::TopLeft) => 0,
-            _ => n_kv as i64 - n_q as i64,
-        };
-        let clamp = |x: usize| (x as u64).min(UNBOUNDED as u64) as i64;
-        let (mut band_lo, mut band_hi) = (-UNBOUNDED, UNBOUNDED);
-        if options.causal.is_some() {
-            band_hi = diag_offset;
-        }
-        if let Some((left, right)) = options.window {
-            band_lo = diag_offset - clamp(left);
-            band_hi = band_hi.min(diag_offset.saturating_add(clamp(right)));
-        }
-
+        let (diag_offset, band_lo, band_hi) = band(options, n_q, n_kv);
         let scores_in_range = scores_in_range::<T>(ScoreBound {
             d_k,
             q_max: max_abs.q.to_f64(),
@@ -352,4 +256,135 @@ impl<'a, T: Element> Spec<'a, T> {
             alibi_slope: options.alibi_slope,
         })
     }
+}
+
+/// The scale (explicit, or `1/√d_k`), after checking it, the softcap and the ALiBi slope.
+fn check_scalars<T: Element>(
+    options: &AttentionOptions<'_, T>,
+    d_k: usize,
+) -> Result<T, AttentionError> {
+    let scale = match options.scale {
+        Some(s) if s.finite() => s,
+        Some(s) => return Err(AttentionError::InvalidScale { value: s.to_f64() }),
+        None if d_k == 0 => return Err(AttentionError::ZeroHeadDim),
+        None => T::one() / T::from_count(d_k).sqrt(),
+    };
+    if let Some(c) = options.softcap
+        && !(c.finite() && c > T::zero())
+    {
+        return Err(AttentionError::InvalidSoftcap { value: c.to_f64() });
+    }
+    if let Some(m) = options.alibi_slope
+        && !m.finite()
+    {
+        return Err(AttentionError::InvalidAlibiSlope { value: m.to_f64() });
+    }
+    Ok(scale)
+}
+
+/// The mask is `n_q × n_kv`, the key mask has `n_kv` entries.
+fn check_mask_shapes<T: Element>(
+    options: &AttentionOptions<'_, T>,
+    n_q: usize,
+    n_kv: usize,
+) -> Result<(), AttentionError> {
+    if let Some(mask) = &options.mask {
+        let rule = "the mask is n_q x n_kv";
+        check_dim(
+            Operand::Mask,
+            Axis::Rows,
+            mask.nrows(),
+            n_q,
+            Operand::Query,
+            rule,
+        )?;
+        check_dim(
+            Operand::Mask,
+            Axis::Columns,
+            mask.ncols(),
+            n_kv,
+            Operand::Key,
+            rule,
+        )?;
+    }
+    if let Some(key_mask) = options.key_mask {
+        let rule = "one key-mask entry per key";
+        check_dim(
+            Operand::KeyMask,
+            Axis::Entries,
+            key_mask.len(),
+            n_kv,
+            Operand::Key,
+            rule,
+        )?;
+    }
+    Ok(())
+}
+
+/// Checks the bias's shape (`n_q × n_kv`) and entries (finite or −∞: −∞ masks a position,
+/// NaN and +∞ have no meaning); returns the range of its finite entries, which goes into
+/// the score bound.
+fn check_bias<T: Element>(
+    bias: &MatRef<'_, T>,
+    n_q: usize,
+    n_kv: usize,
+) -> Result<(f64, f64), AttentionError> {
+    let rule = "the bias is n_q x n_kv";
+    check_dim(
+        Operand::Bias,
+        Axis::Rows,
+        bias.nrows(),
+        n_q,
+        Operand::Query,
+        rule,
+    )?;
+    check_dim(
+        Operand::Bias,
+        Axis::Columns,
+        bias.ncols(),
+        n_kv,
+        Operand::Key,
+        rule,
+    )?;
+    let mut range = (0.0f64, 0.0f64);
+    let mut first_bad = None;
+    for_each_column(bias, 0..bias.nrows(), &mut Vec::new(), |c, col| {
+        for (r, &x) in col.iter().enumerate() {
+            if x.finite() {
+                range.0 = range.0.min(x.to_f64());
+                range.1 = range.1.max(x.to_f64());
+            } else if x != T::NEG_INFINITY && first_bad.is_none() {
+                first_bad = Some((r, c, x));
+            }
+        }
+    });
+    match first_bad {
+        Some((row, column, x)) => Err(AttentionError::NonFinite {
+            operand: Operand::Bias,
+            row,
+            column,
+            value: x.to_f64(),
+        }),
+        None => Ok(range),
+    }
+}
+
+/// `(diag_offset, band_lo, band_hi)`: `diag(i) = i + diag_offset`, and query `i` may see
+/// keys `[i + band_lo, i + band_hi]` by position (causal, window; ±2^62 when unbounded).
+fn band<T: Element>(options: &AttentionOptions<'_, T>, n_q: usize, n_kv: usize) -> (i64, i64, i64) {
+    // Shapes are bounded by memory, far below 2^62, so these casts are exact.
+    let diag_offset = match options.causal {
+        Some(Causal::TopLeft) => 0,
+        _ => n_kv as i64 - n_q as i64,
+    };
+    let clamp = |x: usize| (x as u64).min(UNBOUNDED as u64) as i64;
+    let (mut band_lo, mut band_hi) = (-UNBOUNDED, UNBOUNDED);
+    if options.causal.is_some() {
+        band_hi = diag_offset;
+    }
+    if let Some((left, right)) = options.window {
+        band_lo = diag_offset - clamp(left);
+        band_hi = band_hi.min(diag_offset.saturating_add(clamp(right)));
+    }
+    (diag_offset, band_lo, band_hi)
 }
