@@ -656,14 +656,37 @@ macro_rules! portable_kernel {
     };
 }
 
-// Tile sizes: the `MR × NV` (and `MRV × NV`) accumulators plus the loaded operands must
-// fit the register file: 32 zmm for AVX-512, 16 ymm for AVX2.
-simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Avx512, Simd<Avx512F32, 8, 2, 64, 8, 64>);
-simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Avx512, Simd<Avx512F64, 8, 2, 32, 8, 64>);
-simd_kernel!(AVX2_F32: f32, "avx2,fma", Avx2, Simd<Avx2F32, 6, 2, 64, 4, 60>);
-simd_kernel!(AVX2_F64: f64, "avx2,fma", Avx2, Simd<Avx2F64, 6, 2, 32, 4, 60>);
-portable_kernel!(PORTABLE_F32: f32, Portable<false, 4, 8, 32, 4, 64>);
-portable_kernel!(PORTABLE_F64: f64, Portable<false, 4, 4, 16, 4, 64>);
+// Tile sizes, named per path. The arguments are, in order, `MR` keys per register tile
+// and K panel, `NV` vectors of queries per register tile (portable: `NR` queries), `BQ`
+// queries per block, `MRV` value columns per register tile, `BK` keys per online-softmax
+// step. (Const generics, not a struct of sizes: stable Rust cannot size the register
+// arrays from a trait's associated constants.) The `MR × NV` (and `MRV × NV`)
+// accumulators plus the loaded operands must fit the register file: 32 zmm for AVX-512,
+// 16 ymm for AVX2; `BK` is the largest multiple of `MR` up to 64.
+
+/// AVX-512, f32: 8 keys × 2 × 16 queries (16 accumulators), blocks of 64 queries.
+#[cfg(target_arch = "x86_64")]
+type Avx512F32Tiles = Simd<Avx512F32, 8, 2, 64, 8, 64>;
+/// AVX-512, f64: 8 keys × 2 × 8 queries, blocks of 32 queries.
+#[cfg(target_arch = "x86_64")]
+type Avx512F64Tiles = Simd<Avx512F64, 8, 2, 32, 8, 64>;
+/// AVX2, f32: 6 keys × 2 × 8 queries (12 of the 16 ymm), 60-key steps.
+#[cfg(target_arch = "x86_64")]
+type Avx2F32Tiles = Simd<Avx2F32, 6, 2, 64, 4, 60>;
+/// AVX2, f64: 6 keys × 2 × 4 queries, blocks of 32 queries, 60-key steps.
+#[cfg(target_arch = "x86_64")]
+type Avx2F64Tiles = Simd<Avx2F64, 6, 2, 32, 4, 60>;
+/// Portable, f32: 4 keys × 8 queries, blocks of 32 queries; no FMA (the baseline lacks it).
+type PortableF32Tiles = Portable<false, 4, 8, 32, 4, 64>;
+/// Portable, f64: 4 keys × 4 queries, blocks of 16 queries.
+type PortableF64Tiles = Portable<false, 4, 4, 16, 4, 64>;
+
+simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Avx512, Avx512F32Tiles);
+simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Avx512, Avx512F64Tiles);
+simd_kernel!(AVX2_F32: f32, "avx2,fma", Avx2, Avx2F32Tiles);
+simd_kernel!(AVX2_F64: f64, "avx2,fma", Avx2, Avx2F64Tiles);
+portable_kernel!(PORTABLE_F32: f32, PortableF32Tiles);
+portable_kernel!(PORTABLE_F64: f64, PortableF64Tiles);
 
 /// Declares `$name(path)`: the kernel for one element type on `path`, the portable one if
 /// the CPU lacks the path (callers check support first and report it as an error).
