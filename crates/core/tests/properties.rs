@@ -76,12 +76,7 @@ fn threaded_problem() -> impl Strategy<Value = Problem> {
         magnitude(),
     )
         .prop_flat_map(|(n_q, n_kv, d_k, d_v, sq, sk, sv)| {
-            (
-                normal_matrix(n_q, d_k, sq),
-                normal_matrix(n_kv, d_k, sk),
-                normal_matrix(n_kv, d_v, sv),
-            )
-                .prop_map(|(q, k, v)| Problem { q, k, v })
+            problem_of((n_q, n_kv, d_k, d_v), (sq, sk, sv))
         })
 }
 
