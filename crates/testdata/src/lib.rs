@@ -38,6 +38,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use nalgebra::DMatrix;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
 /// Path of the golden file, resolved when this crate is compiled.
@@ -312,6 +315,23 @@ fn parse_case(obj: &Map<String, Value>, index: usize) -> GoldenCase {
         d_k,
         d_v,
     }
+}
+
+/// A `rows × cols` matrix of N(0, σ²) entries drawn from a [`StdRng`] seeded with `seed`:
+/// the same numbers for the same arguments on every run, different seeds independent. The
+/// one generator of random inputs for the workspace's fixed test grids and benches (the
+/// property tests draw theirs from proptest).
+///
+/// ```
+/// let a = attention_testdata::gaussian(3, 2, 1.5, 7);
+/// assert_eq!(a, attention_testdata::gaussian(3, 2, 1.5, 7));
+/// assert_ne!(a, attention_testdata::gaussian(3, 2, 1.5, 8));
+/// ```
+pub fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    DMatrix::from_fn(rows, cols, |_, _| {
+        sigma * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut rng)
+    })
 }
 
 #[cfg(test)]

@@ -78,21 +78,10 @@ pub fn normal_matrix(rows: usize, cols: usize, scale: f64) -> impl Strategy<Valu
     })
 }
 
-/// Deterministic N(0, σ²) entries (xorshift + Box–Muller), for fixed grids of cases that
-/// must be reproducible without proptest.
-pub fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    DMatrix::from_fn(rows, cols, |_, _| {
-        let (a, b) = (u(), u());
-        sigma * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-    })
-}
+/// Deterministic N(0, σ²) entries for fixed grids of cases that must be reproducible
+/// without proptest (`attention_testdata::gaussian`: seeded `StdRng`).
+#[allow(unused_imports)] // not every test binary draws fixed grids
+pub use attention_testdata::gaussian;
 
 /// One of the magnitudes the issue asks for.
 pub fn magnitude() -> impl Strategy<Value = f64> {
