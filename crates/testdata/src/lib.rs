@@ -317,7 +317,13 @@ fn parse_case(obj: &Map<String, Value>, index: usize) -> GoldenCase {
     }
 }
 
-/// A `rows × cols` matrix of N(0, σ²) entries drawn from a [`StdRng`] seeded with `seed`:
+/// The workspace's one generator of reproducible test and bench data: a [`StdRng`]
+/// seeded with `seed` (same stream for the same seed on every run).
+pub fn seeded_rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// A `rows × cols` matrix of N(0, σ²) entries drawn from [`seeded_rng`]`(seed)` with `seed`:
 /// the same numbers for the same arguments on every run, different seeds independent. The
 /// one generator of random inputs for the workspace's fixed test grids and benches (the
 /// property tests draw theirs from proptest).
@@ -328,7 +334,7 @@ fn parse_case(obj: &Map<String, Value>, index: usize) -> GoldenCase {
 /// assert_ne!(a, attention_testdata::gaussian(3, 2, 1.5, 8));
 /// ```
 pub fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng(seed);
     DMatrix::from_fn(rows, cols, |_, _| {
         sigma * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut rng)
     })
