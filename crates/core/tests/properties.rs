@@ -16,6 +16,7 @@ use attention_core::{
 use common::*;
 use nalgebra::DMatrix;
 use proptest::prelude::*;
+use rand::seq::SliceRandom;
 
 fn config() -> ProptestConfig {
     ProptestConfig::with_cases(96)
@@ -125,14 +126,8 @@ fn key_permutation_invariant<T: Element>(p: &Problem, seed: u64) {
     let p = p.rounded::<T>();
     let n_kv = p.k.nrows();
     let mut perm: Vec<usize> = (0..n_kv).collect();
-    // A deterministic shuffle from proptest's seed (Fisher–Yates with an LCG).
-    let mut state = seed | 1;
-    for i in (1..n_kv).rev() {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        perm.swap(i, (state >> 33) as usize % (i + 1));
-    }
+    // A deterministic shuffle from proptest's seed.
+    perm.shuffle(&mut attention_testdata::seeded_rng(seed));
     let kp = DMatrix::from_fn(n_kv, p.k.ncols(), |j, c| p.k[(perm[j], c)]);
     let vp = DMatrix::from_fn(n_kv, p.v.ncols(), |j, c| p.v[(perm[j], c)]);
     let (q, k, v) = p.cast::<T>();
