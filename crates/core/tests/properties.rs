@@ -311,23 +311,7 @@ fn identical_keys_give_mean<T: Element>(p: &Problem) {
 
 /// Scores up to ~1e4 in magnitude (|q|,|k| large): finite, and within the bound.
 fn large_scores_match<T: Element>(p: &Problem) {
-    let p = p.rounded::<T>();
-    let (q, k, v) = p.cast::<T>();
-    let want = attention_reference::attention(&p.q, &p.k, &p.v, &Default::default());
-    let eps = T::EPSILON.to_f64();
-    let delta = score_error(&p.q, &p.k, scale_of(p.q.ncols()), &[], eps);
-    for path in CpuPath::supported() {
-        let out = scaled_dot_product_attention(&q, &k, &v, &on(path, Parallelism::Rayon)).unwrap();
-        assert!(out.iter().all(|x| x.finite()));
-        assert_output_close(
-            &widen(&out),
-            &want.output,
-            &p.v,
-            &delta,
-            eps,
-            &format!("{path:?}"),
-        );
-    }
+    assert_plain_matches_reference::<T>(p, |path| on(path, Parallelism::Rayon));
 }
 
 /// Problems whose scores reach ~1e4: d_k in 1..=64, |q|,|k| ≈ 30·√(1e4/(30²·d_k)) scaled up.

@@ -386,6 +386,37 @@ pub fn overflow_reproducer(d_v: usize) -> (DMatrix<f32>, DMatrix<f32>, DMatrix<f
     (q, k, v)
 }
 
+/// `p` rounded to `T` against the reference, no options but the CPU path: on every path
+/// this machine has, core's output under `options(path)` is finite and within
+/// [`assert_output_close`]'s bound (default scale `1/√d_k`). Returns the reference's result.
+pub fn assert_plain_matches_reference<T: Element>(
+    p: &Problem,
+    options: impl Fn(CpuPath) -> AttentionOptions<'static, T>,
+) -> attention_reference::Attention {
+    let p = p.rounded::<T>();
+    let (q, k, v) = p.cast::<T>();
+    let want = attention_reference::attention(&p.q, &p.k, &p.v, &Default::default());
+    let eps = T::EPSILON.to_f64();
+    let delta = score_error(&p.q, &p.k, 1.0 / (p.q.ncols() as f64).sqrt(), &[], eps);
+    for path in CpuPath::supported() {
+        let out = attention_core::scaled_dot_product_attention(&q, &k, &v, &options(path))
+            .unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        assert!(
+            out.iter().all(|x| x.finite()),
+            "{path:?}: non-finite output"
+        );
+        assert_output_close(
+            &widen(&out),
+            &want.output,
+            &p.v,
+            &delta,
+            eps,
+            &format!("{path:?}"),
+        );
+    }
+    want
+}
+
 /// A log-sum-exp vector widened to f64 (exact).
 pub fn lse_f64<T: Element>(lse: &nalgebra::DVector<T>) -> Vec<f64> {
     lse.iter().map(|x| x.to_f64()).collect()
