@@ -1,4 +1,5 @@
-//! Golden cases for single-head scaled dot-product attention, for the workspace's tests.
+//! Golden cases for single-head scaled dot-product attention, and the seeded random
+//! matrices ([`gaussian`], [`seeded_rng`]), for the workspace's tests and benches.
 //!
 //! The cases live in this crate, in `data/sdpa_cases.json` (`crates/testdata/data/` in the
 //! repository): 113 cases computed in float64 by PyTorch's `scaled_dot_product_attention`,
