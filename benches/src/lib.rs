@@ -46,19 +46,9 @@ pub fn nalgebra_attention<T: RealField + Copy>(
     s * v
 }
 
-/// Deterministic N(0,1) matrix (xorshift + Box–Muller): benches need fresh-looking,
-/// reproducible inputs without a dependency.
+/// Deterministic N(0,1) matrix: benches need fresh-looking, reproducible inputs
+/// (`attention_testdata::gaussian`, a seeded `StdRng`).
 #[must_use]
 pub fn normal_matrix(rows: usize, cols: usize, seed: u64) -> DMatrix<f64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut uniform = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    DMatrix::from_fn(rows, cols, |_, _| {
-        let (a, b) = (uniform(), uniform());
-        (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-    })
+    attention_testdata::gaussian(rows, cols, 1.0, seed)
 }

@@ -12,7 +12,6 @@
 //! n = 65536, d = 64, f32 is measured in a child process (`--rss`, on by default in the
 //! full run) and compared with the inputs plus the output.
 
-use std::fmt::Write as _;
 use std::time::Instant;
 
 use attention_benches::{attention_flops, nalgebra_attention, normal_matrix, peak::fma_peak};
@@ -20,6 +19,7 @@ use attention_core::{
     AttentionOptions, Causal, Element, Parallelism, scaled_dot_product_attention,
 };
 use nalgebra::DMatrix;
+use serde::Serialize;
 
 struct Args {
     sizes: Vec<usize>,
@@ -286,7 +286,7 @@ fn main() {
             peak: gflops / fraction,
         });
     }
-    let mut peak_lines = String::new();
+    let mut peak_records = Vec::new();
     for ty in &args.types {
         for &t in &args.threads {
             let p = median(
@@ -296,10 +296,11 @@ fn main() {
                     .map(|x| x.2)
                     .collect(),
             );
-            let _ = write!(
-                peak_lines,
-                "{{\"type\":\"{ty}\",\"threads\":{t},\"gflops\":{p:.3}}},"
-            );
+            peak_records.push(PeakJson {
+                ty: ty.clone(),
+                threads: t,
+                gflops: rounded(p, 3),
+            });
             if args.repeat > 1 {
                 println!("median FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
             }
@@ -313,7 +314,7 @@ fn main() {
             print_row(r);
         }
     }
-    let mut rss_json = String::from("null");
+    let mut max_rss = None;
     if args.rss {
         let n = 65536;
         let exe = std::env::current_exe().expect("own path");
@@ -334,38 +335,83 @@ fn main() {
                     before as f64 / 1024.0,
                     after as f64 / 1024.0 - io_mib
                 );
-                rss_json = format!(
-                    "{{\"n\":{n},\"d\":64,\"max_rss_mib\":{:.1},\"inputs_plus_output_mib\":{io_mib:.1}}}",
-                    after as f64 / 1024.0
-                );
+                max_rss = Some(RssJson {
+                    n,
+                    d: 64,
+                    max_rss_mib: rounded(after as f64 / 1024.0, 1),
+                    inputs_plus_output_mib: rounded(io_mib, 1),
+                });
             }
         }
     }
     if let Some(path) = &args.json {
-        let mut s = String::from("{\"peaks\":[");
-        s.push_str(peak_lines.trim_end_matches(','));
-        s.push_str("],\"results\":[");
-        for (i, r) in rows.iter().enumerate() {
-            if i > 0 {
-                s.push(',');
-            }
-            let _ = write!(
-                s,
-                "{{\"type\":\"{}\",\"d\":{},\"n\":{},\"causal\":{},\"threads\":{},\"impl\":\"{}\",\"gflops\":{:.3},\"fraction_of_peak\":{:.4}}}",
-                r.ty,
-                r.d,
-                r.n,
-                r.causal,
-                r.threads,
-                r.what,
-                r.gflops,
-                r.gflops / r.peak
-            );
-        }
-        let _ = write!(s, "],\"max_rss\":{rss_json}}}");
+        let results = rows
+            .iter()
+            .map(|r| ResultJson {
+                ty: r.ty.clone(),
+                d: r.d,
+                n: r.n,
+                causal: r.causal,
+                threads: r.threads,
+                what: r.what,
+                gflops: rounded(r.gflops, 3),
+                fraction_of_peak: rounded(r.gflops / r.peak, 4),
+            })
+            .collect();
+        let report = ReportJson {
+            peaks: peak_records,
+            results,
+            max_rss,
+        };
+        let s = serde_json::to_string(&report).expect("serialise JSON");
         std::fs::write(path, s).expect("write JSON");
         println!("wrote {path}");
     }
+}
+
+/// The `--json` report: the FMA peaks, one result a table row, and the max RSS (`null`
+/// without `--rss`). Numbers keep the table's precision.
+#[derive(Serialize)]
+struct ReportJson {
+    peaks: Vec<PeakJson>,
+    results: Vec<ResultJson>,
+    max_rss: Option<RssJson>,
+}
+
+#[derive(Serialize)]
+struct PeakJson {
+    #[serde(rename = "type")]
+    ty: String,
+    threads: usize,
+    gflops: f64,
+}
+
+#[derive(Serialize)]
+struct ResultJson {
+    #[serde(rename = "type")]
+    ty: String,
+    d: usize,
+    n: usize,
+    causal: bool,
+    threads: usize,
+    #[serde(rename = "impl")]
+    what: &'static str,
+    gflops: f64,
+    fraction_of_peak: f64,
+}
+
+#[derive(Serialize)]
+struct RssJson {
+    n: usize,
+    d: usize,
+    max_rss_mib: f64,
+    inputs_plus_output_mib: f64,
+}
+
+/// `x` rounded to `decimals` places, as `format!("{x:.decimals$}")` rounds it (so the JSON
+/// holds the numbers the hand-written output held).
+fn rounded(x: f64, decimals: usize) -> f64 {
+    format!("{x:.decimals$}").parse().unwrap_or(x)
 }
 
 /// Seconds since the epoch, so results can be dated without a date library.

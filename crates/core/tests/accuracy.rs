@@ -38,14 +38,17 @@
 //! and compensated sums: its relative error is a few `u₆₄`, added to the bound as `8·u₆₄`.
 //!
 //! Measured (AVX-512 machine, f32, 2²⁰ keys): before the multi-level sums the random rows
-//! were off by up to 2 756 (row path) and 4 557 (block kernel) `u·max|v|`, 25× and 41× the
-//! bound; now by at most 0.23.
+//! (then drawn by a SplitMix64 generator) were off by up to 2 756 (row path) and 4 557
+//! (block kernel) `u·max|v|`, 25× and 41× the bound; now (rows from
+//! `attention_testdata::seeded_rng`) by at most 0.24.
 
 mod common;
 
 use attention_core::{AttentionOptions, CpuPath, Element, scaled_dot_product_attention_with_lse};
 use attention_reference::neumaier_sum;
 use nalgebra::DMatrix;
+use rand::RngExt;
+use rand::rngs::StdRng;
 
 /// The options of both tests: scale 1 (the scores stay exact), `path` forced.
 fn options<T: Element>(path: CpuPath) -> AttentionOptions<'static, T> {
@@ -115,25 +118,9 @@ fn alternating_keys_constant_values_f64() {
     alternating_keys_constant_values::<f64>();
 }
 
-/// A small deterministic generator (SplitMix64), so the data are the same on every run.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// A multiple of 1/8 in [−1, 1].
-    fn eighth(&mut self) -> f64 {
-        (self.next() % 17) as f64 / 8.0 - 1.0
-    }
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// A multiple of 1/8 in [−1, 1].
+fn eighth(rng: &mut StdRng) -> f64 {
+    f64::from(rng.random_range(-8i32..=8)) / 8.0
 }
 
 /// The exact-score reference: softmax in f64 with compensated sums.
@@ -159,18 +146,18 @@ fn reference(q: &DMatrix<f64>, k: &DMatrix<f64>, v: &DMatrix<f64>) -> (DMatrix<f
 fn random_long_rows<T: Element>(seed: u64) {
     let (n_kv, d_k, d_v) = (1 << 20, 16, 8);
     let eps = T::EPSILON.to_f64();
-    let mut rng = SplitMix(seed);
-    let k = DMatrix::from_fn(n_kv, d_k, |_, _| rng.eighth());
+    let mut rng = attention_testdata::seeded_rng(seed);
+    let k = DMatrix::from_fn(n_kv, d_k, |_, _| eighth(&mut rng));
     // Column c of V is uniform in [c/4 − 1, c/4 + 1): from all negative to all positive.
     let v = DMatrix::from_fn(n_kv, d_v, |_, c| {
-        rng.uniform(c as f64 / 4.0 - 1.0, c as f64 / 4.0 + 1.0)
+        rng.random_range(c as f64 / 4.0 - 1.0..c as f64 / 4.0 + 1.0)
     });
     let v: DMatrix<f64> = common::widen(&common::narrow::<T>(&v));
     let (kt, vt) = (common::narrow::<T>(&k), common::narrow::<T>(&v));
     let sum = common::sum_error(n_kv, eps);
     let mut failures = Vec::new();
     for n_q in [4, 16] {
-        let q = DMatrix::from_fn(n_q, d_k, |_, _| rng.eighth());
+        let q = DMatrix::from_fn(n_q, d_k, |_, _| eighth(&mut rng));
         let (want, want_lse) = reference(&q, &k, &v);
         let qt = common::narrow::<T>(&q);
         for path in CpuPath::supported() {

@@ -378,15 +378,7 @@ fn neg_max_bias_masks_f64() {
 /// (query, key) order is reported by every path, thread count and function.
 #[test]
 fn the_first_overflow_in_query_key_order_is_reported() {
-    let q = DMatrix::<f32>::from_fn(512, 64, |i, j| match (i, j) {
-        (0, 0) | (64, 1) => 1e20,
-        _ => ((i * 7 + j * 13) % 19) as f32 * 1e-3 + 1e-3,
-    });
-    let k = DMatrix::<f32>::from_fn(1024, 64, |i, j| match (i, j) {
-        (600, 0) | (0, 1) => 1e20,
-        _ => ((i * 11 + j * 5) % 23) as f32 * 1e-3 + 1e-3,
-    });
-    let v = DMatrix::<f32>::from_fn(1024, 64, |i, j| ((i + j) % 7) as f32);
+    let (q, k, v) = overflow_reproducer(64);
     let want = AttentionError::ScoreOverflow { query: 0, key: 600 };
     fails_everywhere(&q, &k, &v, &AttentionOptions::new(), want.clone());
     for threads in [1, 2, 3, 16] {

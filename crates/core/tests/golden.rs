@@ -20,9 +20,10 @@ use attention_core::{
 };
 use attention_testdata::{CausalAlign, GoldenCase, golden_cases};
 use common::{
-    assert_lse_close, assert_output_close, assert_weights_close, nan_matrix, score_error, widen,
+    OptionParts, assert_fully_masked_rows, assert_lse_close, assert_output_close,
+    assert_weights_close, extra, lse_f64, nan_matrix, score_error, widen,
 };
-use nalgebra::{DMatrix, DVector};
+use nalgebra::DMatrix;
 
 /// How many cases the golden file holds; a smaller number means data went missing.
 const N_CASES: usize = 113;
@@ -58,54 +59,31 @@ impl<T: Element> Typed<T> {
         }
     }
 
-    /// Core's options for the case (masks from the case, numbers from `self`).
-    fn options<'a>(&'a self, c: &'a GoldenCase) -> AttentionOptions<'a, T> {
-        let mut o = AttentionOptions::new();
-        if let Some(s) = self.scale {
-            o = o.with_scale(s);
-        }
-        if let Some(causal) = c.causal {
-            o = o.with_causal(match causal {
+    /// The case's options: masks from the case, numbers from `self`.
+    fn parts<'a>(&'a self, c: &'a GoldenCase) -> OptionParts<'a, T> {
+        OptionParts {
+            scale: self.scale,
+            causal: c.causal.map(|causal| match causal {
                 CausalAlign::TopLeft => Causal::TopLeft,
                 CausalAlign::BottomRight => Causal::BottomRight,
-            });
+            }),
+            mask: c.mask.as_ref(),
+            key_mask: c.key_mask.as_deref(),
+            bias: self.bias.as_ref(),
+            window: c.window,
+            softcap: self.softcap,
+            alibi: self.alibi,
         }
-        if let Some(mask) = &c.mask {
-            o = o.with_mask(mask);
-        }
-        if let Some(key_mask) = &c.key_mask {
-            o = o.with_key_mask(key_mask);
-        }
-        if let Some(bias) = &self.bias {
-            o = o.with_bias(bias);
-        }
-        if let Some((left, right)) = c.window {
-            o = o.with_window(left, right);
-        }
-        if let Some(cap) = self.softcap {
-            o = o.with_softcap(cap);
-        }
-        if let Some(m) = self.alibi {
-            o = o.with_alibi_slope(m);
-        }
-        o
+    }
+
+    /// Core's options for the case.
+    fn options<'a>(&'a self, c: &'a GoldenCase) -> AttentionOptions<'a, T> {
+        self.parts(c).core()
     }
 
     /// The reference's options for exactly the numbers core sees.
     fn reference_options(&self, c: &GoldenCase) -> attention_reference::Options {
-        attention_reference::Options {
-            scale: self.scale.map(Element::to_f64),
-            causal: c.causal.map(|causal| match causal {
-                CausalAlign::TopLeft => attention_reference::Causal::TopLeft,
-                CausalAlign::BottomRight => attention_reference::Causal::BottomRight,
-            }),
-            mask: c.mask.clone(),
-            key_mask: c.key_mask.clone(),
-            bias: self.bias.as_ref().map(widen),
-            window: c.window,
-            softcap: self.softcap.map(Element::to_f64),
-            alibi_slope: self.alibi.map(Element::to_f64),
-        }
+        self.parts(c).reference()
     }
 
     /// `Δ_i` of the common bound for these inputs.
@@ -114,7 +92,8 @@ impl<T: Element> Typed<T> {
             .scale
             .map_or(1.0 / (c.d_k as f64).sqrt(), Element::to_f64);
         let extra = extra(
-            c,
+            (c.n_q, c.n_kv),
+            c.causal == Some(CausalAlign::TopLeft),
             self.bias.as_ref().map(widen).as_ref(),
             self.softcap.map(Element::to_f64),
             self.alibi.map(Element::to_f64),
@@ -129,39 +108,6 @@ impl<T: Element> Typed<T> {
     }
 }
 
-/// `B_i` of the bound: per row, the largest finite |bias|, plus |ALiBi slope| times the
-/// largest distance |diag(i) − j|, plus the softcap.
-fn extra(
-    c: &GoldenCase,
-    bias: Option<&DMatrix<f64>>,
-    softcap: Option<f64>,
-    alibi: Option<f64>,
-) -> Vec<f64> {
-    (0..c.n_q)
-        .map(|i| {
-            let b = bias.map_or(0.0, |b| {
-                b.row(i)
-                    .iter()
-                    .filter(|x| x.is_finite())
-                    .fold(0.0, |acc: f64, x| acc.max(x.abs()))
-            });
-            let diag = match c.causal {
-                Some(CausalAlign::TopLeft) => i as i64,
-                _ => i as i64 + c.n_kv as i64 - c.n_q as i64,
-            };
-            let dist = (0..c.n_kv)
-                .map(|j| (diag - j as i64).unsigned_abs())
-                .max()
-                .unwrap_or(0) as f64;
-            b + alibi.map_or(0.0, |m| m.abs() * dist) + softcap.unwrap_or(0.0)
-        })
-        .collect()
-}
-
-fn lse_f64<T: Element>(lse: &DVector<T>) -> Vec<f64> {
-    lse.iter().map(|x| x.to_f64()).collect()
-}
-
 /// Bit-for-bit equality (through the exact widening to f64, so −0 ≠ +0).
 fn assert_bitwise<T: Element>(got: &[T], want: &[T], label: &str) {
     assert_eq!(got.len(), want.len(), "{label}: length");
@@ -171,37 +117,6 @@ fn assert_bitwise<T: Element>(got: &[T], want: &[T], label: &str) {
             b.to_f64().to_bits(),
             "{label}: element {idx} is {a:?} but {b:?}"
         );
-    }
-}
-
-/// Rows whose expected lse is −∞ (no allowed key) are exactly 0 in output and weights.
-fn assert_fully_masked_rows(
-    out: &DMatrix<f64>,
-    weights: Option<&DMatrix<f64>>,
-    lse: &[f64],
-    want_lse: &[f64],
-    label: &str,
-) {
-    for (i, &want) in want_lse.iter().enumerate() {
-        if want != f64::NEG_INFINITY {
-            continue;
-        }
-        assert_eq!(
-            lse[i],
-            f64::NEG_INFINITY,
-            "{label}: lse[{i}] of a fully masked row"
-        );
-        assert!(
-            out.row(i).iter().all(|&x| x == 0.0),
-            "{label}: fully masked output row {i} is {:?}, not 0",
-            out.row(i)
-        );
-        if let Some(w) = weights {
-            assert!(
-                w.row(i).iter().all(|&x| x == 0.0),
-                "{label}: fully masked weight row {i} is not 0"
-            );
-        }
     }
 }
 

@@ -112,15 +112,7 @@ fn head_blocks_of_a_wider_output_f64() {
 /// output view and the rest of the matrix as they were.
 #[test]
 fn errors_leave_the_output_untouched() {
-    let q = DMatrix::<f32>::from_fn(512, 64, |i, j| match (i, j) {
-        (0, 0) | (64, 1) => 1e20,
-        _ => ((i * 7 + j * 13) % 19) as f32 * 1e-3 + 1e-3,
-    });
-    let k = DMatrix::<f32>::from_fn(1024, 64, |i, j| match (i, j) {
-        (600, 0) | (0, 1) => 1e20,
-        _ => ((i * 11 + j * 5) % 23) as f32 * 1e-3 + 1e-3,
-    });
-    let v = DMatrix::<f32>::from_fn(1024, 128, |i, j| ((i + j) % 7) as f32);
+    let (q, k, v) = overflow_reproducer(128);
     let before = DMatrix::<f32>::from_fn(512, 192, |i, j| (i * 192 + j) as f32);
     for path in CpuPath::supported() {
         let opts = AttentionOptions::new().with_cpu_path(path);

@@ -27,8 +27,9 @@ use attention_core::{
 };
 use attention_reference::dot2;
 use common::{
-    Problem, assert_lse_close, assert_output_close, assert_weights_close, magnitude, nan_matrix,
-    narrow, normal_matrix, problem, problem_in, problem_sized, score_error, widen,
+    OptionParts, Problem, assert_fully_masked_rows, assert_lse_close, assert_output_close,
+    assert_weights_close, diag, extra, lse_f64, magnitude, nan_matrix, narrow, normal_matrix,
+    problem, problem_in, problem_of, problem_sized, score_error, widen,
 };
 use nalgebra::{DMatrix, DVector};
 use proptest::prelude::*;
@@ -92,28 +93,31 @@ impl Opts {
         }
     }
 
-    fn reference(&self) -> attention_reference::Options {
-        attention_reference::Options {
+    /// Every option, borrowed (numbers as they are: call on [`Opts::rounded`] for `T`'s).
+    fn parts(&self) -> OptionParts<'_, f64> {
+        OptionParts {
             scale: self.scale,
-            causal: self.causal.map(|c| match c {
-                Causal::TopLeft => attention_reference::Causal::TopLeft,
-                Causal::BottomRight => attention_reference::Causal::BottomRight,
-            }),
-            mask: self.mask.clone(),
-            key_mask: self.key_mask.clone(),
-            bias: self.bias.clone(),
+            causal: self.causal,
+            mask: self.mask.as_ref(),
+            key_mask: self.key_mask.as_deref(),
+            bias: self.bias.as_ref(),
             window: self.window,
             softcap: self.softcap,
-            alibi_slope: self.alibi,
+            alibi: self.alibi,
         }
+    }
+
+    fn reference(&self) -> attention_reference::Options {
+        self.parts().reference()
     }
 
     /// `diag(i)`: `i` for top-left causal, `i + n_kv − n_q` otherwise.
     fn diag(&self, i: usize, n_q: usize, n_kv: usize) -> i64 {
-        match self.causal {
-            Some(Causal::TopLeft) => i as i64,
-            _ => i as i64 + n_kv as i64 - n_q as i64,
-        }
+        diag(i, n_q, n_kv, self.top_left())
+    }
+
+    fn top_left(&self) -> bool {
+        self.causal == Some(Causal::TopLeft)
     }
 
     /// Whether the causal mask lets query `i` see key `j`.
@@ -150,22 +154,13 @@ impl Opts {
     /// `B_i` of the bound: per row, the largest finite |bias|, plus |ALiBi slope| times the
     /// largest |diag(i) − j|, plus the softcap.
     fn extra(&self, n_q: usize, n_kv: usize) -> Vec<f64> {
-        (0..n_q)
-            .map(|i| {
-                let b = self.bias.as_ref().map_or(0.0, |b| {
-                    b.row(i)
-                        .iter()
-                        .filter(|x| x.is_finite())
-                        .fold(0.0, |acc: f64, x| acc.max(x.abs()))
-                });
-                let d = self.diag(i, n_q, n_kv);
-                let dist = (0..n_kv)
-                    .map(|j| (d - j as i64).unsigned_abs())
-                    .max()
-                    .unwrap_or(0) as f64;
-                b + self.alibi.map_or(0.0, |m| m.abs() * dist) + self.softcap.unwrap_or(0.0)
-            })
-            .collect()
+        extra(
+            (n_q, n_kv),
+            self.top_left(),
+            self.bias.as_ref(),
+            self.softcap,
+            self.alibi,
+        )
     }
 
     /// `Δ_i` of the bound for these options on `q`, `k` (already rounded to `T`).
@@ -266,32 +261,17 @@ impl<T: Element> Typed<T> {
 
     fn options(&self) -> AttentionOptions<'_, T> {
         let o = &self.o;
-        let mut a = AttentionOptions::new();
-        if let Some(s) = o.scale {
-            a = a.with_scale(T::from_f64_rounded(s));
+        OptionParts {
+            scale: o.scale.map(T::from_f64_rounded),
+            causal: o.causal,
+            mask: o.mask.as_ref(),
+            key_mask: o.key_mask.as_deref(),
+            bias: self.bias.as_ref(),
+            window: o.window,
+            softcap: o.softcap.map(T::from_f64_rounded),
+            alibi: o.alibi.map(T::from_f64_rounded),
         }
-        if let Some(c) = o.causal {
-            a = a.with_causal(c);
-        }
-        if let Some(m) = &o.mask {
-            a = a.with_mask(m);
-        }
-        if let Some(km) = &o.key_mask {
-            a = a.with_key_mask(km);
-        }
-        if let Some(b) = &self.bias {
-            a = a.with_bias(b);
-        }
-        if let Some((l, r)) = o.window {
-            a = a.with_window(l, r);
-        }
-        if let Some(c) = o.softcap {
-            a = a.with_softcap(T::from_f64_rounded(c));
-        }
-        if let Some(m) = o.alibi {
-            a = a.with_alibi_slope(T::from_f64_rounded(m));
-        }
-        a
+        .core()
     }
 }
 
@@ -479,34 +459,12 @@ impl<T: Element> Case<T> {
         let label = self.label(what);
         assert_output_close(&got.0, want.0, &self.wide.v, delta, self.eps, &label);
         assert_lse_close(&got.1, want.1, delta, self.n_kv, self.eps, &label);
-        assert_masked_rows_zero(&got.0, &got.1, want.1, &label);
+        assert_fully_masked_rows(&got.0, None, &got.1, want.1, &label);
     }
 }
 
 fn type_name<T>() -> &'static str {
     std::any::type_name::<T>()
-}
-
-fn lse_f64<T: Element>(lse: &DVector<T>) -> Vec<f64> {
-    lse.iter().map(|x| x.to_f64()).collect()
-}
-
-/// Rows with `want_lse = −∞` are exactly 0 with lse −∞.
-fn assert_masked_rows_zero(out: &DMatrix<f64>, lse: &[f64], want_lse: &[f64], label: &str) {
-    for (i, &want) in want_lse.iter().enumerate() {
-        if want == f64::NEG_INFINITY {
-            assert_eq!(
-                lse[i],
-                f64::NEG_INFINITY,
-                "{label}: lse[{i}] of a fully masked row"
-            );
-            assert!(
-                out.row(i).iter().all(|&x| x == 0.0),
-                "{label}: fully masked row {i} is {:?}",
-                out.row(i)
-            );
-        }
-    }
 }
 
 /// Exact equality (`==`, so −0 = +0) of two results.
@@ -1155,14 +1113,7 @@ fn causal_input() -> impl Strategy<Value = CausalInput> {
         magnitude(),
     )
         .prop_flat_map(|(n, d_k, d_v, sq, sk, sv)| {
-            let tokens = move || {
-                (
-                    normal_matrix(n, d_k, sq),
-                    normal_matrix(n, d_k, sk),
-                    normal_matrix(n, d_v, sv),
-                )
-                    .prop_map(|(q, k, v)| Problem { q, k, v })
-            };
+            let tokens = move || problem_of((n, n, d_k, d_v), (sq, sk, sv));
             (tokens(), tokens(), opts(n, n), cpu_path(), 0..n)
         })
         .prop_map(|(p, later, mut o, path, row)| {

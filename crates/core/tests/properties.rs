@@ -16,6 +16,7 @@ use attention_core::{
 use common::*;
 use nalgebra::DMatrix;
 use proptest::prelude::*;
+use rand::seq::SliceRandom;
 
 fn config() -> ProptestConfig {
     ProptestConfig::with_cases(96)
@@ -76,12 +77,7 @@ fn threaded_problem() -> impl Strategy<Value = Problem> {
         magnitude(),
     )
         .prop_flat_map(|(n_q, n_kv, d_k, d_v, sq, sk, sv)| {
-            (
-                normal_matrix(n_q, d_k, sq),
-                normal_matrix(n_kv, d_k, sk),
-                normal_matrix(n_kv, d_v, sv),
-            )
-                .prop_map(|(q, k, v)| Problem { q, k, v })
+            problem_of((n_q, n_kv, d_k, d_v), (sq, sk, sv))
         })
 }
 
@@ -130,14 +126,8 @@ fn key_permutation_invariant<T: Element>(p: &Problem, seed: u64) {
     let p = p.rounded::<T>();
     let n_kv = p.k.nrows();
     let mut perm: Vec<usize> = (0..n_kv).collect();
-    // A deterministic shuffle from proptest's seed (Fisher–Yates with an LCG).
-    let mut state = seed | 1;
-    for i in (1..n_kv).rev() {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        perm.swap(i, (state >> 33) as usize % (i + 1));
-    }
+    // A deterministic shuffle from proptest's seed.
+    perm.shuffle(&mut attention_testdata::seeded_rng(seed));
     let kp = DMatrix::from_fn(n_kv, p.k.ncols(), |j, c| p.k[(perm[j], c)]);
     let vp = DMatrix::from_fn(n_kv, p.v.ncols(), |j, c| p.v[(perm[j], c)]);
     let (q, k, v) = p.cast::<T>();
@@ -321,23 +311,7 @@ fn identical_keys_give_mean<T: Element>(p: &Problem) {
 
 /// Scores up to ~1e4 in magnitude (|q|,|k| large): finite, and within the bound.
 fn large_scores_match<T: Element>(p: &Problem) {
-    let p = p.rounded::<T>();
-    let (q, k, v) = p.cast::<T>();
-    let want = attention_reference::attention(&p.q, &p.k, &p.v, &Default::default());
-    let eps = T::EPSILON.to_f64();
-    let delta = score_error(&p.q, &p.k, scale_of(p.q.ncols()), &[], eps);
-    for path in CpuPath::supported() {
-        let out = scaled_dot_product_attention(&q, &k, &v, &on(path, Parallelism::Rayon)).unwrap();
-        assert!(out.iter().all(|x| x.finite()));
-        assert_output_close(
-            &widen(&out),
-            &want.output,
-            &p.v,
-            &delta,
-            eps,
-            &format!("{path:?}"),
-        );
-    }
+    assert_plain_matches_reference::<T>(p, |path| on(path, Parallelism::Rayon));
 }
 
 /// Problems whose scores reach ~1e4: d_k in 1..=64, |q|,|k| ≈ 30·√(1e4/(30²·d_k)) scaled up.

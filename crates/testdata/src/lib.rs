@@ -1,4 +1,5 @@
-//! Golden cases for single-head scaled dot-product attention, for the workspace's tests.
+//! Golden cases for single-head scaled dot-product attention, and the seeded random
+//! matrices ([`gaussian`], [`seeded_rng`]), for the workspace's tests and benches.
 //!
 //! The cases live in this crate, in `data/sdpa_cases.json` (`crates/testdata/data/` in the
 //! repository): 113 cases computed in float64 by PyTorch's `scaled_dot_product_attention`,
@@ -38,6 +39,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use nalgebra::DMatrix;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
 /// Path of the golden file, resolved when this crate is compiled.
@@ -312,6 +316,29 @@ fn parse_case(obj: &Map<String, Value>, index: usize) -> GoldenCase {
         d_k,
         d_v,
     }
+}
+
+/// The workspace's one generator of reproducible test and bench data: a [`StdRng`]
+/// seeded with `seed` (same stream for the same seed on every run).
+pub fn seeded_rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// A `rows × cols` matrix of N(0, σ²) entries drawn from [`seeded_rng`]`(seed)` with `seed`:
+/// the same numbers for the same arguments on every run, different seeds independent. The
+/// one generator of random inputs for the workspace's fixed test grids and benches (the
+/// property tests draw theirs from proptest).
+///
+/// ```
+/// let a = attention_testdata::gaussian(3, 2, 1.5, 7);
+/// assert_eq!(a, attention_testdata::gaussian(3, 2, 1.5, 7));
+/// assert_ne!(a, attention_testdata::gaussian(3, 2, 1.5, 8));
+/// ```
+pub fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
+    let mut rng = seeded_rng(seed);
+    DMatrix::from_fn(rows, cols, |_, _| {
+        sigma * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut rng)
+    })
 }
 
 #[cfg(test)]

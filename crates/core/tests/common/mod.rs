@@ -48,7 +48,7 @@
 use std::sync::OnceLock;
 
 use attention_core::{
-    AttentionOptions, CpuPath, Element, Parallelism, scaled_dot_product_attention_with_lse,
+    AttentionOptions, Causal, CpuPath, Element, Parallelism, scaled_dot_product_attention_with_lse,
 };
 use nalgebra::DMatrix;
 use proptest::prelude::*;
@@ -78,21 +78,10 @@ pub fn normal_matrix(rows: usize, cols: usize, scale: f64) -> impl Strategy<Valu
     })
 }
 
-/// Deterministic N(0, σ²) entries (xorshift + Box–Muller), for fixed grids of cases that
-/// must be reproducible without proptest.
-pub fn gaussian(rows: usize, cols: usize, sigma: f64, seed: u64) -> DMatrix<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    DMatrix::from_fn(rows, cols, |_, _| {
-        let (a, b) = (u(), u());
-        sigma * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-    })
-}
+/// Deterministic N(0, σ²) entries for fixed grids of cases that must be reproducible
+/// without proptest (`attention_testdata::gaussian`: seeded `StdRng`).
+#[allow(unused_imports)] // not every test binary draws fixed grids
+pub use attention_testdata::gaussian;
 
 /// One of the magnitudes the issue asks for.
 pub fn magnitude() -> impl Strategy<Value = f64> {
@@ -150,13 +139,122 @@ pub fn problem_in(
         magnitude(),
     )
         .prop_flat_map(|(n_q, n_kv, d_k, d_v, sq, sk, sv)| {
-            (
-                normal_matrix(n_q, d_k, sq),
-                normal_matrix(n_kv, d_k, sk),
-                normal_matrix(n_kv, d_v, sv),
-            )
-                .prop_map(|(q, k, v)| Problem { q, k, v })
+            problem_of((n_q, n_kv, d_k, d_v), (sq, sk, sv))
         })
+}
+
+/// A problem of the given `(n_q, n_kv, d_k, d_v)`, with Q, K and V N(0,1) times the
+/// given magnitudes.
+pub fn problem_of(
+    (n_q, n_kv, d_k, d_v): (usize, usize, usize, usize),
+    (sq, sk, sv): (f64, f64, f64),
+) -> impl Strategy<Value = Problem> {
+    (
+        normal_matrix(n_q, d_k, sq),
+        normal_matrix(n_kv, d_k, sk),
+        normal_matrix(n_kv, d_v, sv),
+    )
+        .prop_map(|(q, k, v)| Problem { q, k, v })
+}
+
+/// Every option of one call, numbers in `T`, masks and bias borrowed: the one place that
+/// turns a test's own record of options into core's and the reference's.
+#[derive(Clone, Debug)]
+pub struct OptionParts<'a, T> {
+    pub scale: Option<T>,
+    pub causal: Option<Causal>,
+    pub mask: Option<&'a DMatrix<bool>>,
+    pub key_mask: Option<&'a [bool]>,
+    pub bias: Option<&'a DMatrix<T>>,
+    pub window: Option<(usize, usize)>,
+    pub softcap: Option<T>,
+    pub alibi: Option<T>,
+}
+
+impl<'a, T: Element> OptionParts<'a, T> {
+    /// Core's options: each part that is present, nothing else.
+    pub fn core(&self) -> AttentionOptions<'a, T> {
+        let mut o = AttentionOptions::new();
+        if let Some(s) = self.scale {
+            o = o.with_scale(s);
+        }
+        if let Some(c) = self.causal {
+            o = o.with_causal(c);
+        }
+        if let Some(m) = self.mask {
+            o = o.with_mask(m);
+        }
+        if let Some(km) = self.key_mask {
+            o = o.with_key_mask(km);
+        }
+        if let Some(b) = self.bias {
+            o = o.with_bias(b);
+        }
+        if let Some((left, right)) = self.window {
+            o = o.with_window(left, right);
+        }
+        if let Some(cap) = self.softcap {
+            o = o.with_softcap(cap);
+        }
+        if let Some(m) = self.alibi {
+            o = o.with_alibi_slope(m);
+        }
+        o
+    }
+
+    /// The reference's options for exactly the numbers core sees (widened exactly).
+    pub fn reference(&self) -> attention_reference::Options {
+        attention_reference::Options {
+            scale: self.scale.map(Element::to_f64),
+            causal: self.causal.map(|c| match c {
+                Causal::TopLeft => attention_reference::Causal::TopLeft,
+                Causal::BottomRight => attention_reference::Causal::BottomRight,
+            }),
+            mask: self.mask.cloned(),
+            key_mask: self.key_mask.map(<[bool]>::to_vec),
+            bias: self.bias.map(widen),
+            window: self.window,
+            softcap: self.softcap.map(Element::to_f64),
+            alibi_slope: self.alibi.map(Element::to_f64),
+        }
+    }
+}
+
+/// The diagonal of query row `i` that causal, the window and ALiBi measure from: `i` for
+/// top-left causal, `i + n_kv − n_q` otherwise.
+pub fn diag(i: usize, n_q: usize, n_kv: usize, top_left: bool) -> i64 {
+    if top_left {
+        i as i64
+    } else {
+        i as i64 + n_kv as i64 - n_q as i64
+    }
+}
+
+/// `B_i` of the bound: per row, the largest finite |bias|, plus |ALiBi slope| times the
+/// largest distance |diag(i) − j| ([`diag`]), plus the softcap.
+pub fn extra(
+    (n_q, n_kv): (usize, usize),
+    top_left: bool,
+    bias: Option<&DMatrix<f64>>,
+    softcap: Option<f64>,
+    alibi: Option<f64>,
+) -> Vec<f64> {
+    (0..n_q)
+        .map(|i| {
+            let b = bias.map_or(0.0, |b| {
+                b.row(i)
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .fold(0.0, |acc: f64, x| acc.max(x.abs()))
+            });
+            let d = diag(i, n_q, n_kv, top_left);
+            let dist = (0..n_kv)
+                .map(|j| (d - j as i64).unsigned_abs())
+                .max()
+                .unwrap_or(0) as f64;
+            b + alibi.map_or(0.0, |m| m.abs() * dist) + softcap.unwrap_or(0.0)
+        })
+        .collect()
 }
 
 /// `S` of the module documentation: the error of the softmax sums of a row of `n_kv`
@@ -267,6 +365,89 @@ pub fn assert_weights_close(
                 "{label}: weight[{i}, {j}] = {} but reference {} (error {err:e} > {tol:e})",
                 got[(i, j)],
                 want[(i, j)]
+            );
+        }
+    }
+}
+
+/// The issue's reproducer 7 with `d_v` value columns: f32 Q (512×64) and K (1024×64) of
+/// small entries but for two overflowing pairs, scores (0, 600) and (64, 0); V
+/// (1024×`d_v`) of small integers.
+pub fn overflow_reproducer(d_v: usize) -> (DMatrix<f32>, DMatrix<f32>, DMatrix<f32>) {
+    let q = DMatrix::<f32>::from_fn(512, 64, |i, j| match (i, j) {
+        (0, 0) | (64, 1) => 1e20,
+        _ => ((i * 7 + j * 13) % 19) as f32 * 1e-3 + 1e-3,
+    });
+    let k = DMatrix::<f32>::from_fn(1024, 64, |i, j| match (i, j) {
+        (600, 0) | (0, 1) => 1e20,
+        _ => ((i * 11 + j * 5) % 23) as f32 * 1e-3 + 1e-3,
+    });
+    let v = DMatrix::<f32>::from_fn(1024, d_v, |i, j| ((i + j) % 7) as f32);
+    (q, k, v)
+}
+
+/// `p` rounded to `T` against the reference, no options but the CPU path: on every path
+/// this machine has, core's output under `options(path)` is finite and within
+/// [`assert_output_close`]'s bound (default scale `1/√d_k`). Returns the reference's result.
+pub fn assert_plain_matches_reference<T: Element>(
+    p: &Problem,
+    options: impl Fn(CpuPath) -> AttentionOptions<'static, T>,
+) -> attention_reference::Attention {
+    let p = p.rounded::<T>();
+    let (q, k, v) = p.cast::<T>();
+    let want = attention_reference::attention(&p.q, &p.k, &p.v, &Default::default());
+    let eps = T::EPSILON.to_f64();
+    let delta = score_error(&p.q, &p.k, 1.0 / (p.q.ncols() as f64).sqrt(), &[], eps);
+    for path in CpuPath::supported() {
+        let out = attention_core::scaled_dot_product_attention(&q, &k, &v, &options(path))
+            .unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        assert!(
+            out.iter().all(|x| x.finite()),
+            "{path:?}: non-finite output"
+        );
+        assert_output_close(
+            &widen(&out),
+            &want.output,
+            &p.v,
+            &delta,
+            eps,
+            &format!("{path:?}"),
+        );
+    }
+    want
+}
+
+/// A log-sum-exp vector widened to f64 (exact).
+pub fn lse_f64<T: Element>(lse: &nalgebra::DVector<T>) -> Vec<f64> {
+    lse.iter().map(|x| x.to_f64()).collect()
+}
+
+/// Rows whose expected lse is −∞ (no allowed key) are exactly 0 in output and weights.
+pub fn assert_fully_masked_rows(
+    out: &DMatrix<f64>,
+    weights: Option<&DMatrix<f64>>,
+    lse: &[f64],
+    want_lse: &[f64],
+    label: &str,
+) {
+    for (i, &want) in want_lse.iter().enumerate() {
+        if want != f64::NEG_INFINITY {
+            continue;
+        }
+        assert_eq!(
+            lse[i],
+            f64::NEG_INFINITY,
+            "{label}: lse[{i}] of a fully masked row"
+        );
+        assert!(
+            out.row(i).iter().all(|&x| x == 0.0),
+            "{label}: fully masked output row {i} is {:?}, not 0",
+            out.row(i)
+        );
+        if let Some(w) = weights {
+            assert!(
+                w.row(i).iter().all(|&x| x == 0.0),
+                "{label}: fully masked weight row {i} is not 0"
             );
         }
     }
