@@ -148,8 +148,9 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
     for (b, cur) in cursors.iter_mut().enumerate().take(blocks) {
         let i0 = (first_block + b) * bq;
         let rows = bq.min(lse.len() - b * bq);
+        let qt = &mut qt[b * d_k * bq..(b + 1) * d_k * bq];
         for_each_column(&spec.q, i0..i0 + rows, &mut Vec::new(), |p, col| {
-            let dst = &mut qt[(b * d_k + p) * bq..(b * d_k + p + 1) * bq];
+            let dst = &mut qt[p * bq..(p + 1) * bq];
             dst[..rows].copy_from_slice(col);
             dst[rows..].fill(T::zero());
         });
@@ -158,7 +159,22 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         m_run[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
         l[b * bq..(b + 1) * bq].fill(0.0);
         acc[b * dvp * bq..(b + 1) * dvp * bq].fill(0.0);
-        *cur = Cursor::new(spec, i0, rows, mr);
+        // The causal/window band is monotone in i.
+        let (lo_first, hi_first) = spec.key_range(i0);
+        let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
+        *cur = Cursor {
+            i0,
+            rows,
+            j_next: (lo_first.max(0) as usize / mr) * mr,
+            j_end: if lo_first <= hi_last {
+                hi_last as usize + 1
+            } else {
+                0
+            },
+            lo_last,
+            hi_first,
+            tiles: 0,
+        };
     }
 
     let cursors = &mut cursors[..blocks];
@@ -204,71 +220,27 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
 
     for (b, cur) in cursors.iter().enumerate() {
         // After the last flush the running sums are relative to m_run = m.
-        finish_block(
-            job,
-            cur.rows,
-            &m_run[b * bq..(b + 1) * bq],
-            &l[b * bq..(b + 1) * bq],
-            &acc[b * dvp * bq..(b + 1) * dvp * bq],
-            &mut out[b * block_len..(b + 1) * block_len],
-            &mut lse[b * bq..b * bq + cur.rows],
-            bq,
-        );
+        let (m, l) = (&m_run[b * bq..(b + 1) * bq], &l[b * bq..(b + 1) * bq]);
+        let acc = &acc[b * dvp * bq..(b + 1) * dvp * bq];
+        let out = &mut out[b * block_len..(b + 1) * block_len];
+        let lse = &mut lse[b * bq..b * bq + cur.rows];
+        let rows = cur.rows;
+        // The rows' lse and `out = acc / l · unscale` (the fully-masked rule and the clamp
+        // to ±max|V| are in `score.rs`), lane by lane so that it vectorises.
+        for r in 0..rows {
+            lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
+        }
+        let v_max = spec.v_max_abs;
+        for c in 0..d_v {
+            let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
+            let src = &acc[c * bq..c * bq + rows];
+            let dst = &mut out[c * bq..c * bq + rows];
+            for r in 0..rows {
+                dst[r] = row_output(src[r], l[r], unscale, v_max);
+            }
+        }
     }
     Ok(())
-}
-
-impl Cursor {
-    /// The cursor of the block of `rows` queries from `i0`: the key tiles its causal/window
-    /// band allows (the band is monotone in i, so the first query's start and the last
-    /// query's end bound the block's keys), starting on a panel boundary of `mr` keys.
-    #[inline(always)]
-    fn new<T: Element>(spec: &crate::spec::Spec<'_, T>, i0: usize, rows: usize, mr: usize) -> Self {
-        let (lo_first, hi_first) = spec.key_range(i0);
-        let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
-        Cursor {
-            i0,
-            rows,
-            j_next: (lo_first.max(0) as usize / mr) * mr,
-            j_end: if lo_first <= hi_last {
-                hi_last as usize + 1
-            } else {
-                0
-            },
-            lo_last,
-            hi_first,
-            tiles: 0,
-        }
-    }
-}
-
-/// A block's results from its final state: each row's lse and `out = acc / l · unscale`
-/// (the fully-masked rule and the clamp to ±max|V| are in `score.rs`), lane by lane so
-/// that it vectorises. `out` is `d_v × bq` (`out[c·bq + r]`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)] // one block's final state, as the slices it is in
-fn finish_block<T: Element>(
-    job: &Job<'_, T>,
-    rows: usize,
-    m: &[T],
-    l: &[f64],
-    acc: &[f64],
-    out: &mut [T],
-    lse: &mut [T],
-    bq: usize,
-) {
-    for r in 0..rows {
-        lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
-    }
-    let v_max = job.spec.v_max_abs;
-    for c in 0..job.spec.d_v {
-        let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
-        let src = &acc[c * bq..c * bq + rows];
-        let dst = &mut out[c * bq..c * bq + rows];
-        for r in 0..rows {
-            dst[r] = row_output(src[r], l[r], unscale, v_max);
-        }
-    }
 }
 
 /// One key tile `[j0, j0 + jn)` of one query block: scores, scale, masks, the online
