@@ -676,3 +676,67 @@ fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: 
         span_flush::<T, FMA, BQ>(beta, &acc_span[..dvp * BQ], &mut acc[..dvp * BQ]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One online-softmax step alone (the portable one, which the SIMD ones mirror), on
+    /// four query lanes in four states: no key yet, a smaller and a larger earlier maximum,
+    /// and a lane whose every score is masked. Checked against the formulas of the module
+    /// documentation, computed here in f64 with `std`'s exponential.
+    #[test]
+    fn online_softmax_step_matches_its_formulas() {
+        const BQ: usize = 4;
+        let ninf = f64::NEG_INFINITY;
+        // Two keys (rows of `s`), four lanes.
+        let scores = [[0.5, 1.0, ninf, ninf], [-1.0, 2.0, ninf, ninf]];
+        let m_old = [ninf, 0.0, 1.0, ninf];
+        let l_old = [0.0, 2.0, 3.0, 0.0];
+        let mut s: Vec<f64> = scores.iter().flatten().copied().collect();
+        let (mut m, mut m_run, mut l) = (m_old.to_vec(), m_old.to_vec(), l_old.to_vec());
+        let (mut acc, mut l_span, mut acc_span) =
+            (vec![0.0; BQ], vec![f64::NAN; BQ], vec![0.0; BQ]);
+        let (mut alpha, mut beta, mut m_ref, mut l_blk) =
+            (vec![0.0; BQ], vec![0.0; BQ], vec![0.0; BQ], vec![0.0; BQ]);
+        let mut sums = Sums {
+            m: &mut m,
+            m_run: &mut m_run,
+            l: &mut l,
+            acc: &mut acc,
+            l_span: &mut l_span,
+            acc_span: &mut acc_span,
+        };
+        let mut factors = Factors {
+            alpha: &mut alpha,
+            beta: &mut beta,
+            m_ref: &mut m_ref,
+            l_blk: &mut l_blk,
+        };
+        let step = Step {
+            first: true,
+            flush: true,
+        };
+        softmax_step::<f64, false, BQ>(&mut s, step, &mut sums, &mut factors);
+
+        for r in 0..BQ {
+            let m_new = m_old[r].max(scores[0][r]).max(scores[1][r]);
+            let m_use = if m_new == ninf { 0.0 } else { m_new };
+            let p: Vec<f64> = (0..2).map(|j| (scores[j][r] - m_use).exp()).collect();
+            let a = (m_old[r] - m_use).exp();
+            let l_new = a * l_old[r] + p[0] + p[1];
+            let close = |got: f64, want: f64| {
+                (got - want).abs() <= 4.0 * f64::EPSILON * want.abs().max(1.0)
+            };
+            assert_eq!(m[r], m_new, "lane {r}: m");
+            assert!(close(alpha[r], a), "lane {r}: alpha {} vs {a}", alpha[r]);
+            for j in 0..2 {
+                assert!(close(s[j * BQ + r], p[j]), "lane {r}, key {j}: p");
+            }
+            assert!(close(l[r], l_new), "lane {r}: l {} vs {l_new}", l[r]);
+            assert!(!l[r].is_nan() && !alpha[r].is_nan(), "lane {r}: NaN");
+        }
+        // The masked lane: nothing, exactly.
+        assert_eq!((s[3], s[BQ + 3], l[3], m[3]), (0.0, 0.0, 0.0, ninf));
+    }
+}
