@@ -110,6 +110,7 @@ where
 
     let mut out = try_matrix(n_q, d_v, T::zero(), Operand::Output)?;
     let mut lse_out = try_vector(n_q, T::NEG_INFINITY, Operand::Lse)?;
+    let mut weights = vec![T::zero(); parts.len()];
     for i in 0..n_q {
         let m = parts
             .iter()
@@ -121,13 +122,15 @@ where
         let total = parts
             .iter()
             .fold(T::zero(), |acc, (_, lse)| acc + (lse[i] - m).exp());
-        // Normalised weights (summing to 1): the exact result is a convex combination of
-        // the parts' outputs, so it is clamped to their range, which rounding could
-        // otherwise leave (10 parts holding MAX would sum to +∞).
+        // Normalised weights (summing to 1), once per row: the exact result is a convex
+        // combination of the parts' outputs, so it is clamped to their range, which
+        // rounding could otherwise leave (10 parts holding MAX would sum to +∞).
+        for (w, (_, lse)) in weights.iter_mut().zip(&parts) {
+            *w = (lse[i] - m).exp() / total;
+        }
         for c in 0..d_v {
             let (mut sum, mut lo, mut hi) = (T::zero(), T::MAX, -T::MAX);
-            for (part, lse) in &parts {
-                let w = (lse[i] - m).exp() / total;
+            for (&w, (part, _)) in weights.iter().zip(&parts) {
                 if w == T::zero() {
                     continue;
                 }
