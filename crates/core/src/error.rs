@@ -39,6 +39,16 @@ pub enum Operand {
     Partial(usize),
     /// The log-sum-exp vector of the `index`-th partial result.
     PartialLse(usize),
+    /// The per-query-head ALiBi slopes of [`AttentionOptions::with_alibi_slopes`](crate::AttentionOptions::with_alibi_slopes).
+    AlibiSlopes,
+    /// The query lengths of a packed batch ([`HeadLayout::with_seqlens`](crate::HeadLayout::with_seqlens)).
+    QueryLengths,
+    /// The key/value lengths of a packed batch.
+    KeyLengths,
+    /// The boolean mask of sequence `index` of a batch (its n_q × n_kv).
+    SequenceMask(usize),
+    /// The additive bias of sequence `index` of a batch (its n_q × n_kv).
+    SequenceBias(usize),
 }
 
 impl fmt::Display for Operand {
@@ -59,6 +69,11 @@ impl fmt::Display for Operand {
             Operand::Weights => f.write_str("attention weights"),
             Operand::Partial(i) => write!(f, "partial output {i}"),
             Operand::PartialLse(i) => write!(f, "partial log-sum-exp {i}"),
+            Operand::AlibiSlopes => f.write_str("ALiBi slopes"),
+            Operand::QueryLengths => f.write_str("query lengths"),
+            Operand::KeyLengths => f.write_str("key lengths"),
+            Operand::SequenceMask(s) => write!(f, "mask of sequence {s}"),
+            Operand::SequenceBias(s) => write!(f, "bias of sequence {s}"),
         }
     }
 }
@@ -68,13 +83,21 @@ impl Operand {
     fn is_vector(self) -> bool {
         matches!(
             self,
-            Operand::KeyMask | Operand::Lse | Operand::PartialLse(_)
+            Operand::KeyMask
+                | Operand::Lse
+                | Operand::PartialLse(_)
+                | Operand::AlibiSlopes
+                | Operand::QueryLengths
+                | Operand::KeyLengths
         )
     }
 
     /// Whether −∞ is a meaningful entry (it masks), so only NaN and +∞ are rejected.
     fn allows_neg_infinity(self) -> bool {
-        matches!(self, Operand::Bias | Operand::PartialLse(_))
+        matches!(
+            self,
+            Operand::Bias | Operand::SequenceBias(_) | Operand::PartialLse(_)
+        )
     }
 }
 
@@ -200,6 +223,53 @@ pub enum AttentionError {
     },
     /// [`merge_partial_attention`](crate::merge_partial_attention) was given no partial results.
     NoPartials,
+    /// [`ScoreOverflow`](AttentionError::ScoreOverflow) in one head of a multi-head call
+    /// ([`multi_head_attention`](crate::multi_head_attention)): `query` and `key` are rows
+    /// of the packed Q and K. Reported for the smallest `(query, head, key)`.
+    HeadScoreOverflow {
+        /// The query head.
+        head: usize,
+        /// The query row (of the packed batch).
+        query: usize,
+        /// The key row (of the packed batch).
+        key: usize,
+    },
+    /// The head counts of a [`HeadLayout`](crate::HeadLayout) are unusable: both must be
+    /// ≥ 1 and `heads_q` a multiple of `heads_kv`.
+    InvalidHeads {
+        /// Query heads.
+        heads_q: usize,
+        /// Key/value heads.
+        heads_kv: usize,
+    },
+    /// `operand`'s columns do not split into `heads` heads of one width (for K: of the
+    /// query's head width `d_k`).
+    HeadSplit {
+        /// The matrix whose columns do not split.
+        operand: Operand,
+        /// Its number of columns.
+        columns: usize,
+        /// The number of heads it must hold.
+        heads: usize,
+        /// The required width of a head, when another operand fixes it (K's `d_k`).
+        head_width: Option<usize>,
+    },
+    /// The lengths of a packed batch do not add up to the rows of the matrix they split.
+    SequenceLengths {
+        /// The matrix split by the lengths (query, or key for keys and values).
+        operand: Operand,
+        /// The sum of the lengths.
+        sum: usize,
+        /// The matrix's rows.
+        rows: usize,
+    },
+    /// Two options that exclude each other, or an option that does not fit the call.
+    InvalidOption {
+        /// The option, as its builder method is named (`"with_mask"`).
+        option: &'static str,
+        /// The rule in words.
+        rule: &'static str,
+    },
     /// A [`CpuPath`](crate::CpuPath) was forced that this CPU cannot run.
     UnsupportedCpuPath {
         /// The requested path.
@@ -291,6 +361,35 @@ impl fmt::Display for AttentionError {
                 f,
                 "the {operand} ({rows} x {columns} elements) needs more memory than can be allocated"
             ),
+            AttentionError::HeadScoreOverflow { head, query, key } => write!(
+                f,
+                "in head {head}, the score of query {query} and key {key} lies outside the element type's range (see ScoreOverflow's documentation)"
+            ),
+            AttentionError::InvalidHeads { heads_q, heads_kv } => write!(
+                f,
+                "{heads_q} query heads and {heads_kv} key/value heads: both must be at least 1 and the query heads a multiple of the key/value heads"
+            ),
+            AttentionError::HeadSplit {
+                operand,
+                columns,
+                heads,
+                head_width,
+            } => match head_width {
+                Some(w) => write!(
+                    f,
+                    "{operand} has {columns} columns but {heads} heads of width {w} need {}",
+                    heads.saturating_mul(*w)
+                ),
+                None => write!(
+                    f,
+                    "{operand} has {columns} columns, which do not split into {heads} heads of equal width"
+                ),
+            },
+            AttentionError::SequenceLengths { operand, sum, rows } => write!(
+                f,
+                "the {operand} lengths sum to {sum} but {operand} has {rows} rows"
+            ),
+            AttentionError::InvalidOption { option, rule } => write!(f, "{option}: {rule}"),
             AttentionError::UnsupportedCpuPath { path } => {
                 write!(
                     f,

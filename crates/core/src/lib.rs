@@ -72,6 +72,7 @@ mod columns;
 mod cpu;
 mod element;
 mod error;
+mod heads;
 mod kernel;
 mod memory;
 mod merge;
@@ -88,6 +89,10 @@ pub use api::{
 pub use cpu::CpuPath;
 pub use element::Element;
 pub use error::{AttentionError, Axis, Operand};
+pub use heads::{
+    HeadLayout, alibi_slopes, multi_head_attention, multi_head_attention_into,
+    multi_head_attention_with_lse,
+};
 #[doc(hidden)]
 pub use kernel::{KernelRun, last_kernel_run};
 pub use merge::merge_partial_attention;

@@ -115,6 +115,9 @@ pub struct AttentionOptions<'a, T: Element> {
     pub(crate) window: Option<(usize, usize)>,
     pub(crate) softcap: Option<T>,
     pub(crate) alibi_slope: Option<T>,
+    pub(crate) alibi_slopes: Option<&'a [T]>,
+    pub(crate) sequence_masks: Option<&'a [MatRef<'a, bool>]>,
+    pub(crate) sequence_biases: Option<&'a [MatRef<'a, T>]>,
     pub(crate) parallelism: Parallelism,
     pub(crate) cpu_path: Option<CpuPath>,
 }
@@ -130,6 +133,9 @@ impl<T: Element> Default for AttentionOptions<'_, T> {
             window: None,
             softcap: None,
             alibi_slope: None,
+            alibi_slopes: None,
+            sequence_masks: None,
+            sequence_biases: None,
             parallelism: Parallelism::default(),
             cpu_path: None,
         }
@@ -302,6 +308,62 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
         self
     }
 
+    /// One ALiBi slope per query head: head `h`'s scores get `s ← s − slopes[h]·|diag(i) − j|`
+    /// ([`alibi_slopes`](crate::alibi_slopes) gives the standard ones). A single-head call
+    /// has one head, so it takes one slope. Each must be finite; setting this and
+    /// [`with_alibi_slope`](Self::with_alibi_slope) together is an
+    /// [`InvalidOption`](crate::AttentionError::InvalidOption) error.
+    ///
+    /// ```
+    /// use attention_core::{alibi_slopes, multi_head_attention, AttentionOptions, HeadLayout};
+    /// use nalgebra::DMatrix;
+    /// let x = DMatrix::<f64>::from_fn(5, 8, |i, j| ((i * 8 + j) as f64).sin());
+    /// let slopes = alibi_slopes::<f64>(4);
+    /// let options = AttentionOptions::new().with_alibi_slopes(&slopes);
+    /// let out = multi_head_attention(&x, &x, &x, &HeadLayout::new(4, 4), &options)?;
+    /// assert_eq!(out.shape(), (5, 8));
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    #[must_use]
+    pub fn with_alibi_slopes(mut self, slopes: &'a [T]) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+
+    /// One boolean mask per sequence of a packed batch (sequence `s`'s is its
+    /// `n_q(s) × n_kv(s)`, `true` = may attend), shared by all heads. A call with one
+    /// sequence may use [`with_mask`](Self::with_mask) instead; setting both is an
+    /// [`InvalidOption`](crate::AttentionError::InvalidOption) error.
+    ///
+    /// ```
+    /// use attention_core::{multi_head_attention, AttentionOptions, HeadLayout, MatRef};
+    /// use nalgebra::DMatrix;
+    /// let x = DMatrix::<f64>::from_fn(5, 2, |i, j| (i + j) as f64);
+    /// // Two sequences of 2 and 3 tokens; the first may not look at its own first token.
+    /// let m0 = DMatrix::from_row_slice(2, 2, &[false, true, false, true]);
+    /// let m1 = DMatrix::from_element(3, 3, true);
+    /// let masks: [MatRef<'_, bool>; 2] = [(&m0).into(), (&m1).into()];
+    /// let layout = HeadLayout::new(1, 1).with_seqlens(&[2, 3], &[2, 3]);
+    /// let out = multi_head_attention(&x, &x, &x, &layout, &AttentionOptions::new().with_sequence_masks(&masks))?;
+    /// assert_eq!(out.row(0), x.row(1)); // only token 1 of sequence 0
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    #[must_use]
+    pub fn with_sequence_masks(mut self, masks: &'a [MatRef<'a, bool>]) -> Self {
+        self.sequence_masks = Some(masks);
+        self
+    }
+
+    /// One additive bias per sequence of a packed batch (sequence `s`'s is its
+    /// `n_q(s) × n_kv(s)`, entries finite or −∞), shared by all heads. A call with one
+    /// sequence may use [`with_bias`](Self::with_bias) instead; setting both is an
+    /// [`InvalidOption`](crate::AttentionError::InvalidOption) error.
+    #[must_use]
+    pub fn with_sequence_biases(mut self, biases: &'a [MatRef<'a, T>]) -> Self {
+        self.sequence_biases = Some(biases);
+        self
+    }
+
     /// Chooses between all of rayon's threads (the default) and the calling thread only.
     #[must_use]
     pub fn with_parallelism(mut self, parallelism: Parallelism) -> Self {
@@ -354,6 +416,18 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     /// The ALiBi slope, if any.
     pub fn alibi_slope(&self) -> Option<T> {
         self.alibi_slope
+    }
+    /// The per-query-head ALiBi slopes, if any.
+    pub fn alibi_slopes(&self) -> Option<&'a [T]> {
+        self.alibi_slopes
+    }
+    /// The per-sequence masks, if any.
+    pub fn sequence_masks(&self) -> Option<&'a [MatRef<'a, bool>]> {
+        self.sequence_masks
+    }
+    /// The per-sequence biases, if any.
+    pub fn sequence_biases(&self) -> Option<&'a [MatRef<'a, T>]> {
+        self.sequence_biases
     }
     /// The threading mode.
     pub fn parallelism(&self) -> Parallelism {

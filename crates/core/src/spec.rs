@@ -4,7 +4,9 @@
 use crate::Element;
 use crate::columns::for_each_column;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
+use crate::heads::HeadLayout;
 use crate::options::{AttentionOptions, Causal, MatRef, Parallelism};
+use crate::view::block;
 
 /// A checked attention problem: shapes, the resolved scale and the score modifiers.
 #[derive(Clone, Debug)]
@@ -203,7 +205,7 @@ fn scores_in_range<T: Element>(b: ScoreBound) -> bool {
 }
 
 impl<'a, T: Element> Spec<'a, T> {
-    /// Validates Q, K, V and the options.
+    /// Validates Q, K, V and the options of a single-head call (one sequence, one head).
     pub(crate) fn new(
         q: MatRef<'a, T>,
         k: MatRef<'a, T>,
@@ -213,13 +215,30 @@ impl<'a, T: Element> Spec<'a, T> {
         let parallel = options.parallelism == Parallelism::Rayon;
         let max_abs = check_qkv(&q, &k, &v, parallel)?;
         let (n_q, d_k) = q.shape();
-        let (n_kv, d_v) = (k.nrows(), v.ncols());
+        let n_kv = k.nrows();
         let scale = check_scalars(options, d_k)?;
-        check_mask_shapes(options, n_q, n_kv)?;
-        let bias_range = match &options.bias {
-            Some(bias) => check_bias(bias, n_q, n_kv)?,
-            None => (0.0, 0.0),
-        };
+        check_lists(options, 1, 1)?;
+        check_sequence_mask(options, 0, n_q, n_kv)?;
+        check_key_mask(options, n_kv)?;
+        let bias_range = check_sequence_bias(options, 0, n_q, n_kv)?;
+        let block = block_options(options, 0, 0, 0..n_kv);
+        Ok(Spec::assemble(q, k, v, max_abs, scale, bias_range, &block))
+    }
+
+    /// The spec of checked inputs: `options` are those of one block (see
+    /// [`block_options`]), `scale` and `bias_range` what [`check_scalars`] and
+    /// [`check_sequence_bias`] returned.
+    pub(crate) fn assemble(
+        q: MatRef<'a, T>,
+        k: MatRef<'a, T>,
+        v: MatRef<'a, T>,
+        max_abs: MaxAbs<T>,
+        scale: T,
+        bias_range: (f64, f64),
+        options: &AttentionOptions<'a, T>,
+    ) -> Self {
+        let (n_q, d_k) = q.shape();
+        let (n_kv, d_v) = (k.nrows(), v.ncols());
         let (diag_offset, band_lo, band_hi) = band(options, n_q, n_kv);
         let scores_in_range = scores_in_range::<T>(ScoreBound {
             d_k,
@@ -232,8 +251,7 @@ impl<'a, T: Element> Spec<'a, T> {
                 .map(|m| m.to_f64().abs() * max_distance(n_q, n_kv, diag_offset)),
             bias: bias_range,
         });
-
-        Ok(Spec {
+        Spec {
             q,
             k,
             v,
@@ -254,8 +272,108 @@ impl<'a, T: Element> Spec<'a, T> {
             bias: options.bias,
             softcap: options.softcap,
             alibi_slope: options.alibi_slope,
-        })
+        }
     }
+}
+
+/// The options of block (sequence `seq`, query head `head`) of a call whose keys of that
+/// sequence are rows `keys` of K: the per-head slope and the sequence's mask, bias and
+/// key-mask entries in the single-head fields. A single-head call is block (0, 0) of a
+/// batch of one sequence. The lists' lengths have been checked ([`check_lists`]).
+pub(crate) fn block_options<'a, T: Element>(
+    options: &AttentionOptions<'a, T>,
+    seq: usize,
+    head: usize,
+    keys: std::ops::Range<usize>,
+) -> AttentionOptions<'a, T> {
+    let mut block = options.clone();
+    if let Some(slopes) = options.alibi_slopes {
+        block.alibi_slope = Some(slopes[head]);
+    }
+    if let Some(masks) = options.sequence_masks {
+        block.mask = Some(masks[seq]);
+    }
+    if let Some(biases) = options.sequence_biases {
+        block.bias = Some(biases[seq]);
+    }
+    block.key_mask = options.key_mask.map(|m| &m[keys]);
+    block.alibi_slopes = None;
+    block.sequence_masks = None;
+    block.sequence_biases = None;
+    block
+}
+
+/// The per-head and per-sequence lists have one entry per query head / sequence and do
+/// not clash with their single-value forms; a single mask or bias needs a call of one
+/// sequence.
+pub(crate) fn check_lists<T: Element>(
+    options: &AttentionOptions<'_, T>,
+    heads_q: usize,
+    sequences: usize,
+) -> Result<(), AttentionError> {
+    let clash = |option, rule| Err(AttentionError::InvalidOption { option, rule });
+    if options.alibi_slope.is_some() && options.alibi_slopes.is_some() {
+        return clash(
+            "with_alibi_slopes",
+            "set one slope for every head (with_alibi_slope) or one per query head, not both",
+        );
+    }
+    if options.mask.is_some() && options.sequence_masks.is_some() {
+        return clash(
+            "with_sequence_masks",
+            "set one mask (with_mask) or one per sequence, not both",
+        );
+    }
+    if options.bias.is_some() && options.sequence_biases.is_some() {
+        return clash(
+            "with_sequence_biases",
+            "set one bias (with_bias) or one per sequence, not both",
+        );
+    }
+    if sequences != 1 && options.mask.is_some() {
+        return clash(
+            "with_mask",
+            "a mask covers one sequence; a batch of several takes with_sequence_masks",
+        );
+    }
+    if sequences != 1 && options.bias.is_some() {
+        return clash(
+            "with_bias",
+            "a bias covers one sequence; a batch of several takes with_sequence_biases",
+        );
+    }
+    if let Some(slopes) = options.alibi_slopes {
+        check_dim(
+            Operand::AlibiSlopes,
+            Axis::Entries,
+            slopes.len(),
+            heads_q,
+            Operand::Query,
+            "one ALiBi slope per query head",
+        )?;
+    }
+    let per_sequence = "one per sequence of the batch";
+    if let Some(masks) = options.sequence_masks {
+        check_dim(
+            Operand::SequenceMask(0),
+            Axis::Entries,
+            masks.len(),
+            sequences,
+            Operand::QueryLengths,
+            per_sequence,
+        )?;
+    }
+    if let Some(biases) = options.sequence_biases {
+        check_dim(
+            Operand::SequenceBias(0),
+            Axis::Entries,
+            biases.len(),
+            sequences,
+            Operand::QueryLengths,
+            per_sequence,
+        )?;
+    }
+    Ok(())
 }
 
 /// The scale (explicit, or `1/√d_k`), after checking it, the softcap and the ALiBi slope.
@@ -274,45 +392,53 @@ fn check_scalars<T: Element>(
     {
         return Err(AttentionError::InvalidSoftcap { value: c.to_f64() });
     }
-    if let Some(m) = options.alibi_slope
-        && !m.finite()
-    {
+    let slopes = options
+        .alibi_slope
+        .iter()
+        .chain(options.alibi_slopes.into_iter().flatten());
+    if let Some(m) = slopes.into_iter().find(|m| !m.finite()) {
         return Err(AttentionError::InvalidAlibiSlope { value: m.to_f64() });
     }
     Ok(scale)
 }
 
-/// The mask is `n_q × n_kv`, the key mask has `n_kv` entries.
-fn check_mask_shapes<T: Element>(
+/// The key mask has one entry per key (of the whole packed batch).
+pub(crate) fn check_key_mask<T: Element>(
     options: &AttentionOptions<'_, T>,
-    n_q: usize,
     n_kv: usize,
 ) -> Result<(), AttentionError> {
-    if let Some(mask) = &options.mask {
-        let rule = "the mask is n_q x n_kv";
-        check_dim(
-            Operand::Mask,
-            Axis::Rows,
-            mask.nrows(),
-            n_q,
-            Operand::Query,
-            rule,
-        )?;
-        check_dim(
-            Operand::Mask,
-            Axis::Columns,
-            mask.ncols(),
-            n_kv,
-            Operand::Key,
-            rule,
-        )?;
-    }
     if let Some(key_mask) = options.key_mask {
-        let rule = "one key-mask entry per key";
         check_dim(
             Operand::KeyMask,
             Axis::Entries,
             key_mask.len(),
+            n_kv,
+            Operand::Key,
+            "one key-mask entry per key",
+        )?;
+    }
+    Ok(())
+}
+
+/// Sequence `seq`'s mask (the single one, or its entry of the per-sequence list) is
+/// `n_q × n_kv`.
+pub(crate) fn check_sequence_mask<T: Element>(
+    options: &AttentionOptions<'_, T>,
+    seq: usize,
+    n_q: usize,
+    n_kv: usize,
+) -> Result<(), AttentionError> {
+    let mask = match options.sequence_masks {
+        Some(masks) => Some((Operand::SequenceMask(seq), &masks[seq])),
+        None => options.mask.as_ref().map(|m| (Operand::Mask, m)),
+    };
+    if let Some((operand, mask)) = mask {
+        let rule = "the mask is n_q x n_kv";
+        check_dim(operand, Axis::Rows, mask.nrows(), n_q, Operand::Query, rule)?;
+        check_dim(
+            operand,
+            Axis::Columns,
+            mask.ncols(),
             n_kv,
             Operand::Key,
             rule,
@@ -321,25 +447,38 @@ fn check_mask_shapes<T: Element>(
     Ok(())
 }
 
+/// Sequence `seq`'s bias (the single one, or its entry of the per-sequence list) is
+/// `n_q × n_kv` with entries finite or −∞; returns the range of its finite entries (0, 0
+/// without a bias), which goes into the score bound.
+pub(crate) fn check_sequence_bias<T: Element>(
+    options: &AttentionOptions<'_, T>,
+    seq: usize,
+    n_q: usize,
+    n_kv: usize,
+) -> Result<(f64, f64), AttentionError> {
+    let bias = match options.sequence_biases {
+        Some(biases) => Some((Operand::SequenceBias(seq), &biases[seq])),
+        None => options.bias.as_ref().map(|b| (Operand::Bias, b)),
+    };
+    match bias {
+        Some((operand, bias)) => check_bias(operand, bias, n_q, n_kv),
+        None => Ok((0.0, 0.0)),
+    }
+}
+
 /// Checks the bias's shape (`n_q × n_kv`) and entries (finite or −∞: −∞ masks a position,
 /// NaN and +∞ have no meaning); returns the range of its finite entries, which goes into
 /// the score bound.
 fn check_bias<T: Element>(
+    operand: Operand,
     bias: &MatRef<'_, T>,
     n_q: usize,
     n_kv: usize,
 ) -> Result<(f64, f64), AttentionError> {
     let rule = "the bias is n_q x n_kv";
+    check_dim(operand, Axis::Rows, bias.nrows(), n_q, Operand::Query, rule)?;
     check_dim(
-        Operand::Bias,
-        Axis::Rows,
-        bias.nrows(),
-        n_q,
-        Operand::Query,
-        rule,
-    )?;
-    check_dim(
-        Operand::Bias,
+        operand,
         Axis::Columns,
         bias.ncols(),
         n_kv,
@@ -360,7 +499,7 @@ fn check_bias<T: Element>(
     });
     match first_bad {
         Some((row, column, x)) => Err(AttentionError::NonFinite {
-            operand: Operand::Bias,
+            operand,
             row,
             column,
             value: x.to_f64(),
@@ -387,4 +526,230 @@ fn band<T: Element>(options: &AttentionOptions<'_, T>, n_q: usize, n_kv: usize) 
         band_hi = band_hi.min(diag_offset.saturating_add(clamp(right)));
     }
     (diag_offset, band_lo, band_hi)
+}
+
+/// One sequence of a packed batch: its rows of Q and its rows of K and V.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sequence {
+    pub q_start: usize,
+    pub n_q: usize,
+    pub kv_start: usize,
+    pub n_kv: usize,
+}
+
+/// A checked multi-head call: its layout and one [`Spec`] per (sequence, query head).
+#[derive(Clone, Debug)]
+pub(crate) struct Batch<'a, T: Element> {
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub d_v: usize,
+    pub sequences: Vec<Sequence>,
+    /// `specs[s · heads_q + h]`: sequence `s`, query head `h`, reading key/value head
+    /// `h / (heads_q / heads_kv)`.
+    pub specs: Vec<Spec<'a, T>>,
+}
+
+impl<'a, T: Element> Batch<'a, T> {
+    /// The output's columns, `h_q · d_v`.
+    pub(crate) fn out_columns(&self) -> usize {
+        self.heads_q * self.d_v
+    }
+
+    /// Validates the layout, Q, K, V and the options of a multi-head call. Errors come in
+    /// this order: head counts, column splits, V's rows, sequence lengths, NaN/∞ in Q, K,
+    /// V (the first in column-major order of each), the scalars, the per-head and
+    /// per-sequence lists, the masks, the key mask, the biases.
+    pub(crate) fn new(
+        q: MatRef<'a, T>,
+        k: MatRef<'a, T>,
+        v: MatRef<'a, T>,
+        layout: &HeadLayout<'_>,
+        options: &AttentionOptions<'a, T>,
+    ) -> Result<Self, AttentionError> {
+        let (heads_q, heads_kv) = (layout.heads_q, layout.heads_kv);
+        let (d_k, d_v) = check_head_split(&q, &k, &v, heads_q, heads_kv)?;
+        let sequences = check_sequences(layout, q.nrows(), k.nrows())?;
+        let group = heads_q / heads_kv;
+        let q_blocks = head_blocks(q, &sequences, heads_q, d_k, true);
+        let k_blocks = head_blocks(k, &sequences, heads_kv, d_k, false);
+        let v_blocks = head_blocks(v, &sequences, heads_kv, d_v, false);
+        let q_max = block_max_abs(Operand::Query, &q, &q_blocks)?;
+        let k_max = block_max_abs(Operand::Key, &k, &k_blocks)?;
+        let v_max = block_max_abs(Operand::Value, &v, &v_blocks)?;
+
+        let scale = check_scalars(options, d_k)?;
+        check_lists(options, heads_q, sequences.len())?;
+        for (s, seq) in sequences.iter().enumerate() {
+            check_sequence_mask(options, s, seq.n_q, seq.n_kv)?;
+        }
+        check_key_mask(options, k.nrows())?;
+        let mut specs = Vec::with_capacity(q_blocks.len());
+        for (s, seq) in sequences.iter().enumerate() {
+            let bias_range = check_sequence_bias(options, s, seq.n_q, seq.n_kv)?;
+            for h in 0..heads_q {
+                let (iq, ikv) = (s * heads_q + h, s * heads_kv + h / group);
+                let max_abs = MaxAbs {
+                    q: q_max[iq],
+                    k: k_max[ikv],
+                    v: v_max[ikv],
+                };
+                let keys = seq.kv_start..seq.kv_start + seq.n_kv;
+                let block = block_options(options, s, h, keys);
+                specs.push(Spec::assemble(
+                    q_blocks[iq],
+                    k_blocks[ikv],
+                    v_blocks[ikv],
+                    max_abs,
+                    scale,
+                    bias_range,
+                    &block,
+                ));
+            }
+        }
+        Ok(Batch {
+            heads_q,
+            heads_kv,
+            d_v,
+            sequences,
+            specs,
+        })
+    }
+}
+
+/// The head widths `(d_k, d_v)`: Q's columns split into `heads_q` heads of width `d_k`,
+/// K's are `heads_kv · d_k`, V's split into `heads_kv` heads; V has K's rows.
+fn check_head_split<T: Element>(
+    q: &MatRef<'_, T>,
+    k: &MatRef<'_, T>,
+    v: &MatRef<'_, T>,
+    heads_q: usize,
+    heads_kv: usize,
+) -> Result<(usize, usize), AttentionError> {
+    if heads_q == 0 || heads_kv == 0 || heads_q % heads_kv != 0 {
+        return Err(AttentionError::InvalidHeads { heads_q, heads_kv });
+    }
+    let split = |operand, columns: usize, heads: usize, head_width| {
+        Err(AttentionError::HeadSplit {
+            operand,
+            columns,
+            heads,
+            head_width,
+        })
+    };
+    if q.ncols() % heads_q != 0 {
+        return split(Operand::Query, q.ncols(), heads_q, None);
+    }
+    let d_k = q.ncols() / heads_q;
+    if k.ncols() != heads_kv * d_k {
+        return split(Operand::Key, k.ncols(), heads_kv, Some(d_k));
+    }
+    if v.ncols() % heads_kv != 0 {
+        return split(Operand::Value, v.ncols(), heads_kv, None);
+    }
+    check_dim(
+        Operand::Value,
+        Axis::Rows,
+        v.nrows(),
+        k.nrows(),
+        Operand::Key,
+        "one value row per key: n_kv must match",
+    )?;
+    Ok((d_k, v.ncols() / heads_kv))
+}
+
+/// The sequences of the layout (one spanning all rows when it gives no lengths), after
+/// checking that there are as many key lengths as query lengths and that each list sums
+/// to the rows it splits.
+fn check_sequences(
+    layout: &HeadLayout<'_>,
+    q_rows: usize,
+    kv_rows: usize,
+) -> Result<Vec<Sequence>, AttentionError> {
+    let Some((lens_q, lens_kv)) = layout.seqlens else {
+        return Ok(vec![Sequence {
+            q_start: 0,
+            n_q: q_rows,
+            kv_start: 0,
+            n_kv: kv_rows,
+        }]);
+    };
+    check_dim(
+        Operand::KeyLengths,
+        Axis::Entries,
+        lens_kv.len(),
+        lens_q.len(),
+        Operand::QueryLengths,
+        "one key length per sequence",
+    )?;
+    // A sum past usize::MAX is reported as usize::MAX (it cannot equal the rows).
+    let sum = |lens: &[usize]| lens.iter().try_fold(0usize, |a, &n| a.checked_add(n));
+    for (operand, lens, rows) in [
+        (Operand::Query, lens_q, q_rows),
+        (Operand::Key, lens_kv, kv_rows),
+    ] {
+        let total = sum(lens).unwrap_or(usize::MAX);
+        if total != rows {
+            return Err(AttentionError::SequenceLengths {
+                operand,
+                sum: total,
+                rows,
+            });
+        }
+    }
+    let (mut q_start, mut kv_start) = (0, 0);
+    Ok(lens_q
+        .iter()
+        .zip(lens_kv)
+        .map(|(&n_q, &n_kv)| {
+            let seq = Sequence {
+                q_start,
+                n_q,
+                kv_start,
+                n_kv,
+            };
+            q_start += n_q;
+            kv_start += n_kv;
+            seq
+        })
+        .collect())
+}
+
+/// The blocks (sequence `s`, head `h`) of `m`, at index `s · heads + h`: rows of the
+/// sequence's queries (`query_rows`) or keys, columns `h·width ..`.
+fn head_blocks<'a, T: Element>(
+    m: MatRef<'a, T>,
+    sequences: &[Sequence],
+    heads: usize,
+    width: usize,
+    query_rows: bool,
+) -> Vec<MatRef<'a, T>> {
+    let mut blocks = Vec::with_capacity(sequences.len() * heads);
+    for seq in sequences {
+        let (start, n) = if query_rows {
+            (seq.q_start, seq.n_q)
+        } else {
+            (seq.kv_start, seq.n_kv)
+        };
+        for h in 0..heads {
+            blocks.push(block(m, start..start + n, h * width..(h + 1) * width));
+        }
+    }
+    blocks
+}
+
+/// The largest magnitude of each block; the first NaN/∞ of the whole matrix (column-major,
+/// as a single-head call reports it) as an error.
+fn block_max_abs<T: Element>(
+    operand: Operand,
+    whole: &MatRef<'_, T>,
+    blocks: &[MatRef<'_, T>],
+) -> Result<Vec<T>, AttentionError> {
+    let mut maxima = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        match check_finite(operand, b) {
+            Ok(max) => maxima.push(max),
+            Err(_) => return Err(check_finite(operand, whole).expect_err("a block has a NaN/inf")),
+        }
+    }
+    Ok(maxima)
 }

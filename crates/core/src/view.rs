@@ -167,6 +167,79 @@ where
     }
 }
 
+/// The block `rows × columns` of `m`, for as long as `m` itself.
+///
+/// nalgebra's `m.view(..)` borrows `m` (a local), so its result cannot outlive the call
+/// that made it; a multi-head call keeps one block of Q, K and V per head.
+///
+/// # Panics
+/// If the block is not inside `m` (callers pass blocks of a validated layout).
+pub(crate) fn block<'a, T: Scalar>(
+    m: MatRef<'a, T>,
+    rows: std::ops::Range<usize>,
+    columns: std::ops::Range<usize>,
+) -> MatRef<'a, T> {
+    assert!(rows.start <= rows.end && rows.end <= m.nrows());
+    assert!(columns.start <= columns.end && columns.end <= m.ncols());
+    let (rs, cs) = m.strides();
+    let (nrows, ncols) = (rows.len(), columns.len());
+    let ptr = if nrows == 0 || ncols == 0 {
+        m.data.ptr()
+    } else {
+        // In bounds: (rows.start, columns.start) is an element of `m`.
+        std::ptr::from_ref(&m[(rows.start, columns.start)])
+    };
+    // SAFETY: the block's elements are elements of `m` (asserted above), which is valid
+    // for reads for `'a`; an empty block reads nothing.
+    let data =
+        unsafe { ViewStorage::from_raw_parts(ptr, (Dyn(nrows), Dyn(ncols)), (Dyn(rs), Dyn(cs))) };
+    Matrix::from_data(data)
+}
+
+/// The blocks `rows[r] × columns[c]` of `m`, in the order `(r, c)` row-major: mutable views
+/// that may be written at the same time (from different threads).
+///
+/// # Panics
+/// If a block is not inside `m`, or two row ranges or two column ranges overlap.
+pub(crate) fn split_blocks<'a, T: Scalar>(
+    mut m: MatMut<'a, T>,
+    rows: &[std::ops::Range<usize>],
+    columns: &[std::ops::Range<usize>],
+) -> Vec<MatMut<'a, T>> {
+    let disjoint = |ranges: &[std::ops::Range<usize>], len: usize| {
+        let mut sorted: Vec<_> = ranges.iter().filter(|r| !r.is_empty()).cloned().collect();
+        sorted.sort_by_key(|r| r.start);
+        ranges.iter().all(|r| r.start <= r.end && r.end <= len)
+            && sorted.windows(2).all(|w| w[0].end <= w[1].start)
+    };
+    assert!(disjoint(rows, m.nrows()) && disjoint(columns, m.ncols()));
+    let (rs, cs) = m.strides();
+    let base = m.data.ptr_mut();
+    let mut blocks = Vec::with_capacity(rows.len() * columns.len());
+    for r in rows {
+        for c in columns {
+            let (nrows, ncols) = (r.len(), c.len());
+            let ptr = if nrows == 0 || ncols == 0 {
+                base
+            } else {
+                // SAFETY: (r.start, c.start) is an element of `m` (asserted above), so the
+                // offset stays inside its allocation.
+                unsafe { base.add(r.start * rs + c.start * cs) }
+            };
+            // SAFETY: each block's elements are elements of `m`, valid for reads and writes
+            // for `'a`, and `m` is consumed. Mutable nalgebra views never alias (their
+            // constructors reject overlapping strides), so blocks whose row ranges or
+            // column ranges are disjoint (asserted above; empty blocks touch nothing) share
+            // no element: each returned view is the only one to its memory.
+            let data = unsafe {
+                ViewStorageMut::from_raw_parts(ptr, (Dyn(nrows), Dyn(ncols)), (Dyn(rs), Dyn(cs)))
+            };
+            blocks.push(Matrix::from_data(data));
+        }
+    }
+    blocks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

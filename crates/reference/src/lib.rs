@@ -63,11 +63,13 @@
 
 mod attention;
 mod compensated;
+mod heads;
 mod merge;
 mod projection;
 
 pub use attention::{attention, self_attention};
 pub use compensated::{dot2, neumaier_sum};
+pub use heads::{HeadAttention, HeadOptions, Layout, alibi_slopes, multi_head_attention};
 pub use merge::merge;
 pub use projection::compute_qkv;
 

@@ -44,6 +44,9 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
+mod mha;
+pub use mha::{MhaCase, mha_cases};
+
 /// Path of the golden file, resolved when this crate is compiled.
 const GOLDEN_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sdpa_cases.json");
 
@@ -125,6 +128,16 @@ pub fn golden_cases() -> Vec<GoldenCase> {
 }
 
 fn load(path: &Path) -> Vec<GoldenCase> {
+    cases_of(path.to_str().expect("the golden path is UTF-8"))
+        .iter()
+        .enumerate()
+        .map(|(index, obj)| parse_case(obj, index))
+        .collect()
+}
+
+/// The objects of the `"cases"` array of the golden file at `path`.
+pub(crate) fn cases_of(path: &str) -> Vec<Map<String, Value>> {
+    let path = Path::new(path);
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read golden file {}: {e}", path.display()));
     let root: Value = serde_json::from_str(&text)
@@ -137,58 +150,63 @@ fn load(path: &Path) -> Vec<GoldenCase> {
         .iter()
         .enumerate()
         .map(|(index, case)| {
-            let obj = case
-                .as_object()
-                .unwrap_or_else(|| panic!("golden case #{index} is not a JSON object"));
-            parse_case(obj, index)
+            case.as_object()
+                .unwrap_or_else(|| panic!("golden case #{index} is not a JSON object"))
+                .clone()
         })
         .collect()
 }
 
 /// Field accessor that knows which case it reads, for error messages.
-struct Reader<'a> {
-    obj: &'a Map<String, Value>,
-    case: String,
+pub(crate) struct Reader<'a> {
+    pub(crate) obj: &'a Map<String, Value>,
+    pub(crate) case: String,
 }
 
 impl Reader<'_> {
-    fn fail(&self, field: &str, what: &str) -> ! {
+    pub(crate) fn fail(&self, field: &str, what: &str) -> ! {
         panic!("golden case {}: field {field:?}: {what}", self.case)
     }
 
-    fn field(&self, field: &str) -> &Value {
+    pub(crate) fn field(&self, field: &str) -> &Value {
         self.obj
             .get(field)
             .unwrap_or_else(|| self.fail(field, "missing"))
     }
 
+    /// The field, or `None` when it is JSON `null` or absent (the multi-head files leave
+    /// out fields that do not apply).
+    pub(crate) fn absent_or_null(&self, field: &str) -> Option<&Value> {
+        self.obj.get(field).filter(|v| !v.is_null())
+    }
+
     /// The field, or `None` when it is JSON `null`.
-    fn optional(&self, field: &str) -> Option<&Value> {
+    pub(crate) fn optional(&self, field: &str) -> Option<&Value> {
         match self.field(field) {
             Value::Null => None,
             value => Some(value),
         }
     }
 
-    fn string(&self, field: &str) -> String {
+    pub(crate) fn string(&self, field: &str) -> String {
         self.field(field)
             .as_str()
             .unwrap_or_else(|| self.fail(field, "expected a string"))
             .to_owned()
     }
 
-    fn usize_of(&self, field: &str, value: &Value) -> usize {
+    pub(crate) fn usize_of(&self, field: &str, value: &Value) -> usize {
         value
             .as_u64()
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or_else(|| self.fail(field, &format!("expected a size, got {value}")))
     }
 
-    fn size(&self, field: &str) -> usize {
+    pub(crate) fn size(&self, field: &str) -> usize {
         self.usize_of(field, self.field(field))
     }
 
-    fn f64_of(&self, field: &str, value: &Value) -> f64 {
+    pub(crate) fn f64_of(&self, field: &str, value: &Value) -> f64 {
         match value {
             Value::Number(n) => n
                 .as_f64()
@@ -203,11 +221,11 @@ impl Reader<'_> {
         }
     }
 
-    fn optional_f64(&self, field: &str) -> Option<f64> {
+    pub(crate) fn optional_f64(&self, field: &str) -> Option<f64> {
         self.optional(field).map(|v| self.f64_of(field, v))
     }
 
-    fn array<'v>(&self, field: &str, value: &'v Value, len: usize) -> &'v [Value] {
+    pub(crate) fn array<'v>(&self, field: &str, value: &'v Value, len: usize) -> &'v [Value] {
         let items = value
             .as_array()
             .unwrap_or_else(|| self.fail(field, "expected an array"));
@@ -220,14 +238,14 @@ impl Reader<'_> {
         items
     }
 
-    fn f64_vec(&self, field: &str, value: &Value, len: usize) -> Vec<f64> {
+    pub(crate) fn f64_vec(&self, field: &str, value: &Value, len: usize) -> Vec<f64> {
         self.array(field, value, len)
             .iter()
             .map(|x| self.f64_of(field, x))
             .collect()
     }
 
-    fn bool_vec(&self, field: &str, value: &Value, len: usize) -> Vec<bool> {
+    pub(crate) fn bool_vec(&self, field: &str, value: &Value, len: usize) -> Vec<bool> {
         self.array(field, value, len)
             .iter()
             .map(|x| {
@@ -238,16 +256,27 @@ impl Reader<'_> {
     }
 
     /// A row-major `rows × cols` matrix of numbers.
-    fn matrix(&self, field: &str, rows: usize, cols: usize) -> DMatrix<f64> {
+    pub(crate) fn matrix(&self, field: &str, rows: usize, cols: usize) -> DMatrix<f64> {
         self.matrix_of(field, self.field(field), rows, cols)
     }
 
-    fn matrix_of(&self, field: &str, value: &Value, rows: usize, cols: usize) -> DMatrix<f64> {
+    pub(crate) fn matrix_of(
+        &self,
+        field: &str,
+        value: &Value,
+        rows: usize,
+        cols: usize,
+    ) -> DMatrix<f64> {
         let data = self.f64_vec(field, value, rows * cols);
         DMatrix::from_row_slice(rows, cols, &data)
     }
 
-    fn optional_matrix(&self, field: &str, rows: usize, cols: usize) -> Option<DMatrix<f64>> {
+    pub(crate) fn optional_matrix(
+        &self,
+        field: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Option<DMatrix<f64>> {
         self.optional(field)
             .map(|v| self.matrix_of(field, v, rows, cols))
     }

@@ -5,6 +5,7 @@
 //! softmax (`block.rs`), and its CPU-specific compilation with all of the kernels'
 //! `unsafe` (`simd.rs`).
 
+pub(crate) mod batch;
 mod block;
 pub(crate) mod careful;
 mod direct;

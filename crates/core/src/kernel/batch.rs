@@ -1,0 +1,201 @@
+//! Scheduling of a multi-head call: every (sequence, query head) block is one single-head
+//! problem ([`super::attention`]); the blocks are grouped by (sequence, key/value head), the
+//! unit of work handed to threads, so that the query heads of a group run one after another
+//! on the key/value block they share, and groups run side by side.
+
+use nalgebra::DMatrix;
+use rayon::prelude::*;
+
+use super::attention as single;
+use crate::Element;
+use crate::cpu::CpuPath;
+use crate::error::{AttentionError, Operand};
+use crate::memory::{try_matrix, try_vector};
+use crate::spec::{Batch, Sequence, Spec};
+use crate::view::{MatMut, split_blocks};
+
+/// One block's work: its spec, where its output and lse go, and, for a block the careful
+/// path computed ahead, that result.
+struct Item<'s, 'a, 'o, T: Element> {
+    spec: &'s Spec<'a, T>,
+    head: usize,
+    seq: Sequence,
+    out: MatMut<'o, T>,
+    lse: Option<&'o mut [T]>,
+    done: Option<(DMatrix<T>, Vec<T>)>,
+}
+
+/// Runs every block of `batch`, writing `out` (`Σn_q × h_q·d_v`) and, if given, `lse`
+/// (`Σn_q × h_q`). Blocks whose scores may leave the type's range are computed first,
+/// into scratch, so that a [`AttentionError::HeadScoreOverflow`] leaves `out` untouched.
+pub(crate) fn attention<T: Element>(
+    batch: Batch<'_, T>,
+    path: CpuPath,
+    forced: bool,
+    parallel: bool,
+    out: MatMut<'_, T>,
+    lse: Option<&mut DMatrix<T>>,
+) -> Result<(), AttentionError> {
+    let mut done = careful_first(&batch, path, forced, parallel)?;
+    let items = items(&batch, out, lse, &mut done);
+    // Group g holds the query heads of (sequence, key/value head) g, in head order.
+    let group = batch.heads_q / batch.heads_kv;
+    let mut groups: Vec<Vec<Item<'_, '_, '_, T>>> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i % group == 0 {
+            groups.push(Vec::with_capacity(group));
+        }
+        groups.last_mut().expect("pushed above").push(item);
+    }
+    groups.retain(|g| g.iter().any(|item| item.seq.n_q > 0));
+    let run_group = |g: Vec<Item<'_, '_, '_, T>>| -> Result<(), AttentionError> {
+        g.into_iter()
+            .map(|item| run_item(item, path, forced, parallel))
+            .fold(Ok(()), first_error)
+    };
+    if parallel && groups.len() > 1 {
+        groups
+            .into_par_iter()
+            .map(run_group)
+            .reduce(|| Ok(()), first_error)
+    } else {
+        groups.into_iter().map(run_group).fold(Ok(()), first_error)
+    }
+}
+
+/// The results of the blocks that go to the careful path (scores not provably in range),
+/// at their block index; the first overflow, in `(query, head, key)` order, as an error.
+fn careful_first<T: Element>(
+    batch: &Batch<'_, T>,
+    path: CpuPath,
+    forced: bool,
+    parallel: bool,
+) -> Result<Vec<Option<(DMatrix<T>, Vec<T>)>>, AttentionError> {
+    let mut done = vec![None; batch.specs.len()];
+    let mut result = Ok(());
+    for (i, spec) in batch.specs.iter().enumerate() {
+        if spec.scores_in_range || spec.n_q == 0 || spec.n_kv == 0 {
+            continue;
+        }
+        let (s, head) = (i / batch.heads_q, i % batch.heads_q);
+        let mut out = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
+        let mut lse = try_vector(spec.n_q, T::zero(), Operand::Lse)?;
+        let r = single(
+            spec.clone(),
+            path,
+            forced,
+            parallel,
+            &mut (&mut out).into(),
+            Some(lse.as_mut_slice()),
+        );
+        match r {
+            Ok(()) => done[i] = Some((out, lse.as_slice().to_vec())),
+            Err(e) => result = first_error(result, Err(in_batch(e, head, batch.sequences[s]))),
+        }
+    }
+    result.map(|()| done)
+}
+
+/// One [`Item`] per block, in block order (`s · h_q + h`), each with its own disjoint piece
+/// of `out` and `lse`.
+fn items<'s, 'a, 'o, T: Element>(
+    batch: &'s Batch<'a, T>,
+    out: MatMut<'o, T>,
+    lse: Option<&'o mut DMatrix<T>>,
+    done: &mut [Option<(DMatrix<T>, Vec<T>)>],
+) -> Vec<Item<'s, 'a, 'o, T>> {
+    let (heads_q, d_v) = (batch.heads_q, batch.d_v);
+    let rows: Vec<_> = batch
+        .sequences
+        .iter()
+        .map(|s| s.q_start..s.q_start + s.n_q)
+        .collect();
+    let columns: Vec<_> = (0..heads_q).map(|h| h * d_v..(h + 1) * d_v).collect();
+    let out_blocks = split_blocks(out, &rows, &columns);
+    // lse is column-major: column h, then the rows of each sequence in turn.
+    let mut lse_blocks: Vec<Option<&'o mut [T]>> = (0..out_blocks.len()).map(|_| None).collect();
+    if let Some(lse) = lse {
+        let total: usize = rows.iter().map(|r| r.len()).sum();
+        let mut rest: &'o mut [T] = lse.as_mut_slice();
+        for h in 0..heads_q {
+            let (mut column, tail) = rest.split_at_mut(total);
+            rest = tail;
+            for (s, seq) in batch.sequences.iter().enumerate() {
+                let (this, after) = column.split_at_mut(seq.n_q);
+                column = after;
+                lse_blocks[s * heads_q + h] = Some(this);
+            }
+        }
+    }
+    out_blocks
+        .into_iter()
+        .zip(lse_blocks)
+        .enumerate()
+        .map(|(i, (out, lse))| Item {
+            spec: &batch.specs[i],
+            head: i % heads_q,
+            seq: batch.sequences[i / heads_q],
+            out,
+            lse,
+            done: done[i].take(),
+        })
+        .collect()
+}
+
+/// Computes (or copies the careful result of) one block.
+fn run_item<T: Element>(
+    item: Item<'_, '_, '_, T>,
+    path: CpuPath,
+    forced: bool,
+    parallel: bool,
+) -> Result<(), AttentionError> {
+    let Item {
+        spec,
+        head,
+        seq,
+        mut out,
+        lse,
+        done,
+    } = item;
+    if seq.n_q == 0 {
+        return Ok(());
+    }
+    if let Some((o, l)) = done {
+        out.copy_from(&o);
+        if let Some(lse) = lse {
+            lse.copy_from_slice(&l);
+        }
+        return Ok(());
+    }
+    single(spec.clone(), path, forced, parallel, &mut out, lse).map_err(|e| in_batch(e, head, seq))
+}
+
+/// A block's error in the batch's terms: a score overflow names the head and the packed
+/// rows of its query and key.
+fn in_batch(e: AttentionError, head: usize, seq: Sequence) -> AttentionError {
+    match e {
+        AttentionError::ScoreOverflow { query, key } => AttentionError::HeadScoreOverflow {
+            head,
+            query: seq.q_start + query,
+            key: seq.kv_start + key,
+        },
+        e => e,
+    }
+}
+
+/// Of two results, the error to report: a score overflow before any other error, and
+/// among overflows the smallest `(query, head, key)`; otherwise the first.
+fn first_error(
+    a: Result<(), AttentionError>,
+    b: Result<(), AttentionError>,
+) -> Result<(), AttentionError> {
+    let key = |e: &AttentionError| match *e {
+        AttentionError::HeadScoreOverflow { head, query, key } => (0, query, head, key),
+        _ => (1, 0, 0, 0),
+    };
+    match (a, b) {
+        (Ok(()), b) => b,
+        (a, Ok(())) => a,
+        (Err(x), Err(y)) => Err(if key(&y) < key(&x) { y } else { x }),
+    }
+}
