@@ -25,6 +25,9 @@
 //! This is a test helper: it panics, with the case and field named, when the file is
 //! missing or malformed.
 //!
+//! [`rope_cases`] reads `data/rope_cases.json` the same way (rotary position embeddings,
+//! 60 cases; see [`RopeCase`]).
+//!
 //! # Example
 //!
 //! ```
@@ -43,6 +46,9 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
+
+mod rope;
+pub use rope::{RopeCase, RopePairing, rope_cases};
 
 /// Path of the golden file, resolved when this crate is compiled.
 const GOLDEN_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sdpa_cases.json");
@@ -125,6 +131,11 @@ pub fn golden_cases() -> Vec<GoldenCase> {
 }
 
 fn load(path: &Path) -> Vec<GoldenCase> {
+    load_with(path, parse_case)
+}
+
+/// Reads a golden file `{"cases": [...]}` and parses each case with `parse(case, index)`.
+fn load_with<C>(path: &Path, parse: fn(&Map<String, Value>, usize) -> C) -> Vec<C> {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read golden file {}: {e}", path.display()));
     let root: Value = serde_json::from_str(&text)
@@ -140,7 +151,7 @@ fn load(path: &Path) -> Vec<GoldenCase> {
             let obj = case
                 .as_object()
                 .unwrap_or_else(|| panic!("golden case #{index} is not a JSON object"));
-            parse_case(obj, index)
+            parse(obj, index)
         })
         .collect()
 }
