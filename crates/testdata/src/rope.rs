@@ -150,7 +150,7 @@ mod tests {
             assert_eq!(c.output.shape(), c.x.shape(), "{}: output", c.name);
             assert_eq!(c.positions.len(), c.n, "{}: positions", c.name);
             assert!(
-                c.rotary_dim > 0 && c.rotary_dim % 2 == 0 && c.rotary_dim <= c.d_head,
+                c.rotary_dim > 0 && c.rotary_dim.is_multiple_of(2) && c.rotary_dim <= c.d_head,
                 "{}: rotary_dim",
                 c.name
             );
