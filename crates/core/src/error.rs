@@ -39,6 +39,10 @@ pub enum Operand {
     Partial(usize),
     /// The log-sum-exp vector of the `index`-th partial result.
     PartialLse(usize),
+    /// The matrix [`Rope::apply`](crate::Rope::apply) rotates (n × heads·d_head).
+    RopeInput,
+    /// The per-token positions given to [`Rope::apply`](crate::Rope::apply) (n).
+    Positions,
 }
 
 impl fmt::Display for Operand {
@@ -59,6 +63,8 @@ impl fmt::Display for Operand {
             Operand::Weights => f.write_str("attention weights"),
             Operand::Partial(i) => write!(f, "partial output {i}"),
             Operand::PartialLse(i) => write!(f, "partial log-sum-exp {i}"),
+            Operand::RopeInput => f.write_str("RoPE input"),
+            Operand::Positions => f.write_str("positions"),
         }
     }
 }
@@ -68,7 +74,7 @@ impl Operand {
     fn is_vector(self) -> bool {
         matches!(
             self,
-            Operand::KeyMask | Operand::Lse | Operand::PartialLse(_)
+            Operand::KeyMask | Operand::Lse | Operand::PartialLse(_) | Operand::Positions
         )
     }
 
@@ -217,6 +223,43 @@ pub enum AttentionError {
         /// Columns of the buffer (1 for a vector).
         columns: usize,
     },
+    /// `operand`'s `columns` cannot be split into `heads` heads of equal width: `heads` is
+    /// 0 or does not divide `columns`.
+    InvalidHeadCount {
+        /// The operand whose columns hold the heads.
+        operand: Operand,
+        /// Its number of columns.
+        columns: usize,
+        /// The number of heads asked for.
+        heads: usize,
+    },
+    /// The rotary dimension of a [`Rope`](crate::Rope) breaks `rule`: it must be even,
+    /// at least 2 and at most the head width.
+    InvalidRotaryDim {
+        /// The rotary dimension `r`.
+        rotary_dim: usize,
+        /// The width of each head (`columns / heads`).
+        head_dim: usize,
+        /// The rule in words, e.g. `"must be even"`.
+        rule: &'static str,
+    },
+    /// The RoPE base θ must be finite and at least 1 (then every inverse frequency
+    /// θ^(−2p/r) lies in (0, 1] and every angle is finite).
+    InvalidRopeBase {
+        /// The base.
+        value: f64,
+    },
+    /// Rotating an entry whose magnitude is near the element type's maximum gave a value
+    /// outside its range (the rotated pair's norm is preserved, but one coordinate can
+    /// reach √2 times the larger input). Inputs with every |x| ≤ MAX/2 never cause it.
+    /// `row`/`column` name the first such output, in (row, column) order. Nothing was
+    /// written.
+    RotationOverflow {
+        /// Row of the output that overflowed.
+        row: usize,
+        /// Column of the output that overflowed.
+        column: usize,
+    },
 }
 
 impl fmt::Display for AttentionError {
@@ -290,6 +333,29 @@ impl fmt::Display for AttentionError {
             } => write!(
                 f,
                 "the {operand} ({rows} x {columns} elements) needs more memory than can be allocated"
+            ),
+            AttentionError::InvalidHeadCount {
+                operand,
+                columns,
+                heads,
+            } => write!(
+                f,
+                "{operand} has {columns} columns, which {heads} heads cannot share equally (heads must be at least 1 and divide the columns)"
+            ),
+            AttentionError::InvalidRotaryDim {
+                rotary_dim,
+                head_dim,
+                rule,
+            } => write!(
+                f,
+                "rotary dimension {rotary_dim} with heads of width {head_dim}: it {rule} (even, at least 2, at most the head width)"
+            ),
+            AttentionError::InvalidRopeBase { value } => {
+                write!(f, "RoPE base is {value}: it must be finite and at least 1")
+            }
+            AttentionError::RotationOverflow { row, column } => write!(
+                f,
+                "rotating the RoPE input overflowed at [{row}, {column}]: the result exceeds the element type's range"
             ),
             AttentionError::UnsupportedCpuPath { path } => {
                 write!(
