@@ -49,6 +49,10 @@ pub enum Operand {
     SequenceMask(usize),
     /// The additive bias of sequence `index` of a batch (its n_q × n_kv).
     SequenceBias(usize),
+    /// The matrix [`Rope::apply`](crate::Rope::apply) rotates (n × heads·d_head).
+    RopeInput,
+    /// The per-token positions given to [`Rope::apply`](crate::Rope::apply) (n).
+    Positions,
 }
 
 impl fmt::Display for Operand {
@@ -74,6 +78,8 @@ impl fmt::Display for Operand {
             Operand::KeyLengths => f.write_str("key lengths"),
             Operand::SequenceMask(s) => write!(f, "mask of sequence {s}"),
             Operand::SequenceBias(s) => write!(f, "bias of sequence {s}"),
+            Operand::RopeInput => f.write_str("RoPE input"),
+            Operand::Positions => f.write_str("positions"),
         }
     }
 }
@@ -89,6 +95,7 @@ impl Operand {
                 | Operand::AlibiSlopes
                 | Operand::QueryLengths
                 | Operand::KeyLengths
+                | Operand::Positions
         )
     }
 
@@ -243,7 +250,7 @@ pub enum AttentionError {
         heads_kv: usize,
     },
     /// `operand`'s columns do not split into `heads` heads of one width (for K: of the
-    /// query's head width `d_k`).
+    /// query's head width `d_k`), or `heads` is 0.
     HeadSplit {
         /// The matrix whose columns do not split.
         operand: Operand,
@@ -286,6 +293,33 @@ pub enum AttentionError {
         rows: usize,
         /// Columns of the buffer (1 for a vector).
         columns: usize,
+    },
+    /// The rotary dimension of a [`Rope`](crate::Rope) breaks `rule`: it must be even,
+    /// at least 2 and at most the head width.
+    InvalidRotaryDim {
+        /// The rotary dimension `r`.
+        rotary_dim: usize,
+        /// The width of each head (`columns / heads`).
+        head_dim: usize,
+        /// The rule in words, e.g. `"must be even"`.
+        rule: &'static str,
+    },
+    /// The RoPE base θ must be finite and at least 1 (then every inverse frequency
+    /// θ^(−2p/r) lies in (0, 1] and every angle is finite).
+    InvalidRopeBase {
+        /// The base.
+        value: f64,
+    },
+    /// Rotating an entry whose magnitude is near the element type's maximum gave a value
+    /// outside its range (the rotated pair's norm is preserved, but one coordinate can
+    /// reach √2 times the larger input). Inputs with every |x| ≤ MAX/2 never cause it.
+    /// `row`/`column` name the first such output, in (row, column) order. Nothing was
+    /// written.
+    RotationOverflow {
+        /// Row of the output that overflowed.
+        row: usize,
+        /// Column of the output that overflowed.
+        column: usize,
     },
 }
 
@@ -390,6 +424,21 @@ impl fmt::Display for AttentionError {
                 "the {operand} lengths sum to {sum} but {operand} has {rows} rows"
             ),
             AttentionError::InvalidOption { option, rule } => write!(f, "{option}: {rule}"),
+            AttentionError::InvalidRotaryDim {
+                rotary_dim,
+                head_dim,
+                rule,
+            } => write!(
+                f,
+                "rotary dimension {rotary_dim} with heads of width {head_dim}: it {rule} (even, at least 2, at most the head width)"
+            ),
+            AttentionError::InvalidRopeBase { value } => {
+                write!(f, "RoPE base is {value}: it must be finite and at least 1")
+            }
+            AttentionError::RotationOverflow { row, column } => write!(
+                f,
+                "rotating the RoPE input overflowed at [{row}, {column}]: the result exceeds the element type's range"
+            ),
             AttentionError::UnsupportedCpuPath { path } => {
                 write!(
                     f,

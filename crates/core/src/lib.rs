@@ -45,6 +45,7 @@
 //! | FlashAttention `window_size`, `softcap`, `alibi_slopes` | [`AttentionOptions::with_window`], [`with_softcap`](AttentionOptions::with_softcap), [`with_alibi_slope`](AttentionOptions::with_alibi_slope) |
 //! | `need_weights=True` | [`attention_weights`] |
 //! | FlashAttention's `softmax_lse` | [`scaled_dot_product_attention_with_lse`] |
+//! | rotary embeddings (`rotate_half` / GPT-J interleaved) on Q and K | [`Rope`]`::new(r).apply(&mut q, heads, &positions)?` |
 //!
 //! A numpy array `a` of shape `(n, d)` is `DMatrix::from_row_slice(n, d, a.ravel())`.
 //! Where numpy's version overflows (`np.exp` of a score above ~88 in f32 or ~709 in f64
@@ -77,6 +78,7 @@ mod kernel;
 mod memory;
 mod merge;
 mod options;
+mod rope;
 mod score;
 mod spec;
 mod view;
@@ -97,6 +99,7 @@ pub use heads::{
 pub use kernel::{KernelRun, last_kernel_run};
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
+pub use rope::{Rope, RopeConvention};
 pub use view::{AsMatMut, AsMatRef, MatMut};
 pub use weights::attention_weights;
 

@@ -28,7 +28,8 @@
 //! where `diag_i = i` for top-left causal attention and `diag_i = i + n_kv − n_q` otherwise
 //! (bottom-right: the last query lines up with the last key). A row in which no key is
 //! allowed has output 0, weights 0 and `lse = −∞` (no NaN). See [`attention()`] for the
-//! details and [`merge()`] for combining results over blocks of keys.
+//! details and [`merge()`] for combining results over blocks of keys. [`rope()`] is the
+//! rotary position embedding, from its formula.
 //!
 //! # Coming from NumPy / PyTorch
 //!
@@ -66,12 +67,14 @@ mod compensated;
 mod heads;
 mod merge;
 mod projection;
+mod rope;
 
 pub use attention::{attention, self_attention};
 pub use compensated::{dot2, neumaier_sum};
 pub use heads::{HeadAttention, HeadOptions, Layout, alibi_slopes, multi_head_attention};
 pub use merge::merge;
 pub use projection::compute_qkv;
+pub use rope::{RopeConvention, rope};
 
 use nalgebra::DMatrix;
 

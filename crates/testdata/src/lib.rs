@@ -25,6 +25,9 @@
 //! This is a test helper: it panics, with the case and field named, when the file is
 //! missing or malformed.
 //!
+//! [`rope_cases`] reads `data/rope_cases.json` the same way (rotary position embeddings,
+//! 60 cases; see [`RopeCase`]).
+//!
 //! # Example
 //!
 //! ```
@@ -46,6 +49,8 @@ use serde_json::{Map, Value};
 
 mod mha;
 pub use mha::{MhaCase, mha_cases};
+mod rope;
+pub use rope::{RopeCase, RopePairing, rope_cases};
 
 /// Path of the golden file, resolved when this crate is compiled.
 const GOLDEN_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sdpa_cases.json");
@@ -128,16 +133,11 @@ pub fn golden_cases() -> Vec<GoldenCase> {
 }
 
 fn load(path: &Path) -> Vec<GoldenCase> {
-    cases_of(path.to_str().expect("the golden path is UTF-8"))
-        .iter()
-        .enumerate()
-        .map(|(index, obj)| parse_case(obj, index))
-        .collect()
+    load_with(path, parse_case)
 }
 
-/// The objects of the `"cases"` array of the golden file at `path`.
-pub(crate) fn cases_of(path: &str) -> Vec<Map<String, Value>> {
-    let path = Path::new(path);
+/// Reads a golden file `{"cases": [...]}` and parses each case with `parse(case, index)`.
+pub(crate) fn load_with<C>(path: &Path, parse: fn(&Map<String, Value>, usize) -> C) -> Vec<C> {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read golden file {}: {e}", path.display()));
     let root: Value = serde_json::from_str(&text)
@@ -150,9 +150,10 @@ pub(crate) fn cases_of(path: &str) -> Vec<Map<String, Value>> {
         .iter()
         .enumerate()
         .map(|(index, case)| {
-            case.as_object()
-                .unwrap_or_else(|| panic!("golden case #{index} is not a JSON object"))
-                .clone()
+            let obj = case
+                .as_object()
+                .unwrap_or_else(|| panic!("golden case #{index} is not a JSON object"));
+            parse(obj, index)
         })
         .collect()
 }

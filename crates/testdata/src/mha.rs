@@ -71,13 +71,7 @@ pub struct MhaCase {
 pub fn mha_cases() -> Vec<MhaCase> {
     static CASES: OnceLock<Vec<MhaCase>> = OnceLock::new();
     CASES
-        .get_or_init(|| {
-            crate::cases_of(MHA_PATH)
-                .iter()
-                .enumerate()
-                .map(|(i, obj)| parse(obj, i))
-                .collect()
-        })
+        .get_or_init(|| crate::load_with(std::path::Path::new(MHA_PATH), parse))
         .clone()
 }
 
