@@ -560,18 +560,50 @@ fn a_forced_path_runs_its_own_kernel_at_every_size() {
                     .with_cpu_path(path)
                     .with_parallelism(par);
                 scaled_dot_product_attention(&q, &k, &k, &o).unwrap();
+                // A few queries: the path's decoding kernel; more: its block kernel.
+                let want = if n_q <= 8 {
+                    KernelRun::Decode(path)
+                } else {
+                    KernelRun::Block(path)
+                };
+                assert_eq!(last_kernel_run(), Some(want), "{n_q}x{n_kv} {path:?}");
+                // Row-strided inputs: the same kernel (the decoding kernel copies a part's
+                // keys when their rows are not contiguous).
+                let row_major = |m: &DMatrix<f32>| m.transpose().as_slice().to_vec();
+                let (qd, kd) = (row_major(&q), row_major(&k));
+                let qv = DMatrixView::from_slice_with_strides_generic(
+                    &qd,
+                    Dyn(n_q),
+                    Dyn(4),
+                    Dyn(4),
+                    Dyn(1),
+                );
+                let kv = DMatrixView::from_slice_with_strides_generic(
+                    &kd,
+                    Dyn(n_kv),
+                    Dyn(4),
+                    Dyn(4),
+                    Dyn(1),
+                );
+                scaled_dot_product_attention(qv, kv, kv, &o).unwrap();
                 assert_eq!(
                     last_kernel_run(),
-                    Some(KernelRun::Block(path)),
-                    "{n_q}x{n_kv} {path:?}"
+                    Some(want),
+                    "{n_q}x{n_kv} {path:?} strided"
                 );
             }
         }
-        // Unforced, small calls take the row path (unless the environment forces a path).
+        // Unforced: tiny calls take the row path, a few queries against more keys the
+        // decoding kernel (unless the environment forces a path).
         if std::env::var_os("ATTENTION_CPU_PATH").is_none() && (n_q <= 8 || n_q * n_kv * 8 <= 8192)
         {
             scaled_dot_product_attention(&q, &k, &k, &AttentionOptions::new()).unwrap();
-            assert_eq!(last_kernel_run(), Some(KernelRun::Row), "{n_q}x{n_kv}");
+            let want = if n_kv <= 64 && n_q * n_kv * 8 <= 8192 {
+                KernelRun::Row
+            } else {
+                KernelRun::Decode(CpuPath::detect())
+            };
+            assert_eq!(last_kernel_run(), Some(want), "{n_q}x{n_kv}");
         }
     }
     // Scores outside the range: the careful path, whatever was forced.

@@ -7,6 +7,7 @@ use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use super::attention as single;
+use super::{KernelRun, Route, decode, record_run, route};
 use crate::Element;
 use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Operand};
@@ -49,6 +50,10 @@ pub(crate) fn attention<T: Element>(
     }
     groups.retain(|g| g.iter().any(|item| item.seq.n_q > 0));
     let run_group = |g: Vec<Item<'_, '_, '_, T>>| -> Result<(), AttentionError> {
+        if decodes(&g, forced) {
+            decode_group(g, path, parallel);
+            return Ok(());
+        }
         g.into_iter()
             .map(|item| run_item(item, path, forced, parallel))
             .fold(Ok(()), first_error)
@@ -140,6 +145,35 @@ fn items<'s, 'a, 'o, T: Element>(
             done: done[i].take(),
         })
         .collect()
+}
+
+/// Whether the group's query heads all take the decoding kernel (each as its single-head
+/// call would: `kernel::route`); then one pass over K and V serves them all.
+fn decodes<T: Element>(group: &[Item<'_, '_, '_, T>], forced: bool) -> bool {
+    group.iter().all(|item| {
+        let spec = item.spec;
+        item.done.is_none()
+            && spec.n_q > 0
+            && spec.n_kv > 0
+            && spec.scores_in_range
+            && (spec.d_v > 0 || item.lse.is_some())
+            && route(spec, forced) == Route::Decode
+    })
+}
+
+/// Runs a group of query heads through the decoding kernel together.
+fn decode_group<T: Element>(group: Vec<Item<'_, '_, '_, T>>, path: CpuPath, parallel: bool) {
+    record_run(KernelRun::Decode(path));
+    let specs: Vec<&Spec<'_, T>> = group.iter().map(|item| item.spec).collect();
+    let mut outs = Vec::with_capacity(group.len());
+    let mut lses = Vec::with_capacity(group.len());
+    for item in group {
+        outs.push(item.out);
+        lses.push(item.lse);
+    }
+    let mut outs: Vec<&mut MatMut<'_, T>> = outs.iter_mut().collect();
+    let decode_group = decode::Group::new(&specs);
+    decode::attention(&decode_group, path, parallel, &mut outs, &mut lses);
 }
 
 /// Computes (or copies the careful result of) one block.

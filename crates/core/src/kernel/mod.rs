@@ -8,6 +8,7 @@
 pub(crate) mod batch;
 mod block;
 pub(crate) mod careful;
+pub(crate) mod decode;
 mod direct;
 pub(crate) mod exp;
 mod pack;
@@ -162,13 +163,22 @@ pub trait ElementKernels: Sized + 'static {
     /// exponential (`exp.rs`).
     #[doc(hidden)]
     fn exp_nonpos<const FMA: bool>(self) -> Self;
+    /// The decoding kernel's body compiled for `path` (`decode.rs`, `simd.rs`).
+    #[doc(hidden)]
+    fn decode(path: CpuPath) -> decode::PartFn<Self>
+    where
+        Self: Element;
 }
 
 /// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
 /// thread-local caches.
 macro_rules! element_kernels {
-    ($t:ty, $select:path, $exp:ident) => {
+    ($t:ty, $select:path, $exp:ident, $decode:path) => {
         impl ElementKernels for $t {
+            #[inline]
+            fn decode(path: CpuPath) -> decode::PartFn<$t> {
+                $decode(path)
+            }
             #[inline]
             fn kernel(path: CpuPath) -> simd::Kernel<$t> {
                 $select(path)
@@ -192,8 +202,8 @@ macro_rules! element_kernels {
         }
     };
 }
-element_kernels!(f32, simd::kernel_f32, exp_f32);
-element_kernels!(f64, simd::kernel_f64, exp_f64);
+element_kernels!(f32, simd::kernel_f32, exp_f32, simd::decode_f32);
+element_kernels!(f64, simd::kernel_f64, exp_f64, simd::decode_f64);
 
 /// Runs `f` with this thread's cached `X` from `cell` (a fresh one if it is already in
 /// use, e.g. by a call that rayon nested on the same thread).
@@ -229,6 +239,8 @@ pub enum KernelRun {
     Row,
     /// The block kernel compiled for this path.
     Block(CpuPath),
+    /// The decoding kernel compiled for this path (few queries, `decode.rs`).
+    Decode(CpuPath),
     /// The careful path, for scores that may leave the type's range (`careful.rs`).
     Careful,
     /// The materialised weights of `attention_weights`.
@@ -296,6 +308,39 @@ pub(crate) fn attention<T: Element>(
     result
 }
 
+/// Which fast code computes a call whose scores are in range (see [`attention`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Row at a time, scores on the stack: tiny calls.
+    RowStack,
+    /// The decoding kernel: few queries, K and V with contiguous columns.
+    Decode,
+    /// Row at a time, scores in the workspace: few queries otherwise.
+    Row,
+    /// The block kernel.
+    Block,
+}
+
+/// The route of a call with scores in range: tiny calls on the row path (unless a path
+/// was forced: then its kernels run at every size), few queries on the decoding kernel
+/// (or the row path when the decoding kernel cannot read the inputs), the rest on the
+/// block kernel.
+pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool) -> Route {
+    let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
+    let work = n_q
+        .saturating_mul(n_kv)
+        .saturating_mul(d_k.saturating_add(d_v));
+    if !forced && n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
+        Route::RowStack
+    } else if n_q <= DIRECT_MAX_QUERIES && decode::fits(spec) {
+        Route::Decode
+    } else if !forced && n_q <= DIRECT_MAX_QUERIES {
+        Route::Row
+    } else {
+        Route::Block
+    }
+}
+
 /// The row path or the block kernel (see [`attention`]).
 fn fast<T: Element>(
     spec: &Spec<'_, T>,
@@ -309,22 +354,32 @@ fn fast<T: Element>(
     let work = n_q
         .saturating_mul(n_kv)
         .saturating_mul(d_k.saturating_add(d_v));
-    if !forced && n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
-        record_run(KernelRun::Row);
-        let mut scores = [T::zero(); direct::STACK_KEYS];
-        return direct::attention(spec, out, lse, &mut scores);
-    }
-    if !forced && n_q <= DIRECT_MAX_QUERIES {
-        // A few queries against many keys: row by row, scores in the workspace.
-        record_run(KernelRun::Row);
-        return T::with_workspace(|ws| {
-            set_len(&mut ws.staging, n_kv, Operand::Key)?;
-            let result = direct::attention(spec, out, lse, &mut ws.staging);
-            if ws.staging.capacity() > KEEP_MAX_ELEMENTS {
-                ws.staging = Vec::new();
-            }
-            result
-        });
+    match route(spec, forced) {
+        Route::RowStack => {
+            record_run(KernelRun::Row);
+            let mut scores = [T::zero(); direct::STACK_KEYS];
+            return direct::attention(spec, out, lse, &mut scores);
+        }
+        Route::Decode => {
+            record_run(KernelRun::Decode(path));
+            let specs = [spec];
+            let group = decode::Group::new(&specs);
+            decode::attention(&group, path, parallel, &mut [out], &mut [lse]);
+            return Ok(());
+        }
+        Route::Row => {
+            // A few queries against many keys: row by row, scores in the workspace.
+            record_run(KernelRun::Row);
+            return T::with_workspace(|ws| {
+                set_len(&mut ws.staging, n_kv, Operand::Key)?;
+                let result = direct::attention(spec, out, lse, &mut ws.staging);
+                if ws.staging.capacity() > KEEP_MAX_ELEMENTS {
+                    ws.staging = Vec::new();
+                }
+                result
+            });
+        }
+        Route::Block => {}
     }
     record_run(KernelRun::Block(path));
     let spec = spec.clone();

@@ -20,10 +20,12 @@ use num_traits::Zero;
 use std::arch::x86_64::*;
 
 use super::block::{self, Factors, MicroKernels, Portable, Step, Sums};
+use super::decode::{self, Group, PartFn, State};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
 use crate::cpu::CpuPath;
 use crate::{AttentionError, Element};
+use std::ops::Range;
 
 type BlockFn<T> =
     fn(&Job<'_, T>, usize, &mut Scratch<T>, &mut [T], &mut [T]) -> Result<(), AttentionError>;
@@ -710,6 +712,56 @@ macro_rules! select {
 }
 select!(kernel_f32: f32, AVX512_F32, AVX2_F32, PORTABLE_F32);
 select!(kernel_f64: f64, AVX512_F64, AVX2_F64, PORTABLE_F64);
+
+/// Declares `$name(path)`: the decoding kernel's body (`decode::part`) compiled for one
+/// element type on `path` (with FMA on the SIMD paths), the portable one if the CPU lacks
+/// the path. The vector code is what the compiler makes of the body's loops over keys
+/// under each path's target features.
+macro_rules! decode_kernels {
+    ($name:ident: $t:ty) => {
+        pub(super) fn $name(path: CpuPath) -> PartFn<$t> {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512(_: Avx512, group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
+                decode::part::<$t, true>(group, keys)
+            }
+            #[cfg(target_arch = "x86_64")]
+            fn avx512_entry(group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
+                let token = Avx512::detect().expect("handed out only for a supported path");
+                // SAFETY: `token` exists, so the CPU has AVX-512F, AVX2 and FMA.
+                unsafe { avx512(token, group, keys) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2(_: Avx2, group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
+                decode::part::<$t, true>(group, keys)
+            }
+            #[cfg(target_arch = "x86_64")]
+            fn avx2_entry(group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
+                let token = Avx2::detect().expect("handed out only for a supported path");
+                // SAFETY: `token` exists, so the CPU has AVX2 and FMA.
+                unsafe { avx2(token, group, keys) }
+            }
+            fn portable(group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
+                decode::part::<$t, false>(group, keys)
+            }
+            let path = if path.is_supported() {
+                path
+            } else {
+                CpuPath::Portable
+            };
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                CpuPath::Avx512 => avx512_entry,
+                #[cfg(target_arch = "x86_64")]
+                CpuPath::Avx2 => avx2_entry,
+                _ => portable,
+            }
+        }
+    };
+}
+decode_kernels!(decode_f32: f32);
+decode_kernels!(decode_f64: f64);
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {

@@ -1,0 +1,238 @@
+//! Decoding and multi-head rows of `docs/PERFORMANCE.md`: time per generated token, against
+//! the machine's read bandwidth measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p attention-benches --bin decode                 # every row
+//! cargo run --release -p attention-benches --bin decode -- --threads 2 --tokens 4096,32768
+//! ```
+//!
+//! Rows:
+//! - `bandwidth`: read bandwidth from memory (GB/s): the sum of a 2 GiB f32 buffer, split
+//!   over the threads, median of 7 (what `../shared/anchors/bandwidth.py` measures);
+//! - `decode gqa`: one new token, 32 query heads over 8 KV heads, d = 128, f32, against
+//!   `n` cached tokens (`multi_head_attention` on contiguous K/V); `L` layers' K/V in
+//!   rotation so that no step finds its keys warm in cache from the previous one (L chosen
+//!   so that L layers exceed 512 MiB); reported as µs per token per layer and as the
+//!   ratio to `bytes(K, V) / bandwidth`, the floor;
+//! - `decode 1 head`: one query, 4096 keys, d = 128, f32, one head.
+//! - `prefill`: 16 heads, n = 1024, d = 64, causal, f32 (GFLOP/s per useful FLOP,
+//!   `2·n²·d` per head).
+//! - `varlen`: 64 causal sequences with lengths uniform in 16..2048 (seed printed), 8 heads,
+//!   d = 64, f32, against one sequence with the same total FLOPs.
+
+use std::time::Instant;
+
+use attention_core::{
+    AttentionOptions, Causal, HeadLayout, multi_head_attention, scaled_dot_product_attention_into,
+};
+use attention_testdata::{gaussian, seeded_rng};
+use nalgebra::DMatrix;
+use rand::RngExt;
+use rayon::prelude::*;
+
+struct Args {
+    threads: usize,
+    tokens: Vec<usize>,
+    rows: Vec<String>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        threads: 2,
+        tokens: vec![4096, 32768, 131072],
+        rows: vec![],
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let next = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--threads" => (a.threads, i) = (next.parse().unwrap_or(2), i + 1),
+            "--tokens" => {
+                a.tokens = next.split(',').filter_map(|s| s.parse().ok()).collect();
+                i += 1;
+            }
+            "--rows" => {
+                a.rows = next.split(',').map(str::to_owned).collect();
+                i += 1;
+            }
+            other => eprintln!("ignoring unknown argument {other}"),
+        }
+        i += 1;
+    }
+    a
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Read bandwidth in GB/s over a 2 GiB buffer.
+fn bandwidth() -> f64 {
+    let x: Vec<f32> = (0..512 << 20)
+        .into_par_iter()
+        .map(|i| (i % 7) as f32)
+        .collect();
+    let chunk = x.len() / rayon::current_num_threads();
+    // 16 independent lanes per thread, so the adds vectorise and the loads limit the speed.
+    let lanes = |c: &[f32]| -> f32 {
+        let mut acc = [0f32; 16];
+        for block in c.chunks_exact(16) {
+            for t in 0..16 {
+                acc[t] += block[t];
+            }
+        }
+        acc.iter().sum()
+    };
+    let sum = || -> f32 { x.par_chunks(chunk).map(lanes).sum() };
+    std::hint::black_box(sum());
+    let times = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(sum());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    (x.len() * 4) as f64 / median(times) / 1e9
+}
+
+fn decode_gqa(n: usize, bw: f64) {
+    let (h_q, h_kv, d) = (32, 8, 128);
+    let bytes = 2 * n * h_kv * d * 4;
+    let layers = ((512usize << 20) / bytes).clamp(1, 64) + 1;
+    let caches: Vec<(DMatrix<f32>, DMatrix<f32>)> = (0..layers)
+        .map(|l| {
+            let k = gaussian(n, h_kv * d, 1.0, 100 + l as u64).map(|x| x as f32);
+            let v = gaussian(n, h_kv * d, 1.0, 200 + l as u64).map(|x| x as f32);
+            (k, v)
+        })
+        .collect();
+    let q = gaussian(1, h_q * d, 1.0, 7).map(|x| x as f32);
+    let layout = HeadLayout::new(h_q, h_kv);
+    let options = AttentionOptions::new().with_causal(Causal::BottomRight);
+    let mut out = DMatrix::<f32>::zeros(1, h_q * d);
+    let steps = (layers * 4).max(16);
+    let mut times = Vec::with_capacity(steps);
+    for s in 0..steps {
+        let (k, v) = &caches[s % layers];
+        let t = Instant::now();
+        attention_core::multi_head_attention_into(&q, k, v, &layout, &options, &mut out).unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let t = median(times);
+    let floor = bytes as f64 / (bw * 1e9);
+    println!(
+        "decode gqa 32/8 d=128 f32 n={n}: {:.1} us/token/layer ({layers} layers in rotation), K+V {:.1} MB, floor {:.1} us, ratio {:.2}",
+        t * 1e6,
+        bytes as f64 / 1e6,
+        floor * 1e6,
+        t / floor
+    );
+}
+
+fn decode_one_head() {
+    let n = 4096;
+    let q = gaussian(1, 128, 1.0, 1).map(|x| x as f32);
+    let k = gaussian(n, 128, 1.0, 2).map(|x| x as f32);
+    let v = gaussian(n, 128, 1.0, 3).map(|x| x as f32);
+    let options = AttentionOptions::new();
+    let mut out = DMatrix::<f32>::zeros(1, 128);
+    let mut times = vec![];
+    for _ in 0..200 {
+        let t = Instant::now();
+        scaled_dot_product_attention_into(&q, &k, &v, &options, &mut out).unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "decode 1 head, 1 query, 4096 keys, d=128 f32 (scaled_dot_product_attention_into): {:.1} us",
+        median(times) * 1e6
+    );
+}
+
+fn prefill() {
+    let (h, n, d) = (16, 1024, 64);
+    let q = gaussian(n, h * d, 1.0, 1).map(|x| x as f32);
+    let k = gaussian(n, h * d, 1.0, 2).map(|x| x as f32);
+    let v = gaussian(n, h * d, 1.0, 3).map(|x| x as f32);
+    let options = AttentionOptions::new().with_causal(Causal::TopLeft);
+    let layout = HeadLayout::new(h, h);
+    let mut times = vec![];
+    for _ in 0..7 {
+        let t = Instant::now();
+        std::hint::black_box(multi_head_attention(&q, &k, &v, &layout, &options).unwrap());
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let flops = h as f64 * 2.0 * (n * n * d) as f64;
+    println!(
+        "prefill 16 heads n=1024 d=64 causal f32: {:.2} ms, {:.1} GFLOP/s",
+        median(times.clone()) * 1e3,
+        flops / median(times) / 1e9
+    );
+}
+
+fn varlen() {
+    let seed = 2026;
+    let mut rng = seeded_rng(seed);
+    let lens: Vec<usize> = (0..64).map(|_| rng.random_range(16..2048)).collect();
+    let total: usize = lens.iter().sum();
+    let (h, d) = (8, 64);
+    let flops: f64 = lens
+        .iter()
+        .map(|&n| h as f64 * 2.0 * (n * n * d) as f64)
+        .sum();
+    // One sequence with the same causal FLOPs: n² = Σ n_s².
+    let n1 = (lens.iter().map(|&n| (n * n) as f64).sum::<f64>())
+        .sqrt()
+        .round() as usize;
+    let run = |lens: &[usize]| -> f64 {
+        let rows: usize = lens.iter().sum();
+        let q = gaussian(rows, h * d, 1.0, 1).map(|x| x as f32);
+        let k = gaussian(rows, h * d, 1.0, 2).map(|x| x as f32);
+        let v = gaussian(rows, h * d, 1.0, 3).map(|x| x as f32);
+        let layout = HeadLayout::new(h, h).with_seqlens(lens, lens);
+        let options = AttentionOptions::new().with_causal(Causal::BottomRight);
+        let mut times = vec![];
+        for _ in 0..5 {
+            let t = Instant::now();
+            std::hint::black_box(multi_head_attention(&q, &k, &v, &layout, &options).unwrap());
+            times.push(t.elapsed().as_secs_f64());
+        }
+        median(times)
+    };
+    let t_var = run(&lens);
+    let t_one = run(&[n1]);
+    let one_flops = h as f64 * 2.0 * (n1 * n1 * d) as f64;
+    println!(
+        "varlen 64 seqs (seed {seed}, {total} tokens) 8 heads d=64 causal f32: {:.1} GFLOP/s; one sequence n={n1}: {:.1} GFLOP/s; ratio {:.2}",
+        flops / t_var / 1e9,
+        one_flops / t_one / 1e9,
+        (flops / t_var) / (one_flops / t_one)
+    );
+}
+
+fn main() {
+    let args = parse_args();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()
+        .expect("the global pool");
+    let want = |r: &str| args.rows.is_empty() || args.rows.iter().any(|x| x == r);
+    println!("threads: {}", args.threads);
+    if want("decode") {
+        let bw = bandwidth();
+        println!("bandwidth: {bw:.1} GB/s (2 GiB f32 sum, median of 7)");
+        for &n in &args.tokens {
+            decode_gqa(n, bw);
+        }
+    }
+    if want("one") {
+        decode_one_head();
+    }
+    if want("prefill") {
+        prefill();
+    }
+    if want("varlen") {
+        varlen();
+    }
+}

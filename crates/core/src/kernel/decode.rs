@@ -1,0 +1,393 @@
+//! The decoding kernel: a few queries (n_q ≤ 8 per sequence, e.g. one new token) of every
+//! query head of a key/value group against many keys, in one pass over K and V.
+//!
+//! The `R = g·n_q` rows of a group (g query heads reading one key/value head) walk the keys
+//! in chunks of [`CHUNK`]: for each chunk, all rows' scores `s_rj = Σ_p q_rp·k_jp` (column p
+//! of K holds the chunk's keys contiguously, so the innermost loop runs over keys and
+//! vectorises), then per row the score modifiers, the online softmax step and the
+//! weighted sums of the chunk's values. K and V are read once per group whatever g is;
+//! for decoding, reading them is the cost.
+//!
+//! ```text
+//! per chunk c, row r:   m' = max(m, max_j s_rj)        α = exp(m − m')   (0 if m = −∞)
+//!                       p_j = exp(s_rj − m')           l ← α·l + Σ_j p_j
+//!                       acc_c' ← α·acc_c' + Σ_j p_j·v_jc'
+//! ```
+//! The keys are split into parts of [`PART_KEYS`] (a number that depends only on n_kv),
+//! each computed on its own (in parallel when asked), and the parts' `(m, l, acc)` merged
+//! in order: the result does not depend on the number of threads.
+//!
+//! # Accuracy
+//! Within a chunk, `Σ_j p_j` and `Σ_j p_j·v_jc` are summed in T in [`LANES`] lanes (key `j`
+//! in lane `j mod 16`: at most 4 terms each), the lanes added pairwise in T (4 more
+//! roundings); `l` and `acc` are kept in f64 across chunks and parts. So a term is rounded
+//! at most 8 times in T and about `⌈n_kv/64⌉ + 2` times in f64 — within the block kernel's
+//! bound (`common/mod.rs` of the tests, `sum_error`: at least 64 roundings in T) for every
+//! n_kv.
+//!
+//! Used when the inputs allow it ([`fits`]): scores provably in range (else the careful
+//! path decides) and values that need no scaling. K and V are read in place when their
+//! columns are contiguous (row stride 1), else each part's keys are copied first.
+
+use crate::Element;
+use crate::kernel::ElementKernels;
+use crate::options::MatRef;
+use crate::score::{row_lse, row_output};
+use crate::spec::Spec;
+use crate::view::MatMut;
+use nalgebra::{DMatrix, Dyn, U1};
+
+/// Keys per chunk: the step of the online softmax.
+pub(crate) const CHUNK: usize = 64;
+/// Independent partial sums per chunk (see "Accuracy").
+pub(crate) const LANES: usize = 16;
+/// Keys per part: parts are the unit of work across threads.
+pub(crate) const PART_KEYS: usize = 2048;
+
+/// Whether the decoding kernel can compute `spec`.
+pub(crate) fn fits<T: Element>(spec: &Spec<'_, T>) -> bool {
+    spec.scores_in_range && !spec.needs_value_scaling()
+}
+
+/// The running softmax state of the group's rows over some keys: `m` (the rows' running
+/// maxima), `l` (`Σ exp(s − m)`, f64) and `acc` (`R × d_v`, f64, row-major).
+#[derive(Clone, Debug)]
+pub struct State<T> {
+    m: Vec<T>,
+    l: Vec<f64>,
+    acc: Vec<f64>,
+}
+
+impl<T: Element> State<T> {
+    fn new(rows: usize, d_v: usize) -> Self {
+        State {
+            m: vec![T::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            acc: vec![0.0; rows * d_v],
+        }
+    }
+
+    /// Adds `other` (the state of later keys) into `self`: the exact merge of two softmax
+    /// partial results.
+    fn merge(&mut self, other: &State<T>, d_v: usize) {
+        for r in 0..self.m.len() {
+            let m = self.m[r].max(other.m[r]);
+            if m == T::NEG_INFINITY {
+                continue;
+            }
+            let wa = factor(self.m[r], m);
+            let wb = factor(other.m[r], m);
+            self.l[r] = self.l[r] * wa + other.l[r] * wb;
+            let (a, b) = (
+                &mut self.acc[r * d_v..][..d_v],
+                &other.acc[r * d_v..][..d_v],
+            );
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = *x * wa + *y * wb;
+            }
+            self.m[r] = m;
+        }
+    }
+}
+
+/// `exp(m_old − m_new)` in f64, 0 when `m_old` is −∞ (nothing was summed yet).
+#[inline(always)]
+fn factor<T: Element>(m_old: T, m_new: T) -> f64 {
+    if m_old == T::NEG_INFINITY {
+        0.0
+    } else {
+        (m_old.to_f64() - m_new.to_f64()).exp()
+    }
+}
+
+/// One group: the specs of its query heads (same keys, values and sizes; different
+/// queries and per-head options), its queries gathered row-major (`R × d_k`, row
+/// `h·n_q + i` is query `i` of head `h`).
+pub struct Group<'s, 'a, T: Element> {
+    pub(crate) specs: &'s [&'s Spec<'a, T>],
+    pub(crate) q: Vec<T>,
+    pub(crate) n_q: usize,
+}
+
+impl<'s, 'a, T: Element> Group<'s, 'a, T> {
+    /// The group of `specs` (all reading the same K and V), its queries gathered.
+    pub(crate) fn new(specs: &'s [&'s Spec<'a, T>]) -> Self {
+        let (n_q, d_k) = (specs[0].n_q, specs[0].d_k);
+        let mut q = Vec::with_capacity(specs.len() * n_q * d_k);
+        for spec in specs {
+            for i in 0..n_q {
+                q.extend((0..d_k).map(|p| spec.q[(i, p)]));
+            }
+        }
+        Group { specs, q, n_q }
+    }
+
+    fn rows(&self) -> usize {
+        self.specs.len() * self.n_q
+    }
+}
+
+/// The group's state over keys `keys` (a part), computed chunk by chunk: the body the
+/// CPU paths compile (`simd.rs`, `decode_kernel!`), `FMA` as the path has it.
+#[inline(always)]
+pub(crate) fn part<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    keys: std::ops::Range<usize>,
+) -> State<T> {
+    let spec = group.specs[0];
+    let (d_k, d_v) = (spec.d_k, spec.d_v);
+    let rows = group.rows();
+    let mut state = State::new(rows, d_v);
+    let mut s = vec![T::zero(); rows * CHUNK];
+    if spec.k.strides().0 == 1 && spec.v.strides().0 == 1 {
+        chunks::<T, FMA>(group, (spec.k, spec.v, 0), keys, &mut s, &mut state);
+    } else {
+        // Rows not contiguous (a transposed or broadcast view): the part's keys copied,
+        // so that the arithmetic is the same as for any other layout.
+        let n = keys.len();
+        let k = DMatrix::from_fn(n, d_k, |r, c| spec.k[(keys.start + r, c)]);
+        let v = DMatrix::from_fn(n, d_v, |r, c| spec.v[(keys.start + r, c)]);
+        let start = keys.start;
+        chunks::<T, FMA>(
+            group,
+            ((&k).into(), (&v).into(), start),
+            keys,
+            &mut s,
+            &mut state,
+        );
+    }
+    state
+}
+
+/// Every chunk of `keys`, reading key `j` from row `j − offset` of `k` and `v` (row stride
+/// 1). A function, not a closure: closures are not compiled with the target features of
+/// the function that defines them, and `part` must inline whole into each path's
+/// `#[target_feature]` instance.
+#[inline(always)]
+fn chunks<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    (k, v, offset): (MatRef<'_, T>, MatRef<'_, T>, usize),
+    keys: std::ops::Range<usize>,
+    s: &mut [T],
+    state: &mut State<T>,
+) {
+    let (d_k, d_v) = (k.ncols(), v.ncols());
+    let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
+    let v = v.as_view::<Dyn, Dyn, U1, Dyn>();
+    let mut start = keys.start;
+    while start < keys.end {
+        let len = CHUNK.min(keys.end - start);
+        let at = start - offset;
+        chunk::<T, FMA>(group, (&k, &v, d_k, d_v), (start, at), len, s, state);
+        start += len;
+    }
+}
+
+/// K and V with contiguous columns, and their widths.
+type Columns<'r, 'a, T> = (
+    &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
+    &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
+    usize,
+    usize,
+);
+
+/// One chunk of `len` keys from key `start` (row `at` of `k` and `v`) for every row of the
+/// group.
+#[inline(always)]
+fn chunk<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    (k, v, d_k, d_v): Columns<'_, '_, T>,
+    (start, at): (usize, usize),
+    len: usize,
+    s: &mut [T],
+    state: &mut State<T>,
+) {
+    let rows = group.rows();
+    // Scores: column p of K (the chunk's keys, contiguous) times q_rp, for every row.
+    s.fill(T::zero());
+    for p in 0..d_k {
+        let column = k.column(p);
+        let kc = &column.as_slice()[at..at + len];
+        for r in 0..rows {
+            let qrp = group.q[r * d_k + p];
+            let sr = &mut s[r * CHUNK..r * CHUNK + len];
+            for (x, &kj) in sr.iter_mut().zip(kc) {
+                *x = madd::<T, FMA>(qrp, kj, *x);
+            }
+        }
+    }
+    for r in 0..rows {
+        let spec = group.specs[r / group.n_q];
+        let i = r % group.n_q;
+        let sr = &mut s[r * CHUNK..r * CHUNK + len];
+        let (lo, hi) = spec.key_range(i);
+        let (first, last) = (start as i64, (start + len) as i64 - 1);
+        if last < lo || first > hi {
+            continue; // outside the row's band: nothing allowed here
+        }
+        if spec.has_elementwise() || first < lo || last > hi {
+            for (j, x) in sr.iter_mut().enumerate() {
+                *x = spec.modify(i, start + j, *x * spec.scale);
+            }
+        } else {
+            for x in sr.iter_mut() {
+                *x *= spec.scale;
+            }
+        }
+        let m_chunk = lane_max(sr);
+        let m_old = state.m[r];
+        let m_new = m_old.max(m_chunk);
+        if m_new == T::NEG_INFINITY {
+            continue;
+        }
+        for x in sr.iter_mut() {
+            *x = (*x - m_new).exp_nonpos::<FMA>();
+        }
+        let alpha = factor(m_old, m_new);
+        state.l[r] = state.l[r] * alpha + lane_sum::<T, FMA>(sr, None);
+        let acc = &mut state.acc[r * d_v..(r + 1) * d_v];
+        for (c, a) in acc.iter_mut().enumerate() {
+            let column = v.column(c);
+            let vc = &column.as_slice()[at..at + len];
+            *a = *a * alpha + lane_sum::<T, FMA>(sr, Some(vc));
+        }
+        state.m[r] = m_new;
+    }
+}
+
+/// `Σ_j p_j·x_j` (or `Σ_j p_j`) over at most [`CHUNK`] keys: [`LANES`] partial sums in T
+/// (key `j` in lane `j mod LANES`), added in f64.
+#[inline(always)]
+fn lane_sum<T: Element, const FMA: bool>(p: &[T], x: Option<&[T]>) -> f64 {
+    let mut lanes = [T::zero(); LANES];
+    let full = p.len() / LANES * LANES;
+    match x {
+        Some(x) => {
+            for (pc, xc) in p[..full]
+                .chunks_exact(LANES)
+                .zip(x[..full].chunks_exact(LANES))
+            {
+                for t in 0..LANES {
+                    lanes[t] = madd::<T, FMA>(pc[t], xc[t], lanes[t]);
+                }
+            }
+            for (t, (&pj, &xj)) in p[full..].iter().zip(&x[full..]).enumerate() {
+                lanes[t] = madd::<T, FMA>(pj, xj, lanes[t]);
+            }
+        }
+        None => {
+            for pc in p[..full].chunks_exact(LANES) {
+                for t in 0..LANES {
+                    lanes[t] += pc[t];
+                }
+            }
+            for (t, &pj) in p[full..].iter().enumerate() {
+                lanes[t] += pj;
+            }
+        }
+    }
+    // Pairwise in T (each term gets at most 4 more roundings), then once to f64.
+    let mut width = LANES / 2;
+    while width > 0 {
+        for t in 0..width {
+            lanes[t] += lanes[t + width];
+        }
+        width /= 2;
+    }
+    lanes[0].to_f64()
+}
+
+/// The largest of `x` (−∞ if empty), in [`LANES`] lanes so that it vectorises (the
+/// scores hold no NaN).
+#[inline(always)]
+fn lane_max<T: Element>(x: &[T]) -> T {
+    let mut lanes = [T::NEG_INFINITY; LANES];
+    let full = x.len() / LANES * LANES;
+    for c in x[..full].chunks_exact(LANES) {
+        for t in 0..LANES {
+            lanes[t] = if c[t] > lanes[t] { c[t] } else { lanes[t] };
+        }
+    }
+    for (t, &xj) in x[full..].iter().enumerate() {
+        lanes[t] = if xj > lanes[t] { xj } else { lanes[t] };
+    }
+    lanes
+        .iter()
+        .fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// `a·b + c`, fused when the path has FMA.
+#[inline(always)]
+fn madd<T: Element, const FMA: bool>(a: T, b: T, c: T) -> T {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// The parts of `n_kv` keys: `⌈n_kv / PART_KEYS⌉` ranges (depends on nothing else).
+pub(crate) fn parts(n_kv: usize) -> Vec<std::ops::Range<usize>> {
+    (0..n_kv.div_ceil(PART_KEYS))
+        .map(|p| p * PART_KEYS..((p + 1) * PART_KEYS).min(n_kv))
+        .collect()
+}
+
+/// Merges the parts' states in order and writes every row's output and log-sum-exp:
+/// `outs[h]` (n_q × d_v) and `lses[h]` for head `h` of the group.
+pub(crate) fn finish<T: Element>(
+    group: &Group<'_, '_, T>,
+    states: Vec<State<T>>,
+    outs: &mut [&mut MatMut<'_, T>],
+    lses: &mut [Option<&mut [T]>],
+) {
+    let d_v = group.specs[0].d_v;
+    let mut states = states.into_iter();
+    let mut total = states
+        .next()
+        .unwrap_or_else(|| State::new(group.rows(), d_v));
+    for s in states {
+        total.merge(&s, d_v);
+    }
+    for (h, spec) in group.specs.iter().enumerate() {
+        for i in 0..group.n_q {
+            let r = h * group.n_q + i;
+            let (m, l) = (total.m[r], total.l[r]);
+            if let Some(lse) = lses[h].as_deref_mut() {
+                lse[i] = T::from_f64_rounded(row_lse(m.to_f64(), l));
+            }
+            for c in 0..d_v {
+                outs[h][(i, c)] = row_output(total.acc[r * d_v + c], l, 1.0, spec.v_max_abs);
+            }
+        }
+    }
+}
+
+/// The group's result: parts computed by `compiled` (the path's instance of [`part`]), in
+/// parallel over parts if `parallel`, merged in order.
+pub(crate) fn attention<T: Element>(
+    group: &Group<'_, '_, T>,
+    path: crate::cpu::CpuPath,
+    parallel: bool,
+    outs: &mut [&mut MatMut<'_, T>],
+    lses: &mut [Option<&mut [T]>],
+) {
+    use rayon::prelude::*;
+    let compiled = T::decode(path);
+    let parts = parts(group.specs[0].n_kv);
+    let states: Vec<State<T>> = if parallel && parts.len() > 1 {
+        parts
+            .into_par_iter()
+            .map(|keys| compiled(group, keys))
+            .collect()
+    } else {
+        parts
+            .into_iter()
+            .map(|keys| compiled(group, keys))
+            .collect()
+    };
+    finish(group, states, outs, lses);
+}
+
+/// The type of a path's compiled [`part`].
+pub type PartFn<T> = for<'g, 's, 'a> fn(&'g Group<'s, 'a, T>, std::ops::Range<usize>) -> State<T>;
+
+// Keep `ElementKernels` in scope for `T::decode` and `exp_nonpos`.
+#[allow(unused_imports)]
+use ElementKernels as _;
