@@ -78,6 +78,7 @@ mod kernel;
 mod memory;
 mod merge;
 mod options;
+mod projection;
 mod rope;
 mod score;
 mod spec;
