@@ -75,6 +75,7 @@ mod element;
 mod error;
 mod heads;
 mod kernel;
+mod layer;
 mod memory;
 mod merge;
 mod options;
@@ -98,6 +99,7 @@ pub use heads::{
 };
 #[doc(hidden)]
 pub use kernel::{KernelRun, last_kernel_run};
+pub use layer::MultiHeadAttention;
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
 pub use rope::{Rope, RopeConvention};
