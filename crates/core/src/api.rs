@@ -3,12 +3,13 @@
 use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
-use crate::columns::owned_if_broadcast;
+use crate::columns::owned_for_left_product;
 use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::kernel;
 use crate::memory::{try_matrix, try_vector};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
+use crate::projection::project;
 use crate::spec::{Spec, check_finite};
 use crate::view::{AsMatMut, AsMatRef, MatMut};
 
@@ -82,27 +83,14 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
     ] {
         check_finite(operand, m)?;
     }
-    // nalgebra's product cannot read broadcast (zero-stride) views: copy those first.
-    let x_owned = owned_if_broadcast(&x, Operand::Input)?;
+    // nalgebra's product cannot read broadcast or row-strided left operands: copy those
+    // first (see `owned_for_left_product`).
+    let x_owned = owned_for_left_product(&x, Operand::Input)?;
     let x = x_owned.as_ref().map_or(x, |m| m.as_view());
-    let project = |w: &MatRef<'_, T>, operand| {
-        let w_owned = owned_if_broadcast(w, operand)?;
-        let w = w_owned.as_ref().map_or(*w, |m| m.as_view());
-        let mut m = try_matrix(x.nrows(), w.ncols(), T::zero(), operand)?;
-        x.mul_to(&w, &mut m);
-        match m.iter().position(|e| !e.finite()) {
-            None => Ok(m),
-            Some(idx) => Err(AttentionError::ProductOverflow {
-                operand,
-                row: idx % m.nrows(),
-                column: idx / m.nrows(),
-            }),
-        }
-    };
     Ok((
-        project(&w_q, Operand::Query)?,
-        project(&w_k, Operand::Key)?,
-        project(&w_v, Operand::Value)?,
+        project(&x, &w_q, None, Operand::Query)?,
+        project(&x, &w_k, None, Operand::Key)?,
+        project(&x, &w_v, None, Operand::Value)?,
     ))
 }
 

@@ -38,6 +38,30 @@ pub(crate) fn owned_if_broadcast<T: Element>(
     Ok(Some(owned))
 }
 
+/// A contiguous copy of `m` if nalgebra's product `m · B` cannot read it in place, else
+/// `None`: a broadcast view ([`is_broadcast`]), or a row stride other than 1 (a transposed
+/// or row-strided view). nalgebra 0.35 multiplies small matrices (a dimension ≤ 5) column
+/// by column, taking the length of a strided column's underlying slice,
+/// `(rows − 1)·stride + 1`, as its number of elements: with a row stride above 1 it writes
+/// past the end of the output column (caught as an out-of-bounds `get_unchecked_mut` in
+/// debug builds). Only the left operand is read that way.
+pub(crate) fn owned_for_left_product<T: Element>(
+    m: &MatRef<'_, T>,
+    operand: Operand,
+) -> Result<Option<DMatrix<T>>, AttentionError> {
+    if m.nrows() > 1 && m.strides().0 != 1 {
+        // Broadcast views are among these; `owned_if_broadcast` copies by index.
+        let mut owned = try_matrix(m.nrows(), m.ncols(), T::zero(), operand)?;
+        for c in 0..m.ncols() {
+            for r in 0..m.nrows() {
+                owned[(r, c)] = m[(r, c)];
+            }
+        }
+        return Ok(Some(owned));
+    }
+    owned_if_broadcast(m, operand)
+}
+
 /// Calls `f(c, column)` for every column `c` of `m`, restricted to `rows`. `buf` is only
 /// used (and grown) for matrices whose row stride is not 1.
 pub(crate) fn for_each_column<T: Element>(

@@ -8,14 +8,30 @@ use std::fmt;
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Operand {
-    /// The token matrix `X` given to [`compute_qkv`](crate::compute_qkv).
+    /// The token matrix `X` given to [`compute_qkv`](crate::compute_qkv) or to a
+    /// [`MultiHeadAttention`](crate::MultiHeadAttention) layer (in cross-attention: the
+    /// queries' tokens `X_q`).
     Input,
+    /// The tokens `X_kv` that keys and values are projected from in
+    /// [`MultiHeadAttention::forward_cross`](crate::MultiHeadAttention::forward_cross).
+    KeyValueInput,
     /// The query projection `W_q`.
     QueryWeight,
     /// The key projection `W_k`.
     KeyWeight,
     /// The value projection `W_v`.
     ValueWeight,
+    /// The output projection `W_o` of a [`MultiHeadAttention`](crate::MultiHeadAttention)
+    /// layer (h_q·d_v × d_model).
+    OutputWeight,
+    /// The query bias `b_q` of a layer (h_q·d_head entries).
+    QueryBias,
+    /// The key bias `b_k` of a layer (h_kv·d_head entries).
+    KeyBias,
+    /// The value bias `b_v` of a layer (h_kv·d_v entries).
+    ValueBias,
+    /// The output bias `b_o` of a layer (d_model entries).
+    OutputBias,
     /// The query matrix `Q` (n_q × d_k).
     Query,
     /// The key matrix `K` (n_kv × d_k).
@@ -59,9 +75,15 @@ impl fmt::Display for Operand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Operand::Input => f.write_str("input"),
+            Operand::KeyValueInput => f.write_str("key/value input"),
             Operand::QueryWeight => f.write_str("query weight"),
             Operand::KeyWeight => f.write_str("key weight"),
             Operand::ValueWeight => f.write_str("value weight"),
+            Operand::OutputWeight => f.write_str("output weight"),
+            Operand::QueryBias => f.write_str("query bias"),
+            Operand::KeyBias => f.write_str("key bias"),
+            Operand::ValueBias => f.write_str("value bias"),
+            Operand::OutputBias => f.write_str("output bias"),
             Operand::Query => f.write_str("query"),
             Operand::Key => f.write_str("key"),
             Operand::Value => f.write_str("value"),
@@ -96,6 +118,10 @@ impl Operand {
                 | Operand::QueryLengths
                 | Operand::KeyLengths
                 | Operand::Positions
+                | Operand::QueryBias
+                | Operand::KeyBias
+                | Operand::ValueBias
+                | Operand::OutputBias
         )
     }
 
@@ -218,7 +244,10 @@ pub enum AttentionError {
         /// The key row.
         key: usize,
     },
-    /// A projection `X · W` in [`compute_qkv`](crate::compute_qkv) overflowed the element type.
+    /// A projection `X · W` (plus its bias, if any) in [`compute_qkv`](crate::compute_qkv)
+    /// or a [`MultiHeadAttention`](crate::MultiHeadAttention) layer overflowed the element
+    /// type: `operand` is [`Operand::Query`], [`Operand::Key`] or [`Operand::Value`] for
+    /// the input projections, [`Operand::Output`] for a layer's output projection.
     /// (Attention outputs never overflow: they are convex combinations of values.)
     ProductOverflow {
         /// The result that overflowed.

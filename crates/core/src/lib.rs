@@ -45,6 +45,7 @@
 //! | FlashAttention `window_size`, `softcap`, `alibi_slopes` | [`AttentionOptions::with_window`], [`with_softcap`](AttentionOptions::with_softcap), [`with_alibi_slope`](AttentionOptions::with_alibi_slope) |
 //! | `need_weights=True` | [`attention_weights`] |
 //! | FlashAttention's `softmax_lse` | [`scaled_dot_product_attention_with_lse`] |
+//! | `nn.MultiheadAttention(E, h)` (`y = x·Wᵀ + b`: pass `W = weight.T`) | [`MultiHeadAttention`]`::new(h, h, w_q, w_k, w_v, w_o)?.with_biases(..)?.forward(&x, &options)?` |
 //! | rotary embeddings (`rotate_half` / GPT-J interleaved) on Q and K | [`Rope`]`::new(r).apply(&mut q, heads, &positions)?` |
 //!
 //! A numpy array `a` of shape `(n, d)` is `DMatrix::from_row_slice(n, d, a.ravel())`.
@@ -75,9 +76,11 @@ mod element;
 mod error;
 mod heads;
 mod kernel;
+mod layer;
 mod memory;
 mod merge;
 mod options;
+mod projection;
 mod rope;
 mod score;
 mod spec;
@@ -97,6 +100,7 @@ pub use heads::{
 };
 #[doc(hidden)]
 pub use kernel::{KernelRun, last_kernel_run};
+pub use layer::MultiHeadAttention;
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
 pub use rope::{Rope, RopeConvention};

@@ -163,8 +163,9 @@ impl Rope {
         Ok(())
     }
 
-    /// Checks the parameters against the shape of x; returns the head width.
-    fn check(
+    /// Checks the parameters against the shape of x; returns the head width. (The layer
+    /// calls it with no rows to check its RoPE once, when it is built.)
+    pub(crate) fn check(
         &self,
         rows: usize,
         columns: usize,

@@ -3,7 +3,7 @@
 
 use nalgebra::DMatrix;
 
-use crate::columns::owned_if_broadcast;
+use crate::columns::{owned_for_left_product, owned_if_broadcast};
 use crate::error::Operand;
 use crate::kernel::{KernelRun, careful, record_run};
 use crate::memory::{try_matrix, try_vector};
@@ -65,8 +65,9 @@ pub fn attention_weights<'q, 'k, 'v, T: Element>(
         return Ok(w);
     }
     record_run(KernelRun::Weights);
-    // nalgebra's product cannot read broadcast (zero-stride) views: copy those first.
-    let q_owned = owned_if_broadcast(&q, Operand::Query)?;
+    // nalgebra's product cannot read broadcast views, nor a row-strided left operand:
+    // copy those first (see `owned_for_left_product`).
+    let q_owned = owned_for_left_product(&q, Operand::Query)?;
     let k_owned = owned_if_broadcast(&k, Operand::Key)?;
     let q = q_owned.as_ref().map_or(q, |m| m.as_view());
     let k = k_owned.as_ref().map_or(k, |m| m.as_view());

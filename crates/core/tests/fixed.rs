@@ -532,3 +532,33 @@ fn zero_widths_on_the_fused_path() {
         }
     }
 }
+
+/// Row-strided left operands of nalgebra's product (a transposed view of 3–5 rows):
+/// nalgebra 0.35's small-matrix path took the strided slice's length for the row count
+/// and wrote past its output column (an out-of-bounds `get_unchecked_mut`, caught by
+/// debug assertions). `compute_qkv` and `attention_weights` copy such views first; the
+/// results equal those of the contiguous matrix bit for bit.
+#[test]
+fn row_strided_left_operands_of_products() {
+    for n in [2, 3, 5] {
+        let x = DMatrix::<f64>::from_fn(n, 4, |i, j| ((i * 4 + j) as f64 * 0.7).sin());
+        let xt = x.transpose();
+        let strided: DMatrixView<'_, f64, Dyn, Dyn> = DMatrixView::from_slice_with_strides_generic(
+            xt.as_slice(),
+            Dyn(n),
+            Dyn(4),
+            Dyn(4),
+            Dyn(1),
+        );
+        let w = DMatrix::<f64>::from_fn(4, 3, |i, j| (i + 2 * j) as f64 * 0.1);
+        assert_eq!(
+            attention_core::compute_qkv(strided, &w, &w, &w).unwrap(),
+            attention_core::compute_qkv(&x, &w, &w, &w).unwrap()
+        );
+        let options = AttentionOptions::new();
+        assert_eq!(
+            attention_core::attention_weights(strided, strided, strided, &options).unwrap(),
+            attention_core::attention_weights(&x, &x, &x, &options).unwrap()
+        );
+    }
+}

@@ -29,7 +29,8 @@
 //! (bottom-right: the last query lines up with the last key). A row in which no key is
 //! allowed has output 0, weights 0 and `lse = −∞` (no NaN). See [`attention()`] for the
 //! details and [`merge()`] for combining results over blocks of keys. [`rope()`] is the
-//! rotary position embedding, from its formula.
+//! rotary position embedding, from its formula; [`Layer`] a multi-head attention layer on
+//! top of [`compute_qkv`], [`rope()`] and [`multi_head_attention`].
 //!
 //! # Coming from NumPy / PyTorch
 //!
@@ -65,6 +66,7 @@
 mod attention;
 mod compensated;
 mod heads;
+mod layer;
 mod merge;
 mod projection;
 mod rope;
@@ -72,8 +74,9 @@ mod rope;
 pub use attention::{attention, self_attention};
 pub use compensated::{dot2, neumaier_sum};
 pub use heads::{HeadAttention, HeadOptions, Layout, alibi_slopes, multi_head_attention};
+pub use layer::{Layer, LayerRope};
 pub use merge::merge;
-pub use projection::compute_qkv;
+pub use projection::{compute_qkv, project};
 pub use rope::{RopeConvention, rope};
 
 use nalgebra::DMatrix;

@@ -45,14 +45,33 @@ pub fn compute_qkv<T: Copy + Into<f64>>(
     w_v: &DMatrix<T>,
 ) -> (DMatrix<f64>, DMatrix<f64>, DMatrix<f64>) {
     (
-        project(x, w_q, "w_q"),
-        project(x, w_k, "w_k"),
-        project(x, w_v, "w_v"),
+        project_named(x, w_q, "w_q"),
+        project_named(x, w_k, "w_k"),
+        project_named(x, w_v, "w_v"),
     )
 }
 
+/// `X·W`, each entry a compensated dot product ([`dot2`]) in `f64`: the one projection of
+/// [`compute_qkv`] and of the layer's output projection.
+///
+/// # Panics
+/// If `w` does not have `x`'s columns as rows.
+///
+/// # Example
+/// ```
+/// use attention_reference::project;
+/// use nalgebra::DMatrix;
+/// let x = DMatrix::from_row_slice(1, 2, &[1.0, 2.0]);
+/// let w = DMatrix::from_row_slice(2, 1, &[3.0, 4.0]);
+/// assert_eq!(project(&x, &w)[(0, 0)], 11.0);
+/// ```
+#[must_use]
+pub fn project<T: Copy + Into<f64>>(x: &DMatrix<T>, w: &DMatrix<T>) -> DMatrix<f64> {
+    project_named(x, w, "w")
+}
+
 /// `X·W` with every entry a [`dot2`] of a row of X and a column of W.
-fn project<T: Copy + Into<f64>>(x: &DMatrix<T>, w: &DMatrix<T>, name: &str) -> DMatrix<f64> {
+fn project_named<T: Copy + Into<f64>>(x: &DMatrix<T>, w: &DMatrix<T>, name: &str) -> DMatrix<f64> {
     let (n, d_model) = x.shape();
     let (w_rows, d_out) = w.shape();
     assert_eq!(

@@ -26,7 +26,9 @@
 //! missing or malformed.
 //!
 //! [`rope_cases`] reads `data/rope_cases.json` the same way (rotary position embeddings,
-//! 60 cases; see [`RopeCase`]).
+//! 60 cases; see [`RopeCase`]), [`mha_cases`] `data/mha_cases.json` (multi-head, 42 cases)
+//! and [`layer_cases`] `data/layer_cases.json` (an attention layer, 15 cases; see
+//! [`LayerCase`]).
 //!
 //! # Example
 //!
@@ -47,6 +49,8 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
+mod layer;
+pub use layer::{LayerCase, layer_cases};
 mod mha;
 pub use mha::{MhaCase, mha_cases};
 mod rope;

@@ -70,6 +70,7 @@ pub(crate) fn attention<T: Element>(
 
 /// The results of the blocks that go to the careful path (scores not provably in range),
 /// at their block index; the first overflow, in `(query, head, key)` order, as an error.
+#[allow(clippy::type_complexity)] // one (output, lse) per block: an alias would hide it
 fn careful_first<T: Element>(
     batch: &Batch<'_, T>,
     path: CpuPath,

@@ -1,0 +1,563 @@
+//! [`MultiHeadAttention`]: a transformer's attention layer — the input projections, optional
+//! rotary embeddings, multi-head (grouped-query) attention and the output projection —
+//! validated once when it is built.
+
+use nalgebra::{DMatrix, DVector};
+
+use crate::Element;
+use crate::columns::owned_for_left_product;
+use crate::error::{AttentionError, Axis, Operand, check_dim};
+use crate::heads::{HeadLayout, multi_head_attention};
+use crate::options::{AttentionOptions, MatRef};
+use crate::projection::project;
+use crate::rope::Rope;
+use crate::spec::check_finite;
+use crate::view::AsMatRef;
+
+/// A multi-head attention layer with grouped-query heads, optional biases and optional
+/// rotary position embeddings (RoPE).
+///
+/// For tokens `X` (n × d_model, one row per token):
+/// ```text
+/// Q = X·W_q + b_q        K = X·W_k + b_k        V = X·W_v + b_v
+/// Q, K ← RoPE(Q), RoPE(K)                         (if set; positions 0, 1, …, n − 1)
+/// A   = concat_h attention_h(Q, K, V)             (multi_head_attention: head h of Q
+///                                                  reads K/V head h / (h_q / h_kv))
+/// y   = A·W_o + b_o
+/// ```
+/// i.e. `y = concat_h(attention_h(X·W_q + b_q, X·W_k + b_k, X·W_v + b_v))·W_o + b_o`, with
+/// `attention_h` the scaled dot-product attention of [`AttentionOptions`] (scale
+/// `1/√d_head` unless set; causal, masks, window, softcap, ALiBi as given) on head `h`'s
+/// column block. A bias is added to every row (broadcast over tokens).
+///
+/// # Weights multiply from the right
+/// Rows are tokens, so every weight multiplies from the right (`X·W`, numpy's `X @ W`, the
+/// seed example's convention). PyTorch's `nn.Linear` stores the transpose: for a
+/// `linear = nn.Linear(d_in, d_out)`, `W = linear.weight.T` (d_in × d_out) and
+/// `b = linear.bias`. For `nn.MultiheadAttention(E, h)`, `W_q`, `W_k`, `W_v` are the
+/// transposes of the three row blocks of `in_proj_weight` (rows `0..E`, `E..2E`,
+/// `2E..3E`), and `W_o = out_proj.weight.T`.
+///
+/// # Shapes
+/// | weight | shape | bias |
+/// |---|---|---|
+/// | `W_q` | d_model × h_q·d_head | `b_q`: h_q·d_head |
+/// | `W_k` | d_model × h_kv·d_head | `b_k`: h_kv·d_head |
+/// | `W_v` | d_model × h_kv·d_v | `b_v`: h_kv·d_v |
+/// | `W_o` | h_q·d_v × d_model | `b_o`: d_model |
+///
+/// Head `h` occupies columns `h·d_head .. (h+1)·d_head` of Q (PyTorch's
+/// `view(n, heads, d_head)`), and likewise for K, V and A. `h_q` must be a multiple of
+/// `h_kv` (`h_kv = h_q`: classic multi-head; `h_kv = 1`: multi-query). `d_v`, the value
+/// head width, is usually `d_head`; it is read off `W_v`.
+///
+/// # Validation
+/// Every shape and value is checked once, by [`new`](Self::new),
+/// [`with_biases`](Self::with_biases) and [`with_rope`](Self::with_rope): a layer that
+/// exists is consistent, and its weights are finite. A call then checks only its inputs
+/// (and the options, as [`multi_head_attention`] does).
+///
+/// # Example
+/// ```
+/// use attention_core::{multi_head_attention, AttentionOptions, Causal, HeadLayout, MultiHeadAttention};
+/// use nalgebra::{DMatrix, DVector};
+///
+/// // d_model = 4, two query heads of width 2 sharing one key/value head.
+/// let w = |r, c, s: f64| DMatrix::from_fn(r, c, |i, j| ((i * c + j) as f64 * s).sin());
+/// let (w_q, w_k, w_v, w_o) = (w(4, 4, 0.7), w(4, 2, 1.3), w(4, 2, 0.4), w(4, 4, 0.9));
+/// let b_o = DVector::from_element(4, 0.5);
+/// let layer = MultiHeadAttention::new(2, 1, w_q.clone(), w_k.clone(), w_v.clone(), w_o.clone())?
+///     .with_biases(None, None, None, Some(b_o.clone()))?;
+///
+/// let x = w(3, 4, 0.3); // three tokens
+/// let options = AttentionOptions::new().with_causal(Causal::TopLeft);
+/// let y = layer.forward(&x, &options)?;
+///
+/// // The same by hand: project, attend per head, project back.
+/// let (q, k, v) = (&x * &w_q, &x * &w_k, &x * &w_v);
+/// let a = multi_head_attention(&q, &k, &v, &HeadLayout::new(2, 1), &options)?;
+/// let by_hand = a * w_o + DMatrix::from_fn(3, 4, |_, c| b_o[c]);
+/// assert!((y - by_hand).amax() < 1e-14);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct MultiHeadAttention<T: Element> {
+    heads_q: usize,
+    heads_kv: usize,
+    d_head: usize,
+    d_v: usize,
+    w_q: DMatrix<T>,
+    w_k: DMatrix<T>,
+    w_v: DMatrix<T>,
+    w_o: DMatrix<T>,
+    b_q: Option<DVector<T>>,
+    b_k: Option<DVector<T>>,
+    b_v: Option<DVector<T>>,
+    b_o: Option<DVector<T>>,
+    rope: Option<Rope>,
+}
+
+impl<T: Element> MultiHeadAttention<T> {
+    /// A layer of `heads_q` query heads reading `heads_kv` key/value heads, without biases
+    /// or RoPE. `d_model` is `W_q`'s rows, `d_head` its columns over `heads_q`, `d_v`
+    /// `W_v`'s columns over `heads_kv` (see the table in [`MultiHeadAttention`]).
+    ///
+    /// # Errors
+    /// Checked in this order:
+    /// - [`AttentionError::InvalidHeads`]: a head count of 0, or `heads_q` not a multiple
+    ///   of `heads_kv`;
+    /// - [`AttentionError::HeadSplit`]: `W_q`'s columns do not split into `heads_q`
+    ///   heads ([`Operand::QueryWeight`]), `W_k`'s are not `heads_kv·d_head`
+    ///   ([`Operand::KeyWeight`], with `head_width`), `W_v`'s do not split into
+    ///   `heads_kv` heads ([`Operand::ValueWeight`]);
+    /// - [`AttentionError::DimensionMismatch`]: `W_k` or `W_v` has other rows than `W_q`
+    ///   (d_model); `W_o` ([`Operand::OutputWeight`]) does not have `heads_q·d_v` rows or
+    ///   `d_model` columns;
+    /// - [`AttentionError::NonFinite`]: the first NaN or ±∞ of `W_q`, `W_k`, `W_v`, `W_o`
+    ///   (in that order, column-major within each).
+    pub fn new(
+        heads_q: usize,
+        heads_kv: usize,
+        w_q: DMatrix<T>,
+        w_k: DMatrix<T>,
+        w_v: DMatrix<T>,
+        w_o: DMatrix<T>,
+    ) -> Result<Self, AttentionError> {
+        if heads_q == 0 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
+            return Err(AttentionError::InvalidHeads { heads_q, heads_kv });
+        }
+        let split = |operand, columns, heads, head_width| AttentionError::HeadSplit {
+            operand,
+            columns,
+            heads,
+            head_width,
+        };
+        if !w_q.ncols().is_multiple_of(heads_q) {
+            return Err(split(Operand::QueryWeight, w_q.ncols(), heads_q, None));
+        }
+        let d_head = w_q.ncols() / heads_q;
+        if w_k.ncols() != heads_kv * d_head {
+            return Err(split(
+                Operand::KeyWeight,
+                w_k.ncols(),
+                heads_kv,
+                Some(d_head),
+            ));
+        }
+        if !w_v.ncols().is_multiple_of(heads_kv) {
+            return Err(split(Operand::ValueWeight, w_v.ncols(), heads_kv, None));
+        }
+        let d_v = w_v.ncols() / heads_kv;
+        let d_model = w_q.nrows();
+        for (operand, rows) in [
+            (Operand::KeyWeight, w_k.nrows()),
+            (Operand::ValueWeight, w_v.nrows()),
+        ] {
+            check_dim(
+                operand,
+                Axis::Rows,
+                rows,
+                d_model,
+                Operand::QueryWeight,
+                "every input projection has d_model rows",
+            )?;
+        }
+        check_dim(
+            Operand::OutputWeight,
+            Axis::Rows,
+            w_o.nrows(),
+            heads_q * d_v,
+            Operand::ValueWeight,
+            "W_o has one row per column of the concatenated heads (h_q·d_v)",
+        )?;
+        check_dim(
+            Operand::OutputWeight,
+            Axis::Columns,
+            w_o.ncols(),
+            d_model,
+            Operand::QueryWeight,
+            "the layer maps d_model columns back to d_model",
+        )?;
+        for (operand, w) in [
+            (Operand::QueryWeight, &w_q),
+            (Operand::KeyWeight, &w_k),
+            (Operand::ValueWeight, &w_v),
+            (Operand::OutputWeight, &w_o),
+        ] {
+            check_finite(operand, &w.as_view())?;
+        }
+        Ok(MultiHeadAttention {
+            heads_q,
+            heads_kv,
+            d_head,
+            d_v,
+            w_q,
+            w_k,
+            w_v,
+            w_o,
+            b_q: None,
+            b_k: None,
+            b_v: None,
+            b_o: None,
+            rope: None,
+        })
+    }
+
+    /// Sets the biases (`None` for none; each replaces any earlier one): `b_q`
+    /// (h_q·d_head entries), `b_k` (h_kv·d_head), `b_v` (h_kv·d_v), `b_o` (d_model).
+    /// Llama has none, Qwen2 `b_q`, `b_k`, `b_v`, PyTorch's `nn.MultiheadAttention` all
+    /// four.
+    ///
+    /// # Errors
+    /// [`AttentionError::DimensionMismatch`] (`Axis::Entries`, naming
+    /// [`Operand::QueryBias`] … [`Operand::OutputBias`]) for a bias of the wrong length,
+    /// then [`AttentionError::NonFinite`] for the first NaN or ±∞ (biases in the order
+    /// q, k, v, o). On error the layer is dropped: build it again.
+    pub fn with_biases(
+        self,
+        b_q: Option<DVector<T>>,
+        b_k: Option<DVector<T>>,
+        b_v: Option<DVector<T>>,
+        b_o: Option<DVector<T>>,
+    ) -> Result<Self, AttentionError> {
+        let checks = [
+            (
+                &b_q,
+                Operand::QueryBias,
+                self.w_q.ncols(),
+                Operand::QueryWeight,
+            ),
+            (&b_k, Operand::KeyBias, self.w_k.ncols(), Operand::KeyWeight),
+            (
+                &b_v,
+                Operand::ValueBias,
+                self.w_v.ncols(),
+                Operand::ValueWeight,
+            ),
+            (
+                &b_o,
+                Operand::OutputBias,
+                self.w_o.ncols(),
+                Operand::OutputWeight,
+            ),
+        ];
+        for (b, operand, len, against) in &checks {
+            if let Some(b) = b {
+                check_dim(
+                    *operand,
+                    Axis::Entries,
+                    b.len(),
+                    *len,
+                    *against,
+                    "a bias has one entry per column of its weight",
+                )?;
+            }
+        }
+        for (b, operand, _, _) in &checks {
+            if let Some(b) = b {
+                check_finite(*operand, &b.into_mat_ref())?;
+            }
+        }
+        Ok(MultiHeadAttention {
+            b_q,
+            b_k,
+            b_v,
+            b_o,
+            ..self
+        })
+    }
+
+    /// Rotates Q and K of every head by `rope` before attention, in
+    /// [`forward`](Self::forward) (positions `0..n`) and
+    /// [`forward_packed`](Self::forward_packed) (positions restarting at 0 in each
+    /// sequence); not in [`forward_cross`](Self::forward_cross) (see there why).
+    ///
+    /// # Errors
+    /// Those of [`Rope::apply`]'s parameters, checked here against the head width:
+    /// [`AttentionError::InvalidRopeBase`], [`AttentionError::InvalidRotaryDim`] (odd, 0,
+    /// or wider than `d_head`). On error the layer is dropped.
+    pub fn with_rope(self, rope: Rope) -> Result<Self, AttentionError> {
+        rope.check(0, self.w_q.ncols(), self.heads_q, &[])?;
+        Ok(MultiHeadAttention {
+            rope: Some(rope),
+            ..self
+        })
+    }
+
+    /// The number of query heads `h_q`.
+    #[must_use]
+    pub fn heads_q(&self) -> usize {
+        self.heads_q
+    }
+
+    /// The number of key/value heads `h_kv`.
+    #[must_use]
+    pub fn heads_kv(&self) -> usize {
+        self.heads_kv
+    }
+
+    /// The width of the layer's input and output, `d_model`.
+    #[must_use]
+    pub fn d_model(&self) -> usize {
+        self.w_q.nrows()
+    }
+
+    /// The query/key head width `d_head`.
+    #[must_use]
+    pub fn d_head(&self) -> usize {
+        self.d_head
+    }
+
+    /// The value head width `d_v` (usually `d_head`).
+    #[must_use]
+    pub fn d_v(&self) -> usize {
+        self.d_v
+    }
+
+    /// The rotary embedding, if set.
+    #[must_use]
+    pub fn rope(&self) -> Option<&Rope> {
+        self.rope.as_ref()
+    }
+
+    /// Self-attention of one sequence: `y = layer(X)` (the formula in
+    /// [`MultiHeadAttention`]), RoPE at positions `0..n`.
+    ///
+    /// `options` are those of [`multi_head_attention`] for one sequence: causal (with
+    /// n_q = n_kv, top-left and bottom-right agree), a mask or bias (n × n), a key padding
+    /// mask (n), window, softcap, ALiBi (one slope or one per query head), the scale
+    /// (default `1/√d_head`), the CPU path and threading.
+    ///
+    /// # Shapes
+    /// `x` is n × d_model, a matrix or a view by value or by reference (any strides);
+    /// returns n × d_model. n = 0 gives a 0 × d_model matrix.
+    ///
+    /// # Errors
+    /// [`AttentionError::DimensionMismatch`] ([`Operand::Input`]) if `x` does not have
+    /// d_model columns; [`AttentionError::NonFinite`] ([`Operand::Input`]) for a NaN or ∞
+    /// in `x`; [`AttentionError::ProductOverflow`] if a projection leaves the type's range
+    /// ([`Operand::Query`], `Key`, `Value`, or `Output` for `A·W_o + b_o`);
+    /// [`AttentionError::RotationOverflow`] if RoPE does (entries above MAX/2 only); the
+    /// option and score errors of [`multi_head_attention`]; [`AttentionError::TooLarge`].
+    pub fn forward<'x>(
+        &self,
+        x: impl AsMatRef<'x, T>,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>, AttentionError> {
+        let x = x.into_mat_ref();
+        let n = x.nrows();
+        self.self_attention(x, &[n], false, options)
+    }
+
+    /// Self-attention of a packed batch of sequences (FlashAttention's varlen layout, no
+    /// padding): `x`'s rows stack the tokens of each sequence, `seqlens[s]` of them for
+    /// sequence `s` (0 allowed). Each sequence attends only to itself, exactly as
+    /// [`forward`](Self::forward) on its rows alone would (RoPE positions restart at 0 in
+    /// each sequence; causal, window and ALiBi count from its start).
+    ///
+    /// `options` are those of [`multi_head_attention`] with
+    /// `HeadLayout::new(h_q, h_kv).with_seqlens(seqlens, seqlens)`: a key mask covers the
+    /// packed tokens (Σ seqlens entries); masks and biases are per sequence
+    /// ([`AttentionOptions::with_sequence_masks`],
+    /// [`with_sequence_biases`](AttentionOptions::with_sequence_biases)).
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward), and [`AttentionError::SequenceLengths`]
+    /// ([`Operand::Input`]) if the lengths do not sum to `x`'s rows (checked before any
+    /// value is read).
+    ///
+    /// # Example
+    /// ```
+    /// use attention_core::{AttentionOptions, Causal, MultiHeadAttention, Rope};
+    /// use nalgebra::DMatrix;
+    ///
+    /// let w = |r, c, s: f64| DMatrix::from_fn(r, c, |i, j| ((i * c + j) as f64 * s).cos());
+    /// let layer = MultiHeadAttention::new(2, 2, w(8, 8, 0.3), w(8, 8, 0.5), w(8, 8, 0.7), w(8, 8, 1.1))?
+    ///     .with_rope(Rope::new(4))?;
+    /// let x = w(5, 8, 0.2); // sequences of 2 and 3 tokens
+    /// let options = AttentionOptions::new().with_causal(Causal::BottomRight);
+    /// let packed = layer.forward_packed(&x, &[2, 3], &options)?;
+    /// let second = layer.forward(x.rows(2, 3), &options)?;
+    /// assert!((packed.rows(2, 3) - second).amax() < 1e-14);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    pub fn forward_packed<'x>(
+        &self,
+        x: impl AsMatRef<'x, T>,
+        seqlens: &[usize],
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>, AttentionError> {
+        self.self_attention(x.into_mat_ref(), seqlens, true, options)
+    }
+
+    /// Cross-attention (encoder–decoder): queries from `x_q` (the decoder's tokens), keys
+    /// and values from `x_kv` (the encoder's):
+    /// `y = concat_h(attention_h(X_q·W_q + b_q, X_kv·W_k + b_k, X_kv·W_v + b_v))·W_o + b_o`.
+    ///
+    /// Padding of the encoder's tokens is masked with
+    /// [`AttentionOptions::with_key_mask`] (n_kv entries, `true` = real token); a mask or
+    /// bias is n_q × n_kv. Causal masking is rarely meant here: if set, it aligns as
+    /// [`Causal`](crate::Causal) says.
+    ///
+    /// **RoPE is not applied**, even when the layer has one: rotary embeddings make
+    /// `q_m·k_n` depend on the offset `m − n` between two tokens of one sequence, but here
+    /// queries and keys index different sequences, so their offset means nothing (and
+    /// RoPE models, decoder-only, have no cross-attention; encoder–decoder models position
+    /// their tokens inside each stack's self-attention). A model that wants rotated
+    /// cross-attention can project, rotate and attend itself with
+    /// [`compute_qkv`](crate::compute_qkv), [`Rope::apply`] and [`multi_head_attention`].
+    ///
+    /// # Shapes
+    /// `x_q` is n_q × d_model, `x_kv` n_kv × d_model (views accepted); returns
+    /// n_q × d_model. n_kv = 0 gives `b_o` in every row (each head attends to nothing).
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward), with [`Operand::KeyValueInput`] for `x_kv`'s
+    /// columns or values.
+    ///
+    /// # Example
+    /// ```
+    /// use attention_core::{AttentionOptions, MultiHeadAttention};
+    /// use nalgebra::DMatrix;
+    ///
+    /// let w = |r, c, s: f32| DMatrix::from_fn(r, c, |i, j| ((i * c + j) as f32 * s).sin());
+    /// let layer = MultiHeadAttention::new(2, 1, w(6, 6, 0.3), w(6, 3, 0.5), w(6, 3, 0.7), w(6, 6, 1.1))?;
+    /// let decoder = w(2, 6, 0.9);
+    /// let encoder = w(4, 6, 0.4); // its last token is padding
+    /// let options = AttentionOptions::new().with_key_mask(&[true, true, true, false]);
+    /// let y = layer.forward_cross(&decoder, &encoder, &options)?;
+    /// // Padding is ignored: the same as attending to the three real tokens only.
+    /// let trimmed = layer.forward_cross(&decoder, encoder.rows(0, 3), &AttentionOptions::new())?;
+    /// assert!((y - trimmed).amax() < 1e-6);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    pub fn forward_cross<'q, 'kv>(
+        &self,
+        x_q: impl AsMatRef<'q, T>,
+        x_kv: impl AsMatRef<'kv, T>,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>, AttentionError> {
+        let (x_q, x_kv) = (x_q.into_mat_ref(), x_kv.into_mat_ref());
+        self.check_columns(&x_q, Operand::Input)?;
+        self.check_columns(&x_kv, Operand::KeyValueInput)?;
+        let x_q = self.checked_input(&x_q, Operand::Input)?;
+        let x_kv = self.checked_input(&x_kv, Operand::KeyValueInput)?;
+        let (x_q, x_kv) = (x_q.view(), x_kv.view());
+        let q = project(&x_q, &self.w_q.as_view(), self.b_q.as_ref(), Operand::Query)?;
+        let (k, v) = self.project_kv(&x_kv)?;
+        self.attend_and_project(
+            &q,
+            &k,
+            &v,
+            &HeadLayout::new(self.heads_q, self.heads_kv),
+            options,
+        )
+    }
+
+    /// [`forward`](Self::forward) and [`forward_packed`](Self::forward_packed):
+    /// `packed` says whether `seqlens` came from the caller (and goes to the layout).
+    fn self_attention(
+        &self,
+        x: MatRef<'_, T>,
+        seqlens: &[usize],
+        packed: bool,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>, AttentionError> {
+        self.check_columns(&x, Operand::Input)?;
+        // A sum past usize::MAX is reported as usize::MAX (it cannot equal the rows).
+        let total = seqlens
+            .iter()
+            .try_fold(0usize, |a, &n| a.checked_add(n))
+            .unwrap_or(usize::MAX);
+        if total != x.nrows() {
+            return Err(AttentionError::SequenceLengths {
+                operand: Operand::Input,
+                sum: total,
+                rows: x.nrows(),
+            });
+        }
+        let x = self.checked_input(&x, Operand::Input)?;
+        let x = x.view();
+        let mut q = project(&x, &self.w_q.as_view(), self.b_q.as_ref(), Operand::Query)?;
+        let (mut k, v) = self.project_kv(&x)?;
+        if let Some(rope) = &self.rope {
+            let positions: Vec<usize> = seqlens.iter().flat_map(|&len| 0..len).collect();
+            rope.apply(&mut q, self.heads_q, &positions)?;
+            rope.apply(&mut k, self.heads_kv, &positions)?;
+        }
+        let layout = HeadLayout::new(self.heads_q, self.heads_kv);
+        let layout = if packed {
+            layout.with_seqlens(seqlens, seqlens)
+        } else {
+            layout
+        };
+        self.attend_and_project(&q, &k, &v, &layout, options)
+    }
+
+    /// K and V projected from `x` (validated, not broadcast).
+    fn project_kv(&self, x: &MatRef<'_, T>) -> Result<(DMatrix<T>, DMatrix<T>), AttentionError> {
+        Ok((
+            project(x, &self.w_k.as_view(), self.b_k.as_ref(), Operand::Key)?,
+            project(x, &self.w_v.as_view(), self.b_v.as_ref(), Operand::Value)?,
+        ))
+    }
+
+    /// `concat_h attention_h(Q, K, V) · W_o + b_o`.
+    fn attend_and_project(
+        &self,
+        q: &DMatrix<T>,
+        k: &DMatrix<T>,
+        v: &DMatrix<T>,
+        layout: &HeadLayout<'_>,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>, AttentionError> {
+        let a = multi_head_attention(q, k, v, layout, options)?;
+        project(
+            &a.as_view(),
+            &self.w_o.as_view(),
+            self.b_o.as_ref(),
+            Operand::Output,
+        )
+    }
+
+    /// `x` must have d_model columns.
+    fn check_columns(&self, x: &MatRef<'_, T>, operand: Operand) -> Result<(), AttentionError> {
+        check_dim(
+            operand,
+            Axis::Columns,
+            x.ncols(),
+            self.d_model(),
+            Operand::QueryWeight,
+            "the layer's input has d_model columns (the rows of W_q)",
+        )
+    }
+
+    /// Checks that `x` is finite, and copies it if nalgebra's product cannot read it in
+    /// place (a broadcast or row-strided view: `owned_for_left_product`).
+    fn checked_input<'a>(
+        &self,
+        x: &MatRef<'a, T>,
+        operand: Operand,
+    ) -> Result<Input<'a, T>, AttentionError> {
+        check_finite(operand, x)?;
+        Ok(match owned_for_left_product(x, operand)? {
+            Some(owned) => Input::Owned(owned),
+            None => Input::Borrowed(*x),
+        })
+    }
+}
+
+/// A validated input, read in place or copied (broadcast views).
+enum Input<'a, T: Element> {
+    Borrowed(MatRef<'a, T>),
+    Owned(DMatrix<T>),
+}
+
+impl<T: Element> Input<'_, T> {
+    fn view(&self) -> MatRef<'_, T> {
+        match self {
+            Input::Borrowed(m) => *m,
+            Input::Owned(m) => m.as_view(),
+        }
+    }
+}
