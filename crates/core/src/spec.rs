@@ -625,7 +625,7 @@ fn check_head_split<T: Element>(
     heads_q: usize,
     heads_kv: usize,
 ) -> Result<(usize, usize), AttentionError> {
-    if heads_q == 0 || heads_kv == 0 || heads_q % heads_kv != 0 {
+    if heads_q == 0 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
         return Err(AttentionError::InvalidHeads { heads_q, heads_kv });
     }
     let split = |operand, columns: usize, heads: usize, head_width| {
@@ -636,14 +636,14 @@ fn check_head_split<T: Element>(
             head_width,
         })
     };
-    if q.ncols() % heads_q != 0 {
+    if !q.ncols().is_multiple_of(heads_q) {
         return split(Operand::Query, q.ncols(), heads_q, None);
     }
     let d_k = q.ncols() / heads_q;
     if k.ncols() != heads_kv * d_k {
         return split(Operand::Key, k.ncols(), heads_kv, Some(d_k));
     }
-    if v.ncols() % heads_kv != 0 {
+    if !v.ncols().is_multiple_of(heads_kv) {
         return split(Operand::Value, v.ncols(), heads_kv, None);
     }
     check_dim(

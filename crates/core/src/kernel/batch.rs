@@ -65,6 +65,7 @@ pub(crate) fn attention<T: Element>(
 
 /// The results of the blocks that go to the careful path (scores not provably in range),
 /// at their block index; the first overflow, in `(query, head, key)` order, as an error.
+#[allow(clippy::type_complexity)] // one optional (output, lse) per block, said above
 fn careful_first<T: Element>(
     batch: &Batch<'_, T>,
     path: CpuPath,
