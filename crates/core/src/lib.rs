@@ -69,6 +69,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod api;
+mod cache;
 mod columns;
 mod cpu;
 mod element;
@@ -87,6 +88,9 @@ mod weights;
 pub use api::{
     compute_qkv, scaled_dot_product_attention, scaled_dot_product_attention_into,
     scaled_dot_product_attention_with_lse, self_attention,
+};
+pub use cache::{
+    CacheSnapshot, DEFAULT_PAGE_SIZE, KvCache, SeqId, cached_attention, cached_attention_with_lse,
 };
 pub use cpu::CpuPath;
 pub use element::Element;
