@@ -46,6 +46,7 @@
 //! | `need_weights=True` | [`attention_weights`] |
 //! | FlashAttention's `softmax_lse` | [`scaled_dot_product_attention_with_lse`] |
 //! | rotary embeddings (`rotate_half` / GPT-J interleaved) on Q and K | [`Rope`]`::new(r).apply(&mut q, heads, &positions)?` |
+//! | vLLM's paged KV cache, FlashAttention's `flash_attn_with_kvcache` (without the fused RoPE) | [`KvCache`]: `append(seq, &k_new, &v_new)?`, then [`cached_attention`]`(&q_new, &cache, seq, &layout, &options)?` |
 //!
 //! A numpy array `a` of shape `(n, d)` is `DMatrix::from_row_slice(n, d, a.ravel())`.
 //! Where numpy's version overflows (`np.exp` of a score above ~88 in f32 or ~709 in f64
