@@ -69,6 +69,17 @@ pub enum Operand {
     RopeInput,
     /// The per-token positions given to [`Rope::apply`](crate::Rope::apply) (n).
     Positions,
+    /// The key rows given to [`KvCache::append`](crate::KvCache::append)
+    /// (n × heads_kv·d_k); rows are counted from the first new row.
+    NewKeys,
+    /// The value rows given to [`KvCache::append`](crate::KvCache::append)
+    /// (n × heads_kv·d_v); rows are counted from the first new row.
+    NewValues,
+    /// A [`KvCache`](crate::KvCache): its head count and widths fix the shapes of what is
+    /// appended to it and of the queries that attend through it.
+    KvCache,
+    /// The [`HeadLayout`](crate::HeadLayout) of a call.
+    HeadLayout,
 }
 
 impl fmt::Display for Operand {
@@ -102,6 +113,10 @@ impl fmt::Display for Operand {
             Operand::SequenceBias(s) => write!(f, "bias of sequence {s}"),
             Operand::RopeInput => f.write_str("RoPE input"),
             Operand::Positions => f.write_str("positions"),
+            Operand::NewKeys => f.write_str("new keys"),
+            Operand::NewValues => f.write_str("new values"),
+            Operand::KvCache => f.write_str("KV cache"),
+            Operand::HeadLayout => f.write_str("head layout"),
         }
     }
 }
@@ -144,6 +159,9 @@ pub enum Axis {
     Columns,
     /// The number of entries of a vector (a key mask, a log-sum-exp).
     Entries,
+    /// The number of key/value heads (of a [`KvCache`](crate::KvCache) or a
+    /// [`HeadLayout`](crate::HeadLayout)).
+    Heads,
 }
 
 impl fmt::Display for Axis {
@@ -152,6 +170,7 @@ impl fmt::Display for Axis {
             Axis::Rows => "rows",
             Axis::Columns => "columns",
             Axis::Entries => "entries",
+            Axis::Heads => "key/value heads",
         })
     }
 }
@@ -350,6 +369,31 @@ pub enum AttentionError {
         /// Column of the output that overflowed.
         column: usize,
     },
+    /// The [`SeqId`](crate::SeqId) is not a sequence of this [`KvCache`](crate::KvCache):
+    /// it was removed (ids are never reused) or belongs to another cache.
+    UnknownSequence {
+        /// The id given.
+        sequence: crate::SeqId,
+    },
+    /// A call on a sliding-window [`KvCache`](crate::KvCache) needs tokens the window has
+    /// already evicted: [`KvCache::truncate`](crate::KvCache::truncate) to a length whose
+    /// last `w − 1` tokens are no longer all kept, or
+    /// [`cached_attention`](crate::cached_attention) with more queries than the newest
+    /// appended chunk. Nothing was changed.
+    Evicted {
+        /// The first absolute position the call needs.
+        needed_from: usize,
+        /// The first absolute position the cache still holds.
+        first_kept: usize,
+    },
+    /// [`KvCache::truncate`](crate::KvCache::truncate) to a length beyond the sequence's
+    /// history: truncating only shortens.
+    TruncateBeyond {
+        /// The length asked for.
+        len: usize,
+        /// The sequence's length (tokens appended so far).
+        history: usize,
+    },
 }
 
 impl fmt::Display for AttentionError {
@@ -467,6 +511,21 @@ impl fmt::Display for AttentionError {
             AttentionError::RotationOverflow { row, column } => write!(
                 f,
                 "rotating the RoPE input overflowed at [{row}, {column}]: the result exceeds the element type's range"
+            ),
+            AttentionError::UnknownSequence { sequence } => write!(
+                f,
+                "sequence {sequence} is not in this KV cache (removed, or never added to it)"
+            ),
+            AttentionError::Evicted {
+                needed_from,
+                first_kept,
+            } => write!(
+                f,
+                "the call needs the tokens from position {needed_from}, but the sliding window has evicted those before {first_kept}"
+            ),
+            AttentionError::TruncateBeyond { len, history } => write!(
+                f,
+                "cannot truncate a sequence of {history} tokens to {len}: truncate only shortens"
             ),
             AttentionError::UnsupportedCpuPath { path } => {
                 write!(

@@ -47,6 +47,7 @@
 //! | FlashAttention's `softmax_lse` | [`scaled_dot_product_attention_with_lse`] |
 //! | `nn.MultiheadAttention(E, h)` (`y = x·Wᵀ + b`: pass `W = weight.T`) | [`MultiHeadAttention`]`::new(h, h, w_q, w_k, w_v, w_o)?.with_biases(..)?.forward(&x, &options)?` |
 //! | rotary embeddings (`rotate_half` / GPT-J interleaved) on Q and K | [`Rope`]`::new(r).apply(&mut q, heads, &positions)?` |
+//! | vLLM's paged KV cache, FlashAttention's `flash_attn_with_kvcache` (without the fused RoPE) | [`KvCache`]: `append(seq, &k_new, &v_new)?`, then [`cached_attention`]`(&q_new, &cache, seq, &layout, &options)?` |
 //!
 //! A numpy array `a` of shape `(n, d)` is `DMatrix::from_row_slice(n, d, a.ravel())`.
 //! Where numpy's version overflows (`np.exp` of a score above ~88 in f32 or ~709 in f64
@@ -70,6 +71,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod api;
+mod cache;
 mod columns;
 mod cpu;
 mod element;
@@ -90,6 +92,9 @@ mod weights;
 pub use api::{
     compute_qkv, scaled_dot_product_attention, scaled_dot_product_attention_into,
     scaled_dot_product_attention_with_lse, self_attention,
+};
+pub use cache::{
+    CacheSnapshot, DEFAULT_PAGE_SIZE, KvCache, SeqId, cached_attention, cached_attention_with_lse,
 };
 pub use cpu::CpuPath;
 pub use element::Element;

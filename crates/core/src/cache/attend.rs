@@ -1,0 +1,262 @@
+//! Attention of new queries through a [`KvCache`]: [`cached_attention`] and its `_with_lse`
+//! form. The checks and the mapping of options live in [`CachedCall::new`]; the
+//! computation in [`CachedCall::run`], the one place a kernel that reads the pages in
+//! place replaces the copy.
+
+use nalgebra::DMatrix;
+
+use super::{KvCache, SeqId, SeqPages};
+use crate::error::{AttentionError, Axis, Operand, check_dim};
+use crate::heads::{HeadLayout, multi_head_attention_with_lse};
+use crate::view::AsMatRef;
+use crate::{AttentionOptions, Causal, Element, MatRef, multi_head_attention};
+
+/// Attention of `seq`'s newest tokens' queries over its cached keys and values.
+///
+/// `query` holds the queries of the last `n_q` tokens of the sequence (`n_q × h_q·d_k`),
+/// whose keys and values were already appended. Query `i` is the token at absolute
+/// position `len − n_q + i` and attends, per head as in
+/// [`multi_head_attention`](crate::multi_head_attention) (query head `h` reads the cache's
+/// key/value head `h / (h_q / heads_kv)`), to the kept keys at positions up to its own:
+/// causal attention, bottom-right aligned. The result is that of `multi_head_attention`
+/// over the whole history with [`Causal::BottomRight`] (the same bits without a window:
+/// the same kernel runs on the same numbers), and in sliding-window mode (window `w`) with
+/// the window `(w − 1, 0)` added.
+///
+/// Options: the scale (default `1/√d_k`), softcap, ALiBi (one slope or per-head slopes;
+/// distances are between absolute positions), parallelism and the CPU path apply as in
+/// `multi_head_attention`. Causal is always bottom-right (setting it is allowed only as
+/// [`Causal::BottomRight`]); a window may be set on a cache without one (its `diag(i)` is
+/// the query's absolute position), while a sliding-window cache applies its own. Masks,
+/// biases and key masks are not accepted: a cached token is either kept or removed
+/// ([`KvCache::truncate`]).
+///
+/// # Shapes
+/// `query` `n_q × h_q·d_k` with `d_k` the cache's; returns `n_q × h_q·d_v`. With `n_q >
+/// len` the first `n_q − len` rows see no key and are 0.
+///
+/// # Errors
+/// In this order: [`AttentionError::UnknownSequence`]; [`AttentionError::InvalidOption`]
+/// for a layout with sequence lengths, a mask, bias, key mask or per-sequence
+/// mask/bias, top-left causal, or a window on a sliding-window cache;
+/// [`AttentionError::InvalidHeads`]; [`AttentionError::DimensionMismatch`]
+/// ([`Operand::HeadLayout`], [`Axis::Heads`]) when the layout's `heads_kv` is not the
+/// cache's; [`AttentionError::HeadSplit`] when `query` is not `h_q·d_k` wide;
+/// [`AttentionError::Evicted`] when the window has evicted keys an early query needs
+/// (more queries than the last append had rows); then the errors of
+/// `multi_head_attention` for the query and options (NaN/∞ in `query`, invalid scale, …),
+/// with [`AttentionError::HeadScoreOverflow`]'s `key` an absolute position.
+///
+/// # Example
+/// ```
+/// use attention_core::{cached_attention, multi_head_attention, AttentionOptions, Causal, HeadLayout, KvCache};
+/// use nalgebra::DMatrix;
+///
+/// // Sliding window of 4 tokens, one head of width 2, pages of 2 tokens.
+/// let mut cache = KvCache::<f64>::new(1, 2, 2)?.with_page_size(2)?.with_window(4)?;
+/// let seq = cache.add_sequence();
+/// let x = DMatrix::<f64>::from_fn(9, 2, |i, j| ((2 * i + j) as f64 * 0.7).sin());
+/// cache.append(seq, x.rows(0, 6), x.rows(0, 6))?; // a chunk of 6 (prefill)
+/// for t in 6..9 {
+///     cache.append(seq, x.rows(t, 1), x.rows(t, 1))?; // then one at a time
+/// }
+/// assert_eq!(cache.kept(seq)?, 4..9); // older pages were evicted
+/// let layout = HeadLayout::new(1, 1);
+/// let out = cached_attention(x.rows(8, 1), &cache, seq, &layout, &AttentionOptions::new())?;
+/// // = windowed attention over the whole history.
+/// let full = multi_head_attention(x.rows(8, 1), &x, &x, &layout,
+///     &AttentionOptions::new().with_causal(Causal::BottomRight).with_window(3, 0))?;
+/// assert!((out - full).amax() < 1e-15);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub fn cached_attention<'q, T: Element>(
+    query: impl AsMatRef<'q, T>,
+    cache: &KvCache<T>,
+    seq: SeqId,
+    layout: &HeadLayout<'_>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<DMatrix<T>, AttentionError> {
+    let call = CachedCall::new(query.into_mat_ref(), cache, seq, layout, options)?;
+    call.run(false).map(|(out, _)| out)
+}
+
+/// [`cached_attention`] that also returns the log-sum-exp of every query and head
+/// (`n_q × h_q`, as [`multi_head_attention_with_lse`](crate::multi_head_attention_with_lse)).
+///
+/// # Errors
+/// Those of [`cached_attention`].
+///
+/// # Example
+/// ```
+/// use attention_core::{cached_attention_with_lse, AttentionOptions, HeadLayout, KvCache};
+/// use nalgebra::DMatrix;
+///
+/// let mut cache = KvCache::<f64>::new(1, 2, 1)?;
+/// let seq = cache.add_sequence();
+/// cache.append(seq, &DMatrix::zeros(3, 2), &DMatrix::zeros(3, 1))?;
+/// let q = DMatrix::<f64>::zeros(1, 2);
+/// let (_, lse) = cached_attention_with_lse(&q, &cache, seq, &HeadLayout::new(1, 1), &AttentionOptions::new())?;
+/// assert!((lse[(0, 0)] - 3f64.ln()).abs() < 1e-15); // three scores of 0
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[allow(clippy::type_complexity)] // (output, lse) is the documented pair
+pub fn cached_attention_with_lse<'q, T: Element>(
+    query: impl AsMatRef<'q, T>,
+    cache: &KvCache<T>,
+    seq: SeqId,
+    layout: &HeadLayout<'_>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<(DMatrix<T>, DMatrix<T>), AttentionError> {
+    let call = CachedCall::new(query.into_mat_ref(), cache, seq, layout, options)?;
+    let (out, lse) = call.run(true)?;
+    Ok((out, lse.expect("asked for")))
+}
+
+/// A checked cached-attention call: the pages to read and the options as
+/// `multi_head_attention` over the kept tokens takes them.
+struct CachedCall<'a, T: Element> {
+    query: MatRef<'a, T>,
+    pages: SeqPages<'a, T>,
+    key_width: usize,
+    value_width: usize,
+    layout: HeadLayout<'a>,
+    /// The caller's options with causal bottom-right and the cache's window.
+    options: AttentionOptions<'a, T>,
+}
+
+impl<'a, T: Element> CachedCall<'a, T> {
+    fn new(
+        query: MatRef<'a, T>,
+        cache: &'a KvCache<T>,
+        seq: SeqId,
+        layout: &HeadLayout<'_>,
+        options: &AttentionOptions<'a, T>,
+    ) -> Result<Self, AttentionError> {
+        let pages = cache.pages(seq)?;
+        let reject = |option: &'static str, rule: &'static str| {
+            Err(AttentionError::InvalidOption { option, rule })
+        };
+        if layout.seqlens.is_some() {
+            return reject(
+                "with_seqlens",
+                "cached attention attends one sequence; call it once per sequence",
+            );
+        }
+        let no_mask = "cached attention takes no mask or bias: truncate the cache instead";
+        for (set, option) in [
+            (options.mask.is_some(), "with_mask"),
+            (options.bias.is_some(), "with_bias"),
+            (options.key_mask.is_some(), "with_key_mask"),
+            (options.sequence_masks.is_some(), "with_sequence_masks"),
+            (options.sequence_biases.is_some(), "with_sequence_biases"),
+        ] {
+            if set {
+                return reject(option, no_mask);
+            }
+        }
+        if options.causal == Some(Causal::TopLeft) {
+            return reject(
+                "with_causal",
+                "cached attention is causal bottom-right: the last query is the newest token",
+            );
+        }
+        if cache.window.is_some() && options.window.is_some() {
+            return reject(
+                "with_window",
+                "a sliding-window KV cache applies its own window (w - 1, 0)",
+            );
+        }
+        let (heads_q, heads_kv) = (layout.heads_q, layout.heads_kv);
+        if heads_q == 0 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
+            return Err(AttentionError::InvalidHeads { heads_q, heads_kv });
+        }
+        check_dim(
+            Operand::HeadLayout,
+            Axis::Heads,
+            heads_kv,
+            cache.heads_kv,
+            Operand::KvCache,
+            "the layout's key/value heads are the cache's",
+        )?;
+        if heads_q.checked_mul(cache.d_k) != Some(query.ncols()) {
+            return Err(AttentionError::HeadSplit {
+                operand: Operand::Query,
+                columns: query.ncols(),
+                heads: heads_q,
+                head_width: Some(cache.d_k),
+            });
+        }
+        let n_q = query.nrows();
+        let len = pages.first_position() + pages.kept();
+        let mut effective = options.clone().with_causal(Causal::BottomRight);
+        if let Some(w) = cache.window {
+            let needed_from = len.saturating_sub(n_q).saturating_sub(w - 1);
+            if needed_from < pages.first_position() {
+                return Err(AttentionError::Evicted {
+                    needed_from,
+                    first_kept: pages.first_position(),
+                });
+            }
+            effective = effective.with_window(w - 1, 0);
+        }
+        Ok(CachedCall {
+            query,
+            pages,
+            key_width: cache.key_width,
+            value_width: cache.value_width,
+            layout: HeadLayout::new(heads_q, heads_kv),
+            options: effective,
+        })
+    }
+
+    /// Computes the call: output, and the lse if `with_lse`.
+    ///
+    /// THE PLACE TO SWAP: this copies the kept pages into contiguous K and V (O(kept)
+    /// per call, and a re-validation of cached rows) and runs `multi_head_attention` on
+    /// them, which gives the same bits as that call on the full history. A decoding kernel
+    /// that reads `self.pages` in place (see `pages.rs` for the layout it may assume)
+    /// replaces the body; `new` already did every check such a kernel needs.
+    #[allow(clippy::type_complexity)] // (output, optional lse)
+    fn run(self, with_lse: bool) -> Result<(DMatrix<T>, Option<DMatrix<T>>), AttentionError> {
+        let (k, v) = gather(&self.pages, self.key_width, self.value_width)?;
+        let result = if with_lse {
+            multi_head_attention_with_lse(self.query, &k, &v, &self.layout, &self.options)
+                .map(|(out, lse)| (out, Some(lse)))
+        } else {
+            multi_head_attention(self.query, &k, &v, &self.layout, &self.options)
+                .map(|out| (out, None))
+        };
+        let first = self.pages.first_position();
+        result.map_err(|e| match e {
+            AttentionError::HeadScoreOverflow { head, query, key } => {
+                AttentionError::HeadScoreOverflow {
+                    head,
+                    query,
+                    key: key + first,
+                }
+            }
+            other => other,
+        })
+    }
+}
+
+/// The kept tokens of `pages` as contiguous K and V.
+#[allow(clippy::type_complexity)] // (keys, values)
+pub(super) fn gather<T: Element>(
+    pages: &SeqPages<'_, T>,
+    key_width: usize,
+    value_width: usize,
+) -> Result<(DMatrix<T>, DMatrix<T>), AttentionError> {
+    use crate::memory::try_matrix;
+    let mut k = try_matrix(pages.kept(), key_width, T::zero(), Operand::Key)?;
+    let mut v = try_matrix(pages.kept(), value_width, T::zero(), Operand::Value)?;
+    let mut row = 0;
+    for page in pages.iter() {
+        debug_assert_eq!(page.positions.start, pages.first_position() + row);
+        let n = page.key.nrows();
+        k.rows_mut(row, n).copy_from(&page.key);
+        v.rows_mut(row, n).copy_from(&page.value);
+        row += n;
+    }
+    Ok((k, v))
+}

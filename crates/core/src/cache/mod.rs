@@ -1,0 +1,777 @@
+//! The paged KV cache: [`KvCache`] stores the keys and values of many sequences in
+//! fixed-size pages from one pool (vLLM's layout), so growing a sequence never copies its
+//! old tokens and memory stays within a page per sequence of what is used.
+//!
+//! - `mod.rs` (here): the cache, its bookkeeping and its public methods;
+//! - `pages.rs`: the page layout, the contract with the kernels that read pages in place
+//!   ([`SeqPages`]);
+//! - `attend.rs`: [`cached_attention`](crate::cached_attention), attention of new queries
+//!   through the cache.
+
+mod attend;
+mod pages;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use nalgebra::DMatrix;
+
+pub use attend::{cached_attention, cached_attention_with_lse};
+pub(crate) use pages::SeqPages;
+
+use crate::columns::for_each_column;
+use crate::error::{AttentionError, Axis, Operand, check_dim};
+use crate::memory::too_large;
+use crate::spec::check_finite;
+use crate::view::AsMatRef;
+use crate::{Element, MatRef};
+
+/// The page size [`KvCache::new`] uses: 64 tokens.
+pub const DEFAULT_PAGE_SIZE: usize = 64;
+
+/// A sequence of a [`KvCache`]: returned by [`KvCache::add_sequence`], valid until
+/// [`KvCache::remove`].
+///
+/// Ids count up from 0 within each cache and are never reused, so an id kept after
+/// `remove` is an [`AttentionError::UnknownSequence`], never another sequence. An id is
+/// meaningful only for the cache that returned it (another cache may hold a sequence with
+/// the same number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(u64);
+
+impl SeqId {
+    /// The id's number (0 for a cache's first sequence, then 1, 2, …).
+    #[must_use]
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for SeqId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One page: `page_size` tokens of K (`page_size × heads_kv·d_k`, column-major) followed by
+/// the same tokens of V (`page_size × heads_kv·d_v`, column-major). See `pages.rs`.
+type Page<T> = Box<[T]>;
+
+/// A sequence's bookkeeping. Invariant: `pages.len() == ⌈(len − first) / page_size⌉`, and
+/// page `p` holds the tokens at absolute positions `first + p·page_size ..` (row `r` of
+/// the page is position `first + p·page_size + r`). `first` is a multiple of the page size
+/// (whole pages are evicted), and 0 without a window.
+struct Sequence<T> {
+    pages: Vec<Page<T>>,
+    first: usize,
+    len: usize,
+}
+
+/// A paged key/value cache for `heads_kv` heads of widths `d_k` and `d_v`, serving any
+/// number of sequences (continuous batching).
+///
+/// **Storage.** Tokens live in pages of `page_size` tokens (default
+/// [`DEFAULT_PAGE_SIZE`]) taken from a pool the cache owns: a sequence's page list grows a
+/// page at a time, so appending never copies old tokens, and
+/// [`truncate`](Self::truncate), [`remove`](Self::remove) and window eviction return pages
+/// to the pool, where later appends of any sequence reuse them. Memory is
+/// [`memory_bytes`](Self::memory_bytes): whole pages, so a sequence wastes less than a page
+/// (≤ 10% once it fills 10 pages); [`release_free_pages`](Self::release_free_pages) gives
+/// the pool's unused pages back to the allocator. Each page holds its K as a column-major
+/// `page_size × heads_kv·d_k` block (nalgebra's `DMatrix` layout: head `h` in columns
+/// `h·d_k ..`, the tokens of each column contiguous) and its V likewise; the attention
+/// kernels read them in place.
+///
+/// **Positions** are absolute: a sequence's tokens are numbered from 0 in the order they
+/// were appended, whatever page or slot holds them, and causal masks, windows and ALiBi
+/// distances count in them. The cache stores keys as given, so keys are appended **after
+/// RoPE** ([`Rope::apply`](crate::Rope::apply) with the tokens' absolute positions).
+///
+/// **Sliding window** ([`with_window`](Self::with_window)`(w)`): attention through the
+/// cache equals windowed attention with window `(w − 1, 0)`, bottom-right, over the whole
+/// history. After appending `n` tokens the cache keeps at least the last `w − 1 + n` (so
+/// every query of a chunked prefill still sees its `w − 1` predecessors) and evicts the
+/// pages whose every token is older; the kept tokens are [`kept`](Self::kept).
+///
+/// **Errors.** Every method that takes a [`SeqId`] returns
+/// [`AttentionError::UnknownSequence`] for an id that is not in the cache. A method that
+/// returns an error has changed nothing: [`append`](Self::append) is all-or-nothing, even
+/// when a page cannot be allocated.
+///
+/// # Example
+/// ```
+/// use attention_core::{cached_attention, multi_head_attention, AttentionOptions, Causal, HeadLayout, KvCache};
+/// use nalgebra::DMatrix;
+///
+/// // 2 key/value heads of width 4, read by 4 query heads; pages of 16 tokens.
+/// let mut cache = KvCache::<f32>::new(2, 4, 4)?.with_page_size(16)?;
+/// let seq = cache.add_sequence();
+/// let k = DMatrix::<f32>::from_fn(40, 8, |i, j| ((i * 8 + j) as f32 * 0.1).sin());
+/// let v = DMatrix::<f32>::from_fn(40, 8, |i, j| ((i + j) as f32 * 0.2).cos());
+/// let q = DMatrix::<f32>::from_fn(40, 16, |i, j| ((i * 16 + j) as f32 * 0.3).cos());
+/// let layout = HeadLayout::new(4, 2);
+///
+/// // A prompt of 37 tokens, then three decoding steps of one token each.
+/// cache.append(seq, k.rows(0, 37), v.rows(0, 37))?;
+/// for t in 37..40 {
+///     cache.append(seq, k.rows(t, 1), v.rows(t, 1))?;
+/// }
+/// assert_eq!((cache.len(seq)?, cache.kept(seq)?), (40, 0..40));
+///
+/// // The newest token's queries attend to the whole history: the same bits as attention
+/// // over the contiguous K and V with bottom-right causal alignment.
+/// let out = cached_attention(q.rows(39, 1), &cache, seq, &layout, &AttentionOptions::new())?;
+/// let full = multi_head_attention(q.rows(39, 1), &k, &v, &layout,
+///     &AttentionOptions::new().with_causal(Causal::BottomRight))?;
+/// assert_eq!(out, full);
+///
+/// // Speculative decoding rejected the last two tokens: roll back, pages return to the pool.
+/// cache.truncate(seq, 38)?;
+/// assert_eq!(cache.len(seq)?, 38);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub struct KvCache<T: Element> {
+    heads_kv: usize,
+    d_k: usize,
+    d_v: usize,
+    page_size: usize,
+    window: Option<usize>,
+    /// `heads_kv·d_k` and `heads_kv·d_v`.
+    key_width: usize,
+    value_width: usize,
+    sequences: BTreeMap<SeqId, Sequence<T>>,
+    /// The pool's unused pages (contents stale), reused last-freed first.
+    free: Vec<Page<T>>,
+    next_id: u64,
+}
+
+impl<T: Element> fmt::Debug for KvCache<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvCache")
+            .field("heads_kv", &self.heads_kv)
+            .field("d_k", &self.d_k)
+            .field("d_v", &self.d_v)
+            .field("page_size", &self.page_size)
+            .field("window", &self.window)
+            .field("sequences", &self.sequences.len())
+            .field("pages_used", &self.pages_used())
+            .field("pages_free", &self.free.len())
+            .finish()
+    }
+}
+
+impl<T: Element> KvCache<T> {
+    /// An empty cache for `heads_kv` key/value heads of widths `d_k` (keys) and `d_v`
+    /// (values), pages of [`DEFAULT_PAGE_SIZE`] tokens, no window. Allocates nothing.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidOption`] if `heads_kv` is 0; [`AttentionError::TooLarge`]
+    /// ([`Operand::KvCache`]) if a page's size overflows.
+    pub fn new(heads_kv: usize, d_k: usize, d_v: usize) -> Result<Self, AttentionError> {
+        if heads_kv == 0 {
+            return Err(AttentionError::InvalidOption {
+                option: "KvCache::new",
+                rule: "a KV cache holds at least one key/value head",
+            });
+        }
+        let key_width = heads_kv
+            .checked_mul(d_k)
+            .ok_or_else(|| too_large(Operand::KvCache, heads_kv, d_k))?;
+        let value_width = heads_kv
+            .checked_mul(d_v)
+            .ok_or_else(|| too_large(Operand::KvCache, heads_kv, d_v))?;
+        let cache = KvCache {
+            heads_kv,
+            d_k,
+            d_v,
+            page_size: DEFAULT_PAGE_SIZE,
+            window: None,
+            key_width,
+            value_width,
+            sequences: BTreeMap::new(),
+            free: Vec::new(),
+            next_id: 0,
+        };
+        cache.page_elements()?;
+        Ok(cache)
+    }
+
+    /// Pages of `page_size` tokens (any ≥ 1). Set it before adding sequences.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidOption`] for 0 or when the cache already has sequences
+    /// (the cache is then dropped: call this right after [`new`](Self::new));
+    /// [`AttentionError::TooLarge`] if a page's size overflows.
+    pub fn with_page_size(mut self, page_size: usize) -> Result<Self, AttentionError> {
+        self.check_empty("with_page_size")?;
+        if page_size == 0 {
+            return Err(AttentionError::InvalidOption {
+                option: "with_page_size",
+                rule: "a page holds at least one token",
+            });
+        }
+        self.page_size = page_size;
+        self.page_elements()?;
+        self.free.clear();
+        Ok(self)
+    }
+
+    /// Sliding-window mode: attention through the cache is windowed attention with window
+    /// `(w − 1, 0)` (the token itself and the `w − 1` before it), and tokens no query can
+    /// see any more are evicted (see the type's documentation). Set it before adding
+    /// sequences.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidOption`] for `w = 0` or when the cache already has
+    /// sequences (the cache is then dropped).
+    pub fn with_window(mut self, w: usize) -> Result<Self, AttentionError> {
+        self.check_empty("with_window")?;
+        if w == 0 {
+            return Err(AttentionError::InvalidOption {
+                option: "with_window",
+                rule: "the window holds at least one token (the query's own)",
+            });
+        }
+        self.window = Some(w);
+        Ok(self)
+    }
+
+    /// Key/value heads.
+    pub fn heads_kv(&self) -> usize {
+        self.heads_kv
+    }
+    /// Width of a key head.
+    pub fn d_k(&self) -> usize {
+        self.d_k
+    }
+    /// Width of a value head.
+    pub fn d_v(&self) -> usize {
+        self.d_v
+    }
+    /// Tokens per page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+    /// The window `w` in sliding-window mode.
+    pub fn window(&self) -> Option<usize> {
+        self.window
+    }
+    /// The number of sequences.
+    pub fn sequence_count(&self) -> usize {
+        self.sequences.len()
+    }
+    /// The sequences, in the order they were added.
+    pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.sequences.keys().copied()
+    }
+
+    /// A new, empty sequence. Allocates no page until its first append.
+    #[must_use = "the id is the only way to reach the sequence"]
+    pub fn add_sequence(&mut self) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.sequences.insert(
+            id,
+            Sequence {
+                pages: Vec::new(),
+                first: 0,
+                len: 0,
+            },
+        );
+        id
+    }
+
+    /// The number of tokens appended to `seq` and not truncated: the absolute position
+    /// the next appended token will have. Counts evicted tokens.
+    ///
+    /// # Errors
+    /// [`AttentionError::UnknownSequence`].
+    pub fn len(&self, seq: SeqId) -> Result<usize, AttentionError> {
+        Ok(self.sequence(seq)?.len)
+    }
+
+    /// Whether `seq` has no tokens.
+    ///
+    /// # Errors
+    /// [`AttentionError::UnknownSequence`].
+    pub fn is_empty(&self, seq: SeqId) -> Result<bool, AttentionError> {
+        Ok(self.sequence(seq)?.len == 0)
+    }
+
+    /// The absolute positions of the tokens `seq` still holds: `0..len` without a window;
+    /// with one, from the first token of the oldest kept page.
+    ///
+    /// # Errors
+    /// [`AttentionError::UnknownSequence`].
+    pub fn kept(&self, seq: SeqId) -> Result<Range<usize>, AttentionError> {
+        let s = self.sequence(seq)?;
+        Ok(s.first..s.len)
+    }
+
+    /// Appends `n` tokens to `seq`: `key` is `n × heads_kv·d_k` and `value`
+    /// `n × heads_kv·d_v` (any matrix or view), the tokens taking absolute positions
+    /// `len .. len + n`. Only these rows are checked; in sliding-window mode the pages whose
+    /// tokens all lie before `len + n − (w − 1 + n)` then go back to the pool.
+    ///
+    /// All-or-nothing: on any error the cache is exactly as before (every page, every
+    /// length). Pages are taken from the pool first and allocated only when it is empty;
+    /// old tokens are never moved.
+    ///
+    /// # Errors
+    /// In this order: [`AttentionError::UnknownSequence`];
+    /// [`AttentionError::DimensionMismatch`] when `key` does not have `heads_kv·d_k` columns
+    /// ([`Operand::NewKeys`] against [`Operand::KvCache`]), `value` not as many rows as
+    /// `key` or not `heads_kv·d_v` columns ([`Operand::NewValues`]);
+    /// [`AttentionError::NonFinite`] for the first NaN or ±∞ of `key`, then of `value`
+    /// (column-major order; `row` counts from the first new row);
+    /// [`AttentionError::TooLarge`] ([`Operand::KvCache`]) when a page cannot be allocated.
+    pub fn append<'k, 'v>(
+        &mut self,
+        seq: SeqId,
+        key: impl AsMatRef<'k, T>,
+        value: impl AsMatRef<'v, T>,
+    ) -> Result<(), AttentionError> {
+        let (k, v) = (key.into_mat_ref(), value.into_mat_ref());
+        let s = self.sequence(seq)?;
+        let (len, first, have) = (s.len, s.first, s.pages.len());
+        let n = k.nrows();
+        check_dim(
+            Operand::NewKeys,
+            Axis::Columns,
+            k.ncols(),
+            self.key_width,
+            Operand::KvCache,
+            "new keys are n x heads_kv*d_k",
+        )?;
+        check_dim(
+            Operand::NewValues,
+            Axis::Rows,
+            v.nrows(),
+            n,
+            Operand::NewKeys,
+            "one value row per key row",
+        )?;
+        check_dim(
+            Operand::NewValues,
+            Axis::Columns,
+            v.ncols(),
+            self.value_width,
+            Operand::KvCache,
+            "new values are n x heads_kv*d_v",
+        )?;
+        check_finite(Operand::NewKeys, &k)?;
+        check_finite(Operand::NewValues, &v)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let new_len = len
+            .checked_add(n)
+            .ok_or_else(|| too_large(Operand::KvCache, n, self.key_width))?;
+
+        // Plan: evict whole pages before `keep_from`, then hold `[first', new_len)`.
+        let keep_from = match self.window {
+            Some(w) => new_len.saturating_sub((w - 1).saturating_add(n)),
+            None => 0,
+        };
+        let evict = keep_from.saturating_sub(first) / self.page_size;
+        let new_first = first + evict * self.page_size;
+        let need = (new_len - new_first).div_ceil(self.page_size);
+        let extra = need - (have - evict);
+        let fresh = extra.saturating_sub(self.free.len() + evict);
+
+        // Everything that can fail, before anything changes.
+        let mut new_pages = Vec::new();
+        new_pages
+            .try_reserve_exact(fresh)
+            .map_err(|_| too_large(Operand::KvCache, fresh, 1))?;
+        for _ in 0..fresh {
+            new_pages.push(self.new_page()?);
+        }
+        let s = self.sequences.get_mut(&seq).expect("looked up above");
+        s.pages
+            .try_reserve(extra)
+            .map_err(|_| too_large(Operand::KvCache, have + extra, 1))?;
+        self.free
+            .try_reserve(evict)
+            .map_err(|_| too_large(Operand::KvCache, self.free.len() + evict, 1))?;
+
+        // Commit: nothing below allocates or fails.
+        self.free.extend(s.pages.drain(..evict));
+        for _ in 0..extra {
+            let page = match self.free.pop() {
+                Some(page) => page,
+                None => new_pages.pop().expect("planned fresh pages"),
+            };
+            s.pages.push(page);
+        }
+        debug_assert!(new_pages.is_empty());
+        s.first = new_first;
+        s.len = new_len;
+        write_rows(
+            &mut s.pages,
+            self.page_size,
+            self.key_width,
+            len - new_first,
+            &k,
+            &v,
+        );
+        Ok(())
+    }
+
+    /// Shortens `seq` to its first `len` tokens (speculative decoding, beam rollback);
+    /// the pages past them return to the pool. `len` equal to the current length changes
+    /// nothing.
+    ///
+    /// In sliding-window mode the next append needs the last `w − 1` tokens before `len`:
+    /// truncating is allowed to 0, or to a length whose last `w − 1` tokens are all kept
+    /// (after an append of `n` tokens, rolling back up to `n` of them always is).
+    ///
+    /// # Errors
+    /// [`AttentionError::UnknownSequence`]; [`AttentionError::TruncateBeyond`] when `len`
+    /// exceeds the sequence's length; [`AttentionError::Evicted`] when the window has
+    /// evicted tokens the shortened sequence would need.
+    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<(), AttentionError> {
+        let page_size = self.page_size;
+        let window = self.window;
+        let s = self.sequence(seq)?;
+        if len > s.len {
+            return Err(AttentionError::TruncateBeyond {
+                len,
+                history: s.len,
+            });
+        }
+        let needed_from = len.saturating_sub(window.map_or(usize::MAX, |w| w - 1));
+        if len > 0 && needed_from < s.first {
+            return Err(AttentionError::Evicted {
+                needed_from,
+                first_kept: s.first,
+            });
+        }
+        let (first, keep) = if len == 0 {
+            (0, 0)
+        } else {
+            (s.first, (len - s.first).div_ceil(page_size))
+        };
+        let drop = s.pages.len() - keep;
+        self.free
+            .try_reserve(drop)
+            .map_err(|_| too_large(Operand::KvCache, self.free.len() + drop, 1))?;
+        let s = self.sequences.get_mut(&seq).expect("looked up above");
+        self.free.extend(s.pages.drain(keep..));
+        s.first = first;
+        s.len = len;
+        Ok(())
+    }
+
+    /// Removes `seq`; its pages return to the pool and its id becomes unknown.
+    ///
+    /// # Errors
+    /// [`AttentionError::UnknownSequence`].
+    pub fn remove(&mut self, seq: SeqId) -> Result<(), AttentionError> {
+        let pages = self.sequence(seq)?.pages.len();
+        self.free
+            .try_reserve(pages)
+            .map_err(|_| too_large(Operand::KvCache, self.free.len() + pages, 1))?;
+        let s = self.sequences.remove(&seq).expect("looked up above");
+        self.free.extend(s.pages);
+        Ok(())
+    }
+
+    /// Bytes the cache holds for K and V: every page, the pool's unused ones included
+    /// (`pages · page_size · heads_kv·(d_k + d_v) · size_of::<T>()`; the page lists and
+    /// other bookkeeping are not counted).
+    pub fn memory_bytes(&self) -> usize {
+        (self.pages_used() + self.free.len()) * self.page_bytes()
+    }
+
+    /// Bytes of the pages the sequences hold (the pool's unused pages excluded).
+    pub fn used_bytes(&self) -> usize {
+        self.pages_used() * self.page_bytes()
+    }
+
+    /// Frees the pool's unused pages (they stay allocated otherwise, for later appends).
+    pub fn release_free_pages(&mut self) {
+        self.free = Vec::new();
+    }
+
+    /// A copy of `seq`'s kept keys and values as contiguous matrices
+    /// (`kept × heads_kv·d_k` and `kept × heads_kv·d_v`, row `r` being absolute position
+    /// `kept().start + r`).
+    ///
+    /// # Errors
+    /// [`AttentionError::UnknownSequence`]; [`AttentionError::TooLarge`] when the copies
+    /// cannot be allocated.
+    #[allow(clippy::type_complexity)] // (keys, values) is the documented pair
+    pub fn gather(&self, seq: SeqId) -> Result<(DMatrix<T>, DMatrix<T>), AttentionError> {
+        attend::gather(&self.pages(seq)?, self.key_width, self.value_width)
+    }
+
+    /// `seq`'s kept tokens, page by page, read in place: what the attention kernels use
+    /// (see [`SeqPages`] for the layout contract).
+    pub(crate) fn pages(&self, seq: SeqId) -> Result<SeqPages<'_, T>, AttentionError> {
+        let s = self.sequence(seq)?;
+        Ok(SeqPages::new(
+            &s.pages,
+            self.page_size,
+            self.key_width,
+            self.value_width,
+            s.first..s.len,
+        ))
+    }
+
+    /// Every bit of the cache's state, for tests that check that a failed call changed
+    /// nothing: the configuration, each sequence's id, length, first position and pages
+    /// (address and every element's bits, stale rows included), and the pool's pages.
+    #[doc(hidden)]
+    pub fn snapshot(&self) -> CacheSnapshot {
+        let page = |p: &Page<T>| {
+            (
+                p.as_ptr() as usize,
+                p.iter().map(|x| x.to_f64().to_bits()).collect(),
+            )
+        };
+        CacheSnapshot {
+            config: [
+                self.heads_kv,
+                self.d_k,
+                self.d_v,
+                self.page_size,
+                self.window.unwrap_or(0),
+            ],
+            next_id: self.next_id,
+            sequences: self
+                .sequences
+                .iter()
+                .map(|(id, s)| (id.0, s.len, s.first, s.pages.iter().map(page).collect()))
+                .collect(),
+            free: self.free.iter().map(page).collect(),
+        }
+    }
+
+    fn sequence(&self, seq: SeqId) -> Result<&Sequence<T>, AttentionError> {
+        self.sequences
+            .get(&seq)
+            .ok_or(AttentionError::UnknownSequence { sequence: seq })
+    }
+
+    fn check_empty(&self, option: &'static str) -> Result<(), AttentionError> {
+        if self.sequences.is_empty() {
+            Ok(())
+        } else {
+            Err(AttentionError::InvalidOption {
+                option,
+                rule: "set it before adding sequences",
+            })
+        }
+    }
+
+    fn pages_used(&self) -> usize {
+        self.sequences.values().map(|s| s.pages.len()).sum()
+    }
+
+    /// Elements of one page (K and V), or `TooLarge` if its bytes overflow.
+    fn page_elements(&self) -> Result<usize, AttentionError> {
+        let width = self.key_width + self.value_width;
+        self.page_size
+            .checked_mul(width)
+            .filter(|&n| {
+                n.checked_mul(std::mem::size_of::<T>())
+                    .is_some_and(|b| b <= isize::MAX as usize)
+            })
+            .ok_or_else(|| too_large(Operand::KvCache, self.page_size, width))
+    }
+
+    fn page_bytes(&self) -> usize {
+        self.page_size * (self.key_width + self.value_width) * std::mem::size_of::<T>()
+    }
+
+    /// A fresh page of zeros, or `TooLarge`.
+    fn new_page(&self) -> Result<Page<T>, AttentionError> {
+        let width = self.key_width + self.value_width;
+        let err = || too_large(Operand::KvCache, self.page_size, width);
+        #[cfg(test)]
+        if fail_injection::should_fail() {
+            return Err(err());
+        }
+        let len = self.page_elements()?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(len).map_err(|_| err())?;
+        data.resize(len, T::zero());
+        Ok(data.into_boxed_slice())
+    }
+}
+
+/// Copies the rows of `k` and `v` into `pages`, row 0 going to offset `start` of the
+/// pages (token `start` counted from the first page's row 0), which already exist.
+fn write_rows<T: Element>(
+    pages: &mut [Page<T>],
+    page_size: usize,
+    key_width: usize,
+    start: usize,
+    k: &MatRef<'_, T>,
+    v: &MatRef<'_, T>,
+) {
+    let n = k.nrows();
+    let mut row = 0;
+    let mut buf = Vec::new();
+    while row < n {
+        let (p, r0) = ((start + row) / page_size, (start + row) % page_size);
+        let count = (page_size - r0).min(n - row);
+        let (kp, vp) = pages[p].split_at_mut(page_size * key_width);
+        for (m, dst) in [(k, kp), (v, vp)] {
+            for_each_column(m, row..row + count, &mut buf, |c, col| {
+                let at = c * page_size + r0;
+                dst[at..at + count].copy_from_slice(col);
+            });
+        }
+        row += count;
+    }
+}
+
+/// The state [`KvCache::snapshot`] returns: compare two with `==`.
+#[doc(hidden)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheSnapshot {
+    /// heads_kv, d_k, d_v, page size, window (0 for none).
+    pub config: [usize; 5],
+    /// The next id `add_sequence` returns.
+    pub next_id: u64,
+    /// Per sequence: id, length, first position, pages (address, element bits).
+    #[allow(clippy::type_complexity)] // a flat record for equality checks only
+    pub sequences: Vec<(u64, usize, usize, Vec<(usize, Vec<u64>)>)>,
+    /// The pool's unused pages (address, element bits).
+    pub free: Vec<(usize, Vec<u64>)>,
+}
+
+/// Test-only fault injection: makes the `n`-th next page allocation of this thread fail,
+/// so that the all-or-nothing rule of `append` is tested on a real allocation failure.
+#[cfg(test)]
+mod fail_injection {
+    use std::cell::Cell;
+
+    thread_local! {
+        static FAIL_AFTER: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// Page allocations after the next `n` succeed fail (until `clear`).
+    pub(crate) fn fail_after(n: usize) {
+        FAIL_AFTER.with(|f| f.set(Some(n)));
+    }
+
+    pub(crate) fn clear() {
+        FAIL_AFTER.with(|f| f.set(None));
+    }
+
+    pub(super) fn should_fail() -> bool {
+        FAIL_AFTER.with(|f| match f.get() {
+            Some(0) => true,
+            Some(n) => {
+                f.set(Some(n - 1));
+                false
+            }
+            None => false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize, width: usize, seed: usize) -> DMatrix<f32> {
+        DMatrix::from_fn(n, width, |i, j| {
+            ((seed * 131 + i * 17 + j) as f32 * 0.37).sin()
+        })
+    }
+
+    /// A failed page allocation in the middle of an append (the pool too small, several
+    /// fresh pages needed, window eviction planned) leaves every bit of the cache as it
+    /// was; the same append then succeeds and holds the right tokens.
+    #[test]
+    fn allocation_failure_changes_nothing() {
+        for window in [None, Some(2)] {
+            let mut cache = KvCache::<f32>::new(2, 3, 2)
+                .unwrap()
+                .with_page_size(4)
+                .unwrap();
+            if let Some(w) = window {
+                cache = cache.with_window(w).unwrap();
+            }
+            let a = cache.add_sequence();
+            let b = cache.add_sequence();
+            let (k, v) = (rows(36, 6, 1), rows(36, 4, 2));
+            cache.append(a, k.rows(0, 6), v.rows(0, 6)).unwrap();
+            cache.append(b, &rows(9, 6, 3), &rows(9, 4, 4)).unwrap();
+            cache.remove(b).unwrap(); // 3 pages in the pool
+            let before = cache.snapshot();
+            // 30 more tokens need 7 more pages: 3 from the pool, 4 fresh (with w = 2 the
+            // first page is evicted and reused: 3 fresh).
+            for succeed in 0..3 {
+                fail_injection::fail_after(succeed);
+                let err = cache.append(a, k.rows(6, 30), v.rows(6, 30)).unwrap_err();
+                fail_injection::clear();
+                assert!(
+                    matches!(
+                        err,
+                        AttentionError::TooLarge {
+                            operand: Operand::KvCache,
+                            ..
+                        }
+                    ),
+                    "{err:?}"
+                );
+                assert!(
+                    cache.snapshot() == before,
+                    "a failed append changed the cache"
+                );
+            }
+            cache.append(a, k.rows(6, 30), v.rows(6, 30)).unwrap();
+            let kept = cache.kept(a).unwrap();
+            assert_eq!(
+                (cache.len(a).unwrap(), kept.clone()),
+                (36, window.map_or(0, |_| 4)..36)
+            );
+            let (gk, gv) = cache.gather(a).unwrap();
+            assert_eq!(gk, k.rows(kept.start, kept.len()));
+            assert_eq!(gv, v.rows(kept.start, kept.len()));
+            let pages = if window.is_some() { 8 } else { 9 };
+            assert_eq!(cache.memory_bytes(), pages * 4 * 10 * 4);
+        }
+    }
+
+    /// The page layout the kernels rely on: column-major blocks, token rows contiguous,
+    /// page `p` at positions `first + p·page_size ..`.
+    #[test]
+    fn pages_are_column_major_blocks() {
+        let mut cache = KvCache::<f32>::new(2, 3, 1)
+            .unwrap()
+            .with_page_size(4)
+            .unwrap();
+        let s = cache.add_sequence();
+        let (k, v) = (rows(10, 6, 1), rows(10, 2, 2));
+        cache.append(s, k.rows(0, 3), v.rows(0, 3)).unwrap();
+        cache.append(s, k.rows(3, 7), v.rows(3, 7)).unwrap();
+        let pages = cache.pages(s).unwrap();
+        assert_eq!(
+            (pages.kept(), pages.first_position(), pages.len()),
+            (10, 0, 3)
+        );
+        for (p, page) in pages.iter().enumerate() {
+            assert_eq!(page.positions, 4 * p..(4 * p + 4).min(10));
+            assert_eq!(page.key.strides(), (1, 4));
+            assert_eq!(page.value.strides(), (1, 4));
+            let raw = &cache.sequences[&s].pages[p];
+            for (r, t) in page.positions.clone().enumerate() {
+                for c in 0..6 {
+                    assert_eq!(page.key[(r, c)], k[(t, c)]);
+                    assert_eq!(raw[c * 4 + r], k[(t, c)]);
+                }
+                for c in 0..2 {
+                    assert_eq!(page.value[(r, c)], v[(t, c)]);
+                    assert_eq!(raw[24 + c * 4 + r], v[(t, c)]);
+                }
+            }
+        }
+    }
+}
