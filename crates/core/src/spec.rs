@@ -753,3 +753,43 @@ fn block_max_abs<T: Element>(
     }
     Ok(maxima)
 }
+
+/// The specs of a call through a KV cache: one per query head of the new queries `q`
+/// (`n_q × h_q·d_k`) against the `n_kv` kept keys, whose magnitudes `max_abs = (max|K|,
+/// max|V|)` the cache bounded when they were appended (they are not re-read). `k_shape`
+/// and `v_shape` are shape-only views (`n_kv × d_k`, `n_kv × d_v`): only a kernel that
+/// reads the pages themselves may run these specs (`kernel::batch::paged`). `options`
+/// are the call's, masks already refused. Errors: Q's NaN/∞, then the scalars and lists.
+pub(crate) fn cached_specs<'a, T: Element>(
+    q: MatRef<'a, T>,
+    (k_shape, v_shape): (MatRef<'a, T>, MatRef<'a, T>),
+    heads_q: usize,
+    max_abs: (T, T),
+    options: &AttentionOptions<'a, T>,
+) -> Result<Vec<Spec<'a, T>>, AttentionError> {
+    let (n_q, n_kv, d_k) = (q.nrows(), k_shape.nrows(), k_shape.ncols());
+    let sequence = [Sequence {
+        q_start: 0,
+        n_q,
+        kv_start: 0,
+        n_kv,
+    }];
+    let q_blocks = head_blocks(q, &sequence, heads_q, d_k, true);
+    let q_max = block_max_abs(Operand::Query, &q, &q_blocks)?;
+    let scale = check_scalars(options, d_k)?;
+    check_lists(options, heads_q, 1)?;
+    Ok(q_blocks
+        .into_iter()
+        .zip(q_max)
+        .enumerate()
+        .map(|(h, (qb, q_max))| {
+            let max_abs = MaxAbs {
+                q: q_max,
+                k: max_abs.0,
+                v: max_abs.1,
+            };
+            let block = block_options(options, 0, h, 0..n_kv);
+            Spec::assemble(qb, k_shape, v_shape, max_abs, scale, (0.0, 0.0), &block)
+        })
+        .collect())
+}

@@ -1098,3 +1098,68 @@ fn memory_bound_for_every_page_size() {
         }
     }
 }
+
+/// Decoding steps read the pages in place with each path's decoding kernel (not a copy:
+/// `last_kernel_run`), and give the bits of `multi_head_attention` on the contiguous
+/// history: for pages that hold whole 64-key chunks, for pages smaller than a chunk
+/// (chunks spanning pages), for a sliding window, sequential and threaded.
+#[test]
+fn decoding_reads_the_pages_in_place_on_every_path() {
+    use attention_core::{CpuPath, KernelRun, Parallelism, alibi_slopes, last_kernel_run};
+    let (heads_kv, group, d) = (2, 3, 16);
+    let heads_q = heads_kv * group;
+    let n = 2300; // two 2048-key parts
+    let k: DMatrix<f32> = narrow(&attention_testdata::gaussian(n, heads_kv * d, 1.0, 1));
+    let v: DMatrix<f32> = narrow(&attention_testdata::gaussian(n, heads_kv * d, 1.0, 2));
+    let q: DMatrix<f32> = narrow(&attention_testdata::gaussian(3, heads_q * d, 1.0, 3));
+    let layout = HeadLayout::new(heads_q, heads_kv);
+    let slopes = alibi_slopes::<f32>(heads_q);
+    for (page_size, window) in [
+        (64, None),
+        (128, None),
+        (16, None),
+        (7, None),
+        (64, Some(700)),
+    ] {
+        let mut cache = KvCache::<f32>::new(heads_kv, d, d)
+            .unwrap()
+            .with_page_size(page_size)
+            .unwrap();
+        if let Some(w) = window {
+            cache = cache.with_window(w).unwrap();
+        }
+        let seq = cache.add_sequence();
+        cache
+            .append(seq, k.rows(0, n - 3), v.rows(0, n - 3))
+            .unwrap();
+        cache
+            .append(seq, k.rows(n - 3, 3), v.rows(n - 3, 3))
+            .unwrap();
+        let kept = cache.kept(seq).unwrap();
+        let (kk, vk) = (
+            k.rows(kept.start, kept.len()),
+            v.rows(kept.start, kept.len()),
+        );
+        for path in CpuPath::supported() {
+            for par in [Parallelism::Sequential, Parallelism::Rayon] {
+                let options = AttentionOptions::new()
+                    .with_cpu_path(path)
+                    .with_parallelism(par)
+                    .with_alibi_slopes(&slopes);
+                let (out, lse) =
+                    cached_attention_with_lse(&q, &cache, seq, &layout, &options).unwrap();
+                let label = format!("pages of {page_size}, window {window:?}, {path:?} {par:?}");
+                assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
+                let mut full = options.clone().with_causal(Causal::BottomRight);
+                if let Some(w) = window {
+                    full = full.with_window(w - 1, 0);
+                }
+                let (want, want_lse) =
+                    multi_head_attention_with_lse(&q, kk, vk, &layout, &full).unwrap();
+                let bits = |m: &DMatrix<f32>| m.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&out), bits(&want), "{label}: output");
+                assert_eq!(bits(&lse), bits(&want_lse), "{label}: lse");
+            }
+        }
+    }
+}

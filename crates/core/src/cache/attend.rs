@@ -6,9 +6,14 @@
 use nalgebra::DMatrix;
 
 use super::{KvCache, SeqId, SeqPages};
+use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::heads::{HeadLayout, multi_head_attention_with_lse};
-use crate::view::AsMatRef;
+use crate::kernel::batch::paged;
+use crate::memory::try_matrix;
+use crate::options::Parallelism;
+use crate::spec::cached_specs;
+use crate::view::{AsMatMut, AsMatRef, block};
 use crate::{AttentionOptions, Causal, Element, MatRef, multi_head_attention};
 
 /// Attention of `seq`'s newest tokens' queries over its cached keys and values.
@@ -218,6 +223,9 @@ impl<'a, T: Element> CachedCall<'a, T> {
     /// replaces the body; `new` already did every check such a kernel needs.
     #[allow(clippy::type_complexity)] // (output, optional lse)
     fn run(self, with_lse: bool) -> Result<(DMatrix<T>, Option<DMatrix<T>>), AttentionError> {
+        if let Some(result) = self.run_in_place(with_lse)? {
+            return Ok(result);
+        }
         let (k, v) = gather(&self.pages, self.key_width, self.value_width)?;
         let result = if with_lse {
             multi_head_attention_with_lse(self.query, &k, &v, &self.layout, &self.options)
@@ -237,6 +245,70 @@ impl<'a, T: Element> CachedCall<'a, T> {
             }
             other => other,
         })
+    }
+}
+
+impl<T: Element> CachedCall<'_, T> {
+    /// The decoding kernel on the pages in place (`kernel::batch::paged`): for a few new
+    /// queries, the common case of decoding. `None` when the call needs another kernel (then
+    /// [`run`](Self::run) copies the pages); the same bits either way.
+    #[allow(clippy::type_complexity)] // (output, optional lse)
+    fn run_in_place(
+        &self,
+        with_lse: bool,
+    ) -> Result<Option<(DMatrix<T>, Option<DMatrix<T>>)>, AttentionError> {
+        let (heads_q, heads_kv) = (self.layout.heads_q, self.layout.heads_kv);
+        let (d_k, d_v) = (self.key_width / heads_kv, self.value_width / heads_kv);
+        let (n_q, kept) = (self.query.nrows(), self.pages.kept());
+        if n_q == 0 || n_q > crate::kernel::DIRECT_MAX_QUERIES {
+            return Ok(None);
+        }
+        let (Some(k_shape), Some(v_shape)) = (
+            self.pages.shape_only(kept, d_k),
+            self.pages.shape_only(kept, d_v),
+        ) else {
+            return Ok(None);
+        };
+        let specs = cached_specs(
+            self.query,
+            (k_shape, v_shape),
+            heads_q,
+            self.pages.max_abs(),
+            &self.options,
+        )?;
+        let (path, forced) = match self.options.cpu_path {
+            Some(path) => (path.check()?, true),
+            None => (CpuPath::detect(), CpuPath::forced_by_env()),
+        };
+        let segments = (0..heads_kv)
+            .map(|j| {
+                self.pages
+                    .iter()
+                    .map(|p| {
+                        let rows = 0..p.key.nrows();
+                        (
+                            block(p.key, rows.clone(), j * d_k..(j + 1) * d_k),
+                            block(p.value, rows, j * d_v..(j + 1) * d_v),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut out = try_matrix(n_q, heads_q * d_v, T::zero(), Operand::Output)?;
+        let mut lse = match with_lse {
+            true => Some(try_matrix(n_q, heads_q, T::zero(), Operand::Lse)?),
+            false => None,
+        };
+        let parallel = self.options.parallelism == Parallelism::Rayon;
+        let done = paged(
+            &specs,
+            segments,
+            (path, forced),
+            parallel,
+            (&mut out).into_mat_mut(),
+            lse.as_mut(),
+        );
+        Ok(done.then_some((out, lse)))
     }
 }
 

@@ -66,6 +66,11 @@ struct Sequence<T> {
     pages: Vec<Page<T>>,
     first: usize,
     len: usize,
+    /// Upper bounds of |K| and |V| over the kept tokens: the largest magnitudes appended
+    /// since the sequence was last empty (a truncation keeps them: still bounds). The
+    /// kernels' proof that scores stay in range needs them, without re-reading the cache.
+    k_max: T,
+    v_max: T,
 }
 
 /// A paged key/value cache for `heads_kv` heads of widths `d_k` and `d_v`, serving any
@@ -277,6 +282,8 @@ impl<T: Element> KvCache<T> {
                 pages: Vec::new(),
                 first: 0,
                 len: 0,
+                k_max: T::zero(),
+                v_max: T::zero(),
             },
         );
         id
@@ -360,8 +367,8 @@ impl<T: Element> KvCache<T> {
             Operand::KvCache,
             "new values are n x heads_kv*d_v",
         )?;
-        check_finite(Operand::NewKeys, &k)?;
-        check_finite(Operand::NewValues, &v)?;
+        let k_max = check_finite(Operand::NewKeys, &k)?;
+        let v_max = check_finite(Operand::NewValues, &v)?;
         if n == 0 {
             return Ok(());
         }
@@ -408,6 +415,8 @@ impl<T: Element> KvCache<T> {
         debug_assert!(new_pages.is_empty());
         s.first = new_first;
         s.len = new_len;
+        s.k_max = s.k_max.max(k_max);
+        s.v_max = s.v_max.max(v_max);
         write_rows(
             &mut s.pages,
             self.page_size,
@@ -461,6 +470,9 @@ impl<T: Element> KvCache<T> {
         self.free.extend(s.pages.drain(keep..));
         s.first = first;
         s.len = len;
+        if len == 0 {
+            (s.k_max, s.v_max) = (T::zero(), T::zero());
+        }
         Ok(())
     }
 
@@ -517,12 +529,14 @@ impl<T: Element> KvCache<T> {
             self.key_width,
             self.value_width,
             s.first..s.len,
+            (s.k_max, s.v_max),
         ))
     }
 
     /// Every bit of the cache's state, for tests that check that a failed call changed
-    /// nothing: the configuration, each sequence's id, length, first position and pages
-    /// (address and every element's bits, stale rows included), and the pool's pages.
+    /// nothing: the configuration, each sequence's id, length, first position, pages
+    /// (address and every element's bits, stale rows included) and magnitude bounds, and
+    /// the pool's pages.
     #[doc(hidden)]
     pub fn snapshot(&self) -> CacheSnapshot {
         let page = |p: &Page<T>| {
@@ -544,6 +558,11 @@ impl<T: Element> KvCache<T> {
                 .sequences
                 .iter()
                 .map(|(id, s)| (id.0, s.len, s.first, s.pages.iter().map(page).collect()))
+                .collect(),
+            max_abs: self
+                .sequences
+                .values()
+                .map(|s| (s.k_max.to_f64().to_bits(), s.v_max.to_f64().to_bits()))
                 .collect(),
             free: self.free.iter().map(page).collect(),
         }
@@ -640,6 +659,8 @@ pub struct CacheSnapshot {
     /// Per sequence: id, length, first position, pages (address, element bits).
     #[allow(clippy::type_complexity)] // a flat record for equality checks only
     pub sequences: Vec<(u64, usize, usize, Vec<(usize, Vec<u64>)>)>,
+    /// Per sequence, in the same order: the bits of its max |K| and max |V| bounds.
+    pub max_abs: Vec<(u64, u64)>,
     /// The pool's unused pages (address, element bits).
     pub free: Vec<(usize, Vec<u64>)>,
 }

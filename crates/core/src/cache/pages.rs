@@ -49,6 +49,8 @@ pub(crate) struct SeqPages<'a, T: Element> {
     base: usize,
     /// Absolute positions of the kept tokens.
     kept: Range<usize>,
+    /// Upper bounds of |K| and |V| over the kept tokens.
+    max_abs: (T, T),
 }
 
 impl<'a, T: Element> SeqPages<'a, T> {
@@ -59,6 +61,7 @@ impl<'a, T: Element> SeqPages<'a, T> {
         key_width: usize,
         value_width: usize,
         kept: Range<usize>,
+        max_abs: (T, T),
     ) -> Self {
         debug_assert_eq!(pages.len(), (kept.end - kept.start).div_ceil(page_size));
         SeqPages {
@@ -68,7 +71,28 @@ impl<'a, T: Element> SeqPages<'a, T> {
             value_width,
             base: kept.start - kept.start % page_size,
             kept,
+            max_abs,
         }
+    }
+
+    /// Upper bounds `(max|K|, max|V|)` over the kept tokens (kept up to date by appends,
+    /// so that no call re-reads the cache to bound its scores).
+    pub(crate) fn max_abs(&self) -> (T, T) {
+        self.max_abs
+    }
+
+    /// A `rows × columns` view that repeats one element of the first page (zero strides):
+    /// the shape of the kept keys or values, for the specs of a call whose kernel reads
+    /// the pages themselves. `None` if there is no page.
+    pub(crate) fn shape_only(&self, rows: usize, columns: usize) -> Option<MatRef<'a, T>> {
+        let first = self.pages.first()?.get(..1)?;
+        Some(MatRef::from_slice_with_strides_generic(
+            first,
+            Dyn(rows),
+            Dyn(columns),
+            Dyn(0),
+            Dyn(0),
+        ))
     }
 
     /// The number of kept tokens (the rows of all pages together).

@@ -12,6 +12,7 @@ use crate::Element;
 use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Operand};
 use crate::memory::{try_matrix, try_vector};
+use crate::options::MatRef;
 use crate::spec::{Batch, Sequence, Spec};
 use crate::view::{MatMut, split_blocks};
 
@@ -233,4 +234,62 @@ fn first_error(
         (a, Ok(())) => a,
         (Err(x), Err(y)) => Err(if key(&y) < key(&x) { y } else { x }),
     }
+}
+
+/// Attention of `specs` (one per query head, from `spec::cached_specs`) through the pages
+/// of a KV cache, read in place: `segments[j]` are key/value head `j`'s pages (consecutive
+/// blocks of rows). Query head `h` reads head `h / (h_q / h_kv)`; the groups run side by
+/// side. Returns `false`, having written nothing, when some head needs another kernel
+/// (more than a few queries, tiny calls, scores not provably in range, values near the
+/// type's maximum): the caller then copies the pages and runs the general path.
+pub(crate) fn paged<T: Element>(
+    specs: &[Spec<'_, T>],
+    segments: Vec<Vec<(MatRef<'_, T>, MatRef<'_, T>)>>,
+    (path, forced): (CpuPath, bool),
+    parallel: bool,
+    out: MatMut<'_, T>,
+    lse: Option<&mut DMatrix<T>>,
+) -> bool {
+    let n_q = specs.first().map_or(0, |s| s.n_q);
+    // Exactly the heads that `multi_head_attention` on the same keys would decode (so
+    // the two give the same bits).
+    let fits = specs
+        .iter()
+        .all(|s| s.n_kv > 0 && s.scores_in_range && route(s, forced) == Route::Decode);
+    if !fits || n_q == 0 {
+        return false;
+    }
+    record_run(KernelRun::Decode(path));
+    let (heads_q, heads_kv, d_v) = (specs.len(), segments.len(), specs[0].d_v);
+    let group = heads_q / heads_kv;
+    let columns: Vec<_> = (0..heads_q).map(|h| h * d_v..(h + 1) * d_v).collect();
+    let mut outs = split_blocks(out, std::slice::from_ref(&(0..n_q)), &columns).into_iter();
+    let mut lses: Vec<Option<&mut [T]>> = match lse {
+        Some(lse) => lse.as_mut_slice().chunks_mut(n_q).map(Some).collect(),
+        None => (0..heads_q).map(|_| None).collect(),
+    };
+    let mut lses = lses.drain(..);
+    let refs: Vec<&Spec<'_, T>> = specs.iter().collect();
+    let mut jobs = Vec::with_capacity(heads_kv);
+    for (j, segs) in segments.into_iter().enumerate() {
+        let outs: Vec<MatMut<'_, T>> = outs.by_ref().take(group).collect();
+        let lses: Vec<Option<&mut [T]>> = lses.by_ref().take(group).collect();
+        jobs.push((&refs[j * group..(j + 1) * group], segs, outs, lses));
+    }
+    let run = |(specs, segs, mut outs, mut lses): (
+        &[&Spec<'_, T>],
+        Vec<(MatRef<'_, T>, MatRef<'_, T>)>,
+        Vec<MatMut<'_, T>>,
+        Vec<Option<&mut [T]>>,
+    )| {
+        let group = decode::Group::paged(specs, segs);
+        let mut outs: Vec<&mut MatMut<'_, T>> = outs.iter_mut().collect();
+        decode::attention(&group, path, parallel, &mut outs, &mut lses);
+    };
+    if parallel && jobs.len() > 1 {
+        jobs.into_par_iter().for_each(run);
+    } else {
+        jobs.into_iter().for_each(run);
+    }
+    true
 }

@@ -107,6 +107,9 @@ pub struct Group<'s, 'a, T: Element> {
     pub(crate) specs: &'s [&'s Spec<'a, T>],
     pub(crate) q: Vec<T>,
     pub(crate) n_q: usize,
+    /// The keys and values as consecutive blocks of rows (`(K block, V block)`, together
+    /// the group's `n_kv` keys): the specs' own K and V, or the pages of a KV cache.
+    pub(crate) segments: Vec<(MatRef<'a, T>, MatRef<'a, T>)>,
 }
 
 impl<'s, 'a, T: Element> Group<'s, 'a, T> {
@@ -119,7 +122,29 @@ impl<'s, 'a, T: Element> Group<'s, 'a, T> {
                 q.extend((0..d_k).map(|p| spec.q[(i, p)]));
             }
         }
-        Group { specs, q, n_q }
+        Group {
+            specs,
+            q,
+            n_q,
+            segments: vec![(specs[0].k, specs[0].v)],
+        }
+    }
+
+    /// The group of `specs` whose keys and values are `segments` (consecutive blocks of
+    /// rows, e.g. the pages of a KV cache, read in place); the specs' own K and V are not
+    /// read, only their sizes and score options.
+    pub(crate) fn paged(
+        specs: &'s [&'s Spec<'a, T>],
+        segments: Vec<(MatRef<'a, T>, MatRef<'a, T>)>,
+    ) -> Self {
+        debug_assert_eq!(
+            segments.iter().map(|(k, _)| k.nrows()).sum::<usize>(),
+            specs[0].n_kv
+        );
+        Group {
+            segments,
+            ..Group::new(specs)
+        }
     }
 
     fn rows(&self) -> usize {
@@ -139,48 +164,92 @@ pub(crate) fn part<T: Element, const FMA: bool>(
     let rows = group.rows();
     let mut state = State::new(rows, d_v);
     let mut s = vec![T::zero(); rows * CHUNK];
-    if spec.k.strides().0 == 1 && spec.v.strides().0 == 1 {
-        chunks::<T, FMA>(group, (spec.k, spec.v, 0), keys, &mut s, &mut state);
-    } else {
-        // Rows not contiguous (a transposed or broadcast view): the part's keys copied,
-        // so that the arithmetic is the same as for any other layout.
-        let n = keys.len();
-        let k = DMatrix::from_fn(n, d_k, |r, c| spec.k[(keys.start + r, c)]);
-        let v = DMatrix::from_fn(n, d_v, |r, c| spec.v[(keys.start + r, c)]);
-        let start = keys.start;
-        chunks::<T, FMA>(
-            group,
-            ((&k).into(), (&v).into(), start),
-            keys,
-            &mut s,
-            &mut state,
-        );
+    // Chunks start every CHUNK keys from the part's start (parts start at multiples of
+    // CHUNK), whatever the segments: the sums, hence the bits, do not depend on how the
+    // keys are stored. A chunk inside one segment with contiguous columns is read in
+    // place; one that spans segments (pages smaller than a chunk) or sits in a row-strided
+    // view is copied first.
+    let starts: Vec<usize> = group
+        .segments
+        .iter()
+        .scan(0, |at, (k, _)| {
+            let start = *at;
+            *at += k.nrows();
+            Some(start)
+        })
+        .collect();
+    let (mut kc, mut vc) = (DMatrix::zeros(0, d_k), DMatrix::zeros(0, d_v));
+    let mut seg = 0;
+    let mut start = keys.start;
+    while start < keys.end {
+        let len = CHUNK.min(keys.end - start);
+        while starts[seg] + group.segments[seg].0.nrows() <= start {
+            seg += 1;
+        }
+        let (k, v) = group.segments[seg];
+        let at = start - starts[seg];
+        if at + len <= k.nrows() && k.strides().0 == 1 && v.strides().0 == 1 {
+            chunk_of::<T, FMA>(group, (k, v), (start, at), len, &mut s, &mut state);
+        } else {
+            gather(group, &starts, start, len, (&mut kc, &mut vc));
+            chunk_of::<T, FMA>(
+                group,
+                ((&kc).into(), (&vc).into()),
+                (start, 0),
+                len,
+                &mut s,
+                &mut state,
+            );
+        }
+        start += len;
     }
     state
 }
 
-/// Every chunk of `keys`, reading key `j` from row `j − offset` of `k` and `v` (row stride
-/// 1). A function, not a closure: closures are not compiled with the target features of
-/// the function that defines them, and `part` must inline whole into each path's
-/// `#[target_feature]` instance.
-#[inline(always)]
-fn chunks<T: Element, const FMA: bool>(
+/// Keys `start .. start + len` of the group's segments copied into `k` and `v`
+/// (resized to `len` rows).
+fn gather<T: Element>(
     group: &Group<'_, '_, T>,
-    (k, v, offset): (MatRef<'_, T>, MatRef<'_, T>, usize),
-    keys: std::ops::Range<usize>,
+    starts: &[usize],
+    start: usize,
+    len: usize,
+    (k, v): (&mut DMatrix<T>, &mut DMatrix<T>),
+) {
+    let (d_k, d_v) = (k.ncols(), v.ncols());
+    if k.nrows() != len {
+        *k = DMatrix::zeros(len, d_k);
+        *v = DMatrix::zeros(len, d_v);
+    }
+    for (&(ks, vs), &s0) in group.segments.iter().zip(starts) {
+        let (lo, hi) = (s0.max(start), (s0 + ks.nrows()).min(start + len));
+        for j in lo..hi {
+            for c in 0..d_k {
+                k[(j - start, c)] = ks[(j - s0, c)];
+            }
+            for c in 0..d_v {
+                v[(j - start, c)] = vs[(j - s0, c)];
+            }
+        }
+    }
+}
+
+/// One chunk of `len` keys (key `start`, row `at` of `k` and `v`, whose columns are
+/// contiguous). A function, not a closure: closures are not compiled with the target
+/// features of the function that defines them, and `part` must inline whole into each
+/// path's `#[target_feature]` instance.
+#[inline(always)]
+fn chunk_of<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    (k, v): (MatRef<'_, T>, MatRef<'_, T>),
+    (start, at): (usize, usize),
+    len: usize,
     s: &mut [T],
     state: &mut State<T>,
 ) {
     let (d_k, d_v) = (k.ncols(), v.ncols());
     let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
     let v = v.as_view::<Dyn, Dyn, U1, Dyn>();
-    let mut start = keys.start;
-    while start < keys.end {
-        let len = CHUNK.min(keys.end - start);
-        let at = start - offset;
-        chunk::<T, FMA>(group, (&k, &v, d_k, d_v), (start, at), len, s, state);
-        start += len;
-    }
+    chunk::<T, FMA>(group, (&k, &v, d_k, d_v), (start, at), len, s, state);
 }
 
 /// K and V with contiguous columns, and their widths.

@@ -224,7 +224,7 @@ const DIRECT_MAX_WORK: usize = 8 * 1024;
 /// (32–64 per block) would be mostly empty. Measured (f32, one thread): n_kv = 4096,
 /// d = 128: row path 245 µs at n_q = 1, 1.2 ms at 8, 2.3 ms at 16, block kernel 2.2 ms
 /// for any n_q ≤ 64; n_kv = 512, d = 64: 17 / 85 µs at n_q = 1 / 8 against 126 µs.
-const DIRECT_MAX_QUERIES: usize = 8;
+pub(crate) const DIRECT_MAX_QUERIES: usize = 8;
 /// Work below which a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 4 << 20;
 
