@@ -236,6 +236,14 @@ fn first_error(
     }
 }
 
+/// One key/value group of [`paged`]: its query heads' specs, its pages, its outputs.
+type PagedJob<'s, 'a, 'o, T> = (
+    &'s [&'s Spec<'a, T>],
+    Vec<(MatRef<'a, T>, MatRef<'a, T>)>,
+    Vec<MatMut<'o, T>>,
+    Vec<Option<&'o mut [T]>>,
+);
+
 /// Attention of `specs` (one per query head, from `spec::cached_specs`) through the pages
 /// of a KV cache, read in place: `segments[j]` are key/value head `j`'s pages (consecutive
 /// blocks of rows). Query head `h` reads head `h / (h_q / h_kv)`; the groups run side by
@@ -276,12 +284,7 @@ pub(crate) fn paged<T: Element>(
         let lses: Vec<Option<&mut [T]>> = lses.by_ref().take(group).collect();
         jobs.push((&refs[j * group..(j + 1) * group], segs, outs, lses));
     }
-    let run = |(specs, segs, mut outs, mut lses): (
-        &[&Spec<'_, T>],
-        Vec<(MatRef<'_, T>, MatRef<'_, T>)>,
-        Vec<MatMut<'_, T>>,
-        Vec<Option<&mut [T]>>,
-    )| {
+    let run = |(specs, segs, mut outs, mut lses): PagedJob<'_, '_, '_, T>| {
         let group = decode::Group::paged(specs, segs);
         let mut outs: Vec<&mut MatMut<'_, T>> = outs.iter_mut().collect();
         decode::attention(&group, path, parallel, &mut outs, &mut lses);
