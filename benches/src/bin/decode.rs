@@ -10,7 +10,7 @@
 //! - `bandwidth`: read bandwidth from memory (GB/s): the sum of a 2 GiB f32 buffer, split
 //!   over the threads, median of 7 (what `../shared/anchors/bandwidth.py` measures);
 //! - `decode gqa`: one new token, 32 query heads over 8 KV heads, d = 128, f32, against
-//!   `n` cached tokens (`multi_head_attention` on contiguous K/V); `L` layers' K/V in
+//!   `n` cached tokens (`cached_attention` on a `KvCache`, pages of 64); `L` layers' caches in
 //!   rotation so that no step finds its keys warm in cache from the previous one (L chosen
 //!   so that L layers exceed 512 MiB); reported as µs per token per layer and as the
 //!   ratio to `bytes(K, V) / bandwidth`, the floor;
@@ -23,7 +23,8 @@
 use std::time::Instant;
 
 use attention_core::{
-    AttentionOptions, Causal, HeadLayout, multi_head_attention, scaled_dot_product_attention_into,
+    AttentionOptions, Causal, HeadLayout, KvCache, SeqId, cached_attention, multi_head_attention,
+    scaled_dot_product_attention_into,
 };
 use attention_testdata::{gaussian, seeded_rng};
 use nalgebra::DMatrix;
@@ -101,23 +102,25 @@ fn decode_gqa(n: usize, bw: f64) {
     let (h_q, h_kv, d) = (32, 8, 128);
     let bytes = 2 * n * h_kv * d * 4;
     let layers = ((512usize << 20) / bytes).clamp(1, 64) + 1;
-    let caches: Vec<(DMatrix<f32>, DMatrix<f32>)> = (0..layers)
+    let caches: Vec<(KvCache<f32>, SeqId)> = (0..layers)
         .map(|l| {
             let k = gaussian(n, h_kv * d, 1.0, 100 + l as u64).map(|x| x as f32);
             let v = gaussian(n, h_kv * d, 1.0, 200 + l as u64).map(|x| x as f32);
-            (k, v)
+            let mut cache = KvCache::new(h_kv, d, d).expect("a cache");
+            let seq = cache.add_sequence();
+            cache.append(seq, &k, &v).expect("append");
+            (cache, seq)
         })
         .collect();
     let q = gaussian(1, h_q * d, 1.0, 7).map(|x| x as f32);
     let layout = HeadLayout::new(h_q, h_kv);
-    let options = AttentionOptions::new().with_causal(Causal::BottomRight);
-    let mut out = DMatrix::<f32>::zeros(1, h_q * d);
+    let options = AttentionOptions::new();
     let steps = (layers * 4).max(16);
     let mut times = Vec::with_capacity(steps);
     for s in 0..steps {
-        let (k, v) = &caches[s % layers];
+        let (cache, seq) = &caches[s % layers];
         let t = Instant::now();
-        attention_core::multi_head_attention_into(&q, k, v, &layout, &options, &mut out).unwrap();
+        std::hint::black_box(cached_attention(&q, cache, *seq, &layout, &options).unwrap());
         times.push(t.elapsed().as_secs_f64());
     }
     let t = median(times);

@@ -749,3 +749,27 @@ fn score_overflow_names_head_and_packed_rows() {
         );
     }
 }
+
+/// Multi-query attention with more query rows per key/value head than the decoding
+/// kernel holds at once (72 heads × 8 queries): split into sub-groups, each head still
+/// equal to its single-head call bit for bit.
+#[test]
+fn many_query_heads_per_kv_head() {
+    let p = Problem {
+        h_kv: 1,
+        group: 72,
+        d_k: 8,
+        d_v: 5,
+        seqlens_q: vec![8, 1],
+        seqlens_kv: vec![300, 70],
+        causal: Some(Causal::BottomRight),
+        window: None,
+        softcap: Some(7.0),
+        slopes: true,
+        key_mask: true,
+        masks: false,
+        biases: false,
+        seed: 11,
+    };
+    check_blocks::<f32>(&p).unwrap();
+}

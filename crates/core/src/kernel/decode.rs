@@ -272,19 +272,10 @@ fn chunk<T: Element, const FMA: bool>(
     state: &mut State<T>,
 ) {
     let rows = group.rows();
-    // Scores: column p of K (the chunk's keys, contiguous) times q_rp, for every row.
-    s.fill(T::zero());
-    for p in 0..d_k {
-        let column = k.column(p);
-        let kc = &column.as_slice()[at..at + len];
-        for r in 0..rows {
-            let qrp = group.q[r * d_k + p];
-            let sr = &mut s[r * CHUNK..r * CHUNK + len];
-            for (x, &kj) in sr.iter_mut().zip(kc) {
-                *x = madd::<T, FMA>(qrp, kj, *x);
-            }
-        }
-    }
+    scores::<T, FMA>(group, k, d_k, at, len, s);
+    // Per row: the score modifiers and the online softmax step; `s` becomes `p`.
+    let mut alpha = [0.0f64; MAX_ROWS];
+    let mut active = [false; MAX_ROWS];
     for r in 0..rows {
         let spec = group.specs[r / group.n_q];
         let i = r % group.n_q;
@@ -312,15 +303,79 @@ fn chunk<T: Element, const FMA: bool>(
         for x in sr.iter_mut() {
             *x = (*x - m_new).exp_nonpos::<FMA>();
         }
-        let alpha = factor(m_old, m_new);
-        state.l[r] = state.l[r] * alpha + lane_sum::<T, FMA>(sr, None);
-        let acc = &mut state.acc[r * d_v..(r + 1) * d_v];
-        for (c, a) in acc.iter_mut().enumerate() {
-            let column = v.column(c);
-            let vc = &column.as_slice()[at..at + len];
-            *a = *a * alpha + lane_sum::<T, FMA>(sr, Some(vc));
-        }
+        alpha[r] = factor(m_old, m_new);
+        active[r] = true;
+        state.l[r] = state.l[r] * alpha[r] + lane_sum::<T, FMA>(sr, None);
         state.m[r] = m_new;
+    }
+    // Σ_j p_rj·v_jc for every value column, the column read once for all rows.
+    for c in 0..d_v {
+        let column = v.column(c);
+        let vc = &column.as_slice()[at..at + len];
+        for r in 0..rows {
+            if active[r] {
+                let dot = lane_sum::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], Some(vc));
+                let a = &mut state.acc[r * d_v + c];
+                *a = *a * alpha[r] + dot;
+            }
+        }
+    }
+}
+
+/// Rows of a group handled together by the register-blocked loops.
+const ROW_BLOCK: usize = 4;
+/// The most rows a group has: 8 queries × 8 query heads per key/value head (larger
+/// groups are split by the caller).
+pub(crate) const MAX_ROWS: usize = 64;
+
+/// `s[r][j] = Σ_p q_rp·k_jp` for the chunk's `len` keys (row `at` of `k`) and every row:
+/// for a full chunk, [`ROW_BLOCK`] rows at a time with their `ROW_BLOCK × CHUNK` sums in
+/// registers, each column of K loaded once per block.
+#[inline(always)]
+fn scores<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    k: &nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'_, T, Dyn, Dyn, U1, Dyn>>,
+    d_k: usize,
+    at: usize,
+    len: usize,
+    s: &mut [T],
+) {
+    let rows = group.rows();
+    let mut r = 0;
+    if len == CHUNK {
+        while r + ROW_BLOCK <= rows {
+            let mut acc = [[T::zero(); CHUNK]; ROW_BLOCK];
+            for p in 0..d_k {
+                let column = k.column(p);
+                let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
+                    .try_into()
+                    .expect("a full chunk");
+                for (b, acc_b) in acc.iter_mut().enumerate() {
+                    let q = group.q[(r + b) * d_k + p];
+                    for j in 0..CHUNK {
+                        acc_b[j] = madd::<T, FMA>(q, kc[j], acc_b[j]);
+                    }
+                }
+            }
+            for (b, acc_b) in acc.iter().enumerate() {
+                s[(r + b) * CHUNK..(r + b + 1) * CHUNK].copy_from_slice(acc_b);
+            }
+            r += ROW_BLOCK;
+        }
+    }
+    if r < rows {
+        s[r * CHUNK..rows * CHUNK].fill(T::zero());
+        for p in 0..d_k {
+            let column = k.column(p);
+            let kc = &column.as_slice()[at..at + len];
+            for rr in r..rows {
+                let q = group.q[rr * d_k + p];
+                let sr = &mut s[rr * CHUNK..rr * CHUNK + len];
+                for (x, &kj) in sr.iter_mut().zip(kc) {
+                    *x = madd::<T, FMA>(q, kj, *x);
+                }
+            }
+        }
     }
 }
 
@@ -438,6 +493,27 @@ pub(crate) fn attention<T: Element>(
     lses: &mut [Option<&mut [T]>],
 ) {
     use rayon::prelude::*;
+    let heads = group.specs.len();
+    let per = (MAX_ROWS / group.n_q).max(1);
+    if heads > per {
+        // More rows than the kernel's per-row arrays hold (many query heads per key/value
+        // head): sub-groups of heads, each its own pass over K and V.
+        for (h0, (outs, lses)) in (0..heads)
+            .step_by(per)
+            .zip(outs.chunks_mut(per).zip(lses.chunks_mut(per)))
+        {
+            let sub = Group {
+                specs: &group.specs[h0..(h0 + per).min(heads)],
+                q: group.q[h0 * group.n_q * group.specs[0].d_k..]
+                    [..(per.min(heads - h0)) * group.n_q * group.specs[0].d_k]
+                    .to_vec(),
+                n_q: group.n_q,
+                segments: group.segments.clone(),
+            };
+            attention(&sub, path, parallel, outs, lses);
+        }
+        return;
+    }
     let compiled = T::decode(path);
     let parts = parts(group.specs[0].n_kv);
     let states: Vec<State<T>> = if parallel && parts.len() > 1 {
