@@ -16,6 +16,10 @@ use crate::options::MatRef;
 use crate::spec::{Batch, Sequence, Spec};
 use crate::view::{MatMut, split_blocks};
 
+/// Groups per thread from which a batch is split over threads by group (see
+/// [`attention`]): with fewer, one group's long sequence could leave threads idle.
+const GROUPS_PER_THREAD: usize = 2;
+
 /// One block's work: its spec, where its output and lse go, and, for a block the careful
 /// path computed ahead, that result.
 struct Item<'s, 'a, 'o, T: Element> {
@@ -50,16 +54,22 @@ pub(crate) fn attention<T: Element>(
         groups.last_mut().expect("pushed above").push(item);
     }
     groups.retain(|g| g.iter().any(|item| item.seq.n_q > 0));
+    // Enough groups to keep every thread busy: threads over groups, each group on one
+    // thread (no nested splitting, whose stolen tasks would each need a fresh
+    // workspace); otherwise groups in turn, each split over the threads inside. Results
+    // do not depend on this choice (the kernels give the same bits either way).
+    let across = parallel && groups.len() >= GROUPS_PER_THREAD * rayon::current_num_threads();
+    let inner = parallel && !across;
     let run_group = |g: Vec<Item<'_, '_, '_, T>>| -> Result<(), AttentionError> {
         if decodes(&g, forced) {
-            decode_group(g, path, parallel);
+            decode_group(g, path, inner);
             return Ok(());
         }
         g.into_iter()
-            .map(|item| run_item(item, path, forced, parallel))
+            .map(|item| run_item(item, path, forced, inner))
             .fold(Ok(()), first_error)
     };
-    if parallel && groups.len() > 1 {
+    if across {
         groups
             .into_par_iter()
             .map(run_group)
