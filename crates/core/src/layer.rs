@@ -5,6 +5,7 @@
 use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
+use crate::cache::{KvCache, SeqId, cached_attention, check_before_append};
 use crate::columns::owned_for_left_product;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::heads::{HeadLayout, multi_head_attention};
@@ -451,6 +452,161 @@ impl<T: Element> MultiHeadAttention<T> {
             &v,
             &HeadLayout::new(self.heads_q, self.heads_kv),
             options,
+        )
+    }
+
+    /// Self-attention of a sequence's new tokens through a KV cache, for decoding:
+    /// `x_new` holds the next `n_new` tokens of sequence `seq` (a prompt to prefill, a
+    /// chunk of it, or one generated token), whose keys and values are appended to `cache`
+    /// before the tokens attend to the whole cached history and themselves.
+    ///
+    /// ```text
+    /// p      = cache.len(seq)                         (the tokens already cached)
+    /// Q, K, V = X_new·W_q + b_q, X_new·W_k + b_k, X_new·W_v + b_v
+    /// Q, K   ← RoPE(Q), RoPE(K) at positions p .. p + n_new     (if the layer has RoPE)
+    /// cache.append(seq, K, V)                         (keys stored after RoPE)
+    /// y      = cached_attention(Q, cache, seq)·W_o + b_o
+    /// ```
+    ///
+    /// Feeding a sequence through `forward_cached` in pieces of any sizes (a prompt, then
+    /// one token at a time) gives, row for row, [`forward`](Self::forward) of the whole
+    /// sequence with causal masking, within rounding (nalgebra's product of fewer than 6
+    /// rows, and the attention kernels for few and for many queries, round differently;
+    /// a first chunk of more than 5 tokens into an empty cache gives the bits of
+    /// `forward` of those tokens alone); on a sliding-window cache of window
+    /// `w`, `forward` with the window `(w − 1, 0)` added. Causal masking is implied
+    /// (bottom-right: the last row is the newest token).
+    ///
+    /// `options` are those of [`cached_attention`]: the scale (default `1/√d_head`),
+    /// softcap, ALiBi (one slope or one per query head; distances between absolute
+    /// positions), a window on a cache without one, the CPU path and threading. Causal
+    /// may be set only as [`Causal::BottomRight`](crate::Causal::BottomRight); masks,
+    /// biases and key masks are refused (truncate the cache instead).
+    ///
+    /// # Shapes
+    /// `x_new` is n_new × d_model (a matrix or a view); returns n_new × d_model.
+    /// `cache` must have the layer's `h_kv` heads, of widths `d_head` (keys) and `d_v`
+    /// (values). n_new = 0 appends nothing and returns a 0 × d_model matrix.
+    ///
+    /// # All or nothing
+    /// On any error the cache is exactly as before, bit for bit. Everything that does not
+    /// depend on the values (the input's width, the cache's heads and widths, the
+    /// sequence, every option, the CPU path) is checked before anything is computed; the
+    /// projections and RoPE run before the append. What can still fail after the append
+    /// depends on the values — a score out of the type's range, the output projection
+    /// overflowing, an allocation — and then the append is undone exactly (its pages back
+    /// in place, the rows it overwrote restored), not just truncated: a window's evicted
+    /// pages come back too.
+    ///
+    /// # Errors
+    /// In this order: [`AttentionError::DimensionMismatch`] ([`Operand::Input`],
+    /// columns) if `x_new` does not have d_model columns; [`AttentionError::DimensionMismatch`]
+    /// ([`Operand::KvCache`] against the layer's weights) if the cache's heads
+    /// ([`Axis::Heads`]), key width or value width ([`Axis::Columns`], `h_kv·d_head` and
+    /// `h_kv·d_v`) are not the layer's; [`AttentionError::UnknownSequence`]; the option
+    /// errors of [`cached_attention`] ([`AttentionError::InvalidOption`], invalid scale,
+    /// softcap or slopes, a CPU path this CPU lacks); then those of
+    /// [`forward`](Self::forward) for the values (NaN/∞ in `x_new`, `ProductOverflow`,
+    /// `RotationOverflow`); [`AttentionError::TooLarge`] if the cache cannot grow; the
+    /// score errors of [`cached_attention`] (`HeadScoreOverflow`, keys at absolute
+    /// positions).
+    ///
+    /// # Example
+    /// ```
+    /// use attention_core::{AttentionOptions, Causal, KvCache, MultiHeadAttention, Rope};
+    /// use nalgebra::DMatrix;
+    ///
+    /// let w = |r, c, s: f64| DMatrix::from_fn(r, c, |i, j| ((i * c + j) as f64 * s).sin());
+    /// // d_model 8, 4 query heads of width 2 reading 2 key/value heads, RoPE.
+    /// let layer = MultiHeadAttention::new(4, 2, w(8, 8, 0.3), w(8, 4, 0.5), w(8, 4, 0.7), w(8, 8, 1.1))?
+    ///     .with_rope(Rope::new(2))?;
+    /// let mut cache = KvCache::new(layer.heads_kv(), layer.d_head(), layer.d_v())?;
+    /// let seq = cache.add_sequence();
+    ///
+    /// let x = w(9, 8, 0.2);
+    /// let prompt = layer.forward_cached(x.rows(0, 6), &mut cache, seq, &AttentionOptions::new())?;
+    /// let mut steps = vec![prompt];
+    /// for t in 6..9 {
+    ///     steps.push(layer.forward_cached(x.rows(t, 1), &mut cache, seq, &AttentionOptions::new())?);
+    /// }
+    /// assert_eq!(cache.len(seq)?, 9);
+    ///
+    /// // The same as the whole sequence at once, with causal masking.
+    /// let causal = AttentionOptions::new().with_causal(Causal::TopLeft);
+    /// let full = layer.forward(&x, &causal)?;
+    /// assert!((&steps[0] - full.rows(0, 6)).amax() < 1e-14);
+    /// for (t, y) in (6..9).zip(&steps[1..]) {
+    ///     assert!((y - full.rows(t, 1)).amax() < 1e-14);
+    /// }
+    /// // The prompt into an empty cache: the same bits as `forward` of the prompt alone.
+    /// assert_eq!(steps[0], layer.forward(x.rows(0, 6), &causal)?);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    pub fn forward_cached<'x>(
+        &self,
+        x_new: impl AsMatRef<'x, T>,
+        cache: &mut KvCache<T>,
+        seq: SeqId,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>, AttentionError> {
+        let x = x_new.into_mat_ref();
+        self.check_columns(&x, Operand::Input)?;
+        self.check_cache(cache)?;
+        let layout = HeadLayout::new(self.heads_q, self.heads_kv);
+        check_before_append(cache, seq, self.w_q.ncols(), &layout, options)?;
+        let start = cache.len(seq)?;
+
+        let x = self.checked_input(&x, Operand::Input)?;
+        let x = x.view();
+        let mut q = project(&x, &self.w_q.as_view(), self.b_q.as_ref(), Operand::Query)?;
+        let (mut k, v) = self.project_kv(&x)?;
+        if let Some(rope) = &self.rope {
+            let positions: Vec<usize> = (start..start + x.nrows()).collect();
+            rope.apply(&mut q, self.heads_q, &positions)?;
+            rope.apply(&mut k, self.heads_kv, &positions)?;
+        }
+
+        let undo = cache.append_undoable(seq, k.as_view(), v.as_view())?;
+        let result = cached_attention(&q, cache, seq, &layout, options).and_then(|a| {
+            project(
+                &a.as_view(),
+                &self.w_o.as_view(),
+                self.b_o.as_ref(),
+                Operand::Output,
+            )
+        });
+        if let (Err(_), Some(undo)) = (&result, undo) {
+            cache.undo(undo);
+        }
+        result
+    }
+
+    /// The cache holds this layer's key/value heads: `h_kv` of them, `d_head` and `d_v`
+    /// wide.
+    fn check_cache(&self, cache: &KvCache<T>) -> Result<(), AttentionError> {
+        check_dim(
+            Operand::KvCache,
+            Axis::Heads,
+            cache.heads_kv(),
+            self.heads_kv,
+            Operand::KeyWeight,
+            "the cache holds the layer's key/value heads",
+        )?;
+        check_dim(
+            Operand::KvCache,
+            Axis::Columns,
+            cache.heads_kv() * cache.d_k(),
+            self.w_k.ncols(),
+            Operand::KeyWeight,
+            "the cache's keys are h_kv*d_head wide, as W_k's columns",
+        )?;
+        check_dim(
+            Operand::KvCache,
+            Axis::Columns,
+            cache.heads_kv() * cache.d_v(),
+            self.w_v.ncols(),
+            Operand::ValueWeight,
+            "the cache's values are h_kv*d_v wide, as W_v's columns",
         )
     }
 

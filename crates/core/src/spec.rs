@@ -377,7 +377,7 @@ pub(crate) fn check_lists<T: Element>(
 }
 
 /// The scale (explicit, or `1/√d_k`), after checking it, the softcap and the ALiBi slope.
-fn check_scalars<T: Element>(
+pub(crate) fn check_scalars<T: Element>(
     options: &AttentionOptions<'_, T>,
     d_k: usize,
 ) -> Result<T, AttentionError> {

@@ -2,7 +2,9 @@
 //! every CPU path, the reference layer against the same numbers, f32 against the
 //! reference, properties on random layers (GQA/MQA, d_v ≠ d_head, biases, RoPE with both
 //! pairings and partial rotary dimensions, packed batches, causal, key masks,
-//! cross-attention), and every construction and call error.
+//! cross-attention), decoding through a KV cache (`forward_cached` in chunks = causal
+//! `forward`, with and without a sliding window), and every construction and call error
+//! (a rejected `forward_cached` leaves the cache bitwise unchanged).
 //!
 //! # The error bound of a layer
 //! With `u = T::EPSILON` (counted as one rounding's worth per operation, as in
@@ -39,8 +41,8 @@
 mod common;
 
 use attention_core::{
-    AttentionError, AttentionOptions, Axis, Causal, CpuPath, Element, MatRef, MultiHeadAttention,
-    Operand, Rope, RopeConvention,
+    AttentionError, AttentionOptions, Axis, Causal, CpuPath, Element, KvCache, MatRef,
+    MultiHeadAttention, Operand, Rope, RopeConvention, SeqId,
 };
 use attention_reference as reference;
 use attention_testdata::{CausalAlign, LayerCase, layer_cases};
@@ -1039,5 +1041,357 @@ fn empty_inputs() {
     let y = layer.forward_cross(&m(2, 6), &m(0, 6), &o).unwrap();
     for i in 0..2 {
         assert_eq!(y.row(i).transpose(), b_o);
+    }
+}
+
+// ---------------------------------------------------------------- decoding through a cache
+
+/// A layer of [`problem`] fed through `forward_cached` as one sequence (all its packed
+/// tokens): a prefill chunk of `prefill` tokens, then chunks of `step` (1 or 2) tokens,
+/// into a cache of pages of `page_size`, with a sliding window or not.
+#[derive(Clone, Debug)]
+struct Decoding {
+    problem: Problem,
+    prefill: usize,
+    step: usize,
+    page_size: usize,
+    window: Option<usize>,
+}
+
+fn decoding() -> impl Strategy<Value = Decoding> {
+    (
+        problem(),
+        0..=24usize,
+        1..=2usize,
+        prop::sample::select(vec![1, 3, 4, 64]),
+        prop::option::of(1..=9usize),
+    )
+        .prop_map(|(problem, prefill, step, page_size, window)| Decoding {
+            prefill: prefill.min(problem.x.nrows()),
+            problem,
+            step,
+            page_size,
+            window,
+        })
+}
+
+/// `forward_cached` chunk by chunk against `forward` of the whole sequence with causal
+/// (top-left, = bottom-right for n_q = n_kv) and, for a sliding-window cache of `w`, the
+/// window `(w − 1, 0)`: within twice the layer's bound (both are within the bound of the
+/// same exact value). A first chunk of more than 5 tokens equals `forward` of those
+/// tokens alone bit for bit (the same products, and the same attention on the same
+/// numbers: the cache's kernel gives `multi_head_attention`'s bits); against `forward`
+/// of the whole sequence it need not (another kernel may run for more queries). Every
+/// CPU path.
+fn check_decoding<T: Element>(d: &Decoding) -> Result<(), TestCaseError> {
+    let p = &d.problem;
+    let u = T::EPSILON.to_f64();
+    let w = p.weights.rounded::<T>();
+    let x = widen(&narrow::<T>(&p.x));
+    let x_t = narrow::<T>(&x);
+    let layer = w.core::<T>();
+    let n = x.nrows();
+    let (bound, _) = w.bound(&x, &x, (&[n], &[n]), true, u);
+    let tol = bound * 2.0;
+    for path in CpuPath::supported() {
+        let mut full_options = AttentionOptions::new()
+            .with_cpu_path(path)
+            .with_causal(Causal::TopLeft);
+        let mut cache = KvCache::<T>::new(layer.heads_kv(), layer.d_head(), layer.d_v())
+            .unwrap()
+            .with_page_size(d.page_size)
+            .unwrap();
+        if let Some(win) = d.window {
+            full_options = full_options.with_window(win - 1, 0);
+            cache = cache.with_window(win).unwrap();
+        }
+        let full = layer.forward(&x_t, &full_options).unwrap();
+        let full_f64 = widen(&full);
+        let seq = cache.add_sequence();
+        let options = AttentionOptions::new().with_cpu_path(path);
+        let mut start = 0;
+        while start < n {
+            let len = if start == 0 && d.prefill > 0 {
+                d.prefill
+            } else {
+                d.step.min(n - start)
+            };
+            let y = layer
+                .forward_cached(x_t.rows(start, len), &mut cache, seq, &options)
+                .unwrap();
+            let label = format!("{path:?}, tokens {start}..{}", start + len);
+            prop_assert_eq!(cache.len(seq).unwrap(), start + len, "{}", label);
+            if start == 0 && len > 5 {
+                let alone = layer.forward(x_t.rows(0, len), &full_options).unwrap();
+                prop_assert!(
+                    y == alone,
+                    "{}: a first chunk differs from forward on its tokens",
+                    label
+                );
+            }
+            assert_within(
+                &widen(&y),
+                &full_f64.rows(start, len).into_owned(),
+                &tol.rows(start, len).into_owned(),
+                &label,
+            );
+            start += len;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn cached_decoding_equals_forward_f64(d in decoding()) {
+        check_decoding::<f64>(&d)?;
+    }
+
+    #[test]
+    fn cached_decoding_equals_forward_f32(d in decoding()) {
+        check_decoding::<f32>(&d)?;
+    }
+}
+
+/// A fixed case large enough for every kernel: 40 tokens through a layer of 4 query heads
+/// over 2 K/V heads with RoPE of each pairing (partial rotary dimension), a prompt of 13
+/// (the block kernel), then one token at a time (the decoding kernel), across 3 pages of
+/// 16; and on a window of 7 that evicts pages.
+#[test]
+fn decoding_a_sequence_token_by_token() {
+    let (d_model, h_q, h_kv, d_head) = (16, 4, 2, 6);
+    let g = |r: usize, c: usize, s: f64| {
+        DMatrix::from_fn(r, c, |i, j| {
+            ((i * c + j) as f64 * s).sin() / (r as f64).sqrt()
+        })
+    };
+    for convention in [RopeConvention::Half, RopeConvention::Interleaved] {
+        for window in [None, Some(7)] {
+            let w = Weights {
+                heads_q: h_q,
+                heads_kv: h_kv,
+                w_q: g(d_model, h_q * d_head, 0.37),
+                w_k: g(d_model, h_kv * d_head, 0.53),
+                w_v: g(d_model, h_kv * d_head, 0.71),
+                w_o: g(h_q * d_head, d_model, 0.29),
+                biases: [None, Some(vec![0.1; h_kv * d_head]), None, None],
+                rope: Some(Rope::new(4).with_convention(convention)),
+            };
+            let p = Decoding {
+                problem: Problem {
+                    weights: w,
+                    x: g(40, d_model, 0.91) * 4.0,
+                    seqlens: vec![40],
+                    x_kv: DMatrix::zeros(0, d_model),
+                    causal: None,
+                    key_mask: None,
+                    cross_key_mask: None,
+                },
+                prefill: 13,
+                step: 1,
+                page_size: 16,
+                window,
+            };
+            check_decoding::<f64>(&p).unwrap();
+            check_decoding::<f32>(&p).unwrap();
+        }
+    }
+}
+
+/// Every rejected `forward_cached` leaves the cache bitwise as it was: errors found
+/// before the append (input, cache, sequence, options, values) and errors after it (a
+/// score or the output projection overflowing), whose append is undone, evicted pages
+/// and the pool's stale pages included. A good call then still works.
+#[test]
+fn rejected_forward_cached_leaves_the_cache_unchanged() {
+    // d_model 6, 4 query heads of width 3 over 2 K/V heads of widths 3 and 2.
+    let layer = build(layer_parts(), 4, 2)
+        .unwrap()
+        .with_rope(Rope::new(2))
+        .unwrap();
+    let new_cache = |window: Option<usize>| {
+        let mut cache = KvCache::<f64>::new(2, 3, 2)
+            .unwrap()
+            .with_page_size(2)
+            .unwrap();
+        if let Some(w) = window {
+            cache = cache.with_window(w).unwrap();
+        }
+        let other = cache.add_sequence();
+        let seq = cache.add_sequence();
+        layer
+            .forward_cached(&m(5, 6), &mut cache, other, &AttentionOptions::new())
+            .unwrap();
+        layer
+            .forward_cached(&m(7, 6), &mut cache, seq, &AttentionOptions::new())
+            .unwrap();
+        cache.remove(other).unwrap(); // stale pages in the pool
+        (cache, seq, other)
+    };
+    let o = AttentionOptions::new();
+    let mut nan = m(2, 6);
+    nan[(1, 3)] = f64::NAN;
+    let mask = DMatrix::from_element(2, 9, true);
+    let key_mask = [true; 9];
+    for window in [None, Some(3)] {
+        let (mut cache, seq, other) = new_cache(window);
+        let before = cache.snapshot();
+        let reject = |layer: &MultiHeadAttention<f64>,
+                      x: &DMatrix<f64>,
+                      cache: &mut KvCache<f64>,
+                      seq: SeqId,
+                      options: &AttentionOptions<'_, f64>| {
+            let e = layer.forward_cached(x, cache, seq, options).unwrap_err();
+            assert!(
+                cache.snapshot() == before,
+                "{window:?}: {e:?} changed the cache"
+            );
+            e
+        };
+        // Before the append.
+        let e = reject(&layer, &m(2, 5), &mut cache, seq, &o);
+        assert!(
+            matches!(
+                e,
+                AttentionError::DimensionMismatch {
+                    operand: Operand::Input,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = reject(&layer, &nan, &mut cache, seq, &o);
+        assert!(
+            matches!(
+                e,
+                AttentionError::NonFinite {
+                    operand: Operand::Input,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = reject(
+            &layer,
+            &m(2, 6),
+            &mut cache,
+            seq,
+            &o.clone().with_scale(f64::NAN),
+        );
+        assert!(matches!(e, AttentionError::InvalidScale { .. }), "{e:?}");
+        for options in [
+            o.clone().with_causal(Causal::TopLeft),
+            o.clone().with_mask(&mask),
+            o.clone().with_key_mask(&key_mask),
+        ] {
+            let e = reject(&layer, &m(2, 6), &mut cache, seq, &options);
+            assert!(matches!(e, AttentionError::InvalidOption { .. }), "{e:?}");
+        }
+        let e = reject(
+            &layer,
+            &m(2, 6),
+            &mut cache,
+            seq,
+            &o.clone().with_alibi_slopes(&[0.5; 3]),
+        );
+        assert!(
+            matches!(
+                e,
+                AttentionError::DimensionMismatch {
+                    operand: Operand::AlibiSlopes,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        if window.is_some() {
+            let e = reject(
+                &layer,
+                &m(2, 6),
+                &mut cache,
+                seq,
+                &o.clone().with_window(1, 0),
+            );
+            assert!(
+                matches!(
+                    e,
+                    AttentionError::InvalidOption {
+                        option: "with_window",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+        // After the append: Q = K = 6e154 per entry, scores of 3·36e308/√3 overflow.
+        let huge = DMatrix::from_element(6, 12, 1e154);
+        let [_, _, w_v, w_o] = layer_parts();
+        let hot = MultiHeadAttention::new(
+            4,
+            2,
+            huge.clone(),
+            huge.columns(0, 6).into_owned(),
+            w_v,
+            w_o,
+        )
+        .unwrap();
+        let e = reject(&hot, &DMatrix::from_element(3, 6, 1.0), &mut cache, seq, &o);
+        assert!(
+            matches!(e, AttentionError::HeadScoreOverflow { .. }),
+            "{e:?}"
+        );
+        // After the append: the output projection overflows (V ≈ 1, W_o = 1e308).
+        let [w_q, w_k, w_v, _] = layer_parts();
+        let loud = MultiHeadAttention::new(4, 2, w_q, w_k, w_v, DMatrix::from_element(8, 6, 1e308))
+            .unwrap();
+        let e = reject(
+            &loud,
+            &DMatrix::from_element(3, 6, 3.0),
+            &mut cache,
+            seq,
+            &o,
+        );
+        assert!(
+            matches!(
+                e,
+                AttentionError::ProductOverflow {
+                    operand: Operand::Output,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // A removed sequence's id.
+        let e = reject(&layer, &m(2, 6), &mut cache, other, &o);
+        assert_eq!(e, AttentionError::UnknownSequence { sequence: other });
+        // A good call still works, and equals the same call on a fresh copy.
+        let y = layer.forward_cached(&m(2, 6), &mut cache, seq, &o).unwrap();
+        let (mut fresh, fresh_seq, _) = new_cache(window);
+        assert_eq!(
+            y,
+            layer
+                .forward_cached(&m(2, 6), &mut fresh, fresh_seq, &o)
+                .unwrap()
+        );
+    }
+    // A cache of other heads or widths than the layer's (2 K/V heads, 3 and 2 wide).
+    for (heads, d_k, d_v, axis, found) in [
+        (1, 6, 4, Axis::Heads, 1),
+        (2, 2, 2, Axis::Columns, 4),
+        (2, 3, 3, Axis::Columns, 6),
+    ] {
+        let mut cache = KvCache::<f64>::new(heads, d_k, d_v).unwrap();
+        let seq = cache.add_sequence();
+        let before = cache.snapshot();
+        let e = layer
+            .forward_cached(&m(2, 6), &mut cache, seq, &o)
+            .unwrap_err();
+        assert!(
+            matches!(e, AttentionError::DimensionMismatch { operand: Operand::KvCache, axis: a, found: f, .. } if a == axis && f == found),
+            "{e:?}"
+        );
+        assert!(cache.snapshot() == before);
     }
 }

@@ -12,7 +12,7 @@ use crate::heads::{HeadLayout, multi_head_attention_with_lse};
 use crate::kernel::batch::paged;
 use crate::memory::try_matrix;
 use crate::options::Parallelism;
-use crate::spec::cached_specs;
+use crate::spec::{cached_specs, check_lists, check_scalars};
 use crate::view::{AsMatMut, AsMatRef, block};
 use crate::{AttentionOptions, Causal, Element, MatRef, multi_head_attention};
 
@@ -138,59 +138,8 @@ impl<'a, T: Element> CachedCall<'a, T> {
         options: &AttentionOptions<'a, T>,
     ) -> Result<Self, AttentionError> {
         let pages = cache.pages(seq)?;
-        let reject = |option: &'static str, rule: &'static str| {
-            Err(AttentionError::InvalidOption { option, rule })
-        };
-        if layout.seqlens.is_some() {
-            return reject(
-                "with_seqlens",
-                "cached attention attends one sequence; call it once per sequence",
-            );
-        }
-        let no_mask = "cached attention takes no mask or bias: truncate the cache instead";
-        for (set, option) in [
-            (options.mask.is_some(), "with_mask"),
-            (options.bias.is_some(), "with_bias"),
-            (options.key_mask.is_some(), "with_key_mask"),
-            (options.sequence_masks.is_some(), "with_sequence_masks"),
-            (options.sequence_biases.is_some(), "with_sequence_biases"),
-        ] {
-            if set {
-                return reject(option, no_mask);
-            }
-        }
-        if options.causal == Some(Causal::TopLeft) {
-            return reject(
-                "with_causal",
-                "cached attention is causal bottom-right: the last query is the newest token",
-            );
-        }
-        if cache.window.is_some() && options.window.is_some() {
-            return reject(
-                "with_window",
-                "a sliding-window KV cache applies its own window (w - 1, 0)",
-            );
-        }
+        check_options_and_heads(cache, query.ncols(), layout, options)?;
         let (heads_q, heads_kv) = (layout.heads_q, layout.heads_kv);
-        if heads_q == 0 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
-            return Err(AttentionError::InvalidHeads { heads_q, heads_kv });
-        }
-        check_dim(
-            Operand::HeadLayout,
-            Axis::Heads,
-            heads_kv,
-            cache.heads_kv,
-            Operand::KvCache,
-            "the layout's key/value heads are the cache's",
-        )?;
-        if heads_q.checked_mul(cache.d_k) != Some(query.ncols()) {
-            return Err(AttentionError::HeadSplit {
-                operand: Operand::Query,
-                columns: query.ncols(),
-                heads: heads_q,
-                head_width: Some(cache.d_k),
-            });
-        }
         let n_q = query.nrows();
         let len = pages.first_position() + pages.kept();
         let mut effective = options.clone().with_causal(Causal::BottomRight);
@@ -310,6 +259,94 @@ impl<T: Element> CachedCall<'_, T> {
         );
         Ok(done.then_some((out, lse)))
     }
+}
+
+/// The checks of [`CachedCall::new`] that read neither the query's values nor the
+/// sequence: the options a cached call refuses, the layout against the cache, and the
+/// query's width (`query_columns`).
+fn check_options_and_heads<T: Element>(
+    cache: &KvCache<T>,
+    query_columns: usize,
+    layout: &HeadLayout<'_>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<(), AttentionError> {
+    let reject = |option: &'static str, rule: &'static str| {
+        Err(AttentionError::InvalidOption { option, rule })
+    };
+    if layout.seqlens.is_some() {
+        return reject(
+            "with_seqlens",
+            "cached attention attends one sequence; call it once per sequence",
+        );
+    }
+    let no_mask = "cached attention takes no mask or bias: truncate the cache instead";
+    for (set, option) in [
+        (options.mask.is_some(), "with_mask"),
+        (options.bias.is_some(), "with_bias"),
+        (options.key_mask.is_some(), "with_key_mask"),
+        (options.sequence_masks.is_some(), "with_sequence_masks"),
+        (options.sequence_biases.is_some(), "with_sequence_biases"),
+    ] {
+        if set {
+            return reject(option, no_mask);
+        }
+    }
+    if options.causal == Some(Causal::TopLeft) {
+        return reject(
+            "with_causal",
+            "cached attention is causal bottom-right: the last query is the newest token",
+        );
+    }
+    if cache.window.is_some() && options.window.is_some() {
+        return reject(
+            "with_window",
+            "a sliding-window KV cache applies its own window (w - 1, 0)",
+        );
+    }
+    let (heads_q, heads_kv) = (layout.heads_q, layout.heads_kv);
+    if heads_q == 0 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
+        return Err(AttentionError::InvalidHeads { heads_q, heads_kv });
+    }
+    check_dim(
+        Operand::HeadLayout,
+        Axis::Heads,
+        heads_kv,
+        cache.heads_kv,
+        Operand::KvCache,
+        "the layout's key/value heads are the cache's",
+    )?;
+    if heads_q.checked_mul(cache.d_k) != Some(query_columns) {
+        return Err(AttentionError::HeadSplit {
+            operand: Operand::Query,
+            columns: query_columns,
+            heads: heads_q,
+            head_width: Some(cache.d_k),
+        });
+    }
+    Ok(())
+}
+
+/// Every check of a [`cached_attention`] call on `cache` that can be made before the new
+/// tokens are appended: the sequence, the options a cached call refuses, the layout
+/// against the cache, the query's width, the scalars (scale, softcap, ALiBi), the
+/// per-head slopes and the CPU path. What is left to fail after the append depends on
+/// the values: NaN/∞ in the query (the layer's projections rule it out), a score out of
+/// range, an allocation. The layer's `forward_cached` runs this before appending.
+pub(crate) fn check_before_append<T: Element>(
+    cache: &KvCache<T>,
+    seq: SeqId,
+    query_columns: usize,
+    layout: &HeadLayout<'_>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<(), AttentionError> {
+    cache.pages(seq)?;
+    check_options_and_heads(cache, query_columns, layout, options)?;
+    check_scalars(options, cache.d_k)?;
+    check_lists(options, layout.heads_q, 1)?;
+    if let Some(path) = options.cpu_path {
+        path.check()?;
+    }
+    Ok(())
 }
 
 /// The kept tokens of `pages` as contiguous K and V.

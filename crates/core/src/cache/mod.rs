@@ -17,6 +17,7 @@ use std::ops::Range;
 
 use nalgebra::DMatrix;
 
+pub(crate) use attend::check_before_append;
 pub use attend::{cached_attention, cached_attention_with_lse};
 pub(crate) use pages::SeqPages;
 
@@ -339,7 +340,66 @@ impl<T: Element> KvCache<T> {
         key: impl AsMatRef<'k, T>,
         value: impl AsMatRef<'v, T>,
     ) -> Result<(), AttentionError> {
-        let (k, v) = (key.into_mat_ref(), value.into_mat_ref());
+        self.append_impl(seq, key.into_mat_ref(), value.into_mat_ref(), false)
+            .map(|_| ())
+    }
+
+    /// [`append`](Self::append) that also returns what [`undo`](Self::undo) needs to put
+    /// back every bit it changed (`None` when it appended nothing): the layer's
+    /// `forward_cached` appends, then attends, and undoes the append if attending fails.
+    /// The journal costs one copy of the rows the append overwrites (as many elements as
+    /// the new K and V), allocated before anything changes.
+    pub(crate) fn append_undoable(
+        &mut self,
+        seq: SeqId,
+        k: MatRef<'_, T>,
+        v: MatRef<'_, T>,
+    ) -> Result<Option<AppendUndo<T>>, AttentionError> {
+        self.append_impl(seq, k, v, true)
+    }
+
+    /// Undoes the append that returned `undo`, which must be the last change made to the
+    /// cache: afterwards [`snapshot`](Self::snapshot) is what it was before that append
+    /// (the same pages at the same addresses, in the sequence and in the pool, with the
+    /// same bits, stale rows included). Never allocates and never fails: every capacity
+    /// it needs was reserved by the append.
+    pub(crate) fn undo(&mut self, undo: AppendUndo<T>) {
+        let page_size = self.page_size;
+        let columns = self.key_width + self.value_width;
+        let s = self
+            .sequences
+            .get_mut(&undo.seq)
+            .expect("undo follows its append");
+        // The overwritten slots, in the order they were saved.
+        let mut at = 0;
+        for (p, slots) in page_slots(page_size, columns, undo.start, undo.rows) {
+            let n = slots.len();
+            s.pages[p][slots].copy_from_slice(&undo.saved[at..at + n]);
+            at += n;
+        }
+        // The added pages: fresh ones were pushed last (dropped here), those from the pool
+        // go back in the reverse order of their pops.
+        for _ in 0..undo.extra - undo.from_pool {
+            drop(s.pages.pop());
+        }
+        for _ in 0..undo.from_pool {
+            let page = s.pages.pop().expect("pages taken from the pool");
+            self.free.push(page);
+        }
+        // The evicted pages are the pool's last ones again: back to the front.
+        let from = self.free.len() - undo.evicted;
+        s.pages.splice(0..0, self.free.drain(from..));
+        (s.first, s.len, s.k_max, s.v_max) = (undo.first, undo.len, undo.k_max, undo.v_max);
+    }
+
+    /// [`append`](Self::append), journaled for [`undo`](Self::undo) if `journal`.
+    fn append_impl(
+        &mut self,
+        seq: SeqId,
+        k: MatRef<'_, T>,
+        v: MatRef<'_, T>,
+        journal: bool,
+    ) -> Result<Option<AppendUndo<T>>, AttentionError> {
         let s = self.sequence(seq)?;
         let (len, first, have) = (s.len, s.first, s.pages.len());
         let n = k.nrows();
@@ -370,7 +430,7 @@ impl<T: Element> KvCache<T> {
         let k_max = check_finite(Operand::NewKeys, &k)?;
         let v_max = check_finite(Operand::NewValues, &v)?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let new_len = len
             .checked_add(n)
@@ -402,8 +462,28 @@ impl<T: Element> KvCache<T> {
         self.free
             .try_reserve(evict)
             .map_err(|_| too_large(Operand::KvCache, self.free.len() + evict, 1))?;
+        let columns = self.key_width + self.value_width;
+        let mut saved = Vec::new();
+        if journal {
+            saved
+                .try_reserve_exact(n * columns)
+                .map_err(|_| too_large(Operand::KvCache, n, columns))?;
+        }
 
         // Commit: nothing below allocates or fails.
+        let undo = AppendUndo {
+            seq,
+            len,
+            first,
+            k_max: s.k_max,
+            v_max: s.v_max,
+            evicted: evict,
+            extra,
+            from_pool: extra.min(self.free.len() + evict),
+            start: len - new_first,
+            rows: n,
+            saved: Vec::new(),
+        };
         self.free.extend(s.pages.drain(..evict));
         for _ in 0..extra {
             let page = match self.free.pop() {
@@ -413,6 +493,11 @@ impl<T: Element> KvCache<T> {
             s.pages.push(page);
         }
         debug_assert!(new_pages.is_empty());
+        if journal {
+            for (p, slots) in page_slots(self.page_size, columns, len - new_first, n) {
+                saved.extend_from_slice(&s.pages[p][slots]);
+            }
+        }
         s.first = new_first;
         s.len = new_len;
         s.k_max = s.k_max.max(k_max);
@@ -425,7 +510,7 @@ impl<T: Element> KvCache<T> {
             &k,
             &v,
         );
-        Ok(())
+        Ok(journal.then_some(AppendUndo { saved, ..undo }))
     }
 
     /// Shortens `seq` to its first `len` tokens (speculative decoding, beam rollback);
@@ -648,6 +733,48 @@ fn write_rows<T: Element>(
     }
 }
 
+/// The slots `start .. start + n` (token rows counted from the first page's row 0) of a
+/// run of pages with `columns` columns of `page_size` rows each (K's columns, then V's):
+/// for each page touched and each column, the page's index and the range of elements.
+fn page_slots(
+    page_size: usize,
+    columns: usize,
+    start: usize,
+    n: usize,
+) -> impl Iterator<Item = (usize, Range<usize>)> {
+    let mut row = 0;
+    std::iter::from_fn(move || {
+        (row < n).then(|| {
+            let (p, r0) = ((start + row) / page_size, (start + row) % page_size);
+            let count = (page_size - r0).min(n - row);
+            row += count;
+            (0..columns).map(move |c| (p, c * page_size + r0..c * page_size + r0 + count))
+        })
+    })
+    .flatten()
+}
+
+/// What one [`KvCache::append_undoable`] changed: the sequence's bookkeeping before it,
+/// how many pages moved where, and the elements its rows overwrote.
+pub(crate) struct AppendUndo<T> {
+    seq: SeqId,
+    len: usize,
+    first: usize,
+    k_max: T,
+    v_max: T,
+    /// Pages evicted from the front of the sequence into the pool.
+    evicted: usize,
+    /// Pages added at the end of the sequence: the first `from_pool` popped from the pool
+    /// (after the evicted ones were pushed to it), the rest fresh.
+    extra: usize,
+    from_pool: usize,
+    /// The appended rows: `rows` tokens from row `start` of the sequence's (new) pages.
+    start: usize,
+    rows: usize,
+    /// The elements those rows overwrote, in [`page_slots`] order.
+    saved: Vec<T>,
+}
+
 /// The state [`KvCache::snapshot`] returns: compare two with `==`.
 #[doc(hidden)]
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -758,6 +885,62 @@ mod tests {
             assert_eq!(gv, v.rows(kept.start, kept.len()));
             let pages = if window.is_some() { 8 } else { 9 };
             assert_eq!(cache.memory_bytes(), pages * 4 * 10 * 4);
+        }
+    }
+
+    /// `undo` after `append_undoable` gives back every bit, whatever the append did:
+    /// filled a partial page, took pages from the pool, allocated fresh ones, evicted
+    /// pages under a window (and reused them); appending again afterwards works.
+    #[test]
+    fn undo_restores_every_bit() {
+        for window in [None, Some(1), Some(3), Some(6)] {
+            for page_size in [1, 2, 4, 5] {
+                for (history, pooled, n) in [(0, 0, 3), (3, 0, 1), (6, 2, 7), (7, 9, 2), (9, 1, 13)]
+                {
+                    let mut cache = KvCache::<f32>::new(2, 3, 2)
+                        .unwrap()
+                        .with_page_size(page_size)
+                        .unwrap();
+                    if let Some(w) = window {
+                        cache = cache.with_window(w).unwrap();
+                    }
+                    let a = cache.add_sequence();
+                    let b = cache.add_sequence();
+                    let (k, v) = (rows(history + n, 6, 1), rows(history + n, 4, 2));
+                    cache
+                        .append(b, &rows(pooled, 6, 3), &rows(pooled, 4, 4))
+                        .unwrap();
+                    cache
+                        .append(a, k.rows(0, history), v.rows(0, history))
+                        .unwrap();
+                    cache.remove(b).unwrap(); // its pages (stale data) go to the pool
+                    let before = cache.snapshot();
+                    let undo = cache
+                        .append_undoable(
+                            a,
+                            k.rows(history, n).into_mat_ref(),
+                            v.rows(history, n).into_mat_ref(),
+                        )
+                        .unwrap()
+                        .expect("rows appended");
+                    assert_eq!(cache.len(a).unwrap(), history + n);
+                    cache.undo(undo);
+                    let label = format!(
+                        "window {window:?}, pages of {page_size}, {history} + {n} tokens, {pooled} pooled"
+                    );
+                    assert!(
+                        cache.snapshot() == before,
+                        "{label}: undo left a difference"
+                    );
+                    cache
+                        .append(a, k.rows(history, n), v.rows(history, n))
+                        .unwrap();
+                    let kept = cache.kept(a).unwrap();
+                    let (gk, gv) = cache.gather(a).unwrap();
+                    assert_eq!(gk, k.rows(kept.start, kept.len()), "{label}");
+                    assert_eq!(gv, v.rows(kept.start, kept.len()), "{label}");
+                }
+            }
         }
     }
 
