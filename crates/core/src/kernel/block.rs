@@ -15,7 +15,8 @@
 //! acc' = α·acc + Σ_{j∈J} p_j · v_j
 //! ```
 //! and at the end `out = acc / l`, `lse = m + ln l`. When `m' = −∞` (nothing allowed yet)
-//! the step uses 0 in place of `m'` so that every `p_j = exp(−∞) = 0` and nothing is NaN.
+//! the step uses the lowest finite number in place of `m'` so that every
+//! `p_j = exp(−∞) = 0`, as is `α`, and nothing is NaN.
 //!
 //! # Accuracy
 //! A row's sums `l = Σ_j p_j` and `acc_c = Σ_j p_j·v_jc` run over all `n_kv` keys. Added
@@ -47,12 +48,12 @@
 //! T. Every sum's order depends only on the problem's sizes, never on threads.
 //!
 //! The body ([`q_group`], [`tile`]) is `#[inline(always)]` and generic over its four inner
-//! loops ([`MicroKernels`]); `simd.rs` instantiates it once per CPU path inside
-//! `#[target_feature]` functions with SIMD micro-kernels, and once with the [`Portable`]
-//! ones, so the same safe orchestration runs on AVX-512, AVX2+FMA or the baseline target.
+//! loops ([`MicroKernels`]); `simd.rs` implements them once, over vector operations of
+//! each CPU path, and instantiates the body per path (inside `#[target_feature]` functions
+//! for AVX-512 and AVX2+FMA), so the same safe orchestration and the same micro-kernels
+//! run on AVX-512, AVX2+FMA or the baseline target.
 
-use super::exp::madd;
-use super::{ElementKernels, Job, Scratch};
+use super::{Job, Scratch};
 use crate::columns::for_each_column;
 use crate::score::{row_lse, row_output};
 use crate::{AttentionError, Element};
@@ -132,14 +133,12 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         l_span,
         alpha,
         beta,
-        m_ref,
-        l_blk,
+        probe,
     } = scratch;
     let mut factors = Factors {
         alpha: &mut alpha[..bq],
         beta: &mut beta[..bq],
-        m_ref: &mut m_ref[..bq],
-        l_blk: &mut l_blk[..bq],
+        probe: &mut probe[..bq],
     };
 
     // Set up every block: Qᵀ (queries past n_q are zero and never written out), the
@@ -268,7 +267,7 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
     // so their scores are 0 and never trip the check.)
     let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
-    if !MK::scores(features, qt, kp, d_k, spec.scale, s, factors.l_blk)
+    if !MK::scores(features, qt, kp, d_k, spec.scale, s, factors.probe)
         && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
     {
         return Err(err);
@@ -331,24 +330,24 @@ pub(super) struct Sums<'a, T> {
 
 /// Per-tile working memory, `BQ` each: the rescale factors `softmax_step` leaves for `pv`
 /// (`alpha = exp(m − m')` for the span sums, `beta = exp(m_run − m')` for the running
-/// sums, the latter only when flushing) and scratch.
+/// sums, the latter only when flushing) and the scratch of `scores`' finiteness probe.
 pub(super) struct Factors<'a, T> {
     pub alpha: &'a mut [T],
     pub beta: &'a mut [f64],
-    pub m_ref: &'a mut [T],
-    pub l_blk: &'a mut [T],
+    pub probe: &'a mut [T],
 }
 
-/// The four inner loops of the block kernel, with their tile sizes. The portable
-/// implementation is [`Portable`]; the SIMD ones are in `simd.rs`.
+/// The four inner loops of the block kernel, with their tile sizes; implemented once, for
+/// every CPU path, in `simd.rs` (`Simd`).
 ///
 /// Layouts (all row-major, `BQ` query lanes per row):
 /// - `scores`: `s[j][r] = scale · Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
 ///   (a multiple of `MR`); false if any result is not finite (`probe`: `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
 ///   turning scores into `p = exp(s − m')` and updating `m`; `L[r] = Σ_j p[j][r]` is summed
-///   in T from zero, in key order, and goes where `step` says ([`span_store`], then
-///   [`span_flush`] when flushing), with `alpha = exp(m − m')` in T and, when flushing,
+///   in T from zero, in key order, and goes where `step` says (the span sum
+///   `Λ = L` or `α·Λ + L` in T, then when flushing `l = β·l + Λ` in f64; see "Accuracy"
+///   in the module docs), with `alpha = exp(m − m')` in T and, when flushing,
 ///   `beta = exp(m_run − m')` in f64 (then `m_run = m'`), both written to `factors`;
 /// - `pv`: `P[c][r] = Σ_j vp[j][c] · p[j][r]` summed in T from zero, in key order, going
 ///   where `step` says with the same `alpha` and `beta`; `c < dvp` (a multiple of `MRV`).
@@ -357,8 +356,8 @@ pub(super) struct Factors<'a, T> {
 /// `acc = l` exactly.
 ///
 /// Every method takes a value of [`MicroKernels::Features`], the proof that the CPU has
-/// the instructions the implementation uses: `()` for the portable one, a token that only
-/// CPU detection makes for the SIMD ones (`simd.rs`). A token rather than `unsafe fn`:
+/// the instructions the implementation uses: `()` for the portable path, a token that
+/// only CPU detection makes for the SIMD ones (`simd.rs`). A token rather than `unsafe fn`:
 /// these loops are called from the safe, generic block kernel of this file, so an
 /// `unsafe fn` would move a precondition no type checks (and `unsafe` blocks) into it;
 /// with a token, safe code cannot call an AVX kernel on a CPU that was not found to have
@@ -404,123 +403,6 @@ pub(super) trait MicroKernels<T: Element> {
     );
 }
 
-/// Plain-Rust micro-kernels over fixed-size arrays (`MR × NR` register tiles), with or
-/// without fused multiply-add; the compiler vectorises them as well as it can for the
-/// target's baseline.
-pub(super) struct Portable<
-    const FMA: bool,
-    const MR: usize,
-    const NR: usize,
-    const BQ: usize,
-    const MRV: usize,
-    const BK: usize,
->;
-
-impl<
-    T: Element,
-    const FMA: bool,
-    const MR: usize,
-    const NR: usize,
-    const BQ: usize,
-    const MRV: usize,
-    const BK: usize,
-> MicroKernels<T> for Portable<FMA, MR, NR, BQ, MRV, BK>
-{
-    type Features = ();
-    const MR: usize = MR;
-    const BQ: usize = BQ;
-    const MRV: usize = MRV;
-    const BK: usize = BK;
-    #[inline(always)]
-    fn scores(
-        _: (),
-        qt: &[T],
-        kp: &[T],
-        d_k: usize,
-        scale: T,
-        s: &mut [T],
-        probe: &mut [T],
-    ) -> bool {
-        scores::<T, FMA, MR, NR, BQ>(qt, kp, d_k, s);
-        apply_scale::<T, BQ>(scale, s, probe)
-    }
-    #[inline(always)]
-    fn softmax_step(
-        _: (),
-        s: &mut [T],
-        step: Step,
-        sums: &mut Sums<'_, T>,
-        factors: &mut Factors<'_, T>,
-    ) {
-        softmax_step::<T, FMA, BQ>(s, step, sums, factors);
-    }
-    #[inline(always)]
-    fn pv(
-        _: (),
-        p: &[T],
-        vp: &[T],
-        dvp: usize,
-        step: Step,
-        acc: &mut [f64],
-        acc_span: &mut [T],
-        alpha: &[T],
-        beta: &[f64],
-    ) {
-        pv::<T, FMA, NR, BQ, MRV>(p, vp, dvp, step, acc, acc_span, alpha, beta);
-    }
-}
-
-/// `s[j][r] = Σ_p kp[j][p] · qt[p][r]` for `j < s.len()/BQ`; `kp` is packed in panels of `MR`
-/// keys, each `d_k × MR` (`kp[panel][p][m]`).
-#[inline(always)]
-fn scores<T: Element, const FMA: bool, const MR: usize, const NR: usize, const BQ: usize>(
-    qt: &[T],
-    kp: &[T],
-    d_k: usize,
-    s: &mut [T],
-) {
-    let jpad = s.len() / BQ;
-    for jt in (0..jpad).step_by(MR) {
-        let panel = &kp[jt * d_k..(jt + MR) * d_k];
-        for rt in (0..BQ).step_by(NR) {
-            let mut a = [[T::zero(); NR]; MR];
-            for p in 0..d_k {
-                let qv: &[T; NR] = qt[p * BQ + rt..p * BQ + rt + NR].try_into().unwrap();
-                let kv: &[T; MR] = panel[p * MR..(p + 1) * MR].try_into().unwrap();
-                for mi in 0..MR {
-                    for r in 0..NR {
-                        a[mi][r] = madd::<T, FMA>(kv[mi], qv[r], a[mi][r]);
-                    }
-                }
-            }
-            for (mi, row) in a.iter().enumerate() {
-                s[(jt + mi) * BQ + rt..(jt + mi) * BQ + rt + NR].copy_from_slice(row);
-            }
-        }
-    }
-}
-
-/// Multiplies raw scores by the scale in place; false if any result is NaN or ±∞.
-///
-/// The check runs lane by lane (`probe[r] += x − x` is 0 for finite `x`, NaN otherwise) so
-/// that it vectorises like the multiplication.
-#[inline(always)]
-fn apply_scale<T: Element, const BQ: usize>(scale: T, s: &mut [T], probe: &mut [T]) -> bool {
-    let probe = &mut probe[..BQ];
-    probe.fill(T::zero());
-    for row in s.chunks_exact_mut(BQ) {
-        for r in 0..BQ {
-            let x = row[r] * scale;
-            row[r] = x;
-            #[allow(clippy::eq_op)] // x − x is 0 for finite x, NaN otherwise: the point
-            {
-                probe[r] += x - x;
-            }
-        }
-    }
-    probe.iter().all(|&p| p == T::zero())
-}
-
 /// The first non-finite scaled score at an allowed position of the tile, in (query, key)
 /// order, as an error.
 #[cold]
@@ -544,199 +426,4 @@ fn first_overflow<T: Element>(
         }
     }
     None
-}
-
-/// The span sums of a tile, lane by lane (see "Accuracy" in the module docs):
-/// `span = x` for the first tile of a span, else `span = α·span + x`.
-#[inline(always)]
-fn span_store<T: Element, const FMA: bool>(first: bool, x: &[T], alpha: &[T], span: &mut [T]) {
-    let n = x.len();
-    let (alpha, span) = (&alpha[..n], &mut span[..n]);
-    if first {
-        span.copy_from_slice(x);
-    } else {
-        for r in 0..n {
-            span[r] = madd::<T, FMA>(alpha[r], span[r], x[r]);
-        }
-    }
-}
-
-/// Adds a span's sums to the running sums in f64, `run[c][r] = β[r]·run[c][r] + span[c][r]`
-/// over rows of `BQ` lanes.
-///
-/// A separate pass over the block rather than fused into the loop that produces the span
-/// sums: fused, the compiler no longer vectorised the portable kernel's key loop (f32: 2.2×
-/// slower).
-#[inline(always)]
-fn span_flush<T: Element, const FMA: bool, const BQ: usize>(
-    beta: &[f64],
-    span: &[T],
-    run: &mut [f64],
-) {
-    let beta = &beta[..BQ];
-    for (run, span) in run.chunks_exact_mut(BQ).zip(span.chunks_exact(BQ)) {
-        for r in 0..BQ {
-            run[r] = madd::<f64, FMA>(beta[r], run[r], span[r].to_f64());
-        }
-    }
-}
-
-/// Turns the score tile into `p = exp(s − m')`, updates `m` and the sums of `p`; leaves `α`
-/// and `β` for `pv`.
-#[inline(always)]
-fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
-    s: &mut [T],
-    step: Step,
-    sums: &mut Sums<'_, T>,
-    factors: &mut Factors<'_, T>,
-) {
-    let jpad = s.len() / BQ;
-    let Factors {
-        alpha,
-        beta,
-        m_ref,
-        l_blk,
-    } = factors;
-    let (m, m_run) = (&mut sums.m[..BQ], &mut sums.m_run[..BQ]);
-    let m_blk = &mut l_blk[..BQ]; // reused: first the block maximum, then the block sum
-    m_blk.fill(T::NEG_INFINITY);
-    for j in 0..jpad {
-        let row = &s[j * BQ..(j + 1) * BQ];
-        for r in 0..BQ {
-            m_blk[r] = if row[r] > m_blk[r] { row[r] } else { m_blk[r] };
-        }
-    }
-    for r in 0..BQ {
-        let m_new = if m_blk[r] > m[r] { m_blk[r] } else { m[r] };
-        let m_use = if m_new == T::NEG_INFINITY {
-            T::zero()
-        } else {
-            m_new
-        };
-        alpha[r] = (m[r] - m_use).exp_nonpos::<FMA>();
-        if step.flush {
-            // In f64, where the difference of the maxima is exact for f32.
-            beta[r] = (m_run[r].to_f64() - m_use.to_f64()).exp_nonpos::<FMA>();
-            m_run[r] = m_new;
-        }
-        m[r] = m_new;
-        m_ref[r] = m_use;
-        m_blk[r] = T::zero();
-    }
-    let l_blk = m_blk;
-    for j in 0..jpad {
-        let row = &mut s[j * BQ..(j + 1) * BQ];
-        for r in 0..BQ {
-            let e = (row[r] - m_ref[r]).exp_nonpos::<FMA>();
-            row[r] = e;
-            l_blk[r] += e;
-        }
-    }
-    span_store::<T, FMA>(step.first, l_blk, alpha, sums.l_span);
-    if step.flush {
-        span_flush::<T, FMA, BQ>(beta, &sums.l_span[..BQ], &mut sums.l[..BQ]);
-    }
-}
-
-/// `P[c][r] = Σ_j vp[j][c] · p[j][r]` in T from zero, then [`span_store`] into
-/// `acc_span[c][r]` and, when the step flushes, [`span_flush`] into `acc[c][r]`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: usize>(
-    p: &[T],
-    vp: &[T],
-    dvp: usize,
-    step: Step,
-    acc: &mut [f64],
-    acc_span: &mut [T],
-    alpha: &[T],
-    beta: &[f64],
-) {
-    let jpad = p.len() / BQ;
-    for ct in (0..dvp).step_by(MRV) {
-        for rt in (0..BQ).step_by(NR) {
-            let al = &alpha[rt..rt + NR];
-            let mut a = [[T::zero(); NR]; MRV];
-            for j in 0..jpad {
-                let pr: &[T; NR] = p[j * BQ + rt..j * BQ + rt + NR].try_into().unwrap();
-                let vr: &[T; MRV] = vp[j * dvp + ct..j * dvp + ct + MRV].try_into().unwrap();
-                for mi in 0..MRV {
-                    for r in 0..NR {
-                        a[mi][r] = madd::<T, FMA>(vr[mi], pr[r], a[mi][r]);
-                    }
-                }
-            }
-            for (mi, row) in a.iter().enumerate() {
-                let at = (ct + mi) * BQ + rt;
-                span_store::<T, FMA>(step.first, row, al, &mut acc_span[at..at + NR]);
-            }
-        }
-    }
-    if step.flush {
-        span_flush::<T, FMA, BQ>(beta, &acc_span[..dvp * BQ], &mut acc[..dvp * BQ]);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One online-softmax step alone (the portable one, which the SIMD ones mirror), on
-    /// four query lanes in four states: no key yet, a smaller and a larger earlier maximum,
-    /// and a lane whose every score is masked. Checked against the formulas of the module
-    /// documentation, computed here in f64 with `std`'s exponential.
-    #[test]
-    fn online_softmax_step_matches_its_formulas() {
-        const BQ: usize = 4;
-        let ninf = f64::NEG_INFINITY;
-        // Two keys (rows of `s`), four lanes.
-        let scores = [[0.5, 1.0, ninf, ninf], [-1.0, 2.0, ninf, ninf]];
-        let m_old = [ninf, 0.0, 1.0, ninf];
-        let l_old = [0.0, 2.0, 3.0, 0.0];
-        let mut s: Vec<f64> = scores.iter().flatten().copied().collect();
-        let (mut m, mut m_run, mut l) = (m_old.to_vec(), m_old.to_vec(), l_old.to_vec());
-        let (mut acc, mut l_span, mut acc_span) =
-            (vec![0.0; BQ], vec![f64::NAN; BQ], vec![0.0; BQ]);
-        let (mut alpha, mut beta, mut m_ref, mut l_blk) =
-            (vec![0.0; BQ], vec![0.0; BQ], vec![0.0; BQ], vec![0.0; BQ]);
-        let mut sums = Sums {
-            m: &mut m,
-            m_run: &mut m_run,
-            l: &mut l,
-            acc: &mut acc,
-            l_span: &mut l_span,
-            acc_span: &mut acc_span,
-        };
-        let mut factors = Factors {
-            alpha: &mut alpha,
-            beta: &mut beta,
-            m_ref: &mut m_ref,
-            l_blk: &mut l_blk,
-        };
-        let step = Step {
-            first: true,
-            flush: true,
-        };
-        softmax_step::<f64, false, BQ>(&mut s, step, &mut sums, &mut factors);
-
-        for r in 0..BQ {
-            let m_new = m_old[r].max(scores[0][r]).max(scores[1][r]);
-            let m_use = if m_new == ninf { 0.0 } else { m_new };
-            let p: Vec<f64> = (0..2).map(|j| (scores[j][r] - m_use).exp()).collect();
-            let a = (m_old[r] - m_use).exp();
-            let l_new = a * l_old[r] + p[0] + p[1];
-            let close = |got: f64, want: f64| {
-                (got - want).abs() <= 4.0 * f64::EPSILON * want.abs().max(1.0)
-            };
-            assert_eq!(m[r], m_new, "lane {r}: m");
-            assert!(close(alpha[r], a), "lane {r}: alpha {} vs {a}", alpha[r]);
-            for j in 0..2 {
-                assert!(close(s[j * BQ + r], p[j]), "lane {r}, key {j}: p");
-            }
-            assert!(close(l[r], l_new), "lane {r}: l {} vs {l_new}", l[r]);
-            assert!(!l[r].is_nan() && !alpha[r].is_nan(), "lane {r}: NaN");
-        }
-        // The masked lane: nothing, exactly.
-        assert_eq!((s[3], s[BQ + 3], l[3], m[3]), (0.0, 0.0, 0.0, ninf));
-    }
 }

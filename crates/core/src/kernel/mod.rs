@@ -53,8 +53,7 @@ pub struct Scratch<T> {
     pub l_span: Vec<T>,
     pub alpha: Vec<T>,
     pub beta: Vec<f64>,
-    pub m_ref: Vec<T>,
-    pub l_blk: Vec<T>,
+    pub probe: Vec<T>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -70,8 +69,7 @@ impl<T> Default for Scratch<T> {
             l_span: Vec::new(),
             alpha: Vec::new(),
             beta: Vec::new(),
-            m_ref: Vec::new(),
-            l_blk: Vec::new(),
+            probe: Vec::new(),
         }
     }
 }
@@ -89,8 +87,7 @@ impl<T: Element> Scratch<T> {
             (&mut self.m_run, group * bq),
             (&mut self.l_span, group * bq),
             (&mut self.alpha, bq),
-            (&mut self.m_ref, bq),
-            (&mut self.l_blk, bq),
+            (&mut self.probe, bq),
         ] {
             if buf.len() < len {
                 buf.resize(len, T::zero());
@@ -157,16 +154,12 @@ pub trait ElementKernels: Sized + 'static {
     /// Runs `f` with this thread's cached block-kernel scratch (see [`with_cached`]).
     #[doc(hidden)]
     fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
-    /// `exp(self)` for `self ≤ 0` or −∞, vectorisable: the portable kernel's softmax
-    /// exponential (`exp.rs`).
-    #[doc(hidden)]
-    fn exp_nonpos<const FMA: bool>(self) -> Self;
 }
 
 /// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
 /// thread-local caches.
 macro_rules! element_kernels {
-    ($t:ty, $select:path, $exp:ident) => {
+    ($t:ty, $select:path) => {
         impl ElementKernels for $t {
             #[inline]
             fn kernel(path: CpuPath) -> simd::Kernel<$t> {
@@ -184,15 +177,11 @@ macro_rules! element_kernels {
                 }
                 with_cached(&SCRATCH, f)
             }
-            #[inline(always)]
-            fn exp_nonpos<const FMA: bool>(self) -> $t {
-                exp::$exp::<FMA>(self)
-            }
         }
     };
 }
-element_kernels!(f32, simd::kernel_f32, exp_f32);
-element_kernels!(f64, simd::kernel_f64, exp_f64);
+element_kernels!(f32, simd::kernel_f32);
+element_kernels!(f64, simd::kernel_f64);
 
 /// Runs `f` with this thread's cached `X` from `cell` (a fresh one if it is already in
 /// use, e.g. by a call that rayon nested on the same thread).
