@@ -285,11 +285,11 @@ fn tile<T: Element, MK: MicroKernels<T>>(
         }
     } else if !(cur.lo_last <= j0 as i64 && cur.hi_first >= (j0 + jn - 1) as i64) {
         // Causal / window only, and the band cuts this tile: for key j the allowed
-        // queries are the contiguous range j − band_hi ≤ i ≤ j − band_lo.
+        // queries are a contiguous range.
         for j in 0..jn {
-            let jj = (j0 + j) as i64;
-            let r_lo = (jj - spec.band_hi - i0 as i64).clamp(0, bq as i64) as usize;
-            let r_hi = (jj - spec.band_lo - i0 as i64 + 1).clamp(r_lo as i64, bq as i64) as usize;
+            let (i_lo, i_hi) = spec.band.queries(j0 + j);
+            let r_lo = (i_lo - i0 as i64).clamp(0, bq as i64) as usize;
+            let r_hi = (i_hi - i0 as i64 + 1).clamp(r_lo as i64, bq as i64) as usize;
             let row = &mut s[j * bq..(j + 1) * bq];
             row[..r_lo].fill(T::NEG_INFINITY);
             row[r_hi..].fill(T::NEG_INFINITY);

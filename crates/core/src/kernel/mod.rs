@@ -20,6 +20,7 @@ use pack::set_len;
 use crate::cpu::CpuPath;
 use crate::error::Operand;
 use crate::memory::try_resize;
+use crate::score::{empty_row_lse, empty_row_output};
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -259,11 +260,11 @@ pub(crate) fn attention<T: Element>(
     debug_assert_eq!(out.shape(), (n_q, d_v));
     debug_assert!(lse.as_ref().is_none_or(|l| l.len() == n_q));
     if n_q == 0 || n_kv == 0 {
-        // Every query attends to nothing: output 0, lse −∞.
+        // Every query attends to nothing.
         record_run(KernelRun::Trivial);
-        out.fill(T::zero());
+        out.fill(empty_row_output());
         if let Some(lse) = lse {
-            lse.fill(T::NEG_INFINITY);
+            lse.fill(empty_row_lse());
         }
         return Ok(());
     }
