@@ -114,68 +114,20 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
     out: &mut [T],
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
-    let (bq, mr, mrv, bk) = (MK::BQ, MK::MR, MK::MRV, MK::BK);
-    let spec = &job.spec;
-    let (n_kv, d_k, d_v) = (spec.n_kv, spec.d_k, spec.d_v);
-    let dvp = job.dvp;
+    let (bq, d_k, dvp) = (MK::BQ, job.spec.d_k, job.dvp);
     let blocks = lse.len().div_ceil(bq);
-    let block_len = bq * d_v.max(1);
-    debug_assert!(blocks <= MAX_GROUP && bk.is_multiple_of(mr) && dvp.is_multiple_of(mrv));
-
-    let Scratch {
-        qt,
-        s,
-        acc,
-        acc_span,
-        m,
-        m_run,
-        l,
-        l_span,
-        alpha,
-        beta,
-        probe,
-    } = scratch;
-    let mut factors = Factors {
-        alpha: &mut alpha[..bq],
-        beta: &mut beta[..bq],
-        probe: &mut probe[..bq],
-    };
-
-    // Set up every block: Qᵀ (queries past n_q are zero and never written out), the
-    // softmax state, and the range of key tiles its band allows.
+    debug_assert!(blocks <= MAX_GROUP && MK::BK.is_multiple_of(MK::MR));
+    debug_assert!(dvp.is_multiple_of(MK::MRV));
     let mut cursors = [Cursor::default(); MAX_GROUP];
     for (b, cur) in cursors.iter_mut().enumerate().take(blocks) {
-        let i0 = (first_block + b) * bq;
         let rows = bq.min(lse.len() - b * bq);
-        let qt = &mut qt[b * d_k * bq..(b + 1) * d_k * bq];
-        for_each_column(&spec.q, i0..i0 + rows, &mut Vec::new(), |p, col| {
-            let dst = &mut qt[p * bq..(p + 1) * bq];
-            dst[..rows].copy_from_slice(col);
-            dst[rows..].fill(T::zero());
-        });
-        // (The span sums need no initial value: a span's first tile overwrites them.)
-        m[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
-        m_run[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
-        l[b * bq..(b + 1) * bq].fill(0.0);
-        acc[b * dvp * bq..(b + 1) * dvp * bq].fill(0.0);
-        // The causal/window band is monotone in i.
-        let (lo_first, hi_first) = spec.key_range(i0);
-        let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
-        *cur = Cursor {
-            i0,
+        *cur = start_block::<T, MK>(
+            job,
+            (first_block + b) * bq,
             rows,
-            j_next: (lo_first.max(0) as usize / mr) * mr,
-            j_end: if lo_first <= hi_last {
-                hi_last as usize + 1
-            } else {
-                0
-            },
-            lo_last,
-            hi_first,
-            tiles: 0,
-        };
+            block_of(scratch, b, bq, d_k, dvp),
+        );
     }
-
     let cursors = &mut cursors[..blocks];
     let start = cursors.iter().map(|c| c.j_next).min().unwrap_or(0);
     let end = cursors.iter().map(|c| c.j_end).max().unwrap_or(0);
@@ -183,95 +135,217 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
     while sb < end {
         let sb_end = sb + job.super_keys;
         for (b, cur) in cursors.iter_mut().enumerate() {
+            let mut block = block_of(scratch, b, bq, d_k, dvp);
             while cur.j_next < cur.j_end && cur.j_next < sb_end {
-                let j0 = cur.j_next;
-                let jn = bk.min(n_kv - j0);
-                let step = Step {
-                    first: cur.tiles % SPAN_TILES == 0,
-                    flush: cur.tiles % SPAN_TILES == SPAN_TILES - 1 || j0 + jn >= cur.j_end,
-                };
-                let mut sums = Sums {
-                    m: &mut m[b * bq..(b + 1) * bq],
-                    m_run: &mut m_run[b * bq..(b + 1) * bq],
-                    l: &mut l[b * bq..(b + 1) * bq],
-                    l_span: &mut l_span[b * bq..(b + 1) * bq],
-                    acc: &mut acc[b * dvp * bq..(b + 1) * dvp * bq],
-                    acc_span: &mut acc_span[b * dvp * bq..(b + 1) * dvp * bq],
-                };
                 tile::<T, MK>(
                     features,
                     job,
                     cur,
-                    j0,
-                    jn,
-                    step,
-                    &qt[b * d_k * bq..(b + 1) * d_k * bq],
-                    &mut sums,
-                    &mut s[..jn.div_ceil(mr) * mr * bq],
-                    &mut factors,
+                    block.qt,
+                    &mut block.sums,
+                    &mut block.tile,
                 )?;
-                cur.j_next = j0 + jn;
-                cur.tiles += 1;
             }
         }
         sb = sb_end;
     }
-
+    let block_len = bq * job.spec.d_v.max(1);
     for (b, cur) in cursors.iter().enumerate() {
-        // After the last flush the running sums are relative to m_run = m.
-        let (m, l) = (&m_run[b * bq..(b + 1) * bq], &l[b * bq..(b + 1) * bq]);
-        let acc = &acc[b * dvp * bq..(b + 1) * dvp * bq];
         let out = &mut out[b * block_len..(b + 1) * block_len];
         let lse = &mut lse[b * bq..b * bq + cur.rows];
-        let rows = cur.rows;
-        // The rows' lse and `out = acc / l · unscale` (the fully-masked rule and the clamp
-        // to ±max|V| are in `score.rs`), lane by lane so that it vectorises.
-        for r in 0..rows {
-            lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
-        }
-        let v_max = spec.v_max_abs;
-        for c in 0..d_v {
-            let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
-            let src = &acc[c * bq..c * bq + rows];
-            let dst = &mut out[c * bq..c * bq + rows];
-            for r in 0..rows {
-                dst[r] = row_output(src[r], l[r], unscale, v_max);
-            }
-        }
+        finish_block(
+            job,
+            cur,
+            bq,
+            &block_of(scratch, b, bq, d_k, dvp).sums,
+            out,
+            lse,
+        );
     }
     Ok(())
 }
 
-/// One key tile `[j0, j0 + jn)` of one query block: scores, scale, masks, the online
-/// softmax step and `acc += P·V`, the sums going where `step` says.
+/// Block `b`'s part of a group's scratch (`BQ = bq` rows): its Qᵀ, its online-softmax
+/// state, and the per-tile working memory every block shares.
+struct Block<'a, T> {
+    qt: &'a mut [T],
+    sums: Sums<'a, T>,
+    tile: TileScratch<'a, T>,
+}
+
+/// The scores tile and the factors of one step (shared by the blocks of a group).
+struct TileScratch<'a, T> {
+    s: &'a mut [T],
+    factors: Factors<'a, T>,
+}
+
+/// Splits `scratch` into block `b`'s slices (see [`Block`]).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)] // the block's state, passed as the slices it uses
+fn block_of<T: Element>(
+    scratch: &mut Scratch<T>,
+    b: usize,
+    bq: usize,
+    d_k: usize,
+    dvp: usize,
+) -> Block<'_, T> {
+    let rows = b * bq..(b + 1) * bq;
+    let cols = b * dvp * bq..(b + 1) * dvp * bq;
+    Block {
+        qt: &mut scratch.qt[b * d_k * bq..(b + 1) * d_k * bq],
+        sums: Sums {
+            m: &mut scratch.m[rows.clone()],
+            m_run: &mut scratch.m_run[rows.clone()],
+            l: &mut scratch.l[rows.clone()],
+            l_span: &mut scratch.l_span[rows],
+            acc: &mut scratch.acc[cols.clone()],
+            acc_span: &mut scratch.acc_span[cols],
+        },
+        tile: TileScratch {
+            s: &mut scratch.s[..],
+            factors: Factors {
+                alpha: &mut scratch.alpha[..bq],
+                beta: &mut scratch.beta[..bq],
+                probe: &mut scratch.probe[..bq],
+            },
+        },
+    }
+}
+
+/// Sets up the block of queries `i0..i0 + rows`: its Qᵀ (queries past `rows` are zero and
+/// never written out), its softmax state, and the range of key tiles its band allows.
+#[inline(always)]
+fn start_block<T: Element, MK: MicroKernels<T>>(
+    job: &Job<'_, T>,
+    i0: usize,
+    rows: usize,
+    block: Block<'_, T>,
+) -> Cursor {
+    let (bq, spec) = (MK::BQ, &job.spec);
+    for_each_column(&spec.q, i0..i0 + rows, &mut Vec::new(), |p, col| {
+        let dst = &mut block.qt[p * bq..(p + 1) * bq];
+        dst[..rows].copy_from_slice(col);
+        dst[rows..].fill(T::zero());
+    });
+    // (The span sums need no initial value: a span's first tile overwrites them.)
+    let sums = block.sums;
+    sums.m.fill(T::NEG_INFINITY);
+    sums.m_run.fill(T::NEG_INFINITY);
+    sums.l.fill(0.0);
+    sums.acc.fill(0.0);
+    // The causal/window band is monotone in i.
+    let (lo_first, hi_first) = spec.key_range(i0);
+    let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
+    let mr = MK::MR;
+    Cursor {
+        i0,
+        rows,
+        j_next: (lo_first.max(0) as usize / mr) * mr,
+        j_end: if lo_first <= hi_last {
+            hi_last as usize + 1
+        } else {
+            0
+        },
+        lo_last,
+        hi_first,
+        tiles: 0,
+    }
+}
+
+/// A block's rows after its last tile: their lse and `out = acc / l · unscale` (the
+/// fully-masked rule and the clamp to ±max|V| are in `score.rs`), lane by lane so that it
+/// vectorises. After the last flush the running sums are relative to `m_run`.
+#[inline(always)]
+fn finish_block<T: Element>(
+    job: &Job<'_, T>,
+    cur: &Cursor,
+    bq: usize,
+    sums: &Sums<'_, T>,
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    let (m, l, acc) = (&*sums.m_run, &*sums.l, &*sums.acc);
+    let rows = cur.rows;
+    for r in 0..rows {
+        lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
+    }
+    let v_max = job.spec.v_max_abs;
+    for c in 0..job.spec.d_v {
+        let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
+        let src = &acc[c * bq..c * bq + rows];
+        let dst = &mut out[c * bq..c * bq + rows];
+        for r in 0..rows {
+            dst[r] = row_output(src[r], l[r], unscale, v_max);
+        }
+    }
+}
+
+/// The block's next key tile, `[j0, j0 + jn)` from `cur.j_next`: scores, scale, masks, the
+/// online softmax step and `acc += P·V`, the sums going where the span position says.
+#[inline(always)]
 fn tile<T: Element, MK: MicroKernels<T>>(
     features: MK::Features,
     job: &Job<'_, T>,
-    cur: &Cursor,
-    j0: usize,
-    jn: usize,
-    step: Step,
+    cur: &mut Cursor,
     qt: &[T],
     sums: &mut Sums<'_, T>,
-    s: &mut [T],
-    factors: &mut Factors<'_, T>,
+    scratch: &mut TileScratch<'_, T>,
 ) -> Result<(), AttentionError> {
     let spec = &job.spec;
-    let (bq, d_k, dvp) = (MK::BQ, spec.d_k, job.dvp);
-    let (i0, rows) = (cur.i0, cur.rows);
-    let jpad = s.len() / bq;
+    let (bq, mr, d_k, dvp) = (MK::BQ, MK::MR, spec.d_k, job.dvp);
+    let j0 = cur.j_next;
+    let jn = MK::BK.min(spec.n_kv - j0);
+    let step = Step {
+        first: cur.tiles.is_multiple_of(SPAN_TILES),
+        flush: cur.tiles % SPAN_TILES == SPAN_TILES - 1 || j0 + jn >= cur.j_end,
+    };
+    let jpad = jn.div_ceil(mr) * mr;
+    let s = &mut scratch.s[..jpad * bq];
+    let factors = &mut scratch.factors;
 
     // Scaled scores; only if one is not finite, look for one at an allowed position: an
     // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
     // so their scores are 0 and never trip the check.)
     let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
     if !MK::scores(features, qt, kp, d_k, spec.scale, s, factors.probe)
-        && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
+        && let Some(err) = first_overflow(spec, s, bq, cur.i0, cur.rows, j0, jn)
     {
         return Err(err);
     }
+    mask_tile(spec, cur, j0, jn, bq, s);
+    MK::softmax_step(features, s, step, sums, factors);
+    let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
+    let (alpha, beta) = (&*factors.alpha, &*factors.beta);
+    MK::pv(
+        features,
+        s,
+        vp,
+        dvp,
+        step,
+        sums.acc,
+        sums.acc_span,
+        alpha,
+        beta,
+    );
+    cur.j_next = j0 + jn;
+    cur.tiles += 1;
+    Ok(())
+}
+
+/// The options of the score definition on the tile `s` (keys `[j0, j0 + jn)` of the
+/// block at `cur`, `bq` query lanes): options acting on single scores through
+/// `Spec::modify`; otherwise only the causal/window band, and only where it cuts the
+/// tile. Keys past `jn` (padding to the panel size) and query lanes past the block's rows
+/// become −∞ where the options run.
+#[inline(always)]
+fn mask_tile<T: Element>(
+    spec: &crate::spec::Spec<'_, T>,
+    cur: &Cursor,
+    j0: usize,
+    jn: usize,
+    bq: usize,
+    s: &mut [T],
+) {
+    let (i0, rows) = (cur.i0, cur.rows);
     if spec.has_elementwise() {
         for j in 0..jn {
             let row = &mut s[j * bq..(j + 1) * bq];
@@ -296,21 +370,6 @@ fn tile<T: Element, MK: MicroKernels<T>>(
         }
     }
     s[jn * bq..].fill(T::NEG_INFINITY);
-
-    MK::softmax_step(features, s, step, sums, factors);
-    let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
-    MK::pv(
-        features,
-        s,
-        vp,
-        dvp,
-        step,
-        sums.acc,
-        sums.acc_span,
-        factors.alpha,
-        factors.beta,
-    );
-    Ok(())
 }
 
 /// One query block's online-softmax state, per row `r` (and value column `c`); see
