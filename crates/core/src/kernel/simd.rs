@@ -191,6 +191,54 @@ unsafe fn span_update_v<L: Lanes>(
     }
 }
 
+/// `β = exp(m_run − m')` for the `N` lanes of `m_run` and `m_use` (`m'`), in f64, where
+/// the difference is exact for f32; stored to `beta`.
+///
+/// # Safety
+/// The CPU must have `L`'s features; `beta` must be valid for `N` f64.
+#[inline(always)]
+unsafe fn beta_v<L: Lanes>(m_run: L::V, m_use: L::V, beta: *mut f64) {
+    // SAFETY: the caller guarantees the CPU features and `beta`'s extent; the f64 vectors
+    // at k·W::N with k < PARTS cover exactly N = PARTS·W::N lanes.
+    unsafe {
+        for k in 0..L::PARTS {
+            let diff = <L::W as Lanes>::sub(L::widen(m_run, k), L::widen(m_use, k));
+            <L::W as Lanes>::store(beta.add(k * <L::W as Lanes>::N), exp_v::<L::W>(diff));
+        }
+    }
+}
+
+/// [`span_update_v`] for a register tile of `pv`: `tile[m][v]` holds the partial sums of
+/// value column `m` (relative to the pointers), query lanes `v·N ..`; rows of the span and
+/// running sums are `BQ` apart, `alpha` and `beta` are per query lane.
+///
+/// # Safety
+/// The CPU must have `L`'s features; `acc_span` (T) and `acc` (f64) must be valid for
+/// `(MRV − 1)·BQ + NV·N` elements, `alpha` (T) and `beta` (f64) for `NV·N`.
+#[inline(always)]
+unsafe fn span_update_tile<L: Lanes, const NV: usize, const BQ: usize, const MRV: usize>(
+    step: Step,
+    tile: &[[L::V; NV]; MRV],
+    alpha: *const L::T,
+    beta: *const f64,
+    acc_span: *mut L::T,
+    acc: *mut f64,
+) {
+    // SAFETY: the caller guarantees the CPU features and the pointers' extents: the N
+    // lanes from m·BQ + v·N (m < MRV, v < NV) of `acc_span` and `acc`, from v·N of
+    // `alpha` and `beta`.
+    unsafe {
+        for v in 0..NV {
+            let r = v * L::N;
+            let a = L::load(alpha.add(r));
+            for (m, row) in tile.iter().enumerate() {
+                let at = m * BQ + r;
+                span_update_v::<L>(step, row[v], a, beta.add(r), acc_span.add(at), acc.add(at));
+            }
+        }
+    }
+}
+
 /// Implements [`Lanes`] for one instruction set and element type from its intrinsics.
 macro_rules! lanes {
     ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal, $token:ty,
@@ -578,11 +626,10 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (m, m_run) = (sums.m.as_mut_ptr(), sums.m_run.as_mut_ptr());
         let (l, l_span) = (sums.l.as_mut_ptr(), sums.l_span.as_mut_ptr());
         let (alpha, beta) = (factors.alpha.as_mut_ptr(), factors.beta.as_mut_ptr());
-        // SAFETY: CPU features: the `L::Features` token argument proves them (`L::W` is the f64 type of
-        // the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies in the first
-        // BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the f64 vectors at
-        // rt + k·W::N with k < PARTS cover the same N lanes of l and beta (N = PARTS·W::N),
-        // so they too lie in the first BQ.
+        // SAFETY: CPU features: the `L::Features` token argument proves them (`L::W` is the
+        // f64 type of the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies
+        // in the first BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the N f64
+        // lanes from rt of l and beta (for `span_update_v`, `beta_v`) lie in the first BQ.
         unsafe {
             let neg_inf = L::splat(L::T::NEG_INFINITY);
             // m' = −∞ (nothing allowed yet) is replaced by the lowest finite number, so
@@ -601,13 +648,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 L::store(m.add(rt), m_new);
                 L::store(alpha.add(rt), a);
                 if step.flush {
-                    // β = exp(m_run − m') in f64, where the difference is exact for f32.
-                    let m_r = L::load(m_run.add(rt));
-                    for k in 0..L::PARTS {
-                        let at = rt + k * <L::W as Lanes>::N;
-                        let diff = <L::W as Lanes>::sub(L::widen(m_r, k), L::widen(m_use, k));
-                        <L::W as Lanes>::store(beta.add(at), exp_v::<L::W>(diff));
-                    }
+                    beta_v::<L>(L::load(m_run.add(rt)), m_use, beta.add(rt));
                     L::store(m_run.add(rt), m_new);
                 }
                 let mut l_blk = L::splat(L::T::zero());
@@ -650,8 +691,9 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (alpha, beta) = (alpha.as_ptr(), beta.as_ptr());
         // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
         // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
-        // the N lanes from (ct + m)·BQ + rt + v·N of acc_span (T) and acc (f64) lie below
-        // dvp·BQ, those from rt + v·N of alpha (T) and beta (f64) below BQ.
+        // `span_update_tile` gets acc_span (T) and acc (f64) from ct·BQ + rt, whose
+        // (MRV − 1)·BQ + NV·N lanes lie below dvp·BQ, and alpha (T) and beta (f64) from rt,
+        // whose NV·N lanes lie below BQ.
         unsafe {
             for ct in (0..dvp).step_by(MRV) {
                 for rt in (0..BQ).step_by(NV * L::N) {
@@ -669,21 +711,9 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                             }
                         }
                     }
-                    for v in 0..NV {
-                        let r = rt + v * L::N;
-                        let a = L::load(alpha.add(r));
-                        for (m, row) in tile.iter().enumerate() {
-                            let at = (ct + m) * BQ + r;
-                            span_update_v::<L>(
-                                step,
-                                row[v],
-                                a,
-                                beta.add(r),
-                                acc_span.add(at),
-                                acc.add(at),
-                            );
-                        }
-                    }
+                    let (at, a, b) = (ct * BQ + rt, alpha.add(rt), beta.add(rt));
+                    let (span, run) = (acc_span.add(at), acc.add(at));
+                    span_update_tile::<L, NV, BQ, MRV>(step, &tile, a, b, span, run);
                 }
             }
         }
