@@ -6,6 +6,7 @@ use crate::Element;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::memory::{try_matrix, try_vector};
 use crate::options::MatRef;
+use crate::score::write_empty_row;
 use crate::spec::check_finite;
 use crate::view::AsMatRef;
 
@@ -117,7 +118,9 @@ where
             .map(|(_, lse)| lse[i])
             .fold(T::NEG_INFINITY, |a, b| if b > a { b } else { a });
         if m == T::NEG_INFINITY {
-            continue; // no allowed key in any part: row stays 0, lse −∞
+            // No allowed key in any part.
+            write_empty_row(out.row_mut(i).iter_mut(), Some(&mut lse_out[i]));
+            continue;
         }
         let total = parts
             .iter()

@@ -13,6 +13,60 @@ use crate::Element;
 use crate::columns::for_each_column;
 use crate::spec::Spec;
 
+/// The positional band from causal and window: query `i` may see keys `[i + lo, i + hi]`
+/// (inclusive). How an unbounded side is represented is private to this type: ask it
+/// which keys a query may see ([`Band::keys`]), which queries may see a key
+/// ([`Band::queries`]), and whether it bounds anything ([`Band::is_bounded`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Band {
+    lo: i64,
+    hi: i64,
+}
+
+/// An unbounded side of the band: far beyond any shape (shapes are bounded by memory),
+/// and far enough from `i64`'s limits that adding an index cannot overflow.
+const UNBOUNDED: i64 = 1 << 62;
+
+impl Band {
+    /// The band of the options: with `causal`, keys up to the diagonal `i + diag_offset`;
+    /// with `window = (left, right)`, keys from `left` before to `right` after it.
+    pub(crate) fn new(diag_offset: i64, causal: bool, window: Option<(usize, usize)>) -> Self {
+        let clamp = |x: usize| (x as u64).min(UNBOUNDED as u64) as i64;
+        let (mut lo, mut hi) = (-UNBOUNDED, UNBOUNDED);
+        if causal {
+            hi = diag_offset;
+        }
+        if let Some((left, right)) = window {
+            lo = diag_offset - clamp(left);
+            hi = hi.min(diag_offset.saturating_add(clamp(right)));
+        }
+        Band { lo, hi }
+    }
+
+    /// The inclusive range of keys query `i` may see, not clipped to the keys that exist
+    /// (it may start below 0 or end past the last key).
+    #[inline]
+    pub(crate) fn keys(&self, i: usize) -> (i64, i64) {
+        let i = i as i64;
+        (i + self.lo, i + self.hi)
+    }
+
+    /// The inclusive range of queries that may see key `j`, not clipped to the queries
+    /// that exist: `j − hi ≤ i ≤ j − lo`.
+    #[inline]
+    pub(crate) fn queries(&self, j: usize) -> (i64, i64) {
+        let j = j as i64;
+        (j - self.hi, j - self.lo)
+    }
+
+    /// Whether the band can exclude a key of any problem that fits in memory (causal, or
+    /// a window narrower than 2^61 on some side).
+    #[inline]
+    pub(crate) fn is_bounded(&self) -> bool {
+        self.lo > -UNBOUNDED / 2 || self.hi < UNBOUNDED / 2
+    }
+}
+
 impl<T: Element> Spec<'_, T> {
     /// True if the output sums `Σ_j p_j·v_j` (each `p_j ≤ 1`, so at most `n_kv·max|v|`)
     /// could overflow: only for values within a factor `2(n_kv + 1)` of the type's maximum.
@@ -61,10 +115,8 @@ impl<T: Element> Spec<'_, T> {
     /// clipped to `[0, n_kv)`; empty when `lo > hi`.
     #[inline]
     pub(crate) fn key_range(&self, i: usize) -> (i64, i64) {
-        let i = i as i64;
-        let lo = (i + self.band_lo).max(0);
-        let hi = (i + self.band_hi).min(self.n_kv as i64 - 1);
-        (lo, hi)
+        let (lo, hi) = self.band.keys(i);
+        (lo.max(0), hi.min(self.n_kv as i64 - 1))
     }
 
     /// Whether query `i` may attend to key `j` (`i < n_q`, `j < n_kv`): inside the
@@ -104,13 +156,41 @@ impl<T: Element> Spec<'_, T> {
     }
 }
 
+/// What every entry of a row with no allowed key is: its output entries and attention
+/// weights 0. The one statement of that rule: [`row_output`], [`write_empty_row`] and
+/// every path that meets such a row use it.
+#[inline(always)]
+pub(crate) fn empty_row_output<T: Element>() -> T {
+    T::zero()
+}
+
+/// The log-sum-exp of a row with no allowed key: −∞ (see [`empty_row_output`]).
+#[inline(always)]
+pub(crate) fn empty_row_lse<T: Element>() -> T {
+    T::NEG_INFINITY
+}
+
+/// Writes a row with no allowed key: every output entry of `out` (one row) and, if given,
+/// its log-sum-exp.
+pub(crate) fn write_empty_row<'a, T: Element>(
+    out: impl IntoIterator<Item = &'a mut T>,
+    lse: Option<&mut T>,
+) {
+    for x in out {
+        *x = empty_row_output();
+    }
+    if let Some(lse) = lse {
+        *lse = empty_row_lse();
+    }
+}
+
 /// The log-sum-exp of a row from its running maximum `m` and sum `l = Σ_j exp(s_j − m)`:
 /// `m + ln l`, or −∞ for a row with no allowed key (`l = 0`). Every path finishes rows
 /// with this and [`row_output`].
 #[inline(always)]
 pub(crate) fn row_lse(m: f64, l: f64) -> f64 {
     if l == 0.0 {
-        f64::NEG_INFINITY
+        empty_row_lse()
     } else {
         m + l.ln()
     }
@@ -125,7 +205,7 @@ pub(crate) fn row_lse(m: f64, l: f64) -> f64 {
 #[inline(always)]
 pub(crate) fn row_output<T: Element>(acc: f64, l: f64, unscale: f64, v_max: T) -> T {
     if l == 0.0 {
-        T::zero()
+        empty_row_output()
     } else {
         T::from_f64_rounded(acc / l * unscale)
             .max(-v_max)

@@ -6,6 +6,7 @@ use crate::columns::for_each_column;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::heads::HeadLayout;
 use crate::options::{AttentionOptions, Causal, MatRef, Parallelism};
+use crate::score::Band;
 use crate::view::block;
 
 /// A checked attention problem: shapes, the resolved scale and the score modifiers.
@@ -31,18 +32,14 @@ pub(crate) struct Spec<'a, T: Element> {
     pub scale: T,
     /// `diag(i) = i + diag_offset`.
     pub diag_offset: i64,
-    /// Positional band from causal and window: query `i` may see `j` in
-    /// `[i + band_lo, i + band_hi]` (inclusive; saturated to ±2^62 when unbounded).
-    pub band_lo: i64,
-    pub band_hi: i64,
+    /// Positional band from causal and window (see [`Band`]).
+    pub band: Band,
     pub mask: Option<MatRef<'a, bool>>,
     pub key_mask: Option<&'a [bool]>,
     pub bias: Option<MatRef<'a, T>>,
     pub softcap: Option<T>,
     pub alibi_slope: Option<T>,
 }
-
-const UNBOUNDED: i64 = 1 << 62;
 
 /// The first NaN or infinity of `m`, in column-major order, as an error; else the largest
 /// magnitude in `m`.
@@ -239,7 +236,12 @@ impl<'a, T: Element> Spec<'a, T> {
     ) -> Self {
         let (n_q, d_k) = q.shape();
         let (n_kv, d_v) = (k.nrows(), v.ncols());
-        let (diag_offset, band_lo, band_hi) = band(options, n_q, n_kv);
+        // Shapes are bounded by memory, far below 2^62, so this cast is exact.
+        let diag_offset = match options.causal {
+            Some(Causal::TopLeft) => 0,
+            _ => n_kv as i64 - n_q as i64,
+        };
+        let band = Band::new(diag_offset, options.causal.is_some(), options.window);
         let scores_in_range = scores_in_range::<T>(ScoreBound {
             d_k,
             q_max: max_abs.q.to_f64(),
@@ -265,8 +267,7 @@ impl<'a, T: Element> Spec<'a, T> {
             d_v,
             scale,
             diag_offset,
-            band_lo,
-            band_hi,
+            band,
             mask: options.mask,
             key_mask: options.key_mask,
             bias: options.bias,
@@ -506,26 +507,6 @@ fn check_bias<T: Element>(
         }),
         None => Ok(range),
     }
-}
-
-/// `(diag_offset, band_lo, band_hi)`: `diag(i) = i + diag_offset`, and query `i` may see
-/// keys `[i + band_lo, i + band_hi]` by position (causal, window; ±2^62 when unbounded).
-fn band<T: Element>(options: &AttentionOptions<'_, T>, n_q: usize, n_kv: usize) -> (i64, i64, i64) {
-    // Shapes are bounded by memory, far below 2^62, so these casts are exact.
-    let diag_offset = match options.causal {
-        Some(Causal::TopLeft) => 0,
-        _ => n_kv as i64 - n_q as i64,
-    };
-    let clamp = |x: usize| (x as u64).min(UNBOUNDED as u64) as i64;
-    let (mut band_lo, mut band_hi) = (-UNBOUNDED, UNBOUNDED);
-    if options.causal.is_some() {
-        band_hi = diag_offset;
-    }
-    if let Some((left, right)) = options.window {
-        band_lo = diag_offset - clamp(left);
-        band_hi = band_hi.min(diag_offset.saturating_add(clamp(right)));
-    }
-    (diag_offset, band_lo, band_hi)
 }
 
 /// One sequence of a packed batch: its rows of Q and its rows of K and V.

@@ -8,6 +8,7 @@ use crate::error::Operand;
 use crate::kernel::{KernelRun, careful, record_run};
 use crate::memory::{try_matrix, try_vector};
 use crate::options::AttentionOptions;
+use crate::score::empty_row_output;
 use crate::spec::Spec;
 use crate::view::AsMatRef;
 use crate::{AttentionError, Element};
@@ -110,13 +111,16 @@ pub fn attention_weights<'q, 'k, 'v, T: Element>(
             }
         }
     }
-    // w = e / l in T (l rounded once to T: dividing in f64 made f32 weights 8% slower).
+    // w = e / l in T (l rounded once to T: dividing in f64 made f32 weights 8% slower);
+    // a row with no allowed key (l = 0) follows the empty-row rule of `score.rs`.
     let l: Vec<T> = l.iter().map(|&x| T::from_f64_rounded(x)).collect();
     for mut col in w.column_iter_mut() {
         for i in 0..n_q {
-            if l[i] > T::zero() {
-                col[i] /= l[i];
-            }
+            col[i] = if l[i] > T::zero() {
+                col[i] / l[i]
+            } else {
+                empty_row_output()
+            };
         }
     }
     Ok(w)

@@ -1,5 +1,6 @@
 //! Allocation counts: a loop of `_into` calls allocates nothing once warm, and small calls
-//! allocate only their output. Counted with a wrapping global allocator, in its own test
+//! allocate only their output (on a forced path, where the decoding kernel runs them, a
+//! fixed number of small buffers). Counted with a wrapping global allocator, in its own test
 //! binary so no other test disturbs the count.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -7,8 +8,8 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use attention_core::{
-    AttentionOptions, Causal, Parallelism, scaled_dot_product_attention,
-    scaled_dot_product_attention_into,
+    AttentionOptions, Causal, KernelRun, Parallelism, last_kernel_run,
+    scaled_dot_product_attention, scaled_dot_product_attention_into,
 };
 use nalgebra::DMatrix;
 
@@ -83,7 +84,22 @@ fn allocation_counts() {
     let n = allocations_during(|| {
         std::hint::black_box(scaled_dot_product_attention(&q, &q, &v, &opts).unwrap());
     });
-    assert_eq!(n, 1, "seed call: only the output");
+    let run = last_kernel_run();
+    if run == Some(KernelRun::Row) {
+        // The default route: the row path, scores on the stack.
+        assert_eq!(n, 1, "seed call: only the output");
+    } else {
+        assert!(matches!(run, Some(KernelRun::Decode(_))), "{run:?}");
+        // A forced path runs its decoding kernel for a few queries, which allocates its
+        // per-call state (gathered queries, scores of one chunk, running sums, the list of
+        // parts): a fixed number of buffers, not growing with the keys.
+        let (q1, k1) = (matrix(2, 2, 4), matrix(1000, 2, 5));
+        let n_long = allocations_during(|| {
+            std::hint::black_box(scaled_dot_product_attention(&q1, &k1, &k1, &opts).unwrap());
+        });
+        assert!(n <= 12, "seed call on a forced path: {n} allocations");
+        assert_eq!(n_long, n, "1000 keys allocate as often as 2");
+    }
 
     // A loop of `_into` calls on the fused path allocates nothing after the first.
     for (n_q, n_kv, d, causal) in [

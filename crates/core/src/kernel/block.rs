@@ -15,7 +15,8 @@
 //! acc' = α·acc + Σ_{j∈J} p_j · v_j
 //! ```
 //! and at the end `out = acc / l`, `lse = m + ln l`. When `m' = −∞` (nothing allowed yet)
-//! the step uses 0 in place of `m'` so that every `p_j = exp(−∞) = 0` and nothing is NaN.
+//! the step uses the lowest finite number in place of `m'` so that every
+//! `p_j = exp(−∞) = 0`, as is `α`, and nothing is NaN.
 //!
 //! # Accuracy
 //! A row's sums `l = Σ_j p_j` and `acc_c = Σ_j p_j·v_jc` run over all `n_kv` keys. Added
@@ -47,12 +48,12 @@
 //! T. Every sum's order depends only on the problem's sizes, never on threads.
 //!
 //! The body ([`q_group`], [`tile`]) is `#[inline(always)]` and generic over its four inner
-//! loops ([`MicroKernels`]); `simd.rs` instantiates it once per CPU path inside
-//! `#[target_feature]` functions with SIMD micro-kernels, and once with the [`Portable`]
-//! ones, so the same safe orchestration runs on AVX-512, AVX2+FMA or the baseline target.
+//! loops ([`MicroKernels`]); `simd.rs` implements them once, over vector operations of
+//! each CPU path, and instantiates the body per path (inside `#[target_feature]` functions
+//! for AVX-512 and AVX2+FMA), so the same safe orchestration and the same micro-kernels
+//! run on AVX-512, AVX2+FMA or the baseline target.
 
-use super::exp::madd;
-use super::{ElementKernels, Job, Scratch};
+use super::{Job, Scratch};
 use crate::columns::for_each_column;
 use crate::score::{row_lse, row_output};
 use crate::{AttentionError, Element};
@@ -113,70 +114,20 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
     out: &mut [T],
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
-    let (bq, mr, mrv, bk) = (MK::BQ, MK::MR, MK::MRV, MK::BK);
-    let spec = &job.spec;
-    let (n_kv, d_k, d_v) = (spec.n_kv, spec.d_k, spec.d_v);
-    let dvp = job.dvp;
+    let (bq, d_k, dvp) = (MK::BQ, job.spec.d_k, job.dvp);
     let blocks = lse.len().div_ceil(bq);
-    let block_len = bq * d_v.max(1);
-    debug_assert!(blocks <= MAX_GROUP && bk.is_multiple_of(mr) && dvp.is_multiple_of(mrv));
-
-    let Scratch {
-        qt,
-        s,
-        acc,
-        acc_span,
-        m,
-        m_run,
-        l,
-        l_span,
-        alpha,
-        beta,
-        m_ref,
-        l_blk,
-    } = scratch;
-    let mut factors = Factors {
-        alpha: &mut alpha[..bq],
-        beta: &mut beta[..bq],
-        m_ref: &mut m_ref[..bq],
-        l_blk: &mut l_blk[..bq],
-    };
-
-    // Set up every block: Qᵀ (queries past n_q are zero and never written out), the
-    // softmax state, and the range of key tiles its band allows.
+    debug_assert!(blocks <= MAX_GROUP && MK::BK.is_multiple_of(MK::MR));
+    debug_assert!(dvp.is_multiple_of(MK::MRV));
     let mut cursors = [Cursor::default(); MAX_GROUP];
     for (b, cur) in cursors.iter_mut().enumerate().take(blocks) {
-        let i0 = (first_block + b) * bq;
         let rows = bq.min(lse.len() - b * bq);
-        let qt = &mut qt[b * d_k * bq..(b + 1) * d_k * bq];
-        for_each_column(&spec.q, i0..i0 + rows, &mut Vec::new(), |p, col| {
-            let dst = &mut qt[p * bq..(p + 1) * bq];
-            dst[..rows].copy_from_slice(col);
-            dst[rows..].fill(T::zero());
-        });
-        // (The span sums need no initial value: a span's first tile overwrites them.)
-        m[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
-        m_run[b * bq..(b + 1) * bq].fill(T::NEG_INFINITY);
-        l[b * bq..(b + 1) * bq].fill(0.0);
-        acc[b * dvp * bq..(b + 1) * dvp * bq].fill(0.0);
-        // The causal/window band is monotone in i.
-        let (lo_first, hi_first) = spec.key_range(i0);
-        let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
-        *cur = Cursor {
-            i0,
+        *cur = start_block::<T, MK>(
+            job,
+            (first_block + b) * bq,
             rows,
-            j_next: (lo_first.max(0) as usize / mr) * mr,
-            j_end: if lo_first <= hi_last {
-                hi_last as usize + 1
-            } else {
-                0
-            },
-            lo_last,
-            hi_first,
-            tiles: 0,
-        };
+            block_of(scratch, b, bq, d_k, dvp),
+        );
     }
-
     let cursors = &mut cursors[..blocks];
     let start = cursors.iter().map(|c| c.j_next).min().unwrap_or(0);
     let end = cursors.iter().map(|c| c.j_end).max().unwrap_or(0);
@@ -184,95 +135,217 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
     while sb < end {
         let sb_end = sb + job.super_keys;
         for (b, cur) in cursors.iter_mut().enumerate() {
+            let mut block = block_of(scratch, b, bq, d_k, dvp);
             while cur.j_next < cur.j_end && cur.j_next < sb_end {
-                let j0 = cur.j_next;
-                let jn = bk.min(n_kv - j0);
-                let step = Step {
-                    first: cur.tiles % SPAN_TILES == 0,
-                    flush: cur.tiles % SPAN_TILES == SPAN_TILES - 1 || j0 + jn >= cur.j_end,
-                };
-                let mut sums = Sums {
-                    m: &mut m[b * bq..(b + 1) * bq],
-                    m_run: &mut m_run[b * bq..(b + 1) * bq],
-                    l: &mut l[b * bq..(b + 1) * bq],
-                    l_span: &mut l_span[b * bq..(b + 1) * bq],
-                    acc: &mut acc[b * dvp * bq..(b + 1) * dvp * bq],
-                    acc_span: &mut acc_span[b * dvp * bq..(b + 1) * dvp * bq],
-                };
                 tile::<T, MK>(
                     features,
                     job,
                     cur,
-                    j0,
-                    jn,
-                    step,
-                    &qt[b * d_k * bq..(b + 1) * d_k * bq],
-                    &mut sums,
-                    &mut s[..jn.div_ceil(mr) * mr * bq],
-                    &mut factors,
+                    block.qt,
+                    &mut block.sums,
+                    &mut block.tile,
                 )?;
-                cur.j_next = j0 + jn;
-                cur.tiles += 1;
             }
         }
         sb = sb_end;
     }
-
+    let block_len = bq * job.spec.d_v.max(1);
     for (b, cur) in cursors.iter().enumerate() {
-        // After the last flush the running sums are relative to m_run = m.
-        let (m, l) = (&m_run[b * bq..(b + 1) * bq], &l[b * bq..(b + 1) * bq]);
-        let acc = &acc[b * dvp * bq..(b + 1) * dvp * bq];
         let out = &mut out[b * block_len..(b + 1) * block_len];
         let lse = &mut lse[b * bq..b * bq + cur.rows];
-        let rows = cur.rows;
-        // The rows' lse and `out = acc / l · unscale` (the fully-masked rule and the clamp
-        // to ±max|V| are in `score.rs`), lane by lane so that it vectorises.
-        for r in 0..rows {
-            lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
-        }
-        let v_max = spec.v_max_abs;
-        for c in 0..d_v {
-            let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
-            let src = &acc[c * bq..c * bq + rows];
-            let dst = &mut out[c * bq..c * bq + rows];
-            for r in 0..rows {
-                dst[r] = row_output(src[r], l[r], unscale, v_max);
-            }
-        }
+        finish_block(
+            job,
+            cur,
+            bq,
+            &block_of(scratch, b, bq, d_k, dvp).sums,
+            out,
+            lse,
+        );
     }
     Ok(())
 }
 
-/// One key tile `[j0, j0 + jn)` of one query block: scores, scale, masks, the online
-/// softmax step and `acc += P·V`, the sums going where `step` says.
+/// Block `b`'s part of a group's scratch (`BQ = bq` rows): its Qᵀ, its online-softmax
+/// state, and the per-tile working memory every block shares.
+struct Block<'a, T> {
+    qt: &'a mut [T],
+    sums: Sums<'a, T>,
+    tile: TileScratch<'a, T>,
+}
+
+/// The scores tile and the factors of one step (shared by the blocks of a group).
+struct TileScratch<'a, T> {
+    s: &'a mut [T],
+    factors: Factors<'a, T>,
+}
+
+/// Splits `scratch` into block `b`'s slices (see [`Block`]).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)] // the block's state, passed as the slices it uses
+fn block_of<T: Element>(
+    scratch: &mut Scratch<T>,
+    b: usize,
+    bq: usize,
+    d_k: usize,
+    dvp: usize,
+) -> Block<'_, T> {
+    let rows = b * bq..(b + 1) * bq;
+    let cols = b * dvp * bq..(b + 1) * dvp * bq;
+    Block {
+        qt: &mut scratch.qt[b * d_k * bq..(b + 1) * d_k * bq],
+        sums: Sums {
+            m: &mut scratch.m[rows.clone()],
+            m_run: &mut scratch.m_run[rows.clone()],
+            l: &mut scratch.l[rows.clone()],
+            l_span: &mut scratch.l_span[rows],
+            acc: &mut scratch.acc[cols.clone()],
+            acc_span: &mut scratch.acc_span[cols],
+        },
+        tile: TileScratch {
+            s: &mut scratch.s[..],
+            factors: Factors {
+                alpha: &mut scratch.alpha[..bq],
+                beta: &mut scratch.beta[..bq],
+                probe: &mut scratch.probe[..bq],
+            },
+        },
+    }
+}
+
+/// Sets up the block of queries `i0..i0 + rows`: its Qᵀ (queries past `rows` are zero and
+/// never written out), its softmax state, and the range of key tiles its band allows.
+#[inline(always)]
+fn start_block<T: Element, MK: MicroKernels<T>>(
+    job: &Job<'_, T>,
+    i0: usize,
+    rows: usize,
+    block: Block<'_, T>,
+) -> Cursor {
+    let (bq, spec) = (MK::BQ, &job.spec);
+    for_each_column(&spec.q, i0..i0 + rows, &mut Vec::new(), |p, col| {
+        let dst = &mut block.qt[p * bq..(p + 1) * bq];
+        dst[..rows].copy_from_slice(col);
+        dst[rows..].fill(T::zero());
+    });
+    // (The span sums need no initial value: a span's first tile overwrites them.)
+    let sums = block.sums;
+    sums.m.fill(T::NEG_INFINITY);
+    sums.m_run.fill(T::NEG_INFINITY);
+    sums.l.fill(0.0);
+    sums.acc.fill(0.0);
+    // The causal/window band is monotone in i.
+    let (lo_first, hi_first) = spec.key_range(i0);
+    let (lo_last, hi_last) = spec.key_range(i0 + rows - 1);
+    let mr = MK::MR;
+    Cursor {
+        i0,
+        rows,
+        j_next: (lo_first.max(0) as usize / mr) * mr,
+        j_end: if lo_first <= hi_last {
+            hi_last as usize + 1
+        } else {
+            0
+        },
+        lo_last,
+        hi_first,
+        tiles: 0,
+    }
+}
+
+/// A block's rows after its last tile: their lse and `out = acc / l · unscale` (the
+/// fully-masked rule and the clamp to ±max|V| are in `score.rs`), lane by lane so that it
+/// vectorises. After the last flush the running sums are relative to `m_run`.
+#[inline(always)]
+fn finish_block<T: Element>(
+    job: &Job<'_, T>,
+    cur: &Cursor,
+    bq: usize,
+    sums: &Sums<'_, T>,
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    let (m, l, acc) = (&*sums.m_run, &*sums.l, &*sums.acc);
+    let rows = cur.rows;
+    for r in 0..rows {
+        lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
+    }
+    let v_max = job.spec.v_max_abs;
+    for c in 0..job.spec.d_v {
+        let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
+        let src = &acc[c * bq..c * bq + rows];
+        let dst = &mut out[c * bq..c * bq + rows];
+        for r in 0..rows {
+            dst[r] = row_output(src[r], l[r], unscale, v_max);
+        }
+    }
+}
+
+/// The block's next key tile, `[j0, j0 + jn)` from `cur.j_next`: scores, scale, masks, the
+/// online softmax step and `acc += P·V`, the sums going where the span position says.
+#[inline(always)]
 fn tile<T: Element, MK: MicroKernels<T>>(
     features: MK::Features,
     job: &Job<'_, T>,
-    cur: &Cursor,
-    j0: usize,
-    jn: usize,
-    step: Step,
+    cur: &mut Cursor,
     qt: &[T],
     sums: &mut Sums<'_, T>,
-    s: &mut [T],
-    factors: &mut Factors<'_, T>,
+    scratch: &mut TileScratch<'_, T>,
 ) -> Result<(), AttentionError> {
     let spec = &job.spec;
-    let (bq, d_k, dvp) = (MK::BQ, spec.d_k, job.dvp);
-    let (i0, rows) = (cur.i0, cur.rows);
-    let jpad = s.len() / bq;
+    let (bq, mr, d_k, dvp) = (MK::BQ, MK::MR, spec.d_k, job.dvp);
+    let j0 = cur.j_next;
+    let jn = MK::BK.min(spec.n_kv - j0);
+    let step = Step {
+        first: cur.tiles.is_multiple_of(SPAN_TILES),
+        flush: cur.tiles % SPAN_TILES == SPAN_TILES - 1 || j0 + jn >= cur.j_end,
+    };
+    let jpad = jn.div_ceil(mr) * mr;
+    let s = &mut scratch.s[..jpad * bq];
+    let factors = &mut scratch.factors;
 
     // Scaled scores; only if one is not finite, look for one at an allowed position: an
     // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
     // so their scores are 0 and never trip the check.)
     let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
-    if !MK::scores(features, qt, kp, d_k, spec.scale, s, factors.l_blk)
-        && let Some(err) = first_overflow(spec, s, bq, i0, rows, j0, jn)
+    if !MK::scores(features, qt, kp, d_k, spec.scale, s, factors.probe)
+        && let Some(err) = first_overflow(spec, s, bq, cur.i0, cur.rows, j0, jn)
     {
         return Err(err);
     }
+    mask_tile(spec, cur, j0, jn, bq, s);
+    MK::softmax_step(features, s, step, sums, factors);
+    let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
+    let (alpha, beta) = (&*factors.alpha, &*factors.beta);
+    MK::pv(
+        features,
+        s,
+        vp,
+        dvp,
+        step,
+        sums.acc,
+        sums.acc_span,
+        alpha,
+        beta,
+    );
+    cur.j_next = j0 + jn;
+    cur.tiles += 1;
+    Ok(())
+}
+
+/// The options of the score definition on the tile `s` (keys `[j0, j0 + jn)` of the
+/// block at `cur`, `bq` query lanes): options acting on single scores through
+/// `Spec::modify`; otherwise only the causal/window band, and only where it cuts the
+/// tile. Keys past `jn` (padding to the panel size) and query lanes past the block's rows
+/// become −∞ where the options run.
+#[inline(always)]
+fn mask_tile<T: Element>(
+    spec: &crate::spec::Spec<'_, T>,
+    cur: &Cursor,
+    j0: usize,
+    jn: usize,
+    bq: usize,
+    s: &mut [T],
+) {
+    let (i0, rows) = (cur.i0, cur.rows);
     if spec.has_elementwise() {
         for j in 0..jn {
             let row = &mut s[j * bq..(j + 1) * bq];
@@ -286,32 +359,17 @@ fn tile<T: Element, MK: MicroKernels<T>>(
         }
     } else if !(cur.lo_last <= j0 as i64 && cur.hi_first >= (j0 + jn - 1) as i64) {
         // Causal / window only, and the band cuts this tile: for key j the allowed
-        // queries are the contiguous range j − band_hi ≤ i ≤ j − band_lo.
+        // queries are a contiguous range.
         for j in 0..jn {
-            let jj = (j0 + j) as i64;
-            let r_lo = (jj - spec.band_hi - i0 as i64).clamp(0, bq as i64) as usize;
-            let r_hi = (jj - spec.band_lo - i0 as i64 + 1).clamp(r_lo as i64, bq as i64) as usize;
+            let (i_lo, i_hi) = spec.band.queries(j0 + j);
+            let r_lo = (i_lo - i0 as i64).clamp(0, bq as i64) as usize;
+            let r_hi = (i_hi - i0 as i64 + 1).clamp(r_lo as i64, bq as i64) as usize;
             let row = &mut s[j * bq..(j + 1) * bq];
             row[..r_lo].fill(T::NEG_INFINITY);
             row[r_hi..].fill(T::NEG_INFINITY);
         }
     }
     s[jn * bq..].fill(T::NEG_INFINITY);
-
-    MK::softmax_step(features, s, step, sums, factors);
-    let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
-    MK::pv(
-        features,
-        s,
-        vp,
-        dvp,
-        step,
-        sums.acc,
-        sums.acc_span,
-        factors.alpha,
-        factors.beta,
-    );
-    Ok(())
 }
 
 /// One query block's online-softmax state, per row `r` (and value column `c`); see
@@ -331,24 +389,24 @@ pub(super) struct Sums<'a, T> {
 
 /// Per-tile working memory, `BQ` each: the rescale factors `softmax_step` leaves for `pv`
 /// (`alpha = exp(m − m')` for the span sums, `beta = exp(m_run − m')` for the running
-/// sums, the latter only when flushing) and scratch.
+/// sums, the latter only when flushing) and the scratch of `scores`' finiteness probe.
 pub(super) struct Factors<'a, T> {
     pub alpha: &'a mut [T],
     pub beta: &'a mut [f64],
-    pub m_ref: &'a mut [T],
-    pub l_blk: &'a mut [T],
+    pub probe: &'a mut [T],
 }
 
-/// The four inner loops of the block kernel, with their tile sizes. The portable
-/// implementation is [`Portable`]; the SIMD ones are in `simd.rs`.
+/// The four inner loops of the block kernel, with their tile sizes; implemented once, for
+/// every CPU path, in `simd.rs` (`Simd`).
 ///
 /// Layouts (all row-major, `BQ` query lanes per row):
 /// - `scores`: `s[j][r] = scale · Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
 ///   (a multiple of `MR`); false if any result is not finite (`probe`: `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
 ///   turning scores into `p = exp(s − m')` and updating `m`; `L[r] = Σ_j p[j][r]` is summed
-///   in T from zero, in key order, and goes where `step` says ([`span_store`], then
-///   [`span_flush`] when flushing), with `alpha = exp(m − m')` in T and, when flushing,
+///   in T from zero, in key order, and goes where `step` says (the span sum
+///   `Λ = L` or `α·Λ + L` in T, then when flushing `l = β·l + Λ` in f64; see "Accuracy"
+///   in the module docs), with `alpha = exp(m − m')` in T and, when flushing,
 ///   `beta = exp(m_run − m')` in f64 (then `m_run = m'`), both written to `factors`;
 /// - `pv`: `P[c][r] = Σ_j vp[j][c] · p[j][r]` summed in T from zero, in key order, going
 ///   where `step` says with the same `alpha` and `beta`; `c < dvp` (a multiple of `MRV`).
@@ -357,8 +415,8 @@ pub(super) struct Factors<'a, T> {
 /// `acc = l` exactly.
 ///
 /// Every method takes a value of [`MicroKernels::Features`], the proof that the CPU has
-/// the instructions the implementation uses: `()` for the portable one, a token that only
-/// CPU detection makes for the SIMD ones (`simd.rs`). A token rather than `unsafe fn`:
+/// the instructions the implementation uses: `()` for the portable path, a token that
+/// only CPU detection makes for the SIMD ones (`simd.rs`). A token rather than `unsafe fn`:
 /// these loops are called from the safe, generic block kernel of this file, so an
 /// `unsafe fn` would move a precondition no type checks (and `unsafe` blocks) into it;
 /// with a token, safe code cannot call an AVX kernel on a CPU that was not found to have
@@ -404,123 +462,6 @@ pub(super) trait MicroKernels<T: Element> {
     );
 }
 
-/// Plain-Rust micro-kernels over fixed-size arrays (`MR × NR` register tiles), with or
-/// without fused multiply-add; the compiler vectorises them as well as it can for the
-/// target's baseline.
-pub(super) struct Portable<
-    const FMA: bool,
-    const MR: usize,
-    const NR: usize,
-    const BQ: usize,
-    const MRV: usize,
-    const BK: usize,
->;
-
-impl<
-    T: Element,
-    const FMA: bool,
-    const MR: usize,
-    const NR: usize,
-    const BQ: usize,
-    const MRV: usize,
-    const BK: usize,
-> MicroKernels<T> for Portable<FMA, MR, NR, BQ, MRV, BK>
-{
-    type Features = ();
-    const MR: usize = MR;
-    const BQ: usize = BQ;
-    const MRV: usize = MRV;
-    const BK: usize = BK;
-    #[inline(always)]
-    fn scores(
-        _: (),
-        qt: &[T],
-        kp: &[T],
-        d_k: usize,
-        scale: T,
-        s: &mut [T],
-        probe: &mut [T],
-    ) -> bool {
-        scores::<T, FMA, MR, NR, BQ>(qt, kp, d_k, s);
-        apply_scale::<T, BQ>(scale, s, probe)
-    }
-    #[inline(always)]
-    fn softmax_step(
-        _: (),
-        s: &mut [T],
-        step: Step,
-        sums: &mut Sums<'_, T>,
-        factors: &mut Factors<'_, T>,
-    ) {
-        softmax_step::<T, FMA, BQ>(s, step, sums, factors);
-    }
-    #[inline(always)]
-    fn pv(
-        _: (),
-        p: &[T],
-        vp: &[T],
-        dvp: usize,
-        step: Step,
-        acc: &mut [f64],
-        acc_span: &mut [T],
-        alpha: &[T],
-        beta: &[f64],
-    ) {
-        pv::<T, FMA, NR, BQ, MRV>(p, vp, dvp, step, acc, acc_span, alpha, beta);
-    }
-}
-
-/// `s[j][r] = Σ_p kp[j][p] · qt[p][r]` for `j < s.len()/BQ`; `kp` is packed in panels of `MR`
-/// keys, each `d_k × MR` (`kp[panel][p][m]`).
-#[inline(always)]
-fn scores<T: Element, const FMA: bool, const MR: usize, const NR: usize, const BQ: usize>(
-    qt: &[T],
-    kp: &[T],
-    d_k: usize,
-    s: &mut [T],
-) {
-    let jpad = s.len() / BQ;
-    for jt in (0..jpad).step_by(MR) {
-        let panel = &kp[jt * d_k..(jt + MR) * d_k];
-        for rt in (0..BQ).step_by(NR) {
-            let mut a = [[T::zero(); NR]; MR];
-            for p in 0..d_k {
-                let qv: &[T; NR] = qt[p * BQ + rt..p * BQ + rt + NR].try_into().unwrap();
-                let kv: &[T; MR] = panel[p * MR..(p + 1) * MR].try_into().unwrap();
-                for mi in 0..MR {
-                    for r in 0..NR {
-                        a[mi][r] = madd::<T, FMA>(kv[mi], qv[r], a[mi][r]);
-                    }
-                }
-            }
-            for (mi, row) in a.iter().enumerate() {
-                s[(jt + mi) * BQ + rt..(jt + mi) * BQ + rt + NR].copy_from_slice(row);
-            }
-        }
-    }
-}
-
-/// Multiplies raw scores by the scale in place; false if any result is NaN or ±∞.
-///
-/// The check runs lane by lane (`probe[r] += x − x` is 0 for finite `x`, NaN otherwise) so
-/// that it vectorises like the multiplication.
-#[inline(always)]
-fn apply_scale<T: Element, const BQ: usize>(scale: T, s: &mut [T], probe: &mut [T]) -> bool {
-    let probe = &mut probe[..BQ];
-    probe.fill(T::zero());
-    for row in s.chunks_exact_mut(BQ) {
-        for r in 0..BQ {
-            let x = row[r] * scale;
-            row[r] = x;
-            #[allow(clippy::eq_op)] // x − x is 0 for finite x, NaN otherwise: the point
-            {
-                probe[r] += x - x;
-            }
-        }
-    }
-    probe.iter().all(|&p| p == T::zero())
-}
-
 /// The first non-finite scaled score at an allowed position of the tile, in (query, key)
 /// order, as an error.
 #[cold]
@@ -544,199 +485,4 @@ fn first_overflow<T: Element>(
         }
     }
     None
-}
-
-/// The span sums of a tile, lane by lane (see "Accuracy" in the module docs):
-/// `span = x` for the first tile of a span, else `span = α·span + x`.
-#[inline(always)]
-fn span_store<T: Element, const FMA: bool>(first: bool, x: &[T], alpha: &[T], span: &mut [T]) {
-    let n = x.len();
-    let (alpha, span) = (&alpha[..n], &mut span[..n]);
-    if first {
-        span.copy_from_slice(x);
-    } else {
-        for r in 0..n {
-            span[r] = madd::<T, FMA>(alpha[r], span[r], x[r]);
-        }
-    }
-}
-
-/// Adds a span's sums to the running sums in f64, `run[c][r] = β[r]·run[c][r] + span[c][r]`
-/// over rows of `BQ` lanes.
-///
-/// A separate pass over the block rather than fused into the loop that produces the span
-/// sums: fused, the compiler no longer vectorised the portable kernel's key loop (f32: 2.2×
-/// slower).
-#[inline(always)]
-fn span_flush<T: Element, const FMA: bool, const BQ: usize>(
-    beta: &[f64],
-    span: &[T],
-    run: &mut [f64],
-) {
-    let beta = &beta[..BQ];
-    for (run, span) in run.chunks_exact_mut(BQ).zip(span.chunks_exact(BQ)) {
-        for r in 0..BQ {
-            run[r] = madd::<f64, FMA>(beta[r], run[r], span[r].to_f64());
-        }
-    }
-}
-
-/// Turns the score tile into `p = exp(s − m')`, updates `m` and the sums of `p`; leaves `α`
-/// and `β` for `pv`.
-#[inline(always)]
-fn softmax_step<T: Element, const FMA: bool, const BQ: usize>(
-    s: &mut [T],
-    step: Step,
-    sums: &mut Sums<'_, T>,
-    factors: &mut Factors<'_, T>,
-) {
-    let jpad = s.len() / BQ;
-    let Factors {
-        alpha,
-        beta,
-        m_ref,
-        l_blk,
-    } = factors;
-    let (m, m_run) = (&mut sums.m[..BQ], &mut sums.m_run[..BQ]);
-    let m_blk = &mut l_blk[..BQ]; // reused: first the block maximum, then the block sum
-    m_blk.fill(T::NEG_INFINITY);
-    for j in 0..jpad {
-        let row = &s[j * BQ..(j + 1) * BQ];
-        for r in 0..BQ {
-            m_blk[r] = if row[r] > m_blk[r] { row[r] } else { m_blk[r] };
-        }
-    }
-    for r in 0..BQ {
-        let m_new = if m_blk[r] > m[r] { m_blk[r] } else { m[r] };
-        let m_use = if m_new == T::NEG_INFINITY {
-            T::zero()
-        } else {
-            m_new
-        };
-        alpha[r] = (m[r] - m_use).exp_nonpos::<FMA>();
-        if step.flush {
-            // In f64, where the difference of the maxima is exact for f32.
-            beta[r] = (m_run[r].to_f64() - m_use.to_f64()).exp_nonpos::<FMA>();
-            m_run[r] = m_new;
-        }
-        m[r] = m_new;
-        m_ref[r] = m_use;
-        m_blk[r] = T::zero();
-    }
-    let l_blk = m_blk;
-    for j in 0..jpad {
-        let row = &mut s[j * BQ..(j + 1) * BQ];
-        for r in 0..BQ {
-            let e = (row[r] - m_ref[r]).exp_nonpos::<FMA>();
-            row[r] = e;
-            l_blk[r] += e;
-        }
-    }
-    span_store::<T, FMA>(step.first, l_blk, alpha, sums.l_span);
-    if step.flush {
-        span_flush::<T, FMA, BQ>(beta, &sums.l_span[..BQ], &mut sums.l[..BQ]);
-    }
-}
-
-/// `P[c][r] = Σ_j vp[j][c] · p[j][r]` in T from zero, then [`span_store`] into
-/// `acc_span[c][r]` and, when the step flushes, [`span_flush`] into `acc[c][r]`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn pv<T: Element, const FMA: bool, const NR: usize, const BQ: usize, const MRV: usize>(
-    p: &[T],
-    vp: &[T],
-    dvp: usize,
-    step: Step,
-    acc: &mut [f64],
-    acc_span: &mut [T],
-    alpha: &[T],
-    beta: &[f64],
-) {
-    let jpad = p.len() / BQ;
-    for ct in (0..dvp).step_by(MRV) {
-        for rt in (0..BQ).step_by(NR) {
-            let al = &alpha[rt..rt + NR];
-            let mut a = [[T::zero(); NR]; MRV];
-            for j in 0..jpad {
-                let pr: &[T; NR] = p[j * BQ + rt..j * BQ + rt + NR].try_into().unwrap();
-                let vr: &[T; MRV] = vp[j * dvp + ct..j * dvp + ct + MRV].try_into().unwrap();
-                for mi in 0..MRV {
-                    for r in 0..NR {
-                        a[mi][r] = madd::<T, FMA>(vr[mi], pr[r], a[mi][r]);
-                    }
-                }
-            }
-            for (mi, row) in a.iter().enumerate() {
-                let at = (ct + mi) * BQ + rt;
-                span_store::<T, FMA>(step.first, row, al, &mut acc_span[at..at + NR]);
-            }
-        }
-    }
-    if step.flush {
-        span_flush::<T, FMA, BQ>(beta, &acc_span[..dvp * BQ], &mut acc[..dvp * BQ]);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One online-softmax step alone (the portable one, which the SIMD ones mirror), on
-    /// four query lanes in four states: no key yet, a smaller and a larger earlier maximum,
-    /// and a lane whose every score is masked. Checked against the formulas of the module
-    /// documentation, computed here in f64 with `std`'s exponential.
-    #[test]
-    fn online_softmax_step_matches_its_formulas() {
-        const BQ: usize = 4;
-        let ninf = f64::NEG_INFINITY;
-        // Two keys (rows of `s`), four lanes.
-        let scores = [[0.5, 1.0, ninf, ninf], [-1.0, 2.0, ninf, ninf]];
-        let m_old = [ninf, 0.0, 1.0, ninf];
-        let l_old = [0.0, 2.0, 3.0, 0.0];
-        let mut s: Vec<f64> = scores.iter().flatten().copied().collect();
-        let (mut m, mut m_run, mut l) = (m_old.to_vec(), m_old.to_vec(), l_old.to_vec());
-        let (mut acc, mut l_span, mut acc_span) =
-            (vec![0.0; BQ], vec![f64::NAN; BQ], vec![0.0; BQ]);
-        let (mut alpha, mut beta, mut m_ref, mut l_blk) =
-            (vec![0.0; BQ], vec![0.0; BQ], vec![0.0; BQ], vec![0.0; BQ]);
-        let mut sums = Sums {
-            m: &mut m,
-            m_run: &mut m_run,
-            l: &mut l,
-            acc: &mut acc,
-            l_span: &mut l_span,
-            acc_span: &mut acc_span,
-        };
-        let mut factors = Factors {
-            alpha: &mut alpha,
-            beta: &mut beta,
-            m_ref: &mut m_ref,
-            l_blk: &mut l_blk,
-        };
-        let step = Step {
-            first: true,
-            flush: true,
-        };
-        softmax_step::<f64, false, BQ>(&mut s, step, &mut sums, &mut factors);
-
-        for r in 0..BQ {
-            let m_new = m_old[r].max(scores[0][r]).max(scores[1][r]);
-            let m_use = if m_new == ninf { 0.0 } else { m_new };
-            let p: Vec<f64> = (0..2).map(|j| (scores[j][r] - m_use).exp()).collect();
-            let a = (m_old[r] - m_use).exp();
-            let l_new = a * l_old[r] + p[0] + p[1];
-            let close = |got: f64, want: f64| {
-                (got - want).abs() <= 4.0 * f64::EPSILON * want.abs().max(1.0)
-            };
-            assert_eq!(m[r], m_new, "lane {r}: m");
-            assert!(close(alpha[r], a), "lane {r}: alpha {} vs {a}", alpha[r]);
-            for j in 0..2 {
-                assert!(close(s[j * BQ + r], p[j]), "lane {r}, key {j}: p");
-            }
-            assert!(close(l[r], l_new), "lane {r}: l {} vs {l_new}", l[r]);
-            assert!(!l[r].is_nan() && !alpha[r].is_nan(), "lane {r}: NaN");
-        }
-        // The masked lane: nothing, exactly.
-        assert_eq!((s[3], s[BQ + 3], l[3], m[3]), (0.0, 0.0, 0.0, ninf));
-    }
 }

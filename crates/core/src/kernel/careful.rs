@@ -29,7 +29,7 @@
 
 use nalgebra::DMatrix;
 
-use crate::score::{row_lse, row_output};
+use crate::score::{empty_row_output, row_lse, row_output};
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -176,7 +176,7 @@ pub(crate) fn weights<T: Element>(
         let (_, l) = exponentiate(&mut s);
         for (j, &x) in s.iter().enumerate() {
             w[(i, j)] = if l == 0.0 {
-                T::zero()
+                empty_row_output()
             } else {
                 T::from_f64_rounded(x / l)
             };

@@ -23,7 +23,7 @@
 //! `m + ln l` are computed in f64 and rounded once to T.
 
 use crate::columns::for_each_column;
-use crate::score::{row_lse, row_output};
+use crate::score::{row_lse, row_output, write_empty_row};
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -97,7 +97,7 @@ pub(super) fn attention<T: Element>(
     mut lse: Option<&mut [T]>,
     scores: &mut [T],
 ) -> Result<(), AttentionError> {
-    let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);
+    let (n_q, n_kv) = (spec.n_q, spec.n_kv);
     let (q, k, v) = (&spec.q, &spec.k, &spec.v);
     let s = &mut scores[..n_kv];
     let v_max = spec.v_max_abs;
@@ -124,13 +124,9 @@ pub(super) fn attention<T: Element>(
             }
         }
         if m == T::NEG_INFINITY {
-            // No key allowed: output 0, lse −∞.
-            if let Some(lse) = lse.as_deref_mut() {
-                lse[i] = T::NEG_INFINITY;
-            }
-            for c in 0..d_v {
-                out[(i, c)] = T::zero();
-            }
+            // No key allowed.
+            let lse = lse.as_deref_mut().map(|lse| &mut lse[i]);
+            write_empty_row(out.row_mut(i).iter_mut(), lse);
             continue;
         }
         for sj in s.iter_mut() {

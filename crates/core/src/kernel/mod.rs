@@ -22,6 +22,7 @@ use pack::set_len;
 use crate::cpu::CpuPath;
 use crate::error::Operand;
 use crate::memory::try_resize;
+use crate::score::{empty_row_lse, empty_row_output};
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -55,8 +56,7 @@ pub struct Scratch<T> {
     pub l_span: Vec<T>,
     pub alpha: Vec<T>,
     pub beta: Vec<f64>,
-    pub m_ref: Vec<T>,
-    pub l_blk: Vec<T>,
+    pub probe: Vec<T>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -72,8 +72,7 @@ impl<T> Default for Scratch<T> {
             l_span: Vec::new(),
             alpha: Vec::new(),
             beta: Vec::new(),
-            m_ref: Vec::new(),
-            l_blk: Vec::new(),
+            probe: Vec::new(),
         }
     }
 }
@@ -91,8 +90,7 @@ impl<T: Element> Scratch<T> {
             (&mut self.m_run, group * bq),
             (&mut self.l_span, group * bq),
             (&mut self.alpha, bq),
-            (&mut self.m_ref, bq),
-            (&mut self.l_blk, bq),
+            (&mut self.probe, bq),
         ] {
             if buf.len() < len {
                 buf.resize(len, T::zero());
@@ -159,7 +157,7 @@ pub trait ElementKernels: Sized + 'static {
     /// Runs `f` with this thread's cached block-kernel scratch (see [`with_cached`]).
     #[doc(hidden)]
     fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
-    /// `exp(self)` for `self ≤ 0` or −∞, vectorisable: the portable kernel's softmax
+    /// `exp(self)` for `self ≤ 0` or −∞, vectorisable: the decoding kernel's softmax
     /// exponential (`exp.rs`).
     #[doc(hidden)]
     fn exp_nonpos<const FMA: bool>(self) -> Self;
@@ -283,11 +281,11 @@ pub(crate) fn attention<T: Element>(
     debug_assert_eq!(out.shape(), (n_q, d_v));
     debug_assert!(lse.as_ref().is_none_or(|l| l.len() == n_q));
     if n_q == 0 || n_kv == 0 {
-        // Every query attends to nothing: output 0, lse −∞.
+        // Every query attends to nothing.
         record_run(KernelRun::Trivial);
-        out.fill(T::zero());
+        out.fill(empty_row_output());
         if let Some(lse) = lse {
-            lse.fill(T::NEG_INFINITY);
+            lse.fill(empty_row_lse());
         }
         return Ok(());
     }

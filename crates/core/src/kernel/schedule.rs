@@ -127,8 +127,7 @@ fn group_size<T: Element>(
     };
     // Under a causal or window band, blocks differ in work (a causal block's work grows
     // with its index), so more, smaller groups let work stealing even the threads out.
-    let banded = spec.band_lo > i64::MIN / 4 || spec.band_hi < i64::MAX / 4;
-    let groups_per_thread = if banded { 16 } else { 4 };
+    let groups_per_thread = if spec.band.is_bounded() { 16 } else { 4 };
     let group = (GROUP_BYTES / per_block)
         .min(n_blocks / (groups_per_thread * threads))
         .clamp(1, block::MAX_GROUP);

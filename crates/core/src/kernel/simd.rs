@@ -3,12 +3,12 @@
 //! the kernel (the crate's only other is `view.rs`).
 //!
 //! The block kernel (`block::q_group`) is written once, generic over its four inner loops
-//! ([`MicroKernels`]). Here those loops are written once more, generic over a small set of
-//! vector operations ([`Lanes`]) implemented with `std::arch` intrinsics for AVX-512 and
-//! AVX2+FMA, in f32 and f64; each combination is compiled inside a `#[target_feature]`
-//! function so that everything inlines into straight vector code. The portable path uses
-//! `block::Portable` (plain Rust, what the compiler vectorises for the target's baseline). [`CpuPath::detect`] picks the best one the CPU
-//! has; the environment variable `ATTENTION_CPU_PATH` (`portable`, `avx2`, `avx512`) or
+//! ([`MicroKernels`]). Here those loops are written once ([`Simd`]), generic over a small
+//! set of vector operations ([`Lanes`]) implemented three times, in f32 and f64: with
+//! `std::arch` intrinsics for AVX-512 and for AVX2+FMA, each combination compiled inside a
+//! `#[target_feature]` function so that everything inlines into straight vector code; and
+//! with plain arrays for the portable path (what the compiler vectorises for the target's
+//! baseline). [`CpuPath::detect`] picks the best path the CPU has; the environment variable `ATTENTION_CPU_PATH` (`portable`, `avx2`, `avx512`) or
 //! [`AttentionOptions::with_cpu_path`](crate::AttentionOptions::with_cpu_path) forces one,
 //! which is how the tests run every path.
 
@@ -19,7 +19,7 @@ use num_traits::Zero;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::block::{self, Factors, MicroKernels, Portable, Step, Sums};
+use super::block::{self, Factors, MicroKernels, Step, Sums};
 use super::decode::{self, Group, PartFn, State};
 use super::exp::ExpConsts;
 use super::{Job, Scratch};
@@ -91,13 +91,19 @@ impl Avx2 {
     }
 }
 
-/// Vector operations of one instruction set on one element type.
+/// Vector operations of one instruction set on one element type: `N` lanes of `T` in a
+/// register (`std::arch` intrinsics for AVX-512 and AVX2+FMA) or in a plain array (the
+/// portable lanes, which the compiler vectorises for the target's baseline).
 ///
 /// # Safety
-/// Every method requires the CPU features of the implementing type (AVX-512F, or AVX2
-/// and FMA); pointer arguments must be valid for `N` elements (unaligned is fine).
-trait Lanes {
-    /// The token that proves the CPU has this instruction set ([`Avx512`], [`Avx2`]).
+/// An implementation promises that a value of [`Lanes::Features`] exists only on a CPU
+/// that can run its methods: the SIMD micro-kernels ([`Simd`]) are safe functions that
+/// call the methods given such a value. The methods themselves are `unsafe`: they require
+/// the CPU features of the implementing type (AVX-512F, or AVX2 and FMA; none for the
+/// portable lanes), and pointer arguments valid for `N` elements (unaligned is fine).
+unsafe trait Lanes {
+    /// The token that proves the CPU has this instruction set ([`Avx512`], [`Avx2`]; `()`
+    /// for the portable lanes, which need nothing beyond the target's baseline).
     type Features: Copy;
     type T: ExpConsts;
     type V: Copy;
@@ -116,8 +122,10 @@ trait Lanes {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    /// `a·b + c`, fused.
+    /// `a·b + c`: fused on the SIMD paths, a multiplication then an addition on the
+    /// portable one (the baseline has no FMA instruction).
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a` where `a > b`, else `b`.
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise 2^n from `t = n + SHIFT` (see `ExpConsts::pow2_shifted`).
     unsafe fn pow2_shifted(t: Self::V) -> Self::V;
@@ -125,8 +133,8 @@ trait Lanes {
     unsafe fn zero_below(x: Self::V, cutoff: Self::V, y: Self::V) -> Self::V;
 }
 
-/// `exp` lane by lane for arguments ≤ 0 or −∞: the same operations as
-/// `exp::exp_nonpos` (see `exp.rs` for the method and its accuracy).
+/// `exp` lane by lane for arguments ≤ 0 or −∞, on every path (see `exp.rs` for the
+/// method, its constants and its accuracy).
 #[inline(always)]
 unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
     // SAFETY: the caller guarantees the CPU features of `L`.
@@ -185,6 +193,54 @@ unsafe fn span_update_v<L: Lanes>(
     }
 }
 
+/// `β = exp(m_run − m')` for the `N` lanes of `m_run` and `m_use` (`m'`), in f64, where
+/// the difference is exact for f32; stored to `beta`.
+///
+/// # Safety
+/// The CPU must have `L`'s features; `beta` must be valid for `N` f64.
+#[inline(always)]
+unsafe fn beta_v<L: Lanes>(m_run: L::V, m_use: L::V, beta: *mut f64) {
+    // SAFETY: the caller guarantees the CPU features and `beta`'s extent; the f64 vectors
+    // at k·W::N with k < PARTS cover exactly N = PARTS·W::N lanes.
+    unsafe {
+        for k in 0..L::PARTS {
+            let diff = <L::W as Lanes>::sub(L::widen(m_run, k), L::widen(m_use, k));
+            <L::W as Lanes>::store(beta.add(k * <L::W as Lanes>::N), exp_v::<L::W>(diff));
+        }
+    }
+}
+
+/// [`span_update_v`] for a register tile of `pv`: `tile[m][v]` holds the partial sums of
+/// value column `m` (relative to the pointers), query lanes `v·N ..`; rows of the span and
+/// running sums are `BQ` apart, `alpha` and `beta` are per query lane.
+///
+/// # Safety
+/// The CPU must have `L`'s features; `acc_span` (T) and `acc` (f64) must be valid for
+/// `(MRV − 1)·BQ + NV·N` elements, `alpha` (T) and `beta` (f64) for `NV·N`.
+#[inline(always)]
+unsafe fn span_update_tile<L: Lanes, const NV: usize, const BQ: usize, const MRV: usize>(
+    step: Step,
+    tile: &[[L::V; NV]; MRV],
+    alpha: *const L::T,
+    beta: *const f64,
+    acc_span: *mut L::T,
+    acc: *mut f64,
+) {
+    // SAFETY: the caller guarantees the CPU features and the pointers' extents: the N
+    // lanes from m·BQ + v·N (m < MRV, v < NV) of `acc_span` and `acc`, from v·N of
+    // `alpha` and `beta`.
+    unsafe {
+        for v in 0..NV {
+            let r = v * L::N;
+            let a = L::load(alpha.add(r));
+            for (m, row) in tile.iter().enumerate() {
+                let at = m * BQ + r;
+                span_update_v::<L>(step, row[v], a, beta.add(r), acc_span.add(at), acc.add(at));
+            }
+        }
+    }
+}
+
 /// Implements [`Lanes`] for one instruction set and element type from its intrinsics.
 macro_rules! lanes {
     ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal, $token:ty,
@@ -194,8 +250,10 @@ macro_rules! lanes {
      wide = $w:ty, parts = $parts:literal, widen = |$wv:ident, $wk:ident| $widen:expr) => {
         #[cfg(target_arch = "x86_64")]
         struct $name;
+        // SAFETY: `$token` is made only by its `detect`, after CPU detection found the
+        // features of its path, which include `$features`.
         #[cfg(target_arch = "x86_64")]
-        impl Lanes for $name {
+        unsafe impl Lanes for $name {
             type Features = $token;
             type T = $t;
             type V = $v;
@@ -390,13 +448,90 @@ lanes!(
     widen = |v, _k| v
 );
 
-/// SIMD micro-kernels: register tiles of `MR` keys (or `MRV` value columns) × `NV` vectors
-/// of queries, `BQ` queries per block, `BK` keys per step.
+/// Implements [`Lanes`] with `N` lanes in a plain array, lane by lane: what the compiler
+/// vectorises for the target's baseline (SSE2 on x86-64), with no `unsafe` but the
+/// pointer accesses. The operations are those of `exp.rs` and of the SIMD lanes, with
+/// `a·b + c` unfused (as the scalar `exp_nonpos::<false>`).
+macro_rules! portable_lanes {
+    ($name:ident, $t:ty, $n:literal, wide = $w:ty, parts = $parts:literal) => {
+        struct $name;
+        // SAFETY: `Features = ()`: the methods need no CPU feature beyond the target's
+        // baseline, which every CPU running this binary has.
+        unsafe impl Lanes for $name {
+            type Features = ();
+            type T = $t;
+            type V = [$t; $n];
+            const N: usize = $n;
+            type W = $w;
+            const PARTS: usize = $parts;
+            #[inline(always)]
+            unsafe fn widen(v: [$t; $n], k: usize) -> <$w as Lanes>::V {
+                // Through memory: otherwise the compiler shaped the f32 sums (and the
+                // exponentials feeding them) in pairs, as SSE2 widens two lanes at a time,
+                // and computed the exponential on half-filled vectors (f32 5% slower).
+                let v = std::hint::black_box(v);
+                std::array::from_fn(|i| f64::from(v[k * <$w as Lanes>::N + i]))
+            }
+            #[inline(always)]
+            unsafe fn splat(x: $t) -> [$t; $n] {
+                [x; $n]
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const $t) -> [$t; $n] {
+                // SAFETY: the trait's contract: `p` is valid for N lanes (unaligned).
+                std::array::from_fn(|i| unsafe { p.add(i).read_unaligned() })
+            }
+            #[inline(always)]
+            unsafe fn store(p: *mut $t, v: [$t; $n]) {
+                for (i, x) in v.into_iter().enumerate() {
+                    // SAFETY: the trait's contract: `p` is valid for N lanes (unaligned).
+                    unsafe { p.add(i).write_unaligned(x) }
+                }
+            }
+            #[inline(always)]
+            unsafe fn add(a: [$t; $n], b: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| a[i] + b[i])
+            }
+            #[inline(always)]
+            unsafe fn sub(a: [$t; $n], b: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| a[i] - b[i])
+            }
+            #[inline(always)]
+            unsafe fn mul(a: [$t; $n], b: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| a[i] * b[i])
+            }
+            #[inline(always)]
+            unsafe fn fma(a: [$t; $n], b: [$t; $n], c: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| a[i] * b[i] + c[i])
+            }
+            #[inline(always)]
+            unsafe fn max(a: [$t; $n], b: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| if a[i] > b[i] { a[i] } else { b[i] })
+            }
+            #[inline(always)]
+            unsafe fn pow2_shifted(t: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| <$t as ExpConsts>::pow2_shifted(t[i]))
+            }
+            #[inline(always)]
+            unsafe fn zero_below(x: [$t; $n], c: [$t; $n], y: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| if x[i] >= c[i] { y[i] } else { 0.0 })
+            }
+        }
+    };
+}
+
+portable_lanes!(PortableF32, f32, 8, wide = PortableF64, parts = 2);
+portable_lanes!(PortableF64, f64, 4, wide = PortableF64, parts = 1);
+
+/// The micro-kernels of every path, written once over the vector operations `L`: register
+/// tiles of `MR` keys (or `MRV` value columns) × `NV` vectors of queries, `BQ` queries per
+/// block, `BK` keys per step.
 ///
 /// The trait methods are safe because each takes `L::Features`, a token that exists only
-/// if the CPU has `L`'s instruction set (see [`MicroKernels`] for why a token and not
-/// `unsafe fn`). They are instantiated inside the `#[target_feature]` functions of
-/// `simd_kernel!`, so that the intrinsics inline into straight vector code.
+/// if the CPU has `L`'s instruction set (the [`Lanes`] contract; see [`MicroKernels`] for
+/// why a token and not `unsafe fn`). The SIMD ones are instantiated inside the
+/// `#[target_feature]` functions of `simd_kernel!`, so that the intrinsics inline into
+/// straight vector code; the portable ones (`L::Features = ()`) in `portable_kernel!`.
 struct Simd<L, const MR: usize, const NV: usize, const BQ: usize, const MRV: usize, const BK: usize>(
     PhantomData<L>,
 );
@@ -493,15 +628,15 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (m, m_run) = (sums.m.as_mut_ptr(), sums.m_run.as_mut_ptr());
         let (l, l_span) = (sums.l.as_mut_ptr(), sums.l_span.as_mut_ptr());
         let (alpha, beta) = (factors.alpha.as_mut_ptr(), factors.beta.as_mut_ptr());
-        // SAFETY: CPU features: the `L::Features` token argument proves them (`L::W` is the f64 type of
-        // the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies in the first
-        // BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the f64 vectors at
-        // rt + k·W::N with k < PARTS cover the same N lanes of l and beta (N = PARTS·W::N),
-        // so they too lie in the first BQ.
+        // SAFETY: CPU features: the `L::Features` token argument proves them (`L::W` is the
+        // f64 type of the same instruction set). Bounds: rt + N ≤ BQ, so every vector lies
+        // in the first BQ of m, m_run, l_span, alpha and in row j < jpad of `s`; the N f64
+        // lanes from rt of l and beta (for `span_update_v`, `beta_v`) lie in the first BQ.
         unsafe {
             let neg_inf = L::splat(L::T::NEG_INFINITY);
             // m' = −∞ (nothing allowed yet) is replaced by the lowest finite number, so
-            // s − m' stays −∞ for masked scores and exp gives exactly 0.
+            // s − m' stays −∞ for masked scores and exp gives exactly 0, as do α and β
+            // (m and m_run are −∞ too): the lane stays empty, with no NaN.
             let lowest = L::splat(-L::T::MAX);
             for rt in (0..BQ).step_by(L::N) {
                 let mut m_blk = neg_inf;
@@ -515,13 +650,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 L::store(m.add(rt), m_new);
                 L::store(alpha.add(rt), a);
                 if step.flush {
-                    // β = exp(m_run − m') in f64, where the difference is exact for f32.
-                    let m_r = L::load(m_run.add(rt));
-                    for k in 0..L::PARTS {
-                        let at = rt + k * <L::W as Lanes>::N;
-                        let diff = <L::W as Lanes>::sub(L::widen(m_r, k), L::widen(m_use, k));
-                        <L::W as Lanes>::store(beta.add(at), exp_v::<L::W>(diff));
-                    }
+                    beta_v::<L>(L::load(m_run.add(rt)), m_use, beta.add(rt));
                     L::store(m_run.add(rt), m_new);
                 }
                 let mut l_blk = L::splat(L::T::zero());
@@ -564,8 +693,9 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (alpha, beta) = (alpha.as_ptr(), beta.as_ptr());
         // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
         // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
-        // the N lanes from (ct + m)·BQ + rt + v·N of acc_span (T) and acc (f64) lie below
-        // dvp·BQ, those from rt + v·N of alpha (T) and beta (f64) below BQ.
+        // `span_update_tile` gets acc_span (T) and acc (f64) from ct·BQ + rt, whose
+        // (MRV − 1)·BQ + NV·N lanes lie below dvp·BQ, and alpha (T) and beta (f64) from rt,
+        // whose NV·N lanes lie below BQ.
         unsafe {
             for ct in (0..dvp).step_by(MRV) {
                 for rt in (0..BQ).step_by(NV * L::N) {
@@ -583,21 +713,9 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                             }
                         }
                     }
-                    for v in 0..NV {
-                        let r = rt + v * L::N;
-                        let a = L::load(alpha.add(r));
-                        for (m, row) in tile.iter().enumerate() {
-                            let at = (ct + m) * BQ + r;
-                            span_update_v::<L>(
-                                step,
-                                row[v],
-                                a,
-                                beta.add(r),
-                                acc_span.add(at),
-                                acc.add(at),
-                            );
-                        }
-                    }
+                    let (at, a, b) = (ct * BQ + rt, alpha.add(rt), beta.add(rt));
+                    let (span, run) = (acc_span.add(at), acc.add(at));
+                    span_update_tile::<L, NV, BQ, MRV>(step, &tile, a, b, span, run);
                 }
             }
         }
@@ -640,7 +758,8 @@ macro_rules! simd_kernel {
     };
 }
 
-/// Declares a portable kernel: the same body, no target features, plain-Rust loops.
+/// Declares a portable kernel: the same body and micro-kernels over the portable lanes,
+/// no target features.
 macro_rules! portable_kernel {
     ($kernel:ident: $t:ty, $mk:ty) => {
         static $kernel: Kernel<$t> = {
@@ -659,7 +778,7 @@ macro_rules! portable_kernel {
 }
 
 // Tile sizes, named per path. The arguments are, in order, `MR` keys per register tile
-// and K panel, `NV` vectors of queries per register tile (portable: `NR` queries), `BQ`
+// and K panel, `NV` vectors of queries per register tile, `BQ`
 // queries per block, `MRV` value columns per register tile, `BK` keys per online-softmax
 // step. (Const generics, not a struct of sizes: stable Rust cannot size the register
 // arrays from a trait's associated constants.) The `MR × NV` (and `MRV × NV`)
@@ -678,10 +797,11 @@ type Avx2F32Tiles = Simd<Avx2F32, 6, 2, 64, 4, 60>;
 /// AVX2, f64: 6 keys × 2 × 4 queries, blocks of 32 queries, 60-key steps.
 #[cfg(target_arch = "x86_64")]
 type Avx2F64Tiles = Simd<Avx2F64, 6, 2, 32, 4, 60>;
-/// Portable, f32: 4 keys × 8 queries, blocks of 32 queries; no FMA (the baseline lacks it).
-type PortableF32Tiles = Portable<false, 4, 8, 32, 4, 64>;
-/// Portable, f64: 4 keys × 4 queries, blocks of 16 queries.
-type PortableF64Tiles = Portable<false, 4, 4, 16, 4, 64>;
+/// Portable, f32: 4 keys × 1 array of 8 queries, blocks of 32 queries; no FMA (the
+/// baseline lacks it).
+type PortableF32Tiles = Simd<PortableF32, 4, 1, 32, 4, 64>;
+/// Portable, f64: 4 keys × 1 array of 4 queries, blocks of 16 queries.
+type PortableF64Tiles = Simd<PortableF64, 4, 1, 16, 4, 64>;
 
 simd_kernel!(AVX512_F32: f32, "avx512f,avx2,fma", Avx512, Avx512F32Tiles);
 simd_kernel!(AVX512_F64: f64, "avx512f,avx2,fma", Avx512, Avx512F64Tiles);
@@ -764,6 +884,7 @@ decode_kernels!(decode_f32: f32);
 decode_kernels!(decode_f64: f64);
 
 #[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -776,8 +897,10 @@ mod tests {
     where
         L::T: Into<f64> + Copy,
     {
-        // Exactly 1 at 0 and exactly 0 at −∞ (masked scores), in every lane.
-        let special = [L::T::zero(), L::T::NEG_INFINITY];
+        // Exactly 1 at ±0, exactly 0 at −∞ (masked scores) and far below the cutoff, in
+        // every lane.
+        let huge = L::T::from_f64_rounded(-1e30);
+        let special = [L::T::zero(), -L::T::zero(), L::T::NEG_INFINITY, huge];
         for x in special {
             let mut y = vec![L::T::MAX; L::N];
             // SAFETY: `y` holds exactly N lanes; features per the caller.
@@ -817,6 +940,7 @@ mod tests {
             .collect()
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn avx512_worst() -> (u64, u64) {
         // SAFETY: this function is only called after the features were detected.
@@ -828,6 +952,7 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn avx2_worst() -> (u64, u64) {
         // SAFETY: this function is only called after the features were detected.
@@ -843,6 +968,7 @@ mod tests {
     /// CPU has it; false if it lacks it and the variable names it; otherwise the test
     /// fails, so that a host without AVX2 or AVX-512 cannot pass without testing them
     /// unless someone said it lacks them (see `docs/TESTING.md`).
+    #[cfg(target_arch = "x86_64")]
     fn must_test(path: CpuPath, name: &str) -> bool {
         if path.is_supported() {
             return true;
@@ -860,18 +986,106 @@ mod tests {
         false
     }
 
-    /// The vector exponential of every SIMD path, against `std`, and its special values.
+    /// The vector exponential of every path, against `std`, and its special values (the
+    /// portable lanes on dense grids: every 10⁻⁴ down to −87 for f32, every 10⁻³ down to
+    /// −708 for f64).
     #[test]
     fn vector_exp_within_2_ulp_on_every_path() {
+        // SAFETY: the portable lanes need no CPU feature.
+        let (w32, w64) = unsafe {
+            (
+                worst_ulps::<PortableF32>(&grid::<f32>(-87.0, 870_000)),
+                worst_ulps::<PortableF64>(&grid::<f64>(-708.0, 708_000)),
+            )
+        };
+        assert!(w32 <= 2 && w64 <= 2, "portable exp: {w32} / {w64} ulp");
+        #[cfg(target_arch = "x86_64")]
         if must_test(CpuPath::Avx512, "avx512") {
             // SAFETY: AVX-512F, AVX2 and FMA were detected (`is_supported`) just above.
             let (w32, w64) = unsafe { avx512_worst() };
             assert!(w32 <= 2 && w64 <= 2, "AVX-512 exp: {w32} / {w64} ulp");
         }
+        #[cfg(target_arch = "x86_64")]
         if must_test(CpuPath::Avx2, "avx2") {
             // SAFETY: AVX2 and FMA were detected (`is_supported`) just above.
             let (w32, w64) = unsafe { avx2_worst() };
             assert!(w32 <= 2 && w64 <= 2, "AVX2 exp: {w32} / {w64} ulp");
+        }
+    }
+
+    /// One online-softmax step alone (`MK::softmax_step`), on query lanes in four states
+    /// repeated over the block: no key yet, a smaller and a larger earlier maximum, and
+    /// every score masked. Checked against the formulas of `block.rs`'s module
+    /// documentation, computed here in f64 with `std`'s exponential.
+    fn check_softmax_step<MK: MicroKernels<f64>>(features: MK::Features) {
+        let bq = MK::BQ;
+        let ninf = f64::NEG_INFINITY;
+        // Two keys (rows of `s`), lane r in state r % 4.
+        let scores = [[0.5, 1.0, ninf, ninf], [-1.0, 2.0, ninf, ninf]];
+        let (m_old, l_old) = ([ninf, 0.0, 1.0, ninf], [0.0, 2.0, 3.0, 0.0]);
+        let lanes = |x: [f64; 4]| (0..bq).map(|r| x[r % 4]).collect::<Vec<_>>();
+        let mut s: Vec<f64> = scores.iter().flat_map(|&row| lanes(row)).collect();
+        let (mut m, mut m_run, mut l) = (lanes(m_old), lanes(m_old), lanes(l_old));
+        let (mut acc, mut l_span, mut acc_span) =
+            (vec![0.0; bq], vec![f64::NAN; bq], vec![0.0; bq]);
+        let (mut alpha, mut beta, mut probe) = (vec![0.0; bq], vec![0.0; bq], vec![0.0; bq]);
+        let mut sums = Sums {
+            m: &mut m,
+            m_run: &mut m_run,
+            l: &mut l,
+            acc: &mut acc,
+            l_span: &mut l_span,
+            acc_span: &mut acc_span,
+        };
+        let mut factors = Factors {
+            alpha: &mut alpha,
+            beta: &mut beta,
+            probe: &mut probe,
+        };
+        let step = Step {
+            first: true,
+            flush: true,
+        };
+        MK::softmax_step(features, &mut s, step, &mut sums, &mut factors);
+
+        for r in 0..bq {
+            let k = r % 4;
+            let m_new = m_old[k].max(scores[0][k]).max(scores[1][k]);
+            // m' = −∞ is replaced by the lowest finite number.
+            let m_use = m_new.max(f64::MIN);
+            let p: Vec<f64> = (0..2).map(|j| (scores[j][k] - m_use).exp()).collect();
+            let a = (m_old[k] - m_use).exp();
+            let l_new = a * l_old[k] + p[0] + p[1];
+            let close = |got: f64, want: f64| {
+                (got - want).abs() <= 4.0 * f64::EPSILON * want.abs().max(1.0)
+            };
+            assert_eq!(m[r], m_new, "lane {r}: m");
+            assert!(close(alpha[r], a), "lane {r}: alpha {} vs {a}", alpha[r]);
+            for j in 0..2 {
+                assert!(close(s[j * bq + r], p[j]), "lane {r}, key {j}: p");
+            }
+            assert!(close(l[r], l_new), "lane {r}: l {} vs {l_new}", l[r]);
+            assert!(!l[r].is_nan() && !alpha[r].is_nan(), "lane {r}: NaN");
+            if k == 3 {
+                // The masked lane: nothing, exactly.
+                assert_eq!((s[r], s[bq + r], l[r], m[r]), (0.0, 0.0, 0.0, ninf));
+            }
+        }
+    }
+
+    /// The online-softmax step on every path this CPU has (see [`check_softmax_step`]).
+    #[test]
+    fn online_softmax_step_matches_its_formulas() {
+        check_softmax_step::<PortableF64Tiles>(());
+        #[cfg(target_arch = "x86_64")]
+        if must_test(CpuPath::Avx512, "avx512") {
+            let token = Avx512::detect().expect("detected just above");
+            check_softmax_step::<Avx512F64Tiles>(token);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if must_test(CpuPath::Avx2, "avx2") {
+            let token = Avx2::detect().expect("detected just above");
+            check_softmax_step::<Avx2F64Tiles>(token);
         }
     }
 }
