@@ -736,16 +736,16 @@ fn block_max_abs<T: Element>(
 }
 
 /// The specs of a call through a KV cache: one per query head of the new queries `q`
-/// (`n_q × h_q·d_k`) against the `n_kv` kept keys, whose magnitudes `max_abs = (max|K|,
-/// max|V|)` the cache bounded when they were appended (they are not re-read). `k_shape`
+/// (`n_q × h_q·d_k`) against the `n_kv` kept keys, whose magnitudes `max_abs(j) =
+/// (max|K|, max|V|)` of key/value head `j` the cache keeps (they are not re-read). `k_shape`
 /// and `v_shape` are shape-only views (`n_kv × d_k`, `n_kv × d_v`): only a kernel that
 /// reads the pages themselves may run these specs (`kernel::batch::paged`). `options`
 /// are the call's, masks already refused. Errors: Q's NaN/∞, then the scalars and lists.
 pub(crate) fn cached_specs<'a, T: Element>(
     q: MatRef<'a, T>,
     (k_shape, v_shape): (MatRef<'a, T>, MatRef<'a, T>),
-    heads_q: usize,
-    max_abs: (T, T),
+    (heads_q, heads_kv): (usize, usize),
+    max_abs: impl Fn(usize) -> (T, T),
     options: &AttentionOptions<'a, T>,
 ) -> Result<Vec<Spec<'a, T>>, AttentionError> {
     let (n_q, n_kv, d_k) = (q.nrows(), k_shape.nrows(), k_shape.ncols());
@@ -764,11 +764,8 @@ pub(crate) fn cached_specs<'a, T: Element>(
         .zip(q_max)
         .enumerate()
         .map(|(h, (qb, q_max))| {
-            let max_abs = MaxAbs {
-                q: q_max,
-                k: max_abs.0,
-                v: max_abs.1,
-            };
+            let (k, v) = max_abs(h / (heads_q / heads_kv));
+            let max_abs = MaxAbs { q: q_max, k, v };
             let block = block_options(options, 0, h, 0..n_kv);
             Spec::assemble(qb, k_shape, v_shape, max_abs, scale, (0.0, 0.0), &block)
         })

@@ -221,8 +221,8 @@ impl<T: Element> CachedCall<'_, T> {
         let specs = cached_specs(
             self.query,
             (k_shape, v_shape),
-            heads_q,
-            self.pages.max_abs(),
+            (heads_q, heads_kv),
+            |j| self.pages.max_abs(j),
             &self.options,
         )?;
         let (path, forced) = match self.options.cpu_path {

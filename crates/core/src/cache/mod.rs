@@ -67,11 +67,12 @@ struct Sequence<T> {
     pages: Vec<Page<T>>,
     first: usize,
     len: usize,
-    /// Upper bounds of |K| and |V| over the kept tokens: the largest magnitudes appended
-    /// since the sequence was last empty (a truncation keeps them: still bounds). The
-    /// kernels' proof that scores stay in range needs them, without re-reading the cache.
-    k_max: T,
-    v_max: T,
+    /// Per page and key/value head (index `p·heads_kv + h`), the largest |k| and |v| of
+    /// the page's kept rows (set by appends, recomputed for the last page by a truncation;
+    /// whole pages are evicted): a call through the cache bounds its scores and clamps its
+    /// outputs with the kept tokens' own magnitudes, head by head as a call on contiguous
+    /// K and V would, without reading them (see [`SeqPages::max_abs`]).
+    page_max: Vec<(T, T)>,
 }
 
 /// A paged key/value cache for `heads_kv` heads of widths `d_k` and `d_v`, serving any
@@ -283,8 +284,7 @@ impl<T: Element> KvCache<T> {
                 pages: Vec::new(),
                 first: 0,
                 len: 0,
-                k_max: T::zero(),
-                v_max: T::zero(),
+                page_max: Vec::new(),
             },
         );
         id
@@ -389,7 +389,9 @@ impl<T: Element> KvCache<T> {
         // The evicted pages are the pool's last ones again: back to the front.
         let from = self.free.len() - undo.evicted;
         s.pages.splice(0..0, self.free.drain(from..));
-        (s.first, s.len, s.k_max, s.v_max) = (undo.first, undo.len, undo.k_max, undo.v_max);
+        (s.first, s.len) = (undo.first, undo.len);
+        s.page_max.clear();
+        s.page_max.extend_from_slice(&undo.page_max);
     }
 
     /// [`append`](Self::append), journaled for [`undo`](Self::undo) if `journal`.
@@ -427,8 +429,8 @@ impl<T: Element> KvCache<T> {
             Operand::KvCache,
             "new values are n x heads_kv*d_v",
         )?;
-        let k_max = check_finite(Operand::NewKeys, &k)?;
-        let v_max = check_finite(Operand::NewValues, &v)?;
+        check_finite(Operand::NewKeys, &k)?;
+        check_finite(Operand::NewValues, &v)?;
         if n == 0 {
             return Ok(None);
         }
@@ -459,6 +461,17 @@ impl<T: Element> KvCache<T> {
         s.pages
             .try_reserve(extra)
             .map_err(|_| too_large(Operand::KvCache, have + extra, 1))?;
+        let heads = self.heads_kv;
+        s.page_max
+            .try_reserve(extra * heads)
+            .map_err(|_| too_large(Operand::KvCache, have + extra, 2 * heads))?;
+        let mut old_max = Vec::new();
+        if journal {
+            old_max
+                .try_reserve_exact(have * heads)
+                .map_err(|_| too_large(Operand::KvCache, have, 2 * heads))?;
+            old_max.extend_from_slice(&s.page_max);
+        }
         self.free
             .try_reserve(evict)
             .map_err(|_| too_large(Operand::KvCache, self.free.len() + evict, 1))?;
@@ -475,8 +488,7 @@ impl<T: Element> KvCache<T> {
             seq,
             len,
             first,
-            k_max: s.k_max,
-            v_max: s.v_max,
+            page_max: old_max,
             evicted: evict,
             extra,
             from_pool: extra.min(self.free.len() + evict),
@@ -485,6 +497,9 @@ impl<T: Element> KvCache<T> {
             saved: Vec::new(),
         };
         self.free.extend(s.pages.drain(..evict));
+        s.page_max.drain(..evict * heads);
+        s.page_max
+            .extend(std::iter::repeat_n((T::zero(), T::zero()), extra * heads));
         for _ in 0..extra {
             let page = match self.free.pop() {
                 Some(page) => page,
@@ -500,11 +515,10 @@ impl<T: Element> KvCache<T> {
         }
         s.first = new_first;
         s.len = new_len;
-        s.k_max = s.k_max.max(k_max);
-        s.v_max = s.v_max.max(v_max);
         write_rows(
             &mut s.pages,
-            self.page_size,
+            &mut s.page_max,
+            (self.page_size, heads),
             self.key_width,
             len - new_first,
             &k,
@@ -553,10 +567,17 @@ impl<T: Element> KvCache<T> {
             .map_err(|_| too_large(Operand::KvCache, self.free.len() + drop, 1))?;
         let s = self.sequences.get_mut(&seq).expect("looked up above");
         self.free.extend(s.pages.drain(keep..));
+        let heads = self.heads_kv;
+        s.page_max.truncate(keep * heads);
         s.first = first;
         s.len = len;
-        if len == 0 {
-            (s.k_max, s.v_max) = (T::zero(), T::zero());
+        // The last page's magnitudes, now over its kept rows only.
+        if let Some(page) = s.pages.last() {
+            let rows = len - first - (keep - 1) * page_size;
+            let (d_k, d_v) = (self.d_k, self.d_v);
+            for (h, max) in s.page_max[(keep - 1) * heads..].iter_mut().enumerate() {
+                *max = page_max(page, page_size, (self.key_width, d_k, d_v), h, rows);
+            }
         }
         Ok(())
     }
@@ -614,7 +635,7 @@ impl<T: Element> KvCache<T> {
             self.key_width,
             self.value_width,
             s.first..s.len,
-            (s.k_max, s.v_max),
+            (&s.page_max, self.heads_kv),
         ))
     }
 
@@ -647,7 +668,12 @@ impl<T: Element> KvCache<T> {
             max_abs: self
                 .sequences
                 .values()
-                .map(|s| (s.k_max.to_f64().to_bits(), s.v_max.to_f64().to_bits()))
+                .map(|s| {
+                    s.page_max
+                        .iter()
+                        .map(|(k, v)| (k.to_f64().to_bits(), v.to_f64().to_bits()))
+                        .collect()
+                })
                 .collect(),
             free: self.free.iter().map(page).collect(),
         }
@@ -710,27 +736,61 @@ impl<T: Element> KvCache<T> {
 /// pages (token `start` counted from the first page's row 0), which already exist.
 fn write_rows<T: Element>(
     pages: &mut [Page<T>],
-    page_size: usize,
+    page_max: &mut [(T, T)],
+    (page_size, heads): (usize, usize),
     key_width: usize,
     start: usize,
     k: &MatRef<'_, T>,
     v: &MatRef<'_, T>,
 ) {
     let n = k.nrows();
+    // Head widths (a head count of at least 1 is checked when the cache is made).
+    let (d_k, d_v) = (k.ncols() / heads, v.ncols() / heads);
     let mut row = 0;
     let mut buf = Vec::new();
     while row < n {
         let (p, r0) = ((start + row) / page_size, (start + row) % page_size);
         let count = (page_size - r0).min(n - row);
         let (kp, vp) = pages[p].split_at_mut(page_size * key_width);
-        for (m, dst) in [(k, kp), (v, vp)] {
-            for_each_column(m, row..row + count, &mut buf, |c, col| {
-                let at = c * page_size + r0;
-                dst[at..at + count].copy_from_slice(col);
-            });
+        let max = &mut page_max[p * heads..(p + 1) * heads];
+        if r0 == 0 {
+            // The page's first rows: whatever it held before (a pool page) is stale.
+            max.fill((T::zero(), T::zero()));
         }
+        for_each_column(k, row..row + count, &mut buf, |c, col| {
+            let at = c * page_size + r0;
+            kp[at..at + count].copy_from_slice(col);
+            let m = &mut max[c / d_k].0;
+            *m = col.iter().fold(*m, |a, x| a.max(x.abs()));
+        });
+        for_each_column(v, row..row + count, &mut buf, |c, col| {
+            let at = c * page_size + r0;
+            vp[at..at + count].copy_from_slice(col);
+            let m = &mut max[c / d_v].1;
+            *m = col.iter().fold(*m, |a, x| a.max(x.abs()));
+        });
         row += count;
     }
+}
+
+/// The largest |k| and |v| of head `h` in a page's first `rows` rows.
+fn page_max<T: Element>(
+    page: &[T],
+    page_size: usize,
+    (key_width, d_k, d_v): (usize, usize, usize),
+    h: usize,
+    rows: usize,
+) -> (T, T) {
+    let (kp, vp) = page.split_at(page_size * key_width);
+    let max = |data: &[T], columns: std::ops::Range<usize>| {
+        columns
+            .flat_map(|c| &data[c * page_size..c * page_size + rows])
+            .fold(T::zero(), |a, x| a.max(x.abs()))
+    };
+    (
+        max(kp, h * d_k..(h + 1) * d_k),
+        max(vp, h * d_v..(h + 1) * d_v),
+    )
 }
 
 /// The slots `start .. start + n` (token rows counted from the first page's row 0) of a
@@ -760,8 +820,8 @@ pub(crate) struct AppendUndo<T> {
     seq: SeqId,
     len: usize,
     first: usize,
-    k_max: T,
-    v_max: T,
+    /// The sequence's per-page magnitudes before.
+    page_max: Vec<(T, T)>,
     /// Pages evicted from the front of the sequence into the pool.
     evicted: usize,
     /// Pages added at the end of the sequence: the first `from_pool` popped from the pool
@@ -786,8 +846,8 @@ pub struct CacheSnapshot {
     /// Per sequence: id, length, first position, pages (address, element bits).
     #[allow(clippy::type_complexity)] // a flat record for equality checks only
     pub sequences: Vec<(u64, usize, usize, Vec<(usize, Vec<u64>)>)>,
-    /// Per sequence, in the same order: the bits of its max |K| and max |V| bounds.
-    pub max_abs: Vec<(u64, u64)>,
+    /// Per sequence, in the same order: the bits of each page's max |k| and max |v|.
+    pub max_abs: Vec<Vec<(u64, u64)>>,
     /// The pool's unused pages (address, element bits).
     pub free: Vec<(usize, Vec<u64>)>,
 }

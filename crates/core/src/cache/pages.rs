@@ -49,8 +49,9 @@ pub(crate) struct SeqPages<'a, T: Element> {
     base: usize,
     /// Absolute positions of the kept tokens.
     kept: Range<usize>,
-    /// Upper bounds of |K| and |V| over the kept tokens.
-    max_abs: (T, T),
+    /// Per page and key/value head (`p·heads + h`), the largest |k| and |v| of the page's
+    /// kept rows; and the number of heads.
+    page_max: (&'a [(T, T)], usize),
 }
 
 impl<'a, T: Element> SeqPages<'a, T> {
@@ -61,7 +62,7 @@ impl<'a, T: Element> SeqPages<'a, T> {
         key_width: usize,
         value_width: usize,
         kept: Range<usize>,
-        max_abs: (T, T),
+        page_max: (&'a [(T, T)], usize),
     ) -> Self {
         debug_assert_eq!(pages.len(), (kept.end - kept.start).div_ceil(page_size));
         SeqPages {
@@ -71,14 +72,23 @@ impl<'a, T: Element> SeqPages<'a, T> {
             value_width,
             base: kept.start - kept.start % page_size,
             kept,
-            max_abs,
+            page_max,
         }
     }
 
-    /// Upper bounds `(max|K|, max|V|)` over the kept tokens (kept up to date by appends,
-    /// so that no call re-reads the cache to bound its scores).
-    pub(crate) fn max_abs(&self) -> (T, T) {
-        self.max_abs
+    /// `(max|K|, max|V|)` of key/value head `h` over the kept tokens, from the per-page
+    /// magnitudes the cache keeps up to date (appends set them, a truncation recomputes
+    /// the last page's, whole pages are evicted): exact, as a call on the contiguous K and
+    /// V would find them, and no call re-reads the cache for them.
+    pub(crate) fn max_abs(&self, h: usize) -> (T, T) {
+        let (maxima, heads) = self.page_max;
+        maxima
+            .iter()
+            .skip(h)
+            .step_by(heads.max(1))
+            .fold((T::zero(), T::zero()), |(k, v), &(pk, pv)| {
+                (k.max(pk), v.max(pv))
+            })
     }
 
     /// A `rows × columns` view that repeats one element of the first page (zero strides):

@@ -363,6 +363,24 @@ fn scores<T: Element, const FMA: bool>(
             r += ROW_BLOCK;
         }
     }
+    if len == CHUNK {
+        // The remaining rows one at a time, their 64 sums in registers.
+        while r < rows {
+            let mut acc = [T::zero(); CHUNK];
+            for p in 0..d_k {
+                let column = k.column(p);
+                let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
+                    .try_into()
+                    .expect("a full chunk");
+                let q = group.q[r * d_k + p];
+                for j in 0..CHUNK {
+                    acc[j] = madd::<T, FMA>(q, kc[j], acc[j]);
+                }
+            }
+            s[r * CHUNK..(r + 1) * CHUNK].copy_from_slice(&acc);
+            r += 1;
+        }
+    }
     if r < rows {
         s[r * CHUNK..rows * CHUNK].fill(T::zero());
         for p in 0..d_k {
