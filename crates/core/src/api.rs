@@ -10,7 +10,7 @@ use crate::kernel;
 use crate::memory::{try_matrix, try_vector};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::projection::project;
-use crate::spec::{Spec, check_finite};
+use crate::spec::{Spec, check_finite, check_output};
 use crate::view::{AsMatMut, AsMatRef, MatMut};
 
 /// Projects tokens to queries, keys and values: `Q = X·W_q`, `K = X·W_k`, `V = X·W_v`.
@@ -224,19 +224,7 @@ pub fn scaled_dot_product_attention_into<'q, 'k, 'v, 'o, T: Element>(
         value.into_mat_ref(),
     );
     let mut output = output.into_mat_mut();
-    for (axis, found, expected, against) in [
-        (Axis::Rows, output.nrows(), q.nrows(), Operand::Query),
-        (Axis::Columns, output.ncols(), v.ncols(), Operand::Value),
-    ] {
-        check_dim(
-            Operand::Output,
-            axis,
-            found,
-            expected,
-            against,
-            "the output is n_q x d_v",
-        )?;
-    }
+    check_output(&output, q.nrows(), v.ncols(), "the output is n_q x d_v")?;
     run(q, k, v, options, &mut output, None)
 }
 
@@ -299,10 +287,7 @@ fn run<T: Element>(
     lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let spec = Spec::new(q, k, v, options)?;
-    let (path, forced) = match options.cpu_path {
-        Some(path) => (path.check()?, true),
-        None => (CpuPath::detect(), CpuPath::forced_by_env()),
-    };
+    let (path, forced) = CpuPath::for_call(options.cpu_path)?;
     let parallel = options.parallelism == Parallelism::Rayon;
     kernel::attention(spec, path, forced, parallel, out, lse)
 }

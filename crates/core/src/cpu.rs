@@ -70,6 +70,16 @@ impl CpuPath {
     pub(crate) fn check(self) -> Result<CpuPath, AttentionError> {
         check(self, CpuFeatures::detect())
     }
+
+    /// The path a call runs on and whether it was forced: the one its options name
+    /// (checked: [`AttentionError::UnsupportedCpuPath`] if this CPU lacks it), else
+    /// [`CpuPath::detect`]'s, forced if `ATTENTION_CPU_PATH` named it.
+    pub(crate) fn for_call(requested: Option<CpuPath>) -> Result<(CpuPath, bool), AttentionError> {
+        match requested {
+            Some(path) => Ok((path.check()?, true)),
+            None => Ok((CpuPath::detect(), CpuPath::forced_by_env())),
+        }
+    }
 }
 
 /// The environment variable that forces the default path (`portable`, `avx2`, `avx512`,

@@ -4,11 +4,11 @@
 use nalgebra::DMatrix;
 
 use crate::cpu::CpuPath;
-use crate::error::{Axis, Operand, check_dim};
+use crate::error::Operand;
 use crate::kernel;
 use crate::memory::try_matrix;
 use crate::options::Parallelism;
-use crate::spec::Batch;
+use crate::spec::{Batch, check_output};
 use crate::view::{AsMatMut, AsMatRef};
 use crate::{AttentionError, AttentionOptions, Element};
 
@@ -188,24 +188,8 @@ pub fn multi_head_attention_into<'q, 'k, 'v, 'o, T: Element>(
     );
     let output = output.into_mat_mut();
     let batch = Batch::new(q, k, v, layout, options)?;
-    for (axis, found, expected, against) in [
-        (Axis::Rows, output.nrows(), q.nrows(), Operand::Query),
-        (
-            Axis::Columns,
-            output.ncols(),
-            v.ncols() / layout.heads_kv * layout.heads_q,
-            Operand::Value,
-        ),
-    ] {
-        check_dim(
-            Operand::Output,
-            axis,
-            found,
-            expected,
-            against,
-            "the output is sum(n_q) x h_q*d_v",
-        )?;
-    }
+    let rule = "the output is sum(n_q) x h_q*d_v";
+    check_output(&output, q.nrows(), batch.out_columns(), rule)?;
     run(batch, options, output, None)
 }
 
@@ -262,10 +246,7 @@ fn run<T: Element>(
     out: crate::MatMut<'_, T>,
     lse: Option<&mut DMatrix<T>>,
 ) -> Result<(), AttentionError> {
-    let (path, forced) = match options.cpu_path {
-        Some(path) => (path.check()?, true),
-        None => (CpuPath::detect(), CpuPath::forced_by_env()),
-    };
+    let (path, forced) = CpuPath::for_call(options.cpu_path)?;
     let parallel = options.parallelism == Parallelism::Rayon;
     kernel::batch::attention(batch, path, forced, parallel, out, lse)
 }

@@ -73,6 +73,44 @@ pub(crate) fn check_finite<T: Element>(
     unreachable!("a non-finite entry was seen in the first pass")
 }
 
+/// An `_into` function's output has `rows` rows (one per query) and `columns` columns
+/// (`d_v`, or `h_q·d_v` for a multi-head call): the rule of every `_into` form.
+pub(crate) fn check_output<T>(
+    output: &crate::view::MatMut<'_, T>,
+    rows: usize,
+    columns: usize,
+    rule: &'static str,
+) -> Result<(), AttentionError> {
+    check_dim(
+        Operand::Output,
+        Axis::Rows,
+        output.nrows(),
+        rows,
+        Operand::Query,
+        rule,
+    )?;
+    check_dim(
+        Operand::Output,
+        Axis::Columns,
+        output.ncols(),
+        columns,
+        Operand::Value,
+        rule,
+    )
+}
+
+/// V has one row per key.
+fn check_value_rows<T>(k: &MatRef<'_, T>, v: &MatRef<'_, T>) -> Result<(), AttentionError> {
+    check_dim(
+        Operand::Value,
+        Axis::Rows,
+        v.nrows(),
+        k.nrows(),
+        Operand::Key,
+        "one value row per key: n_kv must match",
+    )
+}
+
 /// The largest magnitudes of Q, K and V.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct MaxAbs<T> {
@@ -97,14 +135,7 @@ pub(crate) fn check_qkv<T: Element>(
         Operand::Query,
         "d_k must match",
     )?;
-    check_dim(
-        Operand::Value,
-        Axis::Rows,
-        v.nrows(),
-        k.nrows(),
-        Operand::Key,
-        "one value row per key: n_kv must match",
-    )?;
+    check_value_rows(k, v)?;
     // Large inputs are scanned in parallel (the scan is the only serial O(n·d) pass of a
     // call); errors are still reported in the order Q, K, V.
     let large = q.len() + k.len() + v.len() >= 1 << 18;
@@ -627,14 +658,7 @@ fn check_head_split<T: Element>(
     if !v.ncols().is_multiple_of(heads_kv) {
         return split(Operand::Value, v.ncols(), heads_kv, None);
     }
-    check_dim(
-        Operand::Value,
-        Axis::Rows,
-        v.nrows(),
-        k.nrows(),
-        Operand::Key,
-        "one value row per key: n_kv must match",
-    )?;
+    check_value_rows(k, v)?;
     Ok((d_k, v.ncols() / heads_kv))
 }
 

@@ -225,10 +225,7 @@ impl<T: Element> CachedCall<'_, T> {
             |j| self.pages.max_abs(j),
             &self.options,
         )?;
-        let (path, forced) = match self.options.cpu_path {
-            Some(path) => (path.check()?, true),
-            None => (CpuPath::detect(), CpuPath::forced_by_env()),
-        };
+        let (path, forced) = CpuPath::for_call(self.options.cpu_path)?;
         let segments = (0..heads_kv)
             .map(|j| {
                 self.pages
