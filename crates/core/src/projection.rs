@@ -12,8 +12,13 @@ use crate::error::{AttentionError, Operand};
 use crate::memory::try_matrix;
 use crate::options::MatRef;
 
-/// `X·W (+ b)` with nalgebra's matrix product, or [`AttentionError::ProductOverflow`]
-/// naming `operand` and the first (column-major) entry that left the type's range.
+/// Rows of x up to which [`project`] computes dot products (see there): below 6 rows
+/// nalgebra's own product switches to its column-by-column method, the slow one here.
+const FEW_ROWS: usize = 5;
+
+/// `X·W (+ b)` with nalgebra's matrix product (dot products for a few rows of X), or
+/// [`AttentionError::ProductOverflow`] naming `operand` and the first (column-major) entry
+/// that left the type's range.
 ///
 /// The caller has checked the shapes (`w` has `x`'s columns as rows, `bias` has `w`'s
 /// columns as entries) and that every input is finite, and has copied `x` if nalgebra
@@ -35,7 +40,19 @@ pub(crate) fn project<T: Element>(
     let w_owned = owned_if_broadcast(w, operand)?;
     let w = w_owned.as_ref().map_or(*w, |m| m.as_view());
     let mut m = try_matrix(x.nrows(), w.ncols(), T::zero(), operand)?;
-    x.mul_to(&w, &mut m);
+    if x.nrows() <= FEW_ROWS {
+        // A few tokens (decoding): each entry is the dot product of a row of x with a
+        // column of W, which is contiguous. nalgebra's product walks W column by column
+        // for each of x's rows with a scaled addition over the output row instead (1×1024
+        // times 1024×1024 in f32: about 1 ms against 0.15–0.3 ms for the dots).
+        for (c, column) in w.column_iter().enumerate() {
+            for r in 0..x.nrows() {
+                m[(r, c)] = x.row(r).transpose().dot(&column);
+            }
+        }
+    } else {
+        x.mul_to(&w, &mut m);
+    }
     if let Some(b) = bias {
         debug_assert_eq!(b.len(), m.ncols());
         for (mut column, &b) in m.column_iter_mut().zip(b.iter()) {
