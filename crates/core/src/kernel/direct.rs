@@ -1,7 +1,8 @@
 //! The row-at-a-time path: one query row against all keys, scores in a flat buffer, no
 //! packing, no threads. Used for tiny problems (the seed's 2×2: scores on the stack, no
-//! allocation but the output) and for a few queries against many keys (decoding with a
-//! KV cache), where the block kernel's query lanes would sit mostly empty.
+//! allocation but the output) and for a few queries whose values lie near the type's
+//! maximum (they need the per-column scaling the decoding kernel does not do); other
+//! calls with few queries go to the decoding kernel (`decode.rs`).
 //!
 //! Per row `i`: `s_j = scale·Σ_p q_ip·k_jp` accumulated column by column of K (contiguous
 //! over keys, so it vectorises), then the score modifiers, `m = max_j s_j`,

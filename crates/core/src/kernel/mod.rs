@@ -1,6 +1,7 @@
-//! The attention kernels and the routing between them (`attention`): the row-at-a-time
-//! path for tiny calls and few queries (`direct.rs`), the careful path for scores that may
-//! leave the type's range (`careful.rs`), and the block kernel: packing (`pack.rs`),
+//! The attention kernels and the routing between them (`attention`, `route`): the
+//! row-at-a-time path for tiny calls (`direct.rs`), the decoding kernel for few queries
+//! (`decode.rs`), the careful path for scores that may leave the type's range
+//! (`careful.rs`), multi-head batches (`batch.rs`), and the block kernel: packing (`pack.rs`),
 //! scheduling over query blocks and threads (`schedule.rs`), the tile loop with online
 //! softmax (`block.rs`), and its CPU-specific compilation with all of the kernels'
 //! `unsafe` (`simd.rs`).
@@ -218,10 +219,11 @@ fn with_cached<X: Default + 'static, R>(
 /// Work (multiply-adds) below which the direct path is used: packing and blocking would
 /// cost more than they save.
 const DIRECT_MAX_WORK: usize = 8 * 1024;
-/// Queries up to which the row-at-a-time path beats the block kernel, whose query lanes
-/// (32–64 per block) would be mostly empty. Measured (f32, one thread): n_kv = 4096,
-/// d = 128: row path 245 µs at n_q = 1, 1.2 ms at 8, 2.3 ms at 16, block kernel 2.2 ms
-/// for any n_q ≤ 64; n_kv = 512, d = 64: 17 / 85 µs at n_q = 1 / 8 against 126 µs.
+/// Queries up to which a row-oriented kernel (the decoding kernel; before it, the row
+/// path) beats the block kernel, whose query lanes (32–64 per block) would be mostly
+/// empty. Measured for the row path (f32, one thread): n_kv = 4096, d = 128: 245 µs at
+/// n_q = 1, 1.2 ms at 8, 2.3 ms at 16, block kernel 2.2 ms for any n_q ≤ 64; n_kv = 512,
+/// d = 64: 17 / 85 µs at n_q = 1 / 8 against 126 µs.
 pub(crate) const DIRECT_MAX_QUERIES: usize = 8;
 /// Work below which a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 4 << 20;
@@ -233,7 +235,8 @@ const PARALLEL_MIN_WORK: usize = 4 << 20;
 pub enum KernelRun {
     /// Nothing to compute (no queries, no keys, or an empty output and no lse).
     Trivial,
-    /// The row-at-a-time path (tiny calls and few queries, default path only).
+    /// The row-at-a-time path (tiny calls, default path only; few queries whose values
+    /// need scaling).
     Row,
     /// The block kernel compiled for this path.
     Block(CpuPath),
@@ -266,8 +269,8 @@ pub fn last_kernel_run() -> Option<KernelRun> {
 ///
 /// Routing, in order: nothing to compute; scores that may leave the type's range go to the
 /// careful path (on every CPU path alike, so the outcome never depends on the path);
-/// unless a path was forced, tiny calls and calls with few queries go to the row path;
-/// everything else to the block kernel of `path`. A fast path that meets a non-finite
+/// then [`route`]: unless a path was forced, tiny calls go to the row path; few queries to
+/// the decoding kernel of `path`; everything else to its block kernel. A fast path that meets a non-finite
 /// score (which `Spec::scores_in_range` rules out) hands the call to the careful path.
 pub(crate) fn attention<T: Element>(
     spec: Spec<'_, T>,
@@ -311,9 +314,9 @@ pub(crate) fn attention<T: Element>(
 pub(crate) enum Route {
     /// Row at a time, scores on the stack: tiny calls.
     RowStack,
-    /// The decoding kernel: few queries, K and V with contiguous columns.
+    /// The decoding kernel: few queries (values not near the type's maximum).
     Decode,
-    /// Row at a time, scores in the workspace: few queries otherwise.
+    /// Row at a time, scores in the workspace: few queries whose values need scaling.
     Row,
     /// The block kernel.
     Block,
