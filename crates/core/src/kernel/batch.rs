@@ -162,15 +162,9 @@ fn items<'s, 'a, 'o, T: Element>(
 /// Whether the group's query heads all take the decoding kernel (each as its single-head
 /// call would: `kernel::route`); then one pass over K and V serves them all.
 fn decodes<T: Element>(group: &[Item<'_, '_, '_, T>], forced: bool) -> bool {
-    group.iter().all(|item| {
-        let spec = item.spec;
-        item.done.is_none()
-            && spec.n_q > 0
-            && spec.n_kv > 0
-            && spec.scores_in_range
-            && (spec.d_v > 0 || item.lse.is_some())
-            && route(spec, forced) == Route::Decode
-    })
+    group
+        .iter()
+        .all(|item| route(item.spec, forced, item.lse.is_some()) == Route::Decode)
 }
 
 /// Runs a group of query heads through the decoding kernel together.
@@ -271,9 +265,10 @@ pub(crate) fn paged<T: Element>(
     let n_q = specs.first().map_or(0, |s| s.n_q);
     // Exactly the heads that `multi_head_attention` on the same keys would decode (so
     // the two give the same bits).
+    let with_lse = lse.is_some();
     let fits = specs
         .iter()
-        .all(|s| s.n_kv > 0 && s.scores_in_range && route(s, forced) == Route::Decode);
+        .all(|s| route(s, forced, with_lse) == Route::Decode);
     if !fits || n_q == 0 {
         return false;
     }

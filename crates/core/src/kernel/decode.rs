@@ -31,6 +31,7 @@
 
 use crate::Element;
 use crate::kernel::ElementKernels;
+use crate::kernel::exp::madd;
 use crate::options::MatRef;
 use crate::score::{row_lse, row_output};
 use crate::spec::Spec;
@@ -344,40 +345,12 @@ fn scores<T: Element, const FMA: bool>(
     let mut r = 0;
     if len == CHUNK {
         while r + ROW_BLOCK <= rows {
-            let mut acc = [[T::zero(); CHUNK]; ROW_BLOCK];
-            for p in 0..d_k {
-                let column = k.column(p);
-                let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
-                    .try_into()
-                    .expect("a full chunk");
-                for (b, acc_b) in acc.iter_mut().enumerate() {
-                    let q = group.q[(r + b) * d_k + p];
-                    for j in 0..CHUNK {
-                        acc_b[j] = madd::<T, FMA>(q, kc[j], acc_b[j]);
-                    }
-                }
-            }
-            for (b, acc_b) in acc.iter().enumerate() {
-                s[(r + b) * CHUNK..(r + b + 1) * CHUNK].copy_from_slice(acc_b);
-            }
+            block_scores::<T, FMA, ROW_BLOCK>(group, k, d_k, at, r, s);
             r += ROW_BLOCK;
         }
-    }
-    if len == CHUNK {
-        // The remaining rows one at a time, their 64 sums in registers.
+        // The remaining rows one at a time, their 64 sums in registers as well.
         while r < rows {
-            let mut acc = [T::zero(); CHUNK];
-            for p in 0..d_k {
-                let column = k.column(p);
-                let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
-                    .try_into()
-                    .expect("a full chunk");
-                let q = group.q[r * d_k + p];
-                for j in 0..CHUNK {
-                    acc[j] = madd::<T, FMA>(q, kc[j], acc[j]);
-                }
-            }
-            s[r * CHUNK..(r + 1) * CHUNK].copy_from_slice(&acc);
+            block_scores::<T, FMA, 1>(group, k, d_k, at, r, s);
             r += 1;
         }
     }
@@ -394,6 +367,35 @@ fn scores<T: Element, const FMA: bool>(
                 }
             }
         }
+    }
+}
+
+/// The scores of rows `r .. r + B` for a full chunk (row `at` of `k`), their `B × CHUNK`
+/// sums in registers, each column of K loaded once for the `B` rows.
+#[inline(always)]
+fn block_scores<T: Element, const FMA: bool, const B: usize>(
+    group: &Group<'_, '_, T>,
+    k: &nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'_, T, Dyn, Dyn, U1, Dyn>>,
+    d_k: usize,
+    at: usize,
+    r: usize,
+    s: &mut [T],
+) {
+    let mut acc = [[T::zero(); CHUNK]; B];
+    for p in 0..d_k {
+        let column = k.column(p);
+        let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
+            .try_into()
+            .expect("a full chunk");
+        for (b, acc_b) in acc.iter_mut().enumerate() {
+            let q = group.q[(r + b) * d_k + p];
+            for j in 0..CHUNK {
+                acc_b[j] = madd::<T, FMA>(q, kc[j], acc_b[j]);
+            }
+        }
+    }
+    for (b, acc_b) in acc.iter().enumerate() {
+        s[(r + b) * CHUNK..(r + b + 1) * CHUNK].copy_from_slice(acc_b);
     }
 }
 
@@ -456,12 +458,6 @@ fn lane_max<T: Element>(x: &[T]) -> T {
     lanes
         .iter()
         .fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
-/// `a·b + c`, fused when the path has FMA.
-#[inline(always)]
-fn madd<T: Element, const FMA: bool>(a: T, b: T, c: T) -> T {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// The parts of `n_kv` keys: `⌈n_kv / PART_KEYS⌉` ranges (depends on nothing else).

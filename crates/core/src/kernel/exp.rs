@@ -88,7 +88,7 @@ impl ExpConsts for f64 {
 
 /// `a · b + c`, fused when the kernel was compiled for a CPU with FMA.
 #[inline(always)]
-fn madd<T: crate::Element, const FMA: bool>(a: T, b: T, c: T) -> T {
+pub(crate) fn madd<T: crate::Element, const FMA: bool>(a: T, b: T, c: T) -> T {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
@@ -112,18 +112,6 @@ pub(crate) fn exp_nonpos<T: ExpConsts, const FMA: bool>(x: T) -> T {
     }
 }
 
-/// f32 instance of [`exp_nonpos`].
-#[inline(always)]
-pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
-    exp_nonpos::<f32, FMA>(x)
-}
-
-/// f64 instance of [`exp_nonpos`].
-#[inline(always)]
-pub(crate) fn exp_f64<const FMA: bool>(x: f64) -> f64 {
-    exp_nonpos::<f64, FMA>(x)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,7 +126,7 @@ mod tests {
                 continue; // 0 by design (see the module documentation)
             }
             let want = (f64::from(x)).exp() as f32;
-            for got in [exp_f32::<true>(x), exp_f32::<false>(x)] {
+            for got in [exp_nonpos::<f32, true>(x), exp_nonpos::<f32, false>(x)] {
                 let ulps = (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs();
                 assert!(ulps <= 2, "exp({x}) = {got}, want {want}");
             }
@@ -149,14 +137,14 @@ mod tests {
                 continue;
             }
             let want = x.exp();
-            for got in [exp_f64::<true>(x), exp_f64::<false>(x)] {
+            for got in [exp_nonpos::<f64, true>(x), exp_nonpos::<f64, false>(x)] {
                 let ulps = (got.to_bits() as i128 - want.to_bits() as i128).unsigned_abs();
                 assert!(ulps <= 2, "exp({x}) = {got}, want {want}");
             }
         }
-        assert_eq!(exp_f32::<true>(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f64::<false>(f64::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32::<false>(-100.0), 0.0);
-        assert_eq!(exp_f64::<true>(0.0), 1.0);
+        assert_eq!(exp_nonpos::<f32, true>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpos::<f64, false>(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpos::<f32, false>(-100.0), 0.0);
+        assert_eq!(exp_nonpos::<f64, true>(0.0), 1.0);
     }
 }

@@ -172,7 +172,7 @@ pub trait ElementKernels: Sized + 'static {
 /// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
 /// thread-local caches.
 macro_rules! element_kernels {
-    ($t:ty, $select:path, $exp:ident, $decode:path) => {
+    ($t:ty, $select:path, $decode:path) => {
         impl ElementKernels for $t {
             #[inline]
             fn decode(path: CpuPath) -> decode::PartFn<$t> {
@@ -196,13 +196,13 @@ macro_rules! element_kernels {
             }
             #[inline(always)]
             fn exp_nonpos<const FMA: bool>(self) -> $t {
-                exp::$exp::<FMA>(self)
+                exp::exp_nonpos::<$t, FMA>(self)
             }
         }
     };
 }
-element_kernels!(f32, simd::kernel_f32, exp_f32, simd::decode_f32);
-element_kernels!(f64, simd::kernel_f64, exp_f64, simd::decode_f64);
+element_kernels!(f32, simd::kernel_f32, simd::decode_f32);
+element_kernels!(f64, simd::kernel_f64, simd::decode_f64);
 
 /// Runs `f` with this thread's cached `X` from `cell` (a fresh one if it is already in
 /// use, e.g. by a call that rayon nested on the same thread).
@@ -267,11 +267,10 @@ pub fn last_kernel_run() -> Option<KernelRun> {
 /// Computes the attention output into `out` (n_q × d_v, overwritten) and, if given, the
 /// log-sum-exp into `lse` (n_q).
 ///
-/// Routing, in order: nothing to compute; scores that may leave the type's range go to the
-/// careful path (on every CPU path alike, so the outcome never depends on the path);
-/// then [`route`]: unless a path was forced, tiny calls go to the row path; few queries to
-/// the decoding kernel of `path`; everything else to its block kernel. A fast path that meets a non-finite
-/// score (which `Spec::scores_in_range` rules out) hands the call to the careful path.
+/// Routed by [`route`]; scores that may leave the type's range go to the careful path on
+/// every CPU path alike, so the outcome never depends on the path. A fast path that meets
+/// a non-finite score (which `Spec::scores_in_range` rules out) hands the call to the
+/// careful path.
 pub(crate) fn attention<T: Element>(
     spec: Spec<'_, T>,
     path: CpuPath,
@@ -280,38 +279,48 @@ pub(crate) fn attention<T: Element>(
     out: &mut MatMut<'_, T>,
     mut lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
-    let (n_q, n_kv, d_v) = (spec.n_q, spec.n_kv, spec.d_v);
+    let (n_q, d_v) = (spec.n_q, spec.d_v);
     debug_assert_eq!(out.shape(), (n_q, d_v));
     debug_assert!(lse.as_ref().is_none_or(|l| l.len() == n_q));
-    if n_q == 0 || n_kv == 0 {
-        // Every query attends to nothing.
-        record_run(KernelRun::Trivial);
-        out.fill(empty_row_output());
-        if let Some(lse) = lse {
-            lse.fill(empty_row_lse());
+    match route(&spec, forced, lse.is_some()) {
+        Route::Empty => {
+            // Every query attends to nothing.
+            record_run(KernelRun::Trivial);
+            out.fill(empty_row_output());
+            if let Some(lse) = lse {
+                lse.fill(empty_row_lse());
+            }
+            Ok(())
         }
-        return Ok(());
+        Route::Careful => {
+            record_run(KernelRun::Careful);
+            careful::attention(&spec, out, lse)
+        }
+        Route::Nothing => {
+            // No output to compute, and (scores in range) no error to report.
+            record_run(KernelRun::Trivial);
+            Ok(())
+        }
+        route => {
+            let result = fast(route, &spec, path, parallel, out, lse.as_deref_mut());
+            if let Err(AttentionError::ScoreOverflow { .. }) = result {
+                record_run(KernelRun::Careful);
+                return careful::attention(&spec, out, lse);
+            }
+            result
+        }
     }
-    if !spec.scores_in_range {
-        record_run(KernelRun::Careful);
-        return careful::attention(&spec, out, lse);
-    }
-    if d_v == 0 && lse.is_none() {
-        // No output to compute, and (scores in range) no error to report.
-        record_run(KernelRun::Trivial);
-        return Ok(());
-    }
-    let result = fast(&spec, path, forced, parallel, out, lse.as_deref_mut());
-    if let Err(AttentionError::ScoreOverflow { .. }) = result {
-        record_run(KernelRun::Careful);
-        return careful::attention(&spec, out, lse);
-    }
-    result
 }
 
-/// Which fast code computes a call whose scores are in range (see [`attention`]).
+/// Which code computes a call (see [`attention`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
+    /// No queries or no keys: every row is empty.
+    Empty,
+    /// Scores that may leave the type's range: the careful path.
+    Careful,
+    /// No output columns and no lse asked for: nothing to compute.
+    Nothing,
     /// Row at a time, scores on the stack: tiny calls.
     RowStack,
     /// The decoding kernel: few queries (values not near the type's maximum).
@@ -322,16 +331,24 @@ pub(crate) enum Route {
     Block,
 }
 
-/// The route of a call with scores in range: tiny calls on the row path (unless a path
-/// was forced: then its kernels run at every size), few queries on the decoding kernel
-/// (or the row path when the decoding kernel cannot read the inputs), the rest on the
-/// block kernel.
-pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool) -> Route {
+/// The route of a call, the one decision every caller (single-head, multi-head and
+/// cached calls) asks for, so that they compute the same problem with the same code:
+/// nothing to compute; scores not provably in range on the careful path; tiny calls on
+/// the row path (unless a path was forced: then its kernels run at every size); few
+/// queries on the decoding kernel (or the row path when values need scaling); the rest on
+/// the block kernel. `with_lse`: whether the caller wants the log-sum-exp.
+pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool, with_lse: bool) -> Route {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
     let work = n_q
         .saturating_mul(n_kv)
         .saturating_mul(d_k.saturating_add(d_v));
-    if !forced && n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
+    if n_q == 0 || n_kv == 0 {
+        Route::Empty
+    } else if !spec.scores_in_range {
+        Route::Careful
+    } else if d_v == 0 && !with_lse {
+        Route::Nothing
+    } else if !forced && n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
         Route::RowStack
     } else if n_q <= DIRECT_MAX_QUERIES && decode::fits(spec) {
         Route::Decode
@@ -342,11 +359,12 @@ pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool) -> Route {
     }
 }
 
-/// The row path or the block kernel (see [`attention`]).
+/// The fast route `route` (row path, decoding kernel or block kernel) of a call whose
+/// scores are in range (see [`attention`]).
 fn fast<T: Element>(
+    route: Route,
     spec: &Spec<'_, T>,
     path: CpuPath,
-    forced: bool,
     parallel: bool,
     out: &mut MatMut<'_, T>,
     lse: Option<&mut [T]>,
@@ -355,7 +373,7 @@ fn fast<T: Element>(
     let work = n_q
         .saturating_mul(n_kv)
         .saturating_mul(d_k.saturating_add(d_v));
-    match route(spec, forced) {
+    match route {
         Route::RowStack => {
             record_run(KernelRun::Row);
             let mut scores = [T::zero(); direct::STACK_KEYS];
@@ -380,7 +398,7 @@ fn fast<T: Element>(
                 result
             });
         }
-        Route::Block => {}
+        _ => debug_assert_eq!(route, Route::Block),
     }
     record_run(KernelRun::Block(path));
     let spec = spec.clone();

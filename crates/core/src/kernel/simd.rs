@@ -810,11 +810,11 @@ simd_kernel!(AVX2_F64: f64, "avx2,fma", Avx2, Avx2F64Tiles);
 portable_kernel!(PORTABLE_F32: f32, PortableF32Tiles);
 portable_kernel!(PORTABLE_F64: f64, PortableF64Tiles);
 
-/// Declares `$name(path)`: the kernel for one element type on `path`, the portable one if
+/// Declares `$name(path)`: the kernel (block or decoding) for one element type on `path`, the portable one if
 /// the CPU lacks the path (callers check support first and report it as an error).
 macro_rules! select {
-    ($name:ident: $t:ty, $avx512:ident, $avx2:ident, $portable:ident) => {
-        pub(super) fn $name(path: CpuPath) -> Kernel<$t> {
+    ($name:ident: $ret:ty, $avx512:ident, $avx2:ident, $portable:ident) => {
+        pub(super) fn $name(path: CpuPath) -> $ret {
             let path = if path.is_supported() {
                 path
             } else {
@@ -830,58 +830,43 @@ macro_rules! select {
         }
     };
 }
-select!(kernel_f32: f32, AVX512_F32, AVX2_F32, PORTABLE_F32);
-select!(kernel_f64: f64, AVX512_F64, AVX2_F64, PORTABLE_F64);
+select!(kernel_f32: Kernel<f32>, AVX512_F32, AVX2_F32, PORTABLE_F32);
+select!(kernel_f64: Kernel<f64>, AVX512_F64, AVX2_F64, PORTABLE_F64);
 
-/// Declares `$name(path)`: the decoding kernel's body (`decode::part`) compiled for one
-/// element type on `path` (with FMA on the SIMD paths), the portable one if the CPU lacks
-/// the path. The vector code is what the compiler makes of the body's loops over keys
-/// under each path's target features.
-macro_rules! decode_kernels {
-    ($name:ident: $t:ty) => {
-        pub(super) fn $name(path: CpuPath) -> PartFn<$t> {
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            fn avx512(_: Avx512, group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
+/// Declares one path's decoding kernel as a `static`: the body (`decode::part`, with FMA)
+/// compiled by a `#[target_feature]` function, called through a safe entry point. The
+/// vector code is what the compiler makes of the body's loops over keys under the path's
+/// target features.
+macro_rules! decode_kernel {
+    ($kernel:ident: $t:ty, $features:literal, $token:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        static $kernel: PartFn<$t> = {
+            #[target_feature(enable = $features)]
+            fn compiled(_: $token, group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
                 decode::part::<$t, true>(group, keys)
             }
-            #[cfg(target_arch = "x86_64")]
-            fn avx512_entry(group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
-                let token = Avx512::detect().expect("handed out only for a supported path");
-                // SAFETY: `token` exists, so the CPU has AVX-512F, AVX2 and FMA.
-                unsafe { avx512(token, group, keys) }
+            fn entry(group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
+                // `decode_f32` / `decode_f64` hand out this kernel only for a supported
+                // path, so detection succeeds here.
+                let token = $token::detect().expect("the kernel of a path this CPU supports");
+                // SAFETY: `token` exists, so the CPU has every feature of `$token`'s path,
+                // which are the features in `$features` (`CpuFeatures::supports`).
+                unsafe { compiled(token, group, keys) }
             }
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2(_: Avx2, group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
-                decode::part::<$t, true>(group, keys)
-            }
-            #[cfg(target_arch = "x86_64")]
-            fn avx2_entry(group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
-                let token = Avx2::detect().expect("handed out only for a supported path");
-                // SAFETY: `token` exists, so the CPU has AVX2 and FMA.
-                unsafe { avx2(token, group, keys) }
-            }
-            fn portable(group: &Group<'_, '_, $t>, keys: Range<usize>) -> State<$t> {
-                decode::part::<$t, false>(group, keys)
-            }
-            let path = if path.is_supported() {
-                path
-            } else {
-                CpuPath::Portable
-            };
-            match path {
-                #[cfg(target_arch = "x86_64")]
-                CpuPath::Avx512 => avx512_entry,
-                #[cfg(target_arch = "x86_64")]
-                CpuPath::Avx2 => avx2_entry,
-                _ => portable,
-            }
-        }
+            entry
+        };
     };
 }
-decode_kernels!(decode_f32: f32);
-decode_kernels!(decode_f64: f64);
+
+decode_kernel!(DECODE_AVX512_F32: f32, "avx512f,avx2,fma", Avx512);
+decode_kernel!(DECODE_AVX512_F64: f64, "avx512f,avx2,fma", Avx512);
+decode_kernel!(DECODE_AVX2_F32: f32, "avx2,fma", Avx2);
+decode_kernel!(DECODE_AVX2_F64: f64, "avx2,fma", Avx2);
+/// The portable decoding kernels: the same body, no target features, no FMA.
+static DECODE_PORTABLE_F32: PartFn<f32> = decode::part::<f32, false>;
+static DECODE_PORTABLE_F64: PartFn<f64> = decode::part::<f64, false>;
+select!(decode_f32: PartFn<f32>, DECODE_AVX512_F32, DECODE_AVX2_F32, DECODE_PORTABLE_F32);
+select!(decode_f64: PartFn<f64>, DECODE_AVX512_F64, DECODE_AVX2_F64, DECODE_PORTABLE_F64);
 
 #[cfg(all(test, target_arch = "x86_64"))]
 #[cfg(test)]
