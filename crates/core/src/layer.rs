@@ -472,7 +472,7 @@ impl<T: Element> MultiHeadAttention<T> {
     /// one token at a time) gives, row for row, [`forward`](Self::forward) of the whole
     /// sequence with causal masking, within rounding (nalgebra's product of fewer than 6
     /// rows, and the attention kernels for few and for many queries, round differently;
-    /// a first chunk of more than 5 tokens into an empty cache gives the bits of
+    /// a first chunk of more than 8 tokens into an empty cache gives the bits of
     /// `forward` of those tokens alone); on a sliding-window cache of window
     /// `w`, `forward` with the window `(w − 1, 0)` added. Causal masking is implied
     /// (bottom-right: the last row is the newest token).
@@ -523,23 +523,24 @@ impl<T: Element> MultiHeadAttention<T> {
     /// let mut cache = KvCache::new(layer.heads_kv(), layer.d_head(), layer.d_v())?;
     /// let seq = cache.add_sequence();
     ///
-    /// let x = w(9, 8, 0.2);
-    /// let prompt = layer.forward_cached(x.rows(0, 6), &mut cache, seq, &AttentionOptions::new())?;
+    /// let x = w(12, 8, 0.2);
+    /// let prompt = layer.forward_cached(x.rows(0, 9), &mut cache, seq, &AttentionOptions::new())?;
     /// let mut steps = vec![prompt];
-    /// for t in 6..9 {
+    /// for t in 9..12 {
     ///     steps.push(layer.forward_cached(x.rows(t, 1), &mut cache, seq, &AttentionOptions::new())?);
     /// }
-    /// assert_eq!(cache.len(seq)?, 9);
+    /// assert_eq!(cache.len(seq)?, 12);
     ///
     /// // The same as the whole sequence at once, with causal masking.
     /// let causal = AttentionOptions::new().with_causal(Causal::TopLeft);
     /// let full = layer.forward(&x, &causal)?;
-    /// assert!((&steps[0] - full.rows(0, 6)).amax() < 1e-14);
-    /// for (t, y) in (6..9).zip(&steps[1..]) {
+    /// assert!((&steps[0] - full.rows(0, 9)).amax() < 1e-14);
+    /// for (t, y) in (9..12).zip(&steps[1..]) {
     ///     assert!((y - full.rows(t, 1)).amax() < 1e-14);
     /// }
-    /// // The prompt into an empty cache: the same bits as `forward` of the prompt alone.
-    /// assert_eq!(steps[0], layer.forward(x.rows(0, 6), &causal)?);
+    /// // A prompt of more than 8 tokens into an empty cache: the same bits as `forward` of
+    /// // the prompt alone.
+    /// assert_eq!(steps[0], layer.forward(x.rows(0, 9), &causal)?);
     /// # Ok::<(), attention_core::AttentionError>(())
     /// ```
     pub fn forward_cached<'x>(

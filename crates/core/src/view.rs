@@ -196,6 +196,20 @@ pub(crate) fn block<'a, T: Scalar>(
     Matrix::from_data(data)
 }
 
+/// `m` transposed: the same elements as a `ncols × nrows` view (strides swapped), for as
+/// long as `m` itself. The decoding kernel reads values stored token by token (rows
+/// contiguous) through it as columns.
+pub(crate) fn transposed<T: Scalar>(m: MatRef<'_, T>) -> MatRef<'_, T> {
+    let (nrows, ncols) = m.shape();
+    let (rs, cs) = m.strides();
+    // SAFETY: element (i, j) of the result is element (j, i) of `m`, at the same address
+    // (`ptr + j·rs + i·cs`): it reads exactly `m`'s elements, valid for reads for `'a`.
+    let data = unsafe {
+        ViewStorage::from_raw_parts(m.data.ptr(), (Dyn(ncols), Dyn(nrows)), (Dyn(cs), Dyn(rs)))
+    };
+    Matrix::from_data(data)
+}
+
 /// The blocks `rows[r] × columns[c]` of `m`, in the order `(r, c)` row-major: mutable views
 /// that may be written at the same time (from different threads).
 ///
@@ -244,6 +258,27 @@ pub(crate) fn split_blocks<'a, T: Scalar>(
 mod tests {
     use super::*;
     use nalgebra::DMatrix;
+
+    /// `transposed` reads element (j, i) at (i, j), for a matrix, a column block and a
+    /// row-strided view.
+    #[test]
+    fn transposed_swaps_the_indices() {
+        let a = DMatrix::<f64>::from_fn(5, 6, |i, j| (10 * i + j) as f64);
+        let views: [MatRef<'_, f64>; 3] = [
+            (&a).into(),
+            a.columns(2, 3).into_mat_ref(),
+            a.rows_with_step(0, 3, 1).into_mat_ref(),
+        ];
+        for m in views {
+            let t = transposed(m);
+            assert_eq!(t.shape(), (m.ncols(), m.nrows()));
+            for i in 0..m.nrows() {
+                for j in 0..m.ncols() {
+                    assert_eq!(t[(j, i)], m[(i, j)]);
+                }
+            }
+        }
+    }
 
     /// By value and by reference, every stride kind reads the same elements.
     #[test]

@@ -27,7 +27,7 @@ use attention_core::{
     multi_head_attention_with_lse,
 };
 use common::{assert_output_close, extra, magnitude, narrow, normal_matrix, score_error, widen};
-use nalgebra::DMatrix;
+use nalgebra::{DMatrix, Dyn};
 use proptest::prelude::*;
 
 /// A cache configuration and the options of its attention calls.
@@ -226,7 +226,20 @@ fn check_chunked<T: Element>(c: &Chunked, reference: bool) {
             "{label}: _with_lse"
         );
         let full = s.full_options(&slopes);
+        let kept_values = token_major(v.rows(kept.start, kept.len()));
         let (want, want_lse) = multi_head_attention_with_lse(
+            &qn,
+            k.rows(kept.start, kept.len()),
+            by_rows(&kept_values),
+            &layout,
+            &full,
+        )
+        .unwrap();
+        assert_eq!(out, want, "{label}: output bits");
+        assert_eq!(lse, want_lse, "{label}: lse bits");
+        // V stored by columns sums the weighted values in another order (within the
+        // reference bound, checked below); the lse does not involve V.
+        let (_, lse_by_columns) = multi_head_attention_with_lse(
             &qn,
             k.rows(kept.start, kept.len()),
             v.rows(kept.start, kept.len()),
@@ -234,13 +247,14 @@ fn check_chunked<T: Element>(c: &Chunked, reference: bool) {
             &full,
         )
         .unwrap();
-        assert_eq!(out, want, "{label}: output bits");
-        assert_eq!(lse, want_lse, "{label}: lse bits");
+        assert_eq!(lse, lse_by_columns, "{label}: lse bits, V by columns");
         if s.window.is_none() {
             // Without a window that is literally the call over the whole history.
+            let values = token_major(v.rows(0, len));
             assert_eq!(
                 out,
-                multi_head_attention(&qn, k.rows(0, len), v.rows(0, len), &layout, &full).unwrap()
+                multi_head_attention(&qn, k.rows(0, len), by_rows(&values), &layout, &full)
+                    .unwrap()
             );
         }
         if reference {
@@ -255,6 +269,24 @@ fn check_chunked<T: Element>(c: &Chunked, reference: bool) {
             );
         }
     }
+}
+
+/// `v` stored token by token, as the cache stores values: `vᵀ`, whose columns are `v`'s
+/// rows; [`by_rows`] views it as `v` again.
+fn token_major<T: Element>(v: nalgebra::DMatrixView<'_, T>) -> DMatrix<T> {
+    v.transpose()
+}
+
+/// The `n × d` matrix whose row-major storage is `vt` (`d × n`, from [`token_major`]): a
+/// call given it reads values the way cached calls do, so the two give the same bits.
+fn by_rows<T: Element>(vt: &DMatrix<T>) -> nalgebra::DMatrixView<'_, T, Dyn, Dyn> {
+    nalgebra::DMatrixView::from_slice_with_strides(
+        vt.as_slice(),
+        vt.ncols(),
+        vt.nrows(),
+        vt.nrows(),
+        1,
+    )
 }
 
 /// `got` (n_q × h_q·d_v) against the reference's multi-head attention over the whole
@@ -438,12 +470,12 @@ fn check_model<T: Element>(
                 history[seq].extend(&rows);
                 let kept = cache.kept(ids[seq]).unwrap();
                 let hk = pick(&k, &history[seq][kept.clone()]);
-                let hv = pick(&v, &history[seq][kept.clone()]);
+                let hv = token_major(pick(&v, &history[seq][kept.clone()]).as_view());
                 let qn = pick(&q, &rows);
                 let out =
                     cached_attention(&qn, &cache, ids[seq], &layout, &s.options(&slopes)).unwrap();
-                let want =
-                    multi_head_attention(&qn, &hk, &hv, &layout, &s.full_options(&slopes)).unwrap();
+                let full = s.full_options(&slopes);
+                let want = multi_head_attention(&qn, &hk, by_rows(&hv), &layout, &full).unwrap();
                 assert_eq!(out, want, "{label}");
             }
             Op::Truncate { seq, back } => {
@@ -981,7 +1013,9 @@ fn every_error_is_typed() {
     let br = o.clone().with_causal(Causal::BottomRight).with_window(3, 0);
     let got = cached_attention(&q, &cache, seq, &layout, &br).unwrap();
     let (k, v) = cache.gather(seq).unwrap();
-    assert_eq!(got, multi_head_attention(&q, &k, &v, &layout, &br).unwrap());
+    let values = token_major(v.as_view());
+    let want = multi_head_attention(&q, &k, by_rows(&values), &layout, &br).unwrap();
+    assert_eq!(got, want);
 
     // A window cache: its own window only, and no more queries than the kept keys allow.
     let mut w = KvCache::<f64>::new(2, 3, 2)
@@ -1136,10 +1170,9 @@ fn decoding_reads_the_pages_in_place_on_every_path() {
             .append(seq, k.rows(n - 3, 3), v.rows(n - 3, 3))
             .unwrap();
         let kept = cache.kept(seq).unwrap();
-        let (kk, vk) = (
-            k.rows(kept.start, kept.len()),
-            v.rows(kept.start, kept.len()),
-        );
+        let kk = k.rows(kept.start, kept.len());
+        let kept_values = token_major(v.rows(kept.start, kept.len()));
+        let vk = by_rows(&kept_values);
         for path in CpuPath::supported() {
             for par in [Parallelism::Sequential, Parallelism::Rayon] {
                 let options = AttentionOptions::new()
@@ -1160,6 +1193,95 @@ fn decoding_reads_the_pages_in_place_on_every_path() {
                 assert_eq!(bits(&out), bits(&want), "{label}: output");
                 assert_eq!(bits(&lse), bits(&want_lse), "{label}: lse");
             }
+        }
+    }
+}
+
+/// Values stored by rows (the cache's pages) take the decoding kernel's column-tiled
+/// weighted sums: every tile shape (d_v across the 64 (f32) / 32 (f64), 8 and 1 column
+/// tiles), row blocks (g·n_q rows across multiples of 4, up to the 64-row limit), rows with
+/// nothing allowed in some chunks (a window), partial chunks, pages that hold whole chunks
+/// or split them, and two 2048-key parts: on every path, each run on the decoding kernel,
+/// within the reference bound, and with the same bits as the contiguous call on row-major
+/// values.
+#[test]
+fn values_by_rows_in_every_tile_shape_match_the_reference() {
+    use attention_core::{CpuPath, KernelRun, last_kernel_run};
+    // (heads_kv, group, n_q, d_v, history, window, page size)
+    let cases = [
+        (1, 1, 1, 1, 70, None, 16),
+        (1, 3, 1, 7, 65, None, 64),
+        (2, 2, 1, 8, 200, Some(50), 64),
+        (1, 5, 1, 9, 129, None, 7),
+        (1, 1, 3, 31, 64, None, 64),
+        (2, 4, 2, 32, 300, Some(100), 16),
+        (1, 2, 3, 33, 130, None, 64),
+        (1, 8, 8, 63, 90, Some(20), 64),
+        (1, 1, 2, 64, 2100, None, 64),
+        (2, 3, 1, 65, 150, None, 5),
+        (1, 4, 1, 72, 257, Some(70), 64),
+        (1, 2, 1, 128, 2300, None, 128),
+        (2, 1, 5, 140, 100, None, 64),
+    ];
+    for (i, &(heads_kv, group, n_q, d_v, n, window, page_size)) in cases.iter().enumerate() {
+        let s = Setup {
+            heads_kv,
+            group,
+            d_k: 8,
+            d_v,
+            page_size,
+            window,
+            alibi: i % 2 == 0,
+            softcap: (i % 3 == 0).then_some(5.0),
+        };
+        let seed = 100 + 3 * i as u64;
+        let q = attention_testdata::gaussian(n_q, s.heads_q() * s.d_k, 1.0, seed);
+        let k = attention_testdata::gaussian(n, heads_kv * s.d_k, 1.0, seed + 1);
+        let v = attention_testdata::gaussian(n, heads_kv * d_v, 1.0, seed + 2);
+        check_by_rows::<f32>(&s, (&q, &k, &v), &format!("case {i} f32"));
+        check_by_rows::<f64>(&s, (&q, &k, &v), &format!("case {i} f64"));
+    }
+
+    fn check_by_rows<T: Element>(
+        s: &Setup,
+        (q, k, v): (&DMatrix<f64>, &DMatrix<f64>, &DMatrix<f64>),
+        label: &str,
+    ) {
+        let (qt, kt, vt) = (narrow::<T>(q), narrow::<T>(k), narrow::<T>(v));
+        let n = k.nrows();
+        let mut cache = s.cache::<T>();
+        let seq = cache.add_sequence();
+        cache
+            .append(seq, kt.rows(0, n - qt.nrows()), vt.rows(0, n - qt.nrows()))
+            .unwrap();
+        cache
+            .append(
+                seq,
+                kt.rows(n - qt.nrows(), qt.nrows()),
+                vt.rows(n - qt.nrows(), qt.nrows()),
+            )
+            .unwrap();
+        let kept = cache.kept(seq).unwrap();
+        let slopes: Vec<T> = s.slopes().into_iter().map(T::from_f64_rounded).collect();
+        let layout = s.layout();
+        for path in CpuPath::supported() {
+            let label = format!("{label}, {path:?}");
+            let options = s.options(&slopes).with_cpu_path(path);
+            let out = cached_attention(&qt, &cache, seq, &layout, &options).unwrap();
+            assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
+            assert!(out.iter().all(|x| x.is_finite()), "{label}: finite");
+            assert_matches_reference(&out, q, k, v, s, &label, T::EPSILON.to_f64());
+            let values = token_major(vt.rows(kept.start, kept.len()));
+            let full = s.full_options(&slopes).with_cpu_path(path);
+            let want = multi_head_attention(
+                &qt,
+                kt.rows(kept.start, kept.len()),
+                by_rows(&values),
+                &layout,
+                &full,
+            )
+            .unwrap();
+            assert_eq!(out, want, "{label}: bits of the contiguous row-major call");
         }
     }
 }

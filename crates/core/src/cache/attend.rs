@@ -24,9 +24,11 @@ use crate::{AttentionOptions, Causal, Element, MatRef, multi_head_attention};
 /// [`multi_head_attention`](crate::multi_head_attention) (query head `h` reads the cache's
 /// key/value head `h / (h_q / heads_kv)`), to the kept keys at positions up to its own:
 /// causal attention, bottom-right aligned. The result is that of `multi_head_attention`
-/// over the whole history with [`Causal::BottomRight`] (the same bits without a window:
-/// the same kernel runs on the same numbers), and in sliding-window mode (window `w`) with
-/// the window `(w − 1, 0)` added.
+/// over the whole history with [`Causal::BottomRight`], and in sliding-window mode (window
+/// `w`) with the window `(w − 1, 0)` added: the same bits, without a window, when that
+/// call is given the values row-major (the cache stores each token's values contiguously,
+/// and the decoding kernel sums values stored that way in its own order); within rounding
+/// for a column-major V.
 ///
 /// Options: the scale (default `1/√d_k`), softcap, ALiBi (one slope or per-head slopes;
 /// distances are between absolute positions), parallelism and the CPU path apply as in
@@ -165,11 +167,10 @@ impl<'a, T: Element> CachedCall<'a, T> {
 
     /// Computes the call: output, and the lse if `with_lse`.
     ///
-    /// THE PLACE TO SWAP: this copies the kept pages into contiguous K and V (O(kept)
-    /// per call, and a re-validation of cached rows) and runs `multi_head_attention` on
-    /// them, which gives the same bits as that call on the full history. A decoding kernel
-    /// that reads `self.pages` in place (see `pages.rs` for the layout it may assume)
-    /// replaces the body; `new` already did every check such a kernel needs.
+    /// The decoding kernel on the pages in place when every head takes it (few queries:
+    /// decoding); otherwise the kept pages are copied into contiguous K and V (O(kept),
+    /// and a re-validation of cached rows) for `multi_head_attention`, whose other kernels
+    /// (more queries, tiny calls, the careful path) do not depend on V's layout.
     #[allow(clippy::type_complexity)] // (output, optional lse)
     fn run(self, with_lse: bool) -> Result<(DMatrix<T>, Option<DMatrix<T>>), AttentionError> {
         if let Some(result) = self.run_in_place(with_lse)? {
@@ -199,8 +200,8 @@ impl<'a, T: Element> CachedCall<'a, T> {
 
 impl<T: Element> CachedCall<'_, T> {
     /// The decoding kernel on the pages in place (`kernel::batch::paged`): for a few new
-    /// queries, the common case of decoding. `None` when the call needs another kernel (then
-    /// [`run`](Self::run) copies the pages); the same bits either way.
+    /// queries, the common case of decoding. `None`, having written nothing, when the call
+    /// needs another kernel (then [`run`](Self::run) copies the pages).
     #[allow(clippy::type_complexity)] // (output, optional lse)
     fn run_in_place(
         &self,
@@ -234,7 +235,7 @@ impl<T: Element> CachedCall<'_, T> {
                         let rows = 0..p.key.nrows();
                         (
                             block(p.key, rows.clone(), j * d_k..(j + 1) * d_k),
-                            block(p.value, rows, j * d_v..(j + 1) * d_v),
+                            p.value(j),
                         )
                     })
                     .collect()
@@ -356,12 +357,17 @@ pub(super) fn gather<T: Element>(
     use crate::memory::try_matrix;
     let mut k = try_matrix(pages.kept(), key_width, T::zero(), Operand::Key)?;
     let mut v = try_matrix(pages.kept(), value_width, T::zero(), Operand::Value)?;
+    let heads = pages.heads();
     let mut row = 0;
     for page in pages.iter() {
         debug_assert_eq!(page.positions.start, pages.first_position() + row);
         let n = page.key.nrows();
         k.rows_mut(row, n).copy_from(&page.key);
-        v.rows_mut(row, n).copy_from(&page.value);
+        let d_v = value_width / heads.max(1);
+        for h in 0..heads {
+            v.view_mut((row, h * d_v), (n, d_v))
+                .copy_from(&page.value(h));
+        }
         row += n;
     }
     Ok((k, v))

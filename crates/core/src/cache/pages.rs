@@ -5,8 +5,15 @@
 //! A page is one allocation of `page_size · heads_kv·(d_k + d_v)` elements: first K, a
 //! column-major `page_size × heads_kv·d_k` block (element `(r, c)` at `c·page_size + r`:
 //! column `c` is feature `c` of the page's tokens, the tokens contiguous, head `h` in
-//! columns `h·d_k ..`, exactly nalgebra's `DMatrix` layout), then V, a column-major
-//! `page_size × heads_kv·d_v` block likewise. Row `r` of a sequence's page `p` is the
+//! columns `h·d_k ..`, exactly nalgebra's `DMatrix` layout), then V, one row-major
+//! `page_size × d_v` block per head, head after head (element `(r, c)` of head `h` at
+//! `(h·page_size + r)·d_v + c`: each token's values contiguous, as vLLM stores its value
+//! blocks). The two layouts serve the decoding kernel's two products: scores `q·k_j`
+//! vectorise over the keys of a column of K, the weighted sum `Σ_j p_j·v_j` over the
+//! columns of a row of V; and each head's K and V are contiguous runs of memory, which the
+//! hardware prefetcher follows (rows of all heads side by side would put each head's next
+//! row 4 KiB further, across a memory page, where prefetchers stop).
+//! V. Row `r` of a sequence's page `p` is the
 //! token at absolute position `first + p·page_size + r`, `first` being the position of the
 //! first page's row 0 (a multiple of the page size). Rows past the sequence's length hold
 //! stale values and are never shown.
@@ -31,10 +38,27 @@ use crate::{Element, MatRef};
 pub(crate) struct PageView<'a, T: Element> {
     /// `tokens × heads_kv·d_k`, row stride 1, column stride `page_size`.
     pub(crate) key: MatRef<'a, T>,
-    /// `tokens × heads_kv·d_v`, row stride 1, column stride `page_size`.
-    pub(crate) value: MatRef<'a, T>,
+    /// The page's values (all heads' blocks, all rows), read through [`Self::value`].
+    values: &'a [T],
+    /// The first row shown, the page's rows, the head width of V.
+    r0: usize,
+    page_size: usize,
+    d_v: usize,
     /// The absolute positions of the rows (`positions.len()` = `tokens`).
     pub(crate) positions: Range<usize>,
+}
+
+impl<'a, T: Element> PageView<'a, T> {
+    /// Head `h`'s values: `tokens × d_v`, row stride `d_v`, column stride 1.
+    pub(crate) fn value(&self, h: usize) -> MatRef<'a, T> {
+        let (d_v, rows) = (self.d_v, self.positions.len());
+        let data = if d_v == 0 {
+            &[][..]
+        } else {
+            &self.values[(h * self.page_size + self.r0) * d_v..]
+        };
+        MatRef::from_slice_with_strides_generic(data, Dyn(rows), Dyn(d_v), Dyn(d_v), Dyn(1))
+    }
 }
 
 /// A sequence's kept tokens as a list of pages, read in place (see the module
@@ -115,6 +139,11 @@ impl<'a, T: Element> SeqPages<'a, T> {
         self.kept.start
     }
 
+    /// The number of key/value heads.
+    pub(crate) fn heads(&self) -> usize {
+        self.page_max.1
+    }
+
     /// The number of pages.
     pub(crate) fn len(&self) -> usize {
         self.pages.len()
@@ -128,7 +157,10 @@ impl<'a, T: Element> SeqPages<'a, T> {
         let (k, v) = self.pages[p].split_at(self.page_size * self.key_width);
         PageView {
             key: block(k, r0, rows, self.key_width, self.page_size),
-            value: block(v, r0, rows, self.value_width, self.page_size),
+            values: v,
+            r0,
+            page_size: self.page_size,
+            d_v: self.value_width / self.page_max.1.max(1),
             positions,
         }
     }

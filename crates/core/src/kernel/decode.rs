@@ -17,25 +17,38 @@
 //! each computed on its own (in parallel when asked), and the parts' `(m, l, acc)` merged
 //! in order: the result does not depend on the number of threads.
 //!
+//! # Values by columns or by rows
+//! The weighted sums are computed one of two ways, decided once per group from V's layout
+//! ([`Group::by_rows`]): values stored by columns (a `DMatrix`, each column's keys
+//! contiguous) as a dot product per row and column over the chunk's keys, SIMD over keys
+//! ([`lane_sum`]); values stored by rows (the KV cache's pages, a row-major V) as
+//! `Σ_j p_rj·v_j` accumulated over the chunk's keys, SIMD over columns ([`value_rows`]),
+//! which needs no horizontal sums and reads each value row once for 4 rows.
+//!
 //! # Accuracy
-//! Within a chunk, `Σ_j p_j` and `Σ_j p_j·v_jc` are summed in T in [`LANES`] lanes (key `j`
-//! in lane `j mod 16`: at most 4 terms each), the lanes added pairwise in T (4 more
-//! roundings); `l` and `acc` are kept in f64 across chunks and parts. So a term is rounded
-//! at most 8 times in T and about `⌈n_kv/64⌉ + 2` times in f64 — within the block kernel's
-//! bound (`common/mod.rs` of the tests, `sum_error`: at least 64 roundings in T) for every
-//! n_kv.
+//! Within a chunk, `Σ_j p_j` (and, by columns, `Σ_j p_j·v_jc`) is summed in T in [`LANES`]
+//! lanes (key `j` in lane `j mod 16`: at most 4 terms each), the lanes added pairwise in T
+//! (4 more roundings); by rows, `Σ_j p_j·v_jc` is summed in T key after key (at most 64
+//! roundings, a tile of the block kernel); `l` and `acc` are kept in f64 across chunks and
+//! parts. So a term is rounded at most 64 times in T and about `⌈n_kv/64⌉ + 2` times in
+//! f64 — within the block kernel's bound (`common/mod.rs` of the tests, `sum_error`: at
+//! least `min(n_kv, 64)` roundings in T, since the block kernel sums a tile's keys in
+//! order as well) for every n_kv.
 //!
 //! Used when the inputs allow it ([`fits`]): scores provably in range (else the careful
-//! path decides) and values that need no scaling. K and V are read in place when their
-//! columns are contiguous (row stride 1), else each part's keys are copied first.
+//! path decides) and values that need no scaling. K and V are read in place when they have
+//! the contiguous runs the kernel reads (K's columns; V's columns, or its rows), else each
+//! chunk is copied first. The next chunk's cache lines are prefetched while a chunk is
+//! computed.
 
 use crate::Element;
 use crate::kernel::ElementKernels;
 use crate::kernel::exp::madd;
+use crate::kernel::simd::prefetch;
 use crate::options::MatRef;
 use crate::score::{row_lse, row_output};
 use crate::spec::Spec;
-use crate::view::MatMut;
+use crate::view::{MatMut, transposed};
 use nalgebra::{DMatrix, Dyn, U1};
 
 /// Keys per chunk: the step of the online softmax.
@@ -111,6 +124,21 @@ pub struct Group<'s, 'a, T: Element> {
     /// The keys and values as consecutive blocks of rows (`(K block, V block)`, together
     /// the group's `n_kv` keys): the specs' own K and V, or the pages of a KV cache.
     pub(crate) segments: Vec<(MatRef<'a, T>, MatRef<'a, T>)>,
+    /// Whether every segment's values are stored token by token (more than one column,
+    /// column stride 1, row stride not 1: a KV cache's pages, a row-major V): then the weighted sums run over
+    /// value columns ([`value_rows`]), else over keys ([`lane_sum`]). Decided once per
+    /// group from the layout alone, so every chunk of a call sums the same way.
+    pub(crate) by_rows: bool,
+}
+
+/// Whether the values of `segments` are all stored token by token (see [`Group`]). A
+/// single value column is contiguous either way: it is always summed over keys, so that
+/// its bits do not depend on the strides a caller happened to give.
+fn values_by_rows<T: Element>(segments: &[(MatRef<'_, T>, MatRef<'_, T>)]) -> bool {
+    segments.iter().all(|(_, v)| {
+        let (rs, cs) = v.strides();
+        v.ncols() > 1 && cs == 1 && rs != 1
+    })
 }
 
 impl<'s, 'a, T: Element> Group<'s, 'a, T> {
@@ -123,11 +151,13 @@ impl<'s, 'a, T: Element> Group<'s, 'a, T> {
                 q.extend((0..d_k).map(|p| spec.q[(i, p)]));
             }
         }
+        let segments = vec![(specs[0].k, specs[0].v)];
         Group {
             specs,
             q,
             n_q,
-            segments: vec![(specs[0].k, specs[0].v)],
+            by_rows: values_by_rows(&segments),
+            segments,
         }
     }
 
@@ -143,6 +173,7 @@ impl<'s, 'a, T: Element> Group<'s, 'a, T> {
             specs[0].n_kv
         );
         Group {
+            by_rows: values_by_rows(&segments),
             segments,
             ..Group::new(specs)
         }
@@ -189,8 +220,9 @@ pub(crate) fn part<T: Element, const FMA: bool>(
         }
         let (k, v) = group.segments[seg];
         let at = start - starts[seg];
-        if at + len <= k.nrows() && k.strides().0 == 1 && v.strides().0 == 1 {
-            chunk_of::<T, FMA>(group, (k, v), (start, at), len, &mut s, &mut state);
+        let next = next_in_place(group, &starts, seg, start + len);
+        if let Some(((k, v), at)) = in_place(group, (k, v), at, len) {
+            chunk_of::<T, FMA>(group, (k, v), (start, at), len, next, &mut s, &mut state);
         } else {
             gather(group, &starts, start, len, (&mut kc, &mut vc));
             chunk_of::<T, FMA>(
@@ -198,6 +230,7 @@ pub(crate) fn part<T: Element, const FMA: bool>(
                 ((&kc).into(), (&vc).into()),
                 (start, 0),
                 len,
+                next,
                 &mut s,
                 &mut state,
             );
@@ -207,8 +240,45 @@ pub(crate) fn part<T: Element, const FMA: bool>(
     state
 }
 
-/// Keys `start .. start + len` of the group's segments copied into `k` and `v`
-/// (resized to `len` rows).
+/// The chunk of `len` keys at row `at` of segment `(k, v)` as the kernel reads it in place
+/// (V transposed when the group reads values by rows), or `None` when it must be copied
+/// first: it runs past the segment, or K's or V's layout does not have the contiguous
+/// runs the kernel reads.
+fn in_place<'a, T: Element>(
+    group: &Group<'_, 'a, T>,
+    (k, v): (MatRef<'a, T>, MatRef<'a, T>),
+    at: usize,
+    len: usize,
+) -> Option<Next<'a, T>> {
+    let contiguous = k.strides().0 == 1 && (group.by_rows || v.strides().0 == 1);
+    (at + len <= k.nrows() && contiguous).then(|| {
+        let v = if group.by_rows { transposed(v) } else { v };
+        ((k, v), at)
+    })
+}
+
+/// The chunk from key `start` (the next one, for [`prefetch`]) if it is a whole chunk read
+/// in place.
+fn next_in_place<'a, T: Element>(
+    group: &Group<'_, 'a, T>,
+    starts: &[usize],
+    mut seg: usize,
+    start: usize,
+) -> Option<Next<'a, T>> {
+    while seg < starts.len() && starts[seg] + group.segments[seg].0.nrows() <= start {
+        seg += 1;
+    }
+    let segment = *group.segments.get(seg)?;
+    in_place(group, segment, start - starts[seg], CHUNK)
+}
+
+/// A chunk's K and V as [`in_place`] gives them, and its row: for the next chunk, the
+/// cache lines the kernel prefetches while it computes the current one.
+type Next<'a, T> = ((MatRef<'a, T>, MatRef<'a, T>), usize);
+
+/// Keys `start .. start + len` of the group's segments copied into `k` (resized to `len`
+/// rows) and `v` (`len` rows, or transposed to `len` columns when the group reads values
+/// by rows).
 fn gather<T: Element>(
     group: &Group<'_, '_, T>,
     starts: &[usize],
@@ -216,10 +286,14 @@ fn gather<T: Element>(
     len: usize,
     (k, v): (&mut DMatrix<T>, &mut DMatrix<T>),
 ) {
-    let (d_k, d_v) = (k.ncols(), v.ncols());
+    let (d_k, d_v) = (k.ncols(), group.specs[0].d_v);
     if k.nrows() != len {
         *k = DMatrix::zeros(len, d_k);
-        *v = DMatrix::zeros(len, d_v);
+        *v = if group.by_rows {
+            DMatrix::zeros(d_v, len)
+        } else {
+            DMatrix::zeros(len, d_v)
+        };
     }
     for (&(ks, vs), &s0) in group.segments.iter().zip(starts) {
         let (lo, hi) = (s0.max(start), (s0 + ks.nrows()).min(start + len));
@@ -228,7 +302,12 @@ fn gather<T: Element>(
                 k[(j - start, c)] = ks[(j - s0, c)];
             }
             for c in 0..d_v {
-                v[(j - start, c)] = vs[(j - s0, c)];
+                let at = if group.by_rows {
+                    (c, j - start)
+                } else {
+                    (j - start, c)
+                };
+                v[at] = vs[(j - s0, c)];
             }
         }
     }
@@ -244,16 +323,38 @@ fn chunk_of<T: Element, const FMA: bool>(
     (k, v): (MatRef<'_, T>, MatRef<'_, T>),
     (start, at): (usize, usize),
     len: usize,
+    next: Option<Next<'_, T>>,
     s: &mut [T],
     state: &mut State<T>,
 ) {
-    let (d_k, d_v) = (k.ncols(), v.ncols());
+    let (d_k, d_v) = (k.ncols(), group.specs[0].d_v);
     let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
     let v = v.as_view::<Dyn, Dyn, U1, Dyn>();
-    chunk::<T, FMA>(group, (&k, &v, d_k, d_v), (start, at), len, s, state);
+    let (next, next_at) = next.map_or((None, 0), |(kv, at)| (Some(kv), at));
+    let next = next
+        .as_ref()
+        .map(|(k, v)| (k.as_view::<Dyn, Dyn, U1, Dyn>(), v.as_view()));
+    let next = next.as_ref().map(|(k, v)| (k, v, next_at));
+    chunk::<T, FMA>(group, (&k, &v, d_k, d_v), (start, at), len, next, s, state);
 }
 
-/// K and V with contiguous columns, and their widths.
+/// A view with contiguous columns (K, V, or V transposed).
+type ColumnView<'r, 'a, T> =
+    &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>;
+
+/// Prefetches the cache lines of `run`.
+#[inline(always)]
+fn prefetch_run<T>(run: &[T]) {
+    for x in run.iter().step_by(LINE / size_of::<T>()) {
+        prefetch(x);
+    }
+}
+
+/// Bytes per cache line (of every x86-64 CPU).
+const LINE: usize = 64;
+
+/// K with contiguous columns, V with contiguous columns (or, when the group reads values
+/// by rows, V transposed: column `j` is value row `j`), and the head widths.
 type Columns<'r, 'a, T> = (
     &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
     &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
@@ -269,10 +370,27 @@ fn chunk<T: Element, const FMA: bool>(
     (k, v, d_k, d_v): Columns<'_, '_, T>,
     (start, at): (usize, usize),
     len: usize,
+    next: Option<(ColumnView<'_, '_, T>, ColumnView<'_, '_, T>, usize)>,
     s: &mut [T],
     state: &mut State<T>,
 ) {
     let rows = group.rows();
+    // The next chunk's keys and values are requested now, to arrive while this one is
+    // computed (all at once: spreading the requests over the loops measured slower).
+    if let Some((k, v, at)) = next {
+        for p in 0..d_k {
+            prefetch_run(&k.column(p).as_slice()[at..at + CHUNK]);
+        }
+        if group.by_rows {
+            for j in at..at + CHUNK {
+                prefetch_run(v.column(j).as_slice());
+            }
+        } else {
+            for c in 0..d_v {
+                prefetch_run(&v.column(c).as_slice()[at..at + CHUNK]);
+            }
+        }
+    }
     scores::<T, FMA>(group, k, d_k, at, len, s);
     // Per row: the score modifiers and the online softmax step; `s` becomes `p`.
     let mut alpha = [0.0f64; MAX_ROWS];
@@ -309,6 +427,10 @@ fn chunk<T: Element, const FMA: bool>(
         state.l[r] = state.l[r] * alpha[r] + lane_sum::<T, FMA>(sr, None);
         state.m[r] = m_new;
     }
+    if group.by_rows {
+        value_rows::<T, FMA>(v, at, len, s, (&alpha, &active), rows, state);
+        return;
+    }
     // Σ_j p_rj·v_jc for every value column, the column read once for all rows.
     for c in 0..d_v {
         let column = v.column(c);
@@ -318,6 +440,111 @@ fn chunk<T: Element, const FMA: bool>(
                 let dot = lane_sum::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], Some(vc));
                 let a = &mut state.acc[r * d_v + c];
                 *a = *a * alpha[r] + dot;
+            }
+        }
+    }
+}
+
+/// `acc_r ← α_r·acc_r + Σ_j p_rj·v_j` for the active rows, values stored by rows (`vt`:
+/// column `at + j` is value row `j`, contiguous): each sum runs over the chunk's keys in T
+/// (at most [`CHUNK`] roundings, as in one tile of the block kernel), vectorised over
+/// columns, [`ROW_BLOCK`] rows × a tile of columns in registers, each value row loaded
+/// once per block; then added in f64.
+#[inline(always)]
+fn value_rows<T: Element, const FMA: bool>(
+    vt: &nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'_, T, Dyn, Dyn, U1, Dyn>>,
+    at: usize,
+    len: usize,
+    s: &mut [T],
+    (alpha, active): (&[f64; MAX_ROWS], &[bool; MAX_ROWS]),
+    rows: usize,
+    state: &mut State<T>,
+) {
+    // Rows with nothing allowed here weigh nothing (their `s` still holds scores).
+    for r in 0..rows {
+        if !active[r] {
+            s[r * CHUNK..r * CHUNK + len].fill(T::zero());
+        }
+    }
+    let mut r = 0;
+    while r + ROW_BLOCK <= rows {
+        value_block::<T, FMA, ROW_BLOCK>((vt, at, len), r, s, (alpha, active), state);
+        r += ROW_BLOCK;
+    }
+    while r < rows {
+        value_block::<T, FMA, 1>((vt, at, len), r, s, (alpha, active), state);
+        r += 1;
+    }
+}
+
+/// The transposed values of [`value_rows`] (column `at + j` is value row `j`) and the
+/// chunk's length.
+type Values<'r, 'a, T> = (
+    &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
+    usize,
+    usize,
+);
+
+/// Rows `r .. r + B` of [`value_rows`], the columns in tiles of 64 (f32) or 32 (f64) —
+/// for `B` = 4, 256 bytes per row: sixteen 512-bit registers — then 8, then 1.
+#[inline(always)]
+fn value_block<T: Element, const FMA: bool, const B: usize>(
+    value: Values<'_, '_, T>,
+    r: usize,
+    s: &[T],
+    weights: (&[f64; MAX_ROWS], &[bool; MAX_ROWS]),
+    state: &mut State<T>,
+) {
+    let d_v = state.acc.len() / state.m.len();
+    let mut c = 0;
+    if size_of::<T>() == 4 {
+        while c + 64 <= d_v {
+            value_tile::<T, FMA, B, 64>(value, (r, c), s, weights, state);
+            c += 64;
+        }
+    } else {
+        while c + 32 <= d_v {
+            value_tile::<T, FMA, B, 32>(value, (r, c), s, weights, state);
+            c += 32;
+        }
+    }
+    while c + 8 <= d_v {
+        value_tile::<T, FMA, B, 8>(value, (r, c), s, weights, state);
+        c += 8;
+    }
+    while c < d_v {
+        value_tile::<T, FMA, B, 1>(value, (r, c), s, weights, state);
+        c += 1;
+    }
+}
+
+/// Rows `r .. r + B`, columns `c .. c + C` of [`value_rows`], the `B × C` sums in
+/// registers.
+#[inline(always)]
+fn value_tile<T: Element, const FMA: bool, const B: usize, const C: usize>(
+    (vt, at, len): Values<'_, '_, T>,
+    (r, c): (usize, usize),
+    s: &[T],
+    (alpha, active): (&[f64; MAX_ROWS], &[bool; MAX_ROWS]),
+    state: &mut State<T>,
+) {
+    let d_v = state.acc.len() / state.m.len();
+    let mut acc = [[T::zero(); C]; B];
+    for j in 0..len {
+        let column = vt.column(at + j);
+        let v: &[T; C] = column.as_slice()[c..c + C].try_into().expect("a full tile");
+        for (b, acc_b) in acc.iter_mut().enumerate() {
+            let p = s[(r + b) * CHUNK + j];
+            for t in 0..C {
+                acc_b[t] = madd::<T, FMA>(p, v[t], acc_b[t]);
+            }
+        }
+    }
+    for (b, acc_b) in acc.iter().enumerate() {
+        if active[r + b] {
+            let out = &mut state.acc[(r + b) * d_v + c..][..C];
+            for (o, x) in out.iter_mut().zip(acc_b) {
+                *o = *o * alpha[r + b] + x.to_f64();
             }
         }
     }
@@ -523,6 +750,7 @@ pub(crate) fn attention<T: Element>(
                     .to_vec(),
                 n_q: group.n_q,
                 segments: group.segments.clone(),
+                by_rows: group.by_rows,
             };
             attention(&sub, path, parallel, outs, lses);
         }
