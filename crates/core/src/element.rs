@@ -48,32 +48,42 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     /// The value whose `abs_bits` is `bits` (non-negative).
     #[doc(hidden)]
     fn from_abs_bits(bits: u64) -> Self;
-    /// The largest `abs_bits` of `xs` (0 if empty), computed in 16 independent lanes so that
-    /// the compiler vectorises it even for the baseline target.
+    /// The largest `abs_bits` of `xs` (0 if empty) when every entry is finite, else some
+    /// value `≥ Self::INFINITY_BITS`; computed in 16 independent lanes so that the
+    /// compiler vectorises it even for the baseline target.
     #[doc(hidden)]
     fn max_abs_bits(xs: &[Self]) -> u64;
 }
 
-/// `max_abs_bits` for one element type: `$bits` is the signed integer of its width (|x|'s
-/// bits always fit its positive range, and signed max vectorises on baseline x86-64).
-macro_rules! max_abs_bits {
-    ($xs:ident, $bits:ty, $mask:expr) => {{
-        let mut lanes = [0 as $bits; 16];
-        let chunks = $xs.chunks_exact(16);
-        let mut max = chunks
-            .remainder()
-            .iter()
-            .fold(0 as $bits, |m, x| m.max((x.to_bits() & $mask) as $bits));
-        for chunk in chunks {
-            for (lane, x) in lanes.iter_mut().zip(chunk) {
-                *lane = (*lane).max((x.to_bits() & $mask) as $bits);
-            }
+/// `max_abs_bits` for one element type, in 16 lanes of floats so that it vectorises even
+/// for baseline x86-64 (SSE2 has a float max and multiply, but no 32- or 64-bit integer
+/// max): the largest `|x|` by float comparison, exact for finite values (non-negative
+/// floats order as their bits), and `Σ x·0`, which is NaN exactly when some `x` is ±∞ or
+/// NaN (finite `x` give ±0, and sums of zeros are never NaN); then any non-finite entry
+/// gives `INFINITY_BITS`.
+fn max_abs_bits_of<T: Element>(xs: &[T]) -> u64 {
+    let mut max = [T::zero(); 16];
+    let mut poison = [T::zero(); 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for t in 0..16 {
+            let a = chunk[t].abs();
+            max[t] = if a > max[t] { a } else { max[t] };
+            poison[t] += chunk[t] * T::zero();
         }
-        for lane in lanes {
-            max = max.max(lane);
-        }
-        max as u64
-    }};
+    }
+    for (t, &x) in rest.iter().enumerate() {
+        let a = x.abs();
+        max[t] = if a > max[t] { a } else { max[t] };
+        poison[t] += x * T::zero();
+    }
+    if poison.iter().any(|p| !p.finite()) {
+        return T::INFINITY_BITS;
+    }
+    max.iter()
+        .fold(T::zero(), |m, &x| if x > m { x } else { m })
+        .abs_bits()
 }
 
 impl Element for f32 {
@@ -106,7 +116,7 @@ impl Element for f32 {
         f32::from_bits(bits as u32)
     }
     fn max_abs_bits(xs: &[Self]) -> u64 {
-        max_abs_bits!(xs, i32, 0x7fff_ffff)
+        max_abs_bits_of(xs)
     }
 }
 
@@ -140,7 +150,7 @@ impl Element for f64 {
         f64::from_bits(bits)
     }
     fn max_abs_bits(xs: &[Self]) -> u64 {
-        max_abs_bits!(xs, i64, 0x7fff_ffff_ffff_ffff)
+        max_abs_bits_of(xs)
     }
 }
 
