@@ -62,6 +62,10 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
 /// NaN (finite `x` give ±0, and sums of zeros are never NaN); then any non-finite entry
 /// gives `INFINITY_BITS`.
 fn max_abs_bits_of<T: Element>(xs: &[T]) -> u64 {
+    if xs.len() < 16 {
+        // Short columns (one new token of a KV cache is 1-row columns): no lanes to set up.
+        return xs.iter().fold(0, |m, x| m.max(x.abs_bits()));
+    }
     let mut max = [T::zero(); 16];
     let mut poison = [T::zero(); 16];
     let chunks = xs.chunks_exact(16);
