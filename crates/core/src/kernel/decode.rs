@@ -375,27 +375,67 @@ fn chunk<T: Element, const FMA: bool>(
     state: &mut State<T>,
 ) {
     let rows = group.rows();
-    // The next chunk's keys and values are requested now, to arrive while this one is
-    // computed (all at once: spreading the requests over the loops measured slower).
-    if let Some((k, v, at)) = next {
-        for p in 0..d_k {
-            prefetch_run(&k.column(p).as_slice()[at..at + CHUNK]);
-        }
-        if group.by_rows {
-            for j in at..at + CHUNK {
-                prefetch_run(v.column(j).as_slice());
-            }
-        } else {
-            for c in 0..d_v {
-                prefetch_run(&v.column(c).as_slice()[at..at + CHUNK]);
+    if let Some(next) = next {
+        prefetch_chunk(group.by_rows, next, d_k, d_v);
+    }
+    scores::<T, FMA>(group, k, d_k, at, len, s);
+    let (alpha, active) = softmax_step::<T, FMA>(group, start, len, s, state);
+    if group.by_rows {
+        value_rows::<T, FMA>(v, at, len, s, (&alpha, &active), rows, state);
+        return;
+    }
+    // Σ_j p_rj·v_jc for every value column, the column read once for all rows.
+    for c in 0..d_v {
+        let column = v.column(c);
+        let vc = &column.as_slice()[at..at + len];
+        for r in 0..rows {
+            if active[r] {
+                let dot = lane_sum::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], Some(vc));
+                let a = &mut state.acc[r * d_v + c];
+                *a = *a * alpha[r] + dot;
             }
         }
     }
-    scores::<T, FMA>(group, k, d_k, at, len, s);
-    // Per row: the score modifiers and the online softmax step; `s` becomes `p`.
+}
+
+/// Requests every cache line of the next chunk's keys and values (`(k, v, at)` as
+/// [`in_place`] gives them), to arrive while this chunk is computed: all at once, since
+/// spreading the requests over the loops measured slower.
+#[inline(always)]
+fn prefetch_chunk<T: Element>(
+    by_rows: bool,
+    (k, v, at): (ColumnView<'_, '_, T>, ColumnView<'_, '_, T>, usize),
+    d_k: usize,
+    d_v: usize,
+) {
+    for p in 0..d_k {
+        prefetch_run(&k.column(p).as_slice()[at..at + CHUNK]);
+    }
+    if by_rows {
+        for j in at..at + CHUNK {
+            prefetch_run(v.column(j).as_slice());
+        }
+    } else {
+        for c in 0..d_v {
+            prefetch_run(&v.column(c).as_slice()[at..at + CHUNK]);
+        }
+    }
+}
+
+/// Per row, the chunk's score modifiers and the online softmax step: `s` becomes `p`, `m`
+/// and `l` are updated; returns each row's `α = exp(m_old − m_new)` and whether the row
+/// has an allowed key in the chunk (else its `s` is left as is and must not be used).
+#[inline(always)]
+fn softmax_step<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    start: usize,
+    len: usize,
+    s: &mut [T],
+    state: &mut State<T>,
+) -> ([f64; MAX_ROWS], [bool; MAX_ROWS]) {
     let mut alpha = [0.0f64; MAX_ROWS];
     let mut active = [false; MAX_ROWS];
-    for r in 0..rows {
+    for r in 0..group.rows() {
         let spec = group.specs[r / group.n_q];
         let i = r % group.n_q;
         let sr = &mut s[r * CHUNK..r * CHUNK + len];
@@ -427,22 +467,7 @@ fn chunk<T: Element, const FMA: bool>(
         state.l[r] = state.l[r] * alpha[r] + lane_sum::<T, FMA>(sr, None);
         state.m[r] = m_new;
     }
-    if group.by_rows {
-        value_rows::<T, FMA>(v, at, len, s, (&alpha, &active), rows, state);
-        return;
-    }
-    // Σ_j p_rj·v_jc for every value column, the column read once for all rows.
-    for c in 0..d_v {
-        let column = v.column(c);
-        let vc = &column.as_slice()[at..at + len];
-        for r in 0..rows {
-            if active[r] {
-                let dot = lane_sum::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], Some(vc));
-                let a = &mut state.acc[r * d_v + c];
-                *a = *a * alpha[r] + dot;
-            }
-        }
-    }
+    (alpha, active)
 }
 
 /// `acc_r ← α_r·acc_r + Σ_j p_rj·v_j` for the active rows, values stored by rows (`vt`:
