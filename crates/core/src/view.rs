@@ -3,8 +3,9 @@
 //! by value, with any shape and stride types; the kernels then see one type, [`MatRef`]
 //! or [`MatMut`] (dynamic shape and strides).
 //!
-//! This file holds the crate's only `unsafe` outside `kernel/simd.rs`: turning a view
-//! passed by value into the dynamic-stride view of the same memory for the same lifetime.
+//! This file holds the crate's only `unsafe` outside `kernel/simd.rs`: views of the same
+//! memory for the same lifetime with other stride types (a view passed by value as the
+//! dynamic-stride view, a block of a view, disjoint mutable blocks, a view transposed).
 //! nalgebra converts only references to views safely (`From<&'a Matrix>`); a view by value
 //! (`q.columns(0, d)`) has no safe conversion that keeps its lifetime `'a`, which options
 //! holding a mask or bias need.
