@@ -4,7 +4,7 @@
 
 use nalgebra::DMatrix;
 
-use crate::{Options, attention};
+use crate::{Options, attention, attention_backward};
 
 /// How a packed batch splits into heads (columns) and sequences (rows).
 ///
@@ -82,6 +82,41 @@ pub fn multi_head_attention<T: Copy + Into<f64>>(
     layout: &Layout,
     options: &HeadOptions,
 ) -> HeadAttention {
+    let (g, d_k, d_v) = check(query, key, value, layout, options);
+    let h_q = layout.heads_q;
+    let mut output = DMatrix::zeros(query.nrows(), h_q * d_v);
+    let mut lse = DMatrix::from_element(query.nrows(), h_q, f64::NEG_INFINITY);
+    let (mut row_q, mut row_kv) = (0, 0);
+    for s in 0..layout.seqlens_q.len() {
+        let (n_q, n_kv) = (layout.seqlens_q[s], layout.seqlens_kv[s]);
+        for h in 0..h_q {
+            let q = block(query, row_q, n_q, h * d_k, d_k);
+            let k = block(key, row_kv, n_kv, (h / g) * d_k, d_k);
+            let v = block(value, row_kv, n_kv, (h / g) * d_v, d_v);
+            let opts = head_options(options, (s, h), row_kv..row_kv + n_kv);
+            let att = attention(&q, &k, &v, &opts);
+            for i in 0..n_q {
+                for c in 0..d_v {
+                    output[(row_q + i, h * d_v + c)] = att.output[(i, c)];
+                }
+                lse[(row_q + i, h)] = att.lse[i];
+            }
+        }
+        row_q += n_q;
+        row_kv += n_kv;
+    }
+    HeadAttention { output, lse }
+}
+
+/// Checks the shapes, lengths and head counts of a multi-head call and returns
+/// `(g, d_k, d_v)`: query heads per key/value head and the head widths.
+fn check<T>(
+    query: &DMatrix<T>,
+    key: &DMatrix<T>,
+    value: &DMatrix<T>,
+    layout: &Layout,
+    options: &HeadOptions,
+) -> (usize, usize, usize) {
     let (h_q, h_kv) = (layout.heads_q, layout.heads_kv);
     assert!(
         h_q > 0 && h_kv > 0 && h_q % h_kv == 0,
@@ -147,40 +182,129 @@ pub fn multi_head_attention<T: Copy + Into<f64>>(
         assert_eq!(list, n_seq, "one mask or bias per sequence");
     }
 
-    let mut output = DMatrix::zeros(query.nrows(), h_q * d_v);
-    let mut lse = DMatrix::from_element(query.nrows(), h_q, f64::NEG_INFINITY);
+    (g, d_k, d_v)
+}
+
+/// Rows `r0 .. r0 + n`, columns `c0 .. c0 + d` of `m`, in f64.
+fn block<T: Copy + Into<f64>>(
+    m: &DMatrix<T>,
+    r0: usize,
+    n: usize,
+    c0: usize,
+    d: usize,
+) -> DMatrix<f64> {
+    DMatrix::from_fn(n, d, |i, j| m[(r0 + i, c0 + j)].into())
+}
+
+/// The single-head options of sequence `s`, query head `h`, whose keys are the packed
+/// rows `keys`.
+fn head_options(
+    options: &HeadOptions,
+    (s, h): (usize, usize),
+    keys: std::ops::Range<usize>,
+) -> Options {
+    let mut opts = options.base.clone();
+    if let Some(slopes) = &options.alibi_slopes {
+        opts.alibi_slope = Some(slopes[h]);
+    }
+    opts.key_mask = options.key_mask.as_ref().map(|m| m[keys].to_vec());
+    opts.mask = options.masks.as_ref().map(|m| m[s].clone());
+    opts.bias = options.biases.as_ref().map(|b| b[s].clone());
+    opts
+}
+
+/// Result of [`multi_head_backward`].
+#[derive(Clone, Debug)]
+pub struct HeadGradients {
+    /// `∂L/∂Q`, `Σn_q × h_q·d_k`.
+    pub dq: DMatrix<f64>,
+    /// `∂L/∂K`, `Σn_kv × h_kv·d_k`: key/value head `j`'s gradient sums over the `g` query
+    /// heads that read it.
+    pub dk: DMatrix<f64>,
+    /// `∂L/∂V`, `Σn_kv × h_kv·d_v`, summed likewise.
+    pub dv: DMatrix<f64>,
+    /// Per sequence, `∂L/∂bias` of a bias shared by its heads (`n_q × n_kv`): the sum over
+    /// the heads of each head's score gradient (see [`Gradients::d_bias`](crate::Gradients)).
+    pub d_biases: Vec<DMatrix<f64>>,
+}
+
+/// The gradients of [`multi_head_attention`] given `d_out = ∂L/∂output`
+/// (`Σn_q × h_q·d_v`), by definition: [`attention_backward`] per sequence and query head
+/// on copies of its blocks, the key/value heads' gradients summed over the query heads of
+/// their group, and each sequence's bias gradient summed over its heads.
+///
+/// # Panics
+/// As [`multi_head_attention`], and if `d_out` is not `Σn_q × h_q·d_v`.
+///
+/// # Example
+/// ```
+/// use attention_reference::{attention_backward, multi_head_backward, HeadOptions, Layout, Options};
+/// use nalgebra::DMatrix;
+///
+/// // Two query heads reading one key/value head: dK is the sum of both heads' dK.
+/// let q = DMatrix::from_fn(3, 4, |i, j| ((i + 2 * j) as f64 * 0.7).sin());
+/// let k = DMatrix::from_fn(3, 2, |i, j| ((i * j) as f64 * 0.3).cos());
+/// let v = DMatrix::from_fn(3, 2, |i, j| (i + j) as f64);
+/// let d_out = DMatrix::from_fn(3, 4, |i, j| (i * 4 + j) as f64 * 0.1);
+/// let layout = Layout { heads_q: 2, heads_kv: 1, seqlens_q: vec![3], seqlens_kv: vec![3] };
+/// let g = multi_head_backward(&q, &k, &v, &d_out, &layout, &HeadOptions::default());
+/// let head = |h: usize| attention_backward(
+///     &q.columns(2 * h, 2).into_owned(), &k, &v, &d_out.columns(2 * h, 2).into_owned(),
+///     &Options::default());
+/// assert!((&g.dk - (head(0).dk + head(1).dk)).amax() < 1e-15);
+/// ```
+#[must_use]
+pub fn multi_head_backward<T: Copy + Into<f64>>(
+    query: &DMatrix<T>,
+    key: &DMatrix<T>,
+    value: &DMatrix<T>,
+    d_out: &DMatrix<T>,
+    layout: &Layout,
+    options: &HeadOptions,
+) -> HeadGradients {
+    let (g, d_k, d_v) = check(query, key, value, layout, options);
+    let h_q = layout.heads_q;
+    assert_eq!(
+        d_out.shape(),
+        (query.nrows(), h_q * d_v),
+        "d_out must be Σn_q × h_q·d_v"
+    );
+    let mut dq = DMatrix::zeros(query.nrows(), h_q * d_k);
+    let mut dk = DMatrix::zeros(key.nrows(), key.ncols());
+    let mut dv = DMatrix::zeros(value.nrows(), value.ncols());
+    let mut d_biases = Vec::with_capacity(layout.seqlens_q.len());
     let (mut row_q, mut row_kv) = (0, 0);
-    for s in 0..n_seq {
+    for s in 0..layout.seqlens_q.len() {
         let (n_q, n_kv) = (layout.seqlens_q[s], layout.seqlens_kv[s]);
-        let block = |m: &DMatrix<T>, r0: usize, n: usize, c0: usize, d: usize| {
-            DMatrix::from_fn(n, d, |i, j| m[(r0 + i, c0 + j)].into())
-        };
+        let mut d_bias = DMatrix::zeros(n_q, n_kv);
         for h in 0..h_q {
-            let q = block(query, row_q, n_q, h * d_k, d_k);
-            let k = block(key, row_kv, n_kv, (h / g) * d_k, d_k);
-            let v = block(value, row_kv, n_kv, (h / g) * d_v, d_v);
-            let mut opts = base.clone();
-            if let Some(slopes) = &options.alibi_slopes {
-                opts.alibi_slope = Some(slopes[h]);
-            }
-            opts.key_mask = options
-                .key_mask
-                .as_ref()
-                .map(|m| m[row_kv..row_kv + n_kv].to_vec());
-            opts.mask = options.masks.as_ref().map(|m| m[s].clone());
-            opts.bias = options.biases.as_ref().map(|b| b[s].clone());
-            let att = attention(&q, &k, &v, &opts);
-            for i in 0..n_q {
-                for c in 0..d_v {
-                    output[(row_q + i, h * d_v + c)] = att.output[(i, c)];
-                }
-                lse[(row_q + i, h)] = att.lse[i];
-            }
+            let j = h / g;
+            let grads = attention_backward(
+                &block(query, row_q, n_q, h * d_k, d_k),
+                &block(key, row_kv, n_kv, j * d_k, d_k),
+                &block(value, row_kv, n_kv, j * d_v, d_v),
+                &block(d_out, row_q, n_q, h * d_v, d_v),
+                &head_options(options, (s, h), row_kv..row_kv + n_kv),
+            );
+            dq.view_mut((row_q, h * d_k), (n_q, d_k))
+                .copy_from(&grads.dq);
+            // Sums over the group's heads in head order (g terms: exact enough for f64).
+            let mut dk_j = dk.view_mut((row_kv, j * d_k), (n_kv, d_k));
+            dk_j += &grads.dk;
+            let mut dv_j = dv.view_mut((row_kv, j * d_v), (n_kv, d_v));
+            dv_j += &grads.dv;
+            d_bias += &grads.d_bias;
         }
+        d_biases.push(d_bias);
         row_q += n_q;
         row_kv += n_kv;
     }
-    HeadAttention { output, lse }
+    HeadGradients {
+        dq,
+        dk,
+        dv,
+        d_biases,
+    }
 }
 
 /// The ALiBi slopes of `heads` heads, as the ALiBi paper defines them and Hugging Face

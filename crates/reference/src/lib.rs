@@ -28,7 +28,8 @@
 //! where `diag_i = i` for top-left causal attention and `diag_i = i + n_kv − n_q` otherwise
 //! (bottom-right: the last query lines up with the last key). A row in which no key is
 //! allowed has output 0, weights 0 and `lse = −∞` (no NaN). See [`attention()`] for the
-//! details and [`merge()`] for combining results over blocks of keys. [`rope()`] is the
+//! details and [`merge()`] for combining results over blocks of keys;
+//! [`attention_backward`] and [`multi_head_backward`] are the gradients, by definition. [`rope()`] is the
 //! rotary position embedding, from its formula; [`Layer`] a multi-head attention layer on
 //! top of [`compute_qkv`], [`rope()`] and [`multi_head_attention`].
 //!
@@ -64,6 +65,7 @@
 #![deny(missing_docs)]
 
 mod attention;
+mod backward;
 mod compensated;
 mod heads;
 mod layer;
@@ -72,8 +74,12 @@ mod projection;
 mod rope;
 
 pub use attention::{attention, self_attention};
+pub use backward::{Gradients, attention_backward};
 pub use compensated::{dot2, neumaier_sum};
-pub use heads::{HeadAttention, HeadOptions, Layout, alibi_slopes, multi_head_attention};
+pub use heads::{
+    HeadAttention, HeadGradients, HeadOptions, Layout, alibi_slopes, multi_head_attention,
+    multi_head_backward,
+};
 pub use layer::{Layer, LayerRope};
 pub use merge::merge;
 pub use projection::{compute_qkv, project};

@@ -27,6 +27,7 @@
 //!
 //! [`rope_cases`] reads `data/rope_cases.json` the same way (rotary position embeddings,
 //! 60 cases; see [`RopeCase`]), [`mha_cases`] `data/mha_cases.json` (multi-head, 42 cases)
+//! [`backward_cases`] `data/backward_cases.json` (gradients by PyTorch autograd, 40 cases)
 //! and [`layer_cases`] `data/layer_cases.json` (an attention layer, 15 cases; see
 //! [`LayerCase`]).
 //!
@@ -49,6 +50,8 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
+mod backward;
+pub use backward::{BackwardCase, backward_cases};
 mod layer;
 pub use layer::{LayerCase, layer_cases};
 mod mha;

@@ -75,7 +75,7 @@ pub fn mha_cases() -> Vec<MhaCase> {
         .clone()
 }
 
-fn parse(obj: &serde_json::Map<String, Value>, index: usize) -> MhaCase {
+pub(crate) fn parse(obj: &serde_json::Map<String, Value>, index: usize) -> MhaCase {
     let mut r = Reader {
         obj,
         case: format!("#{index}"),
