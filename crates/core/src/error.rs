@@ -48,6 +48,9 @@ pub enum Operand {
     Output,
     /// The log-sum-exp vector of a result (n_q).
     Lse,
+    /// The gradient flowing into the output, `∂L/∂output` (n_q × d_v), given to
+    /// [`scaled_dot_product_attention_backward`](crate::scaled_dot_product_attention_backward).
+    OutputGradient,
     /// The attention-weight matrix of [`attention_weights`](crate::attention_weights)
     /// (n_q × n_kv).
     Weights,
@@ -103,6 +106,7 @@ impl fmt::Display for Operand {
             Operand::Bias => f.write_str("bias"),
             Operand::Output => f.write_str("output"),
             Operand::Lse => f.write_str("log-sum-exp"),
+            Operand::OutputGradient => f.write_str("output gradient"),
             Operand::Weights => f.write_str("attention weights"),
             Operand::Partial(i) => write!(f, "partial output {i}"),
             Operand::PartialLse(i) => write!(f, "partial log-sum-exp {i}"),
@@ -266,7 +270,9 @@ pub enum AttentionError {
     /// A projection `X · W` (plus its bias, if any) in [`compute_qkv`](crate::compute_qkv)
     /// or a [`MultiHeadAttention`](crate::MultiHeadAttention) layer overflowed the element
     /// type: `operand` is [`Operand::Query`], [`Operand::Key`] or [`Operand::Value`] for
-    /// the input projections, [`Operand::Output`] for a layer's output projection.
+    /// the input projections, [`Operand::Output`] for a layer's output projection. From
+    /// [`scaled_dot_product_attention_backward`](crate::scaled_dot_product_attention_backward):
+    /// the gradient of that operand (dQ, dK, dV) exceeds the type's range.
     /// (Attention outputs never overflow: they are convex combinations of values.)
     ProductOverflow {
         /// The result that overflowed.
@@ -393,6 +399,19 @@ pub enum AttentionError {
         len: usize,
         /// The sequence's length (tokens appended so far).
         history: usize,
+    },
+    /// The log-sum-exp given to
+    /// [`scaled_dot_product_attention_backward`](crate::scaled_dot_product_attention_backward)
+    /// cannot come from these inputs: row `row` has an allowed key but its lse is −∞, or a
+    /// recomputed weight `exp(s_ij − lse_i)` of that row exceeds 1 by more than the
+    /// forward's rounding allows (key `key`).
+    InvalidLse {
+        /// The query row.
+        row: usize,
+        /// The key whose weight shows it.
+        key: usize,
+        /// The lse given, widened to f64.
+        value: f64,
     },
 }
 
@@ -522,6 +541,10 @@ impl fmt::Display for AttentionError {
             } => write!(
                 f,
                 "the call needs the tokens from position {needed_from}, but the sliding window has evicted those before {first_kept}"
+            ),
+            AttentionError::InvalidLse { row, key, value } => write!(
+                f,
+                "log-sum-exp[{row}] is {value}, which cannot come from these inputs: key {key}'s weight exp(s - lse) would exceed 1"
             ),
             AttentionError::TruncateBeyond { len, history } => write!(
                 f,

@@ -71,6 +71,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod api;
+mod backward;
 mod cache;
 mod columns;
 mod cpu;
@@ -93,6 +94,7 @@ pub use api::{
     compute_qkv, scaled_dot_product_attention, scaled_dot_product_attention_into,
     scaled_dot_product_attention_with_lse, self_attention,
 };
+pub use backward::{AttentionGradients, scaled_dot_product_attention_backward};
 pub use cache::{
     CacheSnapshot, DEFAULT_PAGE_SIZE, KvCache, SeqId, cached_attention, cached_attention_with_lse,
 };

@@ -154,6 +154,19 @@ impl<T: Element> Spec<'_, T> {
         }
         s
     }
+
+    /// `∂z/∂t` of [`modify`](Spec::modify) at an allowed pair, `t = scale·q_i·k_j`: the
+    /// softcap's `1 − tanh²(t/c)` (1 without one). ALiBi and the bias add terms that do
+    /// not depend on `t`, and a disallowed pair has no gradient.
+    pub(crate) fn modify_derivative(&self, t: T) -> T {
+        match self.softcap {
+            Some(c) => {
+                let th = (t / c).tanh();
+                T::one() - th * th
+            }
+            None => T::one(),
+        }
+    }
 }
 
 /// What every entry of a row with no allowed key is: its output entries and attention

@@ -126,7 +126,7 @@ fn exponentiate(s: &mut [f64]) -> (f64, f64) {
 }
 
 /// The attention output (and log-sum-exp) by the module's rule.
-pub(super) fn attention<T: Element>(
+pub(crate) fn attention<T: Element>(
     spec: &Spec<'_, T>,
     out: &mut MatMut<'_, T>,
     mut lse: Option<&mut [T]>,

@@ -1,0 +1,437 @@
+//! The backward pass of single-head attention: dQ, dK, dV from the forward's output and
+//! log-sum-exp, without storing anything `n_q × n_kv` (FlashAttention-2's recomputation).
+//!
+//! This first version is exact and deterministic but not yet fast: it recomputes each
+//! weight in scalar code with `f64` sums (issue 11's SIMD tiles are still to come).
+
+use nalgebra::DMatrix;
+use rayon::prelude::*;
+
+use crate::Element;
+use crate::error::{AttentionError, Axis, Operand, check_dim};
+use crate::kernel::careful;
+use crate::memory::try_matrix;
+use crate::options::{AttentionOptions, MatRef, Parallelism};
+use crate::spec::{Spec, check_finite};
+use crate::view::{AsMatMut, AsMatRef};
+
+/// The gradients of [`scaled_dot_product_attention_backward`], each the shape of its
+/// input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionGradients<T: Element> {
+    /// `∂L/∂Q`, n_q × d_k.
+    pub dq: DMatrix<T>,
+    /// `∂L/∂K`, n_kv × d_k.
+    pub dk: DMatrix<T>,
+    /// `∂L/∂V`, n_kv × d_v.
+    pub dv: DMatrix<T>,
+}
+
+/// Keys per task of the dK/dV pass and queries per task of the dQ pass.
+const BLOCK: usize = 64;
+/// Multiply-adds below which a call stays on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// The gradients of [`scaled_dot_product_attention`](crate::scaled_dot_product_attention)
+/// with respect to Q, K and V, given its `output` and `lse` (as
+/// [`scaled_dot_product_attention_with_lse`](crate::scaled_dot_product_attention_with_lse)
+/// returns them, for the same inputs and options) and `d_output = ∂L/∂output` for some
+/// scalar loss `L`.
+///
+/// With `t_ij = scale·q_i·k_j`, `z_ij` the final score (after softcap, ALiBi and bias; the
+/// pair disallowed by a mask, causal or window contributes nothing),
+/// `P_ij = exp(z_ij − lse_i)`:
+///
+/// ```text
+/// D_i   = Σ_c dO_ic·O_ic
+/// dV_j  = Σ_i P_ij·dO_i
+/// dZ_ij = P_ij·(dO_i·v_j − D_i)
+/// dT_ij = dZ_ij·∂z/∂t                 (1 − tanh²(t_ij/c) with softcap c, else 1)
+/// dQ_i  = scale·Σ_j dT_ij·k_j          dK_j = scale·Σ_i dT_ij·q_i
+/// ```
+///
+/// Nothing `n_q × n_kv` is stored: each weight is recomputed from Q, K and `lse`, once for
+/// dK and dV (threads over blocks of keys) and once for dQ (threads over blocks of
+/// queries), every sum in `f64` in a fixed order, so the result does not depend on the
+/// number of threads. Masked pairs and rows with no allowed key get gradient exactly 0;
+/// the scale and the ALiBi slope get none (constants of the model, as in PyTorch).
+///
+/// # Shapes
+/// `query` n_q × d_k, `key` n_kv × d_k, `value` n_kv × d_v, `output` and `d_output`
+/// n_q × d_v, `lse` n_q. Returns dQ, dK, dV in those shapes.
+///
+/// # Errors
+/// Those of [`scaled_dot_product_attention`](crate::scaled_dot_product_attention) for the
+/// inputs and options (shapes, NaN/∞, options; [`AttentionError::ScoreOverflow`] for
+/// scores outside the type's range, as the forward reports them);
+/// [`AttentionError::DimensionMismatch`] when `output` or `d_output`
+/// ([`Operand::OutputGradient`]) is not n_q × d_v or `lse` ([`Operand::Lse`]) does not
+/// have n_q entries; [`AttentionError::NonFinite`] for NaN/∞ in `output` or `d_output`,
+/// or NaN/+∞ in `lse`; [`AttentionError::InvalidLse`] for an lse that cannot come from
+/// these inputs: −∞ on a row with an allowed key, or so small that a recomputed weight
+/// `exp(z_ij − lse_i)` exceeds 1 by more than the forward's rounding (of the scores and of
+/// lse itself) allows; [`AttentionError::ProductOverflow`] if a gradient exceeds the
+/// type's range; [`AttentionError::TooLarge`] if the results cannot be allocated.
+///
+/// # Example
+/// ```
+/// use attention_core::{
+///     scaled_dot_product_attention_backward, scaled_dot_product_attention_with_lse,
+///     AttentionOptions, Causal,
+/// };
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_fn(4, 3, |i, j| ((i * 3 + j) as f64 * 0.7).sin());
+/// let k = DMatrix::from_fn(5, 3, |i, j| ((i + 2 * j) as f64 * 0.4).cos());
+/// let v = DMatrix::from_fn(5, 2, |i, j| (i + j) as f64 * 0.5);
+/// let options = AttentionOptions::new().with_causal(Causal::BottomRight);
+/// let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &options)?;
+///
+/// // L = Σ output: dO is all ones.
+/// let d_out = DMatrix::from_element(4, 2, 1.0);
+/// let g = scaled_dot_product_attention_backward(&q, &k, &v, &out, lse.as_slice(), &d_out, &options)?;
+/// assert_eq!((g.dq.shape(), g.dk.shape(), g.dv.shape()), ((4, 3), (5, 3), (5, 2)));
+/// // Each value row receives the total weight its key gets: the weights of a row sum to 1.
+/// assert!((g.dv.column(0).sum() - 4.0).abs() < 1e-12);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub fn scaled_dot_product_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
+    output: impl AsMatRef<'o, T>,
+    lse: &[T],
+    d_output: impl AsMatRef<'g, T>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<AttentionGradients<T>, AttentionError> {
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
+    let spec = Spec::new(q, k, v, options)?;
+    let (output, d_output) = (output.into_mat_ref(), d_output.into_mat_ref());
+    check_result_operands(&spec, &output, lse, &d_output)?;
+    if !spec.scores_in_range {
+        // Scores that may leave the type's range: the forward's rule decides, so that the
+        // backward of a call fails exactly when the call does.
+        let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
+        careful::attention(&spec, &mut (&mut scratch).into_mat_mut(), None)?;
+    }
+    let parallel = options.parallelism == Parallelism::Rayon
+        && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
+    let problem = Problem::new(&spec, &output, lse, &d_output);
+    let (dk, dv) = problem.key_pass(parallel)?;
+    let dq = problem.query_pass(parallel);
+    Ok(AttentionGradients {
+        dq: problem.rounded(&dq, problem.d_k, Operand::Query)?,
+        dk: problem.rounded(&dk, problem.d_k, Operand::Key)?,
+        dv: problem.rounded(&dv, problem.d_v, Operand::Value)?,
+    })
+}
+
+/// Shapes and values of `output`, `lse` and `d_output`.
+fn check_result_operands<T: Element>(
+    spec: &Spec<'_, T>,
+    output: &MatRef<'_, T>,
+    lse: &[T],
+    d_output: &MatRef<'_, T>,
+) -> Result<(), AttentionError> {
+    for (operand, m) in [
+        (Operand::Output, output),
+        (Operand::OutputGradient, d_output),
+    ] {
+        check_dim(
+            operand,
+            Axis::Rows,
+            m.nrows(),
+            spec.n_q,
+            Operand::Query,
+            "one row per query",
+        )?;
+        check_dim(
+            operand,
+            Axis::Columns,
+            m.ncols(),
+            spec.d_v,
+            Operand::Value,
+            "d_v must match",
+        )?;
+    }
+    check_dim(
+        Operand::Lse,
+        Axis::Entries,
+        lse.len(),
+        spec.n_q,
+        Operand::Query,
+        "one log-sum-exp per query",
+    )?;
+    check_finite(Operand::Output, output)?;
+    if let Some((row, &x)) = lse
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.finite() && **x != T::NEG_INFINITY)
+    {
+        return Err(AttentionError::NonFinite {
+            operand: Operand::Lse,
+            row,
+            column: 0,
+            value: x.to_f64(),
+        });
+    }
+    check_finite(Operand::OutputGradient, d_output)?;
+    Ok(())
+}
+
+/// The problem in f64, rows contiguous: what both passes read.
+struct Problem<'s, 'a, T: Element> {
+    spec: &'s Spec<'a, T>,
+    d_k: usize,
+    d_v: usize,
+    scale: f64,
+    /// Row-major `n × d` copies in f64.
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    d_o: Vec<f64>,
+    lse: Vec<f64>,
+    /// `D_i = Σ_c dO_ic·O_ic`.
+    d: Vec<f64>,
+    /// Per query, `Σ_c |q_ic|·max|K|`: bounds `|q_i·k_j|` for the lse check.
+    q_bound: Vec<f64>,
+}
+
+impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
+    fn new(
+        spec: &'s Spec<'a, T>,
+        output: &MatRef<'_, T>,
+        lse: &[T],
+        d_output: &MatRef<'_, T>,
+    ) -> Self {
+        let rows = |m: &MatRef<'_, T>| -> Vec<f64> {
+            let (n, d) = m.shape();
+            (0..n * d)
+                .map(|x| m[(x / d.max(1), x % d.max(1))].to_f64())
+                .collect()
+        };
+        let (q, d_o, o) = (rows(&spec.q), rows(d_output), rows(output));
+        let (d_k, d_v) = (spec.d_k, spec.d_v);
+        let d = (0..spec.n_q)
+            .map(|i| dot(&d_o[i * d_v..(i + 1) * d_v], &o[i * d_v..(i + 1) * d_v]))
+            .collect();
+        let k_max = spec.k_max_abs.to_f64();
+        let q_bound = (0..spec.n_q)
+            .map(|i| {
+                q[i * d_k..(i + 1) * d_k]
+                    .iter()
+                    .map(|x| x.abs())
+                    .sum::<f64>()
+                    * k_max
+            })
+            .collect();
+        Problem {
+            spec,
+            d_k,
+            d_v,
+            scale: spec.scale.to_f64(),
+            k: rows(&spec.k),
+            v: rows(&spec.v),
+            lse: lse.iter().map(|x| x.to_f64()).collect(),
+            q,
+            d_o,
+            d,
+            q_bound,
+        }
+    }
+
+    /// `(P_ij, dT_ij)` of an allowed pair with a nonzero weight, `None` for a pair that
+    /// contributes nothing; the lse checks and a non-finite score as errors.
+    #[inline]
+    fn pair(&self, i: usize, j: usize) -> Result<Option<(f64, f64)>, AttentionError> {
+        let spec = self.spec;
+        if !spec.allowed(i, j) {
+            return Ok(None);
+        }
+        let (d_k, d_v) = (self.d_k, self.d_v);
+        let t = T::from_f64_rounded(
+            self.scale
+                * dot(
+                    &self.q[i * d_k..(i + 1) * d_k],
+                    &self.k[j * d_k..(j + 1) * d_k],
+                ),
+        );
+        let z = spec.modify(i, j, t);
+        if z == T::NEG_INFINITY {
+            return Ok(None); // a −∞ bias
+        }
+        if !z.finite() {
+            return Err(AttentionError::ScoreOverflow { query: i, key: j });
+        }
+        let (z, lse) = (z.to_f64(), self.lse[i]);
+        let invalid = AttentionError::InvalidLse {
+            row: i,
+            key: j,
+            value: lse,
+        };
+        if lse == f64::NEG_INFINITY {
+            return Err(invalid);
+        }
+        // The forward rounded the scores (about (d_k + 2)·u·|scale|·Σ|q||k|, plus the
+        // softcap, ALiBi and bias additions) and lse itself: a weight may exceed 1 by that
+        // much, not more.
+        let u = T::EPSILON.to_f64();
+        let slack = 4.0 * u * (1.0 + lse.abs() + z.abs())
+            + (d_k as f64 + 2.0) * u * self.scale.abs() * self.q_bound[i];
+        if z - lse > slack {
+            return Err(invalid);
+        }
+        let p = (z - lse).exp();
+        if p == 0.0 {
+            return Ok(None);
+        }
+        let dp = dot(
+            &self.d_o[i * d_v..(i + 1) * d_v],
+            &self.v[j * d_v..(j + 1) * d_v],
+        );
+        let dt = p * (dp - self.d[i]) * spec.modify_derivative(t).to_f64();
+        Ok(Some((p, dt)))
+    }
+
+    /// dK and dV (row-major, f64), threads over blocks of keys. On error, the one of the
+    /// smallest pair `(i, j)` in lexicographic order: every pair is visited, so the error
+    /// does not depend on the threads.
+    #[allow(clippy::type_complexity)] // (dK, dV)
+    fn key_pass(&self, parallel: bool) -> Result<(Vec<f64>, Vec<f64>), AttentionError> {
+        let n_kv = self.spec.n_kv;
+        let blocks: Vec<_> = (0..n_kv.div_ceil(BLOCK))
+            .map(|b| b * BLOCK..((b + 1) * BLOCK).min(n_kv))
+            .collect();
+        let run = |keys: &std::ops::Range<usize>| self.key_block(keys.clone());
+        let results: Vec<_> = if parallel {
+            blocks.par_iter().map(run).collect()
+        } else {
+            blocks.iter().map(run).collect()
+        };
+        let mut first: Option<(usize, usize, AttentionError)> = None;
+        let (mut dk, mut dv) = (Vec::new(), Vec::new());
+        for result in results {
+            match result {
+                Ok((k, v)) => {
+                    dk.extend(k);
+                    dv.extend(v);
+                }
+                Err((i, j, e)) => {
+                    if first.as_ref().is_none_or(|(fi, fj, _)| (i, j) < (*fi, *fj)) {
+                        first = Some((i, j, e));
+                    }
+                }
+            }
+        }
+        match first {
+            Some((_, _, e)) => Err(e),
+            None => Ok((dk, dv)),
+        }
+    }
+
+    /// dK and dV rows of `keys`, or the block's smallest failing pair.
+    #[allow(clippy::type_complexity)]
+    fn key_block(
+        &self,
+        keys: std::ops::Range<usize>,
+    ) -> Result<(Vec<f64>, Vec<f64>), (usize, usize, AttentionError)> {
+        let (d_k, d_v) = (self.d_k, self.d_v);
+        let mut dk = vec![0.0; keys.len() * d_k];
+        let mut dv = vec![0.0; keys.len() * d_v];
+        let mut first: Option<(usize, usize, AttentionError)> = None;
+        for (r, j) in keys.enumerate() {
+            let (dk_j, dv_j) = (&mut dk[r * d_k..][..d_k], &mut dv[r * d_v..][..d_v]);
+            let (lo, hi) = self.spec.band.queries(j);
+            let queries = lo.max(0) as usize..(hi + 1).clamp(0, self.spec.n_q as i64) as usize;
+            for i in queries {
+                match self.pair(i, j) {
+                    Ok(Some((p, dt))) => {
+                        axpy(p, &self.d_o[i * d_v..(i + 1) * d_v], dv_j);
+                        axpy(self.scale * dt, &self.q[i * d_k..(i + 1) * d_k], dk_j);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if first.as_ref().is_none_or(|(fi, fj, _)| (i, j) < (*fi, *fj)) {
+                            first = Some((i, j, e));
+                        }
+                        break; // later queries of this key are larger pairs
+                    }
+                }
+            }
+        }
+        match first {
+            Some(f) => Err(f),
+            None => Ok((dk, dv)),
+        }
+    }
+
+    /// dQ (row-major, f64), threads over blocks of queries (every pair was checked by
+    /// [`key_pass`](Self::key_pass)).
+    fn query_pass(&self, parallel: bool) -> Vec<f64> {
+        let (n_q, d_k) = (self.spec.n_q, self.d_k);
+        let mut dq = vec![0.0; n_q * d_k];
+        let run = |(b, rows): (usize, &mut [f64])| {
+            for (r, dq_i) in rows.chunks_mut(d_k.max(1)).enumerate() {
+                let i = b * BLOCK + r;
+                let (lo, hi) = self.spec.key_range(i);
+                let keys = lo as usize..(hi + 1).max(lo) as usize;
+                for j in keys {
+                    if let Ok(Some((_, dt))) = self.pair(i, j) {
+                        axpy(self.scale * dt, &self.k[j * d_k..(j + 1) * d_k], dq_i);
+                    }
+                }
+            }
+        };
+        let chunk = (BLOCK * d_k).max(1);
+        if parallel {
+            dq.par_chunks_mut(chunk).enumerate().for_each(run);
+        } else {
+            dq.chunks_mut(chunk).enumerate().for_each(run);
+        }
+        dq
+    }
+
+    /// A row-major f64 result (`d` columns) rounded to T, or the first entry that
+    /// overflows the type.
+    fn rounded(&self, x: &[f64], d: usize, operand: Operand) -> Result<DMatrix<T>, AttentionError> {
+        let n = x.len().checked_div(d).unwrap_or(0);
+        let rows = match operand {
+            Operand::Query => self.spec.n_q,
+            _ => self.spec.n_kv,
+        };
+        let mut m = try_matrix(rows, d, T::zero(), operand)?;
+        debug_assert!(d == 0 || n == rows);
+        for r in 0..n {
+            for c in 0..d {
+                let g = T::from_f64_rounded(x[r * d + c]);
+                if !g.finite() {
+                    return Err(AttentionError::ProductOverflow {
+                        operand,
+                        row: r,
+                        column: c,
+                    });
+                }
+                m[(r, c)] = g;
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// `Σ a_c·b_c` in f64, in order.
+#[inline]
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `y ← y + a·x`.
+#[inline]
+fn axpy(a: f64, x: &[f64], y: &mut [f64]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}

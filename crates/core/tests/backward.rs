@@ -1,0 +1,476 @@
+//! The backward pass (`scaled_dot_product_attention_backward`):
+//!
+//! - the 40 PyTorch autograd cases (`backward_cases.json`, f64): per sequence and query
+//!   head through the single-head call on views of the packed matrices (dK/dV summed over
+//!   each GQA group here), with PyTorch's output and lse, within 1e-11 of
+//!   max(1, max|g|) over the case (the README's rule);
+//! - random problems (every option, sizes across the 64-row blocks of both passes, f32 and
+//!   f64, the forward from core itself) against the reference's gradients within a bound
+//!   derived below from the arithmetic, and thread counts changing no bit;
+//! - masked keys and fully masked rows get gradient exactly 0;
+//! - every bad input, typed.
+
+mod common;
+
+use attention_core::{
+    AttentionError, AttentionOptions, Axis, Causal, Element, Operand, Parallelism,
+    scaled_dot_product_attention_backward as backward, scaled_dot_product_attention_with_lse,
+};
+use attention_testdata::{CausalAlign, backward_cases, gaussian};
+use common::{OptionParts, narrow, pools, widen};
+use nalgebra::DMatrix;
+use proptest::prelude::*;
+
+#[test]
+fn golden_cases_match_pytorch_autograd() {
+    let cases = backward_cases();
+    assert_eq!(cases.len(), 40);
+    let mut worst = 0.0f64;
+    for c in &cases {
+        let f = &c.forward;
+        let g = f.h_q / f.h_kv;
+        let (mut dq, mut dk, mut dv) = (
+            DMatrix::zeros(f.q.nrows(), f.q.ncols()),
+            DMatrix::zeros(f.k.nrows(), f.k.ncols()),
+            DMatrix::zeros(f.v.nrows(), f.v.ncols()),
+        );
+        let (mut r0, mut k0) = (0, 0);
+        for (s, (&n_q, &n_kv)) in f.seqlens_q.iter().zip(&f.seqlens_kv).enumerate() {
+            for h in 0..f.h_q {
+                let j = h / g;
+                let mut o = AttentionOptions::new();
+                if let Some(x) = f.scale {
+                    o = o.with_scale(x);
+                }
+                if let Some(a) = f.causal {
+                    o = o.with_causal(match a {
+                        CausalAlign::TopLeft => Causal::TopLeft,
+                        CausalAlign::BottomRight => Causal::BottomRight,
+                    });
+                }
+                if let Some((l, r)) = f.window {
+                    o = o.with_window(l, r);
+                }
+                if let Some(cap) = f.softcap {
+                    o = o.with_softcap(cap);
+                }
+                if let Some(slopes) = &f.alibi_slopes {
+                    o = o.with_alibi_slope(slopes[h]);
+                }
+                if let Some(km) = &f.key_mask {
+                    o = o.with_key_mask(&km[k0..k0 + n_kv]);
+                }
+                if let Some(m) = &c.mask {
+                    o = o.with_mask(m);
+                }
+                if let Some(b) = &c.bias {
+                    o = o.with_bias(b);
+                }
+                let lse: Vec<f64> = (0..n_q).map(|i| f.lse[(r0 + i, h)]).collect();
+                let got = backward(
+                    f.q.view((r0, h * f.d_k), (n_q, f.d_k)),
+                    f.k.view((k0, j * f.d_k), (n_kv, f.d_k)),
+                    f.v.view((k0, j * f.d_v), (n_kv, f.d_v)),
+                    f.output.view((r0, h * f.d_v), (n_q, f.d_v)),
+                    &lse,
+                    c.d_out.view((r0, h * f.d_v), (n_q, f.d_v)),
+                    &o,
+                )
+                .unwrap_or_else(|e| panic!("{} s{s} h{h}: {e}", f.name));
+                dq.view_mut((r0, h * f.d_k), (n_q, f.d_k))
+                    .copy_from(&got.dq);
+                let mut dk_j = dk.view_mut((k0, j * f.d_k), (n_kv, f.d_k));
+                dk_j += &got.dk;
+                let mut dv_j = dv.view_mut((k0, j * f.d_v), (n_kv, f.d_v));
+                dv_j += &got.dv;
+            }
+            r0 += n_q;
+            k0 += n_kv;
+        }
+        let magnitude = [&c.dq, &c.dk, &c.dv]
+            .iter()
+            .fold(1.0f64, |m, x| m.max(x.amax()));
+        for (name, got, want) in [("dq", &dq, &c.dq), ("dk", &dk, &c.dk), ("dv", &dv, &c.dv)] {
+            let err = (got - want).amax() / magnitude;
+            assert!(
+                err <= 1e-11,
+                "{}: {name} off by {err:e} of max(1, max|g|)",
+                f.name
+            );
+            worst = worst.max(err);
+        }
+    }
+    println!("worst: {worst:e} of max(1, max|g|)");
+}
+
+/// A random problem with every option drawn, in f64 (rounded to `T` by the checks).
+#[derive(Clone, Debug)]
+struct Case {
+    q: DMatrix<f64>,
+    k: DMatrix<f64>,
+    v: DMatrix<f64>,
+    d_out: DMatrix<f64>,
+    scale: Option<f64>,
+    causal: Option<Causal>,
+    mask: Option<DMatrix<bool>>,
+    key_mask: Option<Vec<bool>>,
+    bias: Option<DMatrix<f64>>,
+    window: Option<(usize, usize)>,
+    softcap: Option<f64>,
+    alibi: Option<f64>,
+}
+
+fn case(max_n: usize) -> impl Strategy<Value = Case> {
+    (1..=max_n, 1..=max_n, 1..=20usize, 1..=20usize, any::<u64>())
+        .prop_flat_map(|(n_q, n_kv, d_k, d_v, seed)| {
+            (
+                Just((n_q, n_kv, d_k, d_v, seed)),
+                prop::option::of(prop::sample::select(vec![-0.7, 0.05, 0.4, 1.3])),
+                prop::option::of(prop::sample::select(vec![
+                    Causal::TopLeft,
+                    Causal::BottomRight,
+                ])),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                prop::option::of((0..8usize, 0..8usize)),
+                prop::option::of(prop::sample::select(vec![0.5, 2.0, 20.0])),
+                prop::option::of(prop::sample::select(vec![-0.3, 0.02, 0.25])),
+            )
+        })
+        .prop_map(
+            |(
+                (n_q, n_kv, d_k, d_v, seed),
+                scale,
+                causal,
+                mask,
+                key_mask,
+                bias,
+                window,
+                softcap,
+                alibi,
+            )| {
+                let g = |r, c, s| gaussian(r, c, 1.0, seed.wrapping_add(s));
+                let coin = |r: usize, c: usize, s: u64, p: f64| g(r, c, s).map(|x| x > p);
+                Case {
+                    q: g(n_q, d_k, 1),
+                    k: g(n_kv, d_k, 2),
+                    v: g(n_kv, d_v, 3),
+                    d_out: g(n_q, d_v, 4),
+                    scale,
+                    causal,
+                    mask: mask.then(|| coin(n_q, n_kv, 5, -1.0)),
+                    key_mask: key_mask.then(|| coin(1, n_kv, 6, -1.2).iter().copied().collect()),
+                    bias: bias.then(|| {
+                        // Some −∞ entries: they mask like a false in `mask`.
+                        g(n_q, n_kv, 7).map(|x| if x > 1.8 { f64::NEG_INFINITY } else { x })
+                    }),
+                    window,
+                    softcap,
+                    alibi,
+                }
+            },
+        )
+}
+
+/// Core's gradients against the reference's, entry by entry.
+///
+/// The bound: every quantity is a sum of terms, computed with relative error at most ρ
+/// per term, where ρ collects what the forward and the backward round —
+/// the recomputed scores `(d_k + 2)·u·|scale|·Σ_c|q_ic|·max|k|` (and the forward's, the
+/// same again), lse `u·(1 + |lse_i|)`, the f64 sums `(n + d)·u₆₄`, softcap/ALiBi/bias
+/// additions `4u·|z|` — so each gradient entry is within `ρ·Σ|terms|` of the exact one,
+/// where `Σ|terms|` is the formula with absolute values (`A` below, computed from the
+/// reference's weights). The D_i term uses `Σ_c |dO_ic|·max_j|v_jc|`, which bounds both
+/// `|D_i|` and the forward output's own error relative to max|v|. Factor 4 for second
+/// order terms and the reference's own error (1e-15).
+fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
+    let (q, k, v, d_out) = (
+        narrow::<T>(&c.q),
+        narrow::<T>(&c.k),
+        narrow::<T>(&c.v),
+        narrow::<T>(&c.d_out),
+    );
+    let bias = c.bias.as_ref().map(narrow::<T>);
+    let parts = OptionParts {
+        scale: c.scale.map(T::from_f64_rounded),
+        causal: c.causal,
+        mask: c.mask.as_ref(),
+        key_mask: c.key_mask.as_deref(),
+        bias: bias.as_ref(),
+        window: c.window,
+        softcap: c.softcap.map(T::from_f64_rounded),
+        alibi: c.alibi.map(T::from_f64_rounded),
+    };
+    let options = parts.core();
+    let (out, lse) = match scaled_dot_product_attention_with_lse(&q, &k, &v, &options) {
+        Ok(r) => r,
+        Err(e) => return Err(TestCaseError::reject(format!("forward: {e}"))),
+    };
+    let got = backward(&q, &k, &v, &out, lse.as_slice(), &d_out, &options)
+        .map_err(|e| TestCaseError::fail(format!("backward: {e}")))?;
+    let (qw, kw, vw, dw) = (widen(&q), widen(&k), widen(&v), widen(&d_out));
+    let ro = parts.reference();
+    let want = attention_reference::attention_backward(&qw, &kw, &vw, &dw, &ro);
+    let p = attention_reference::attention(&qw, &kw, &vw, &ro).weights;
+    let (n_q, d_k) = q.shape();
+    let (n_kv, d_v) = v.shape();
+    let scale = ro.scale.unwrap_or(1.0 / (d_k as f64).sqrt());
+    let u = T::EPSILON.to_f64();
+    let kmax = kw.amax();
+    let vmax: Vec<f64> = (0..d_v).map(|c| vw.column(c).amax()).collect();
+    let rho: Vec<f64> = (0..n_q)
+        .map(|i| {
+            let qsum: f64 = qw.row(i).iter().map(|x| x.abs()).sum();
+            let lse_i = lse[i].to_f64();
+            let lse_term = if lse_i.is_finite() {
+                1.0 + lse_i.abs()
+            } else {
+                1.0
+            };
+            2.0 * (d_k as f64 + 2.0) * u * scale.abs() * qsum * kmax
+                + u * lse_term
+                + (n_kv + n_q + d_k + d_v) as f64 * 1.2e-16
+                + 4.0
+                    * u
+                    * (1.0
+                        + ro.softcap.unwrap_or(0.0)
+                        + ro.alibi_slope
+                            .map_or(0.0, |m| m.abs() * (n_q + n_kv) as f64)
+                        + ro.bias.as_ref().map_or(0.0, |b| {
+                            b.row(i)
+                                .iter()
+                                .filter(|x| x.is_finite())
+                                .fold(0.0f64, |a, x| a.max(x.abs()))
+                        }))
+                + (n_kv as f64 + 64.0) * u
+        })
+        .collect();
+    // |dT_ij| with absolute values: P_ij·(|dP_ij| + Σ_c |dO_ic|·max|v_c|) (softcap's factor ≤ 1).
+    let abs_dt = DMatrix::from_fn(n_q, n_kv, |i, j| {
+        let dp: f64 = (0..d_v).map(|c| (dw[(i, c)] * vw[(j, c)]).abs()).sum();
+        let dd: f64 = (0..d_v).map(|c| dw[(i, c)].abs() * vmax[c]).sum();
+        p[(i, j)] * (dp + dd)
+    });
+    let bound_dq = DMatrix::from_fn(n_q, d_k, |i, c| {
+        4.0 * rho[i]
+            * scale.abs()
+            * (0..n_kv)
+                .map(|j| abs_dt[(i, j)] * kw[(j, c)].abs())
+                .sum::<f64>()
+    });
+    let bound_dk = DMatrix::from_fn(n_kv, d_k, |j, c| {
+        4.0 * scale.abs()
+            * (0..n_q)
+                .map(|i| rho[i] * abs_dt[(i, j)] * qw[(i, c)].abs())
+                .sum::<f64>()
+    });
+    let bound_dv = DMatrix::from_fn(n_kv, d_v, |j, c| {
+        4.0 * (0..n_q)
+            .map(|i| rho[i] * p[(i, j)] * dw[(i, c)].abs())
+            .sum::<f64>()
+    });
+    for (name, got, want, bound) in [
+        ("dq", widen(&got.dq), &want.dq, &bound_dq),
+        ("dk", widen(&got.dk), &want.dk, &bound_dk),
+        ("dv", widen(&got.dv), &want.dv, &bound_dv),
+    ] {
+        for ((g, w), b) in got.iter().zip(want.iter()).zip(bound.iter()) {
+            // Rounding the result to T adds u·|g|; a tiny floor for exact zeros.
+            let tol = b + u * w.abs() + 1e-300;
+            prop_assert!(
+                (g - w).abs() <= tol,
+                "{}: {} vs reference {} (error {:e} > bound {:e})",
+                name,
+                g,
+                w,
+                (g - w).abs(),
+                tol
+            );
+        }
+    }
+    // Thread counts change no bit.
+    for (threads, pool) in pools() {
+        let again = pool
+            .install(|| {
+                backward(
+                    &q,
+                    &k,
+                    &v,
+                    &out,
+                    lse.as_slice(),
+                    &d_out,
+                    &options.clone().with_parallelism(Parallelism::Rayon),
+                )
+            })
+            .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+        prop_assert!(again == got, "{} threads change the gradients", threads);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Sizes across the 64-row blocks of both passes.
+    #[test]
+    fn gradients_match_the_reference(c in case(150)) {
+        check::<f64>(&c)?;
+        check::<f32>(&c)?;
+    }
+}
+
+/// Key-masked keys get dK = dV = 0 and rows with no allowed key dQ = 0, exactly.
+#[test]
+fn masked_positions_get_exactly_zero() {
+    let (n_q, n_kv, d) = (6, 9, 4);
+    let q = gaussian(n_q, d, 1.0, 1);
+    let k = gaussian(n_kv, d, 1.0, 2);
+    let v = gaussian(n_kv, d, 1.0, 3);
+    let d_out = gaussian(n_q, d, 1.0, 4);
+    let key_mask = [true, false, true, true, false, true, true, true, false];
+    // Bottom-right causal with a window of 0: row i sees key i + 3 only; rows 1 and 5
+    // (keys 4 and 8) see only masked keys.
+    let o = AttentionOptions::new()
+        .with_key_mask(&key_mask)
+        .with_causal(Causal::BottomRight)
+        .with_window(0, 0);
+    let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &o).unwrap();
+    let g = backward(&q, &k, &v, &out, lse.as_slice(), &d_out, &o).unwrap();
+    for j in [1, 4, 8] {
+        assert!(
+            g.dk.row(j)
+                .iter()
+                .chain(g.dv.row(j).iter())
+                .all(|&x| x == 0.0),
+            "key {j}"
+        );
+    }
+    for i in [1, 5] {
+        assert_eq!(lse[i], f64::NEG_INFINITY);
+        assert!(g.dq.row(i).iter().all(|&x| x == 0.0), "row {i}");
+    }
+    // And the others are not all zero.
+    assert!(g.dv.row(3).iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let (n_q, n_kv, d) = (3, 5, 2);
+    let q = gaussian(n_q, d, 1.0, 1);
+    let k = gaussian(n_kv, d, 1.0, 2);
+    let v = gaussian(n_kv, d, 1.0, 3);
+    let d_out = gaussian(n_q, d, 1.0, 4);
+    let o = AttentionOptions::new();
+    let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &o).unwrap();
+    let lse = lse.as_slice().to_vec();
+    let call =
+        |out: &DMatrix<f64>, lse: &[f64], d_out: &DMatrix<f64>, o: &AttentionOptions<'_, f64>| {
+            backward(&q, &k, &v, out, lse, d_out, o).unwrap_err()
+        };
+    // Shapes.
+    assert_eq!(
+        call(&out.rows(0, 2).into_owned(), &lse, &d_out, &o),
+        AttentionError::DimensionMismatch {
+            operand: Operand::Output,
+            axis: Axis::Rows,
+            found: 2,
+            expected: 3,
+            against: Operand::Query,
+            rule: "one row per query"
+        }
+    );
+    assert_eq!(
+        call(&out, &lse, &d_out.columns(0, 1).into_owned(), &o),
+        AttentionError::DimensionMismatch {
+            operand: Operand::OutputGradient,
+            axis: Axis::Columns,
+            found: 1,
+            expected: 2,
+            against: Operand::Value,
+            rule: "d_v must match"
+        }
+    );
+    assert_eq!(
+        call(&out, &lse[..2], &d_out, &o),
+        AttentionError::DimensionMismatch {
+            operand: Operand::Lse,
+            axis: Axis::Entries,
+            found: 2,
+            expected: 3,
+            against: Operand::Query,
+            rule: "one log-sum-exp per query"
+        }
+    );
+    // Values.
+    let mut bad = d_out.clone();
+    bad[(2, 1)] = f64::INFINITY;
+    assert!(matches!(
+        call(&out, &lse, &bad, &o),
+        AttentionError::NonFinite {
+            operand: Operand::OutputGradient,
+            row: 2,
+            column: 1,
+            ..
+        }
+    ));
+    let mut bad = out.clone();
+    bad[(0, 0)] = f64::NAN;
+    assert!(matches!(
+        call(&bad, &lse, &d_out, &o),
+        AttentionError::NonFinite {
+            operand: Operand::Output,
+            row: 0,
+            column: 0,
+            ..
+        }
+    ));
+    for x in [f64::NAN, f64::INFINITY] {
+        let mut l = lse.clone();
+        l[1] = x;
+        assert!(matches!(
+            call(&out, &l, &d_out, &o),
+            AttentionError::NonFinite {
+                operand: Operand::Lse,
+                row: 1,
+                column: 0,
+                ..
+            }
+        ));
+    }
+    // An lse that cannot come from these inputs: −∞ on a row with keys, or too small.
+    let mut l = lse.clone();
+    l[1] = f64::NEG_INFINITY;
+    assert!(matches!(
+        call(&out, &l, &d_out, &o),
+        AttentionError::InvalidLse { row: 1, key: 0, .. }
+    ));
+    // Too small: with 5 keys the largest weight of a row is ≥ 1/5, so lowering lse by 2
+    // makes it ≥ e²/5 > 1.
+    let mut l = lse.clone();
+    l[2] -= 2.0;
+    assert!(matches!(
+        call(&out, &l, &d_out, &o),
+        AttentionError::InvalidLse { row: 2, .. }
+    ));
+    // The lse rounded the other way is accepted (within the forward's rounding).
+    let mut l = lse.clone();
+    l[2] -= 2.0 * f64::EPSILON * l[2].abs().max(1.0);
+    assert!(backward(&q, &k, &v, &out, &l, &d_out, &o).is_ok());
+    // The inputs' own errors, as the forward reports them.
+    let mut q_bad = q.clone();
+    q_bad[(1, 1)] = f64::NAN;
+    assert!(matches!(
+        backward(&q_bad, &k, &v, &out, &lse, &d_out, &o).unwrap_err(),
+        AttentionError::NonFinite {
+            operand: Operand::Query,
+            ..
+        }
+    ));
+    let huge = AttentionOptions::new().with_scale(1e306);
+    let big_q = q.map(|x| x * 1e10);
+    assert!(matches!(
+        backward(&big_q, &k, &v, &out, &lse, &d_out, &huge).unwrap_err(),
+        AttentionError::ScoreOverflow { .. }
+    ));
+}
