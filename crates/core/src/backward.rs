@@ -9,11 +9,12 @@ use rayon::prelude::*;
 
 use crate::Element;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
+use crate::heads::HeadLayout;
 use crate::kernel::careful;
 use crate::memory::try_matrix;
 use crate::options::{AttentionOptions, MatRef, Parallelism};
-use crate::spec::{Spec, check_finite};
-use crate::view::{AsMatMut, AsMatRef};
+use crate::spec::{Batch, Sequence, Spec, check_finite};
+use crate::view::{self, AsMatMut, AsMatRef};
 
 /// The gradients of [`scaled_dot_product_attention_backward`], each the shape of its
 /// input.
@@ -124,10 +125,226 @@ pub fn scaled_dot_product_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
     let (dk, dv) = problem.key_pass(parallel)?;
     let dq = problem.query_pass(parallel);
     Ok(AttentionGradients {
-        dq: problem.rounded(&dq, problem.d_k, Operand::Query)?,
-        dk: problem.rounded(&dk, problem.d_k, Operand::Key)?,
-        dv: problem.rounded(&dv, problem.d_v, Operand::Value)?,
+        dq: rounded(&dq, (spec.n_q, spec.d_k), Operand::Query)?,
+        dk: rounded(&dk, (spec.n_kv, spec.d_k), Operand::Key)?,
+        dv: rounded(&dv, (spec.n_kv, spec.d_v), Operand::Value)?,
     })
+}
+
+/// The gradients of [`multi_head_attention`](crate::multi_head_attention) with respect to
+/// the packed Q, K and V, given its `output` and `lse` (as
+/// [`multi_head_attention_with_lse`](crate::multi_head_attention_with_lse) returns them,
+/// for the same inputs, layout and options) and `d_output = ∂L/∂output`.
+///
+/// Each (sequence, query head) block is the single-head backward
+/// ([`scaled_dot_product_attention_backward`], whose formulas apply per block); with
+/// grouped-query attention a key/value head's dK and dV sum over the query heads that
+/// read it, in head order, in f64, so the result does not depend on the threads. The
+/// blocks run one after another, each split over threads when large.
+///
+/// # Shapes
+/// `query` Σn_q × h_q·d_k, `key` Σn_kv × h_kv·d_k, `value` Σn_kv × h_kv·d_v, `output` and
+/// `d_output` Σn_q × h_q·d_v, `lse` Σn_q × h_q (row = token, column = head). Returns dQ,
+/// dK, dV in the shapes of Q, K, V.
+///
+/// # Errors
+/// Those of [`multi_head_attention`](crate::multi_head_attention) for the inputs, layout
+/// and options ([`AttentionError::HeadScoreOverflow`] for scores out of range), and those
+/// of [`scaled_dot_product_attention_backward`] for `output`, `lse` and `d_output`, with
+/// rows of the packed batch and, for `lse`, the head as the column
+/// ([`AttentionError::InvalidLse`] names the head).
+///
+/// # Example
+/// ```
+/// use attention_core::{
+///     multi_head_attention_backward, multi_head_attention_with_lse, AttentionOptions,
+///     Causal, HeadLayout,
+/// };
+/// use nalgebra::DMatrix;
+///
+/// // 4 query heads over 2 key/value heads of width 3; two sequences of 5 and 2 tokens.
+/// let layout = HeadLayout::new(4, 2).with_seqlens(&[5, 2], &[5, 2]);
+/// let q = DMatrix::<f64>::from_fn(7, 12, |i, j| ((i * 12 + j) as f64 * 0.31).sin());
+/// let k = DMatrix::from_fn(7, 6, |i, j| ((i * 6 + j) as f64 * 0.17).cos());
+/// let v = DMatrix::from_fn(7, 6, |i, j| (i + j) as f64 * 0.1);
+/// let options = AttentionOptions::new().with_causal(Causal::BottomRight);
+/// let (out, lse) = multi_head_attention_with_lse(&q, &k, &v, &layout, &options)?;
+/// let d_out = DMatrix::from_element(7, 12, 1.0);
+/// let g = multi_head_attention_backward(&q, &k, &v, &out, &lse, &d_out, &layout, &options)?;
+/// assert_eq!((g.dq.shape(), g.dk.shape(), g.dv.shape()), ((7, 12), (7, 6), (7, 6)));
+/// // L = Σ output: each query head's weights sum to 1 per row, and two query heads read
+/// // each key/value head, so each value column's gradient sums to 2 per query row.
+/// assert!((g.dv.column(0).sum() - 2.0 * 7.0).abs() < 1e-12);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[allow(clippy::too_many_arguments)] // the forward's inputs and results, the layout, the options
+pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
+    output: impl AsMatRef<'o, T>,
+    lse: &DMatrix<T>,
+    d_output: impl AsMatRef<'g, T>,
+    layout: &HeadLayout<'_>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<AttentionGradients<T>, AttentionError> {
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
+    let batch = Batch::new(q, k, v, layout, options)?;
+    let (output, d_output) = (output.into_mat_ref(), d_output.into_mat_ref());
+    let (h_q, d_v) = (batch.heads_q, batch.d_v);
+    let d_k = q.ncols() / h_q;
+    check_packed_operands(&batch, &output, lse, &d_output)?;
+    let group = h_q / batch.heads_kv;
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; q.nrows() * q.ncols()],
+        vec![0.0; k.nrows() * k.ncols()],
+        vec![0.0; v.nrows() * v.ncols()],
+    );
+    let parallel = options.parallelism == Parallelism::Rayon;
+    for (b, spec) in batch.specs.iter().enumerate() {
+        let (s, h) = (b / h_q, b % h_q);
+        let seq = batch.sequences[s];
+        let j = h / group;
+        let in_batch = |e| packed_error(e, h, seq);
+        if !spec.scores_in_range {
+            let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
+            careful::attention(spec, &mut (&mut scratch).into_mat_mut(), None).map_err(in_batch)?;
+        }
+        let rows = seq.q_start..seq.q_start + seq.n_q;
+        let out_h = view::block(output, rows.clone(), h * d_v..(h + 1) * d_v);
+        let d_out_h = view::block(d_output, rows.clone(), h * d_v..(h + 1) * d_v);
+        let lse_h = &lse.as_slice()[h * lse.nrows()..][rows];
+        let parallel =
+            parallel && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
+        let problem = Problem::new(spec, &out_h, lse_h, &d_out_h);
+        let (dk_h, dv_h) = problem.key_pass(parallel).map_err(in_batch)?;
+        let dq_h = problem.query_pass(parallel);
+        // Scatter into the packed row-major buffers: dQ's block is this head's alone,
+        // dK/dV's are summed over the group's heads in head order.
+        let place = |dst: &mut [f64], src: &[f64], (r0, c0, d, width), add: bool| {
+            for r in 0..src.len().checked_div(d).unwrap_or(0) {
+                let at = (r0 + r) * width + c0;
+                for (x, y) in dst[at..at + d].iter_mut().zip(&src[r * d..(r + 1) * d]) {
+                    *x = if add { *x + y } else { *y };
+                }
+            }
+        };
+        place(
+            &mut dq,
+            &dq_h,
+            (seq.q_start, h * d_k, d_k, q.ncols()),
+            false,
+        );
+        place(
+            &mut dk,
+            &dk_h,
+            (seq.kv_start, j * d_k, d_k, k.ncols()),
+            true,
+        );
+        place(
+            &mut dv,
+            &dv_h,
+            (seq.kv_start, j * d_v, d_v, v.ncols()),
+            true,
+        );
+    }
+    Ok(AttentionGradients {
+        dq: rounded(&dq, (q.nrows(), q.ncols()), Operand::Query)?,
+        dk: rounded(&dk, (k.nrows(), k.ncols()), Operand::Key)?,
+        dv: rounded(&dv, (v.nrows(), v.ncols()), Operand::Value)?,
+    })
+}
+
+/// A block's error in terms of the packed batch.
+fn packed_error(e: AttentionError, head: usize, seq: Sequence) -> AttentionError {
+    match e {
+        AttentionError::ScoreOverflow { query, key } => AttentionError::HeadScoreOverflow {
+            head,
+            query: seq.q_start + query,
+            key: seq.kv_start + key,
+        },
+        AttentionError::InvalidLse {
+            row, key, value, ..
+        } => AttentionError::InvalidLse {
+            head,
+            row: seq.q_start + row,
+            key: seq.kv_start + key,
+            value,
+        },
+        e => e,
+    }
+}
+
+/// Shapes and values of a multi-head call's `output`, `lse` and `d_output`.
+fn check_packed_operands<T: Element>(
+    batch: &Batch<'_, T>,
+    output: &MatRef<'_, T>,
+    lse: &DMatrix<T>,
+    d_output: &MatRef<'_, T>,
+) -> Result<(), AttentionError> {
+    let rows: usize = batch.sequences.iter().map(|s| s.n_q).sum();
+    for (operand, shape, columns, rule) in [
+        (
+            Operand::Output,
+            output.shape(),
+            batch.out_columns(),
+            "h_q·d_v columns",
+        ),
+        (
+            Operand::OutputGradient,
+            d_output.shape(),
+            batch.out_columns(),
+            "h_q·d_v columns",
+        ),
+        (
+            Operand::Lse,
+            lse.shape(),
+            batch.heads_q,
+            "one column per query head",
+        ),
+    ] {
+        check_dim(
+            operand,
+            Axis::Rows,
+            shape.0,
+            rows,
+            Operand::Query,
+            "one row per query",
+        )?;
+        check_dim(
+            operand,
+            Axis::Columns,
+            shape.1,
+            columns,
+            Operand::Query,
+            rule,
+        )?;
+    }
+    check_finite(Operand::Output, output)?;
+    check_lse_values(lse.as_slice(), lse.nrows())?;
+    check_finite(Operand::OutputGradient, d_output)?;
+    Ok(())
+}
+
+/// NaN or +∞ in `lse` (column-major, `rows` rows) as [`AttentionError::NonFinite`].
+fn check_lse_values<T: Element>(lse: &[T], rows: usize) -> Result<(), AttentionError> {
+    match lse
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.finite() && **x != T::NEG_INFINITY)
+    {
+        Some((at, &x)) => Err(AttentionError::NonFinite {
+            operand: Operand::Lse,
+            row: at % rows.max(1),
+            column: at / rows.max(1),
+            value: x.to_f64(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Shapes and values of `output`, `lse` and `d_output`.
@@ -167,18 +384,7 @@ fn check_result_operands<T: Element>(
         "one log-sum-exp per query",
     )?;
     check_finite(Operand::Output, output)?;
-    if let Some((row, &x)) = lse
-        .iter()
-        .enumerate()
-        .find(|(_, x)| !x.finite() && **x != T::NEG_INFINITY)
-    {
-        return Err(AttentionError::NonFinite {
-            operand: Operand::Lse,
-            row,
-            column: 0,
-            value: x.to_f64(),
-        });
-    }
+    check_lse_values(lse, lse.len())?;
     check_finite(Operand::OutputGradient, d_output)?;
     Ok(())
 }
@@ -269,6 +475,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         }
         let (z, lse) = (z.to_f64(), self.lse[i]);
         let invalid = AttentionError::InvalidLse {
+            head: 0,
             row: i,
             key: j,
             value: lse,
@@ -394,32 +601,31 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         }
         dq
     }
+}
 
-    /// A row-major f64 result (`d` columns) rounded to T, or the first entry that
-    /// overflows the type.
-    fn rounded(&self, x: &[f64], d: usize, operand: Operand) -> Result<DMatrix<T>, AttentionError> {
-        let n = x.len().checked_div(d).unwrap_or(0);
-        let rows = match operand {
-            Operand::Query => self.spec.n_q,
-            _ => self.spec.n_kv,
-        };
-        let mut m = try_matrix(rows, d, T::zero(), operand)?;
-        debug_assert!(d == 0 || n == rows);
-        for r in 0..n {
-            for c in 0..d {
-                let g = T::from_f64_rounded(x[r * d + c]);
-                if !g.finite() {
-                    return Err(AttentionError::ProductOverflow {
-                        operand,
-                        row: r,
-                        column: c,
-                    });
-                }
-                m[(r, c)] = g;
+/// A row-major f64 result of `shape` rounded to T, or the first entry (in row-major
+/// order) that overflows the type, as [`AttentionError::ProductOverflow`] of `operand`.
+fn rounded<T: Element>(
+    x: &[f64],
+    (rows, columns): (usize, usize),
+    operand: Operand,
+) -> Result<DMatrix<T>, AttentionError> {
+    debug_assert_eq!(x.len(), rows * columns);
+    let mut m = try_matrix(rows, columns, T::zero(), operand)?;
+    for r in 0..rows {
+        for c in 0..columns {
+            let g = T::from_f64_rounded(x[r * columns + c]);
+            if !g.finite() {
+                return Err(AttentionError::ProductOverflow {
+                    operand,
+                    row: r,
+                    column: c,
+                });
             }
+            m[(r, c)] = g;
         }
-        Ok(m)
     }
+    Ok(m)
 }
 
 /// `Σ a_c·b_c` in f64, in order.

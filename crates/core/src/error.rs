@@ -404,8 +404,11 @@ pub enum AttentionError {
     /// [`scaled_dot_product_attention_backward`](crate::scaled_dot_product_attention_backward)
     /// cannot come from these inputs: row `row` has an allowed key but its lse is −∞, or a
     /// recomputed weight `exp(s_ij − lse_i)` of that row exceeds 1 by more than the
-    /// forward's rounding allows (key `key`).
+    /// forward's rounding allows (key `key`). For a multi-head call `row` and `key` are
+    /// rows of the packed batch and `head` the query head (0 for a single head).
     InvalidLse {
+        /// The query head.
+        head: usize,
         /// The query row.
         row: usize,
         /// The key whose weight shows it.
@@ -542,9 +545,14 @@ impl fmt::Display for AttentionError {
                 f,
                 "the call needs the tokens from position {needed_from}, but the sliding window has evicted those before {first_kept}"
             ),
-            AttentionError::InvalidLse { row, key, value } => write!(
+            AttentionError::InvalidLse {
+                head,
+                row,
+                key,
+                value,
+            } => write!(
                 f,
-                "log-sum-exp[{row}] is {value}, which cannot come from these inputs: key {key}'s weight exp(s - lse) would exceed 1"
+                "log-sum-exp [{row}, head {head}] is {value}, which cannot come from these inputs: key {key}'s weight exp(s - lse) would exceed 1"
             ),
             AttentionError::TruncateBeyond { len, history } => write!(
                 f,

@@ -94,7 +94,9 @@ pub use api::{
     compute_qkv, scaled_dot_product_attention, scaled_dot_product_attention_into,
     scaled_dot_product_attention_with_lse, self_attention,
 };
-pub use backward::{AttentionGradients, scaled_dot_product_attention_backward};
+pub use backward::{
+    AttentionGradients, multi_head_attention_backward, scaled_dot_product_attention_backward,
+};
 pub use cache::{
     CacheSnapshot, DEFAULT_PAGE_SIZE, KvCache, SeqId, cached_attention, cached_attention_with_lse,
 };

@@ -474,3 +474,297 @@ fn bad_inputs_are_typed_errors() {
         AttentionError::ScoreOverflow { .. }
     ));
 }
+
+// ------------------------------------------------------------------ multi-head, packed
+
+/// The golden cases straight through `multi_head_attention_backward` (GQA sums inside),
+/// with PyTorch's output and lse: within 1e-11 of max(1, max|g|).
+#[test]
+fn golden_cases_through_the_multi_head_call() {
+    use attention_core::{HeadLayout, MatRef, multi_head_attention_backward};
+    for c in &backward_cases() {
+        let f = &c.forward;
+        let layout = HeadLayout::new(f.h_q, f.h_kv).with_seqlens(&f.seqlens_q, &f.seqlens_kv);
+        let masks: Vec<MatRef<'_, bool>> = c.mask.iter().map(Into::into).collect();
+        let biases: Vec<MatRef<'_, f64>> = c.bias.iter().map(Into::into).collect();
+        let mut o = AttentionOptions::new();
+        if let Some(x) = f.scale {
+            o = o.with_scale(x);
+        }
+        if let Some(a) = f.causal {
+            o = o.with_causal(match a {
+                CausalAlign::TopLeft => Causal::TopLeft,
+                CausalAlign::BottomRight => Causal::BottomRight,
+            });
+        }
+        if let Some((l, r)) = f.window {
+            o = o.with_window(l, r);
+        }
+        if let Some(cap) = f.softcap {
+            o = o.with_softcap(cap);
+        }
+        if let Some(slopes) = &f.alibi_slopes {
+            o = o.with_alibi_slopes(slopes);
+        }
+        if let Some(km) = &f.key_mask {
+            o = o.with_key_mask(km);
+        }
+        if !masks.is_empty() {
+            o = o.with_sequence_masks(&masks);
+        }
+        if !biases.is_empty() {
+            o = o.with_sequence_biases(&biases);
+        }
+        let g = multi_head_attention_backward(
+            &f.q, &f.k, &f.v, &f.output, &f.lse, &c.d_out, &layout, &o,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", f.name));
+        let magnitude = [&c.dq, &c.dk, &c.dv]
+            .iter()
+            .fold(1.0f64, |m, x| m.max(x.amax()));
+        for (name, got, want) in [
+            ("dq", &g.dq, &c.dq),
+            ("dk", &g.dk, &c.dk),
+            ("dv", &g.dv, &c.dv),
+        ] {
+            let err = (got - want).amax() / magnitude;
+            assert!(err <= 1e-11, "{}: {name} off by {err:e}", f.name);
+        }
+    }
+}
+
+/// `(h_kv, group, d_k, d_v, (n_q, n_kv) per sequence, causal, ALiBi, seed)`.
+type Packed = (
+    usize,
+    usize,
+    usize,
+    usize,
+    Vec<(usize, usize)>,
+    Option<Causal>,
+    bool,
+    u64,
+);
+
+/// A random packed layout: sequences of 0–80 queries and keys, GQA groups of 1–3.
+fn packed() -> impl Strategy<Value = Packed> {
+    (
+        1..=3usize,
+        1..=3usize,
+        1..=9usize,
+        1..=9usize,
+        prop::collection::vec((0..=80usize, 0..=80usize), 1..=3),
+        prop::option::of(prop::sample::select(vec![
+            Causal::TopLeft,
+            Causal::BottomRight,
+        ])),
+        any::<bool>(),
+        any::<u64>(),
+    )
+}
+
+/// Multi-head gradients against the single-head call on each (sequence, head) block: dQ
+/// bit for bit; dK and dV bit for bit without GQA, and with GQA within the rounding of the
+/// single-head results being added (`g·u·Σ_h |dK_h|`: the multi-head call sums the heads
+/// in f64 and rounds once); threads change no bit.
+fn check_packed<T: Element>(
+    (h_kv, group, d_k, d_v, seqs, causal, alibi, seed): &Packed,
+) -> Result<(), TestCaseError> {
+    use attention_core::{
+        HeadLayout, multi_head_attention_backward, multi_head_attention_with_lse,
+    };
+    let (h_kv, g, d_k, d_v) = (*h_kv, *group, *d_k, *d_v);
+    let h_q = h_kv * g;
+    let lens_q: Vec<usize> = seqs.iter().map(|s| s.0).collect();
+    let lens_kv: Vec<usize> = seqs.iter().map(|s| s.1).collect();
+    let (rows_q, rows_kv) = (lens_q.iter().sum::<usize>(), lens_kv.iter().sum::<usize>());
+    let m = |r, c, s: u64| narrow::<T>(&gaussian(r, c, 1.0, seed.wrapping_add(s)));
+    let (q, k, v, d_out) = (
+        m(rows_q, h_q * d_k, 1),
+        m(rows_kv, h_kv * d_k, 2),
+        m(rows_kv, h_kv * d_v, 3),
+        m(rows_q, h_q * d_v, 4),
+    );
+    let slopes: Vec<T> = (0..h_q)
+        .map(|h| T::from_f64_rounded(0.1 * (h + 1) as f64))
+        .collect();
+    let layout = HeadLayout::new(h_q, h_kv).with_seqlens(&lens_q, &lens_kv);
+    let mut o = AttentionOptions::new();
+    if let Some(c) = causal {
+        o = o.with_causal(*c);
+    }
+    if *alibi {
+        o = o.with_alibi_slopes(&slopes);
+    }
+    let (out, lse) = multi_head_attention_with_lse(&q, &k, &v, &layout, &o)
+        .map_err(|e| TestCaseError::fail(format!("forward: {e}")))?;
+    let got = multi_head_attention_backward(&q, &k, &v, &out, &lse, &d_out, &layout, &o)
+        .map_err(|e| TestCaseError::fail(format!("backward: {e}")))?;
+    let u = T::EPSILON.to_f64();
+    let (mut r0, mut k0) = (0, 0);
+    for (&n_q, &n_kv) in lens_q.iter().zip(&lens_kv) {
+        for j in 0..h_kv {
+            let mut sum_dk = DMatrix::<f64>::zeros(n_kv, d_k);
+            let mut sum_dv = DMatrix::<f64>::zeros(n_kv, d_v);
+            let mut abs_dk = sum_dk.clone();
+            let mut abs_dv = sum_dv.clone();
+            for h in j * g..(j + 1) * g {
+                let mut single = AttentionOptions::new();
+                if let Some(c) = causal {
+                    single = single.with_causal(*c);
+                }
+                if *alibi {
+                    single = single.with_alibi_slope(slopes[h]);
+                }
+                let lse_h: Vec<T> = (0..n_q).map(|i| lse[(r0 + i, h)]).collect();
+                let s = backward(
+                    q.view((r0, h * d_k), (n_q, d_k)),
+                    k.view((k0, j * d_k), (n_kv, d_k)),
+                    v.view((k0, j * d_v), (n_kv, d_v)),
+                    out.view((r0, h * d_v), (n_q, d_v)),
+                    &lse_h,
+                    d_out.view((r0, h * d_v), (n_q, d_v)),
+                    &single,
+                )
+                .map_err(|e| TestCaseError::fail(format!("single head {h}: {e}")))?;
+                prop_assert!(
+                    got.dq.view((r0, h * d_k), (n_q, d_k)) == s.dq,
+                    "dq of head {}",
+                    h
+                );
+                sum_dk += widen(&s.dk);
+                sum_dv += widen(&s.dv);
+                abs_dk += widen(&s.dk).abs();
+                abs_dv += widen(&s.dv).abs();
+            }
+            for (name, mh, sum, abs) in [
+                (
+                    "dk",
+                    widen(&got.dk.view((k0, j * d_k), (n_kv, d_k)).into_owned()),
+                    &sum_dk,
+                    &abs_dk,
+                ),
+                (
+                    "dv",
+                    widen(&got.dv.view((k0, j * d_v), (n_kv, d_v)).into_owned()),
+                    &sum_dv,
+                    &abs_dv,
+                ),
+            ] {
+                for ((a, b), w) in mh.iter().zip(sum.iter()).zip(abs.iter()) {
+                    let tol = if g == 1 {
+                        0.0
+                    } else {
+                        (g as f64 + 1.0) * u * w
+                    };
+                    prop_assert!(
+                        (a - b).abs() <= tol,
+                        "{} of kv head {}: {} vs {} (g = {})",
+                        name,
+                        j,
+                        a,
+                        b,
+                        g
+                    );
+                }
+            }
+        }
+        r0 += n_q;
+        k0 += n_kv;
+    }
+    for (threads, pool) in pools() {
+        let again = pool
+            .install(|| {
+                multi_head_attention_backward(
+                    &q,
+                    &k,
+                    &v,
+                    &out,
+                    &lse,
+                    &d_out,
+                    &layout,
+                    &o.clone().with_parallelism(Parallelism::Rayon),
+                )
+            })
+            .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+        prop_assert!(again == got, "{} threads change the gradients", threads);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn packed_gradients_equal_single_head_blocks(p in packed()) {
+        check_packed::<f64>(&p)?;
+        check_packed::<f32>(&p)?;
+    }
+}
+
+/// The multi-head call's own errors: lse's shape, NaN/+∞ in lse (row, head), an invalid
+/// lse named by head and packed row and key, a score overflow by head and packed rows.
+#[test]
+fn packed_errors_are_typed() {
+    use attention_core::{
+        HeadLayout, multi_head_attention_backward, multi_head_attention_with_lse,
+    };
+    let layout = HeadLayout::new(2, 1).with_seqlens(&[2, 3], &[4, 3]);
+    let q = gaussian(5, 4, 1.0, 1);
+    let k = gaussian(7, 2, 1.0, 2);
+    let v = gaussian(7, 2, 1.0, 3);
+    let d_out = gaussian(5, 4, 1.0, 4);
+    let o = AttentionOptions::new();
+    let (out, lse) = multi_head_attention_with_lse(&q, &k, &v, &layout, &o).unwrap();
+    let call = |lse: &DMatrix<f64>| {
+        multi_head_attention_backward(&q, &k, &v, &out, lse, &d_out, &layout, &o).unwrap_err()
+    };
+    assert_eq!(
+        call(&lse.columns(0, 1).into_owned()),
+        AttentionError::DimensionMismatch {
+            operand: Operand::Lse,
+            axis: Axis::Columns,
+            found: 1,
+            expected: 2,
+            against: Operand::Query,
+            rule: "one column per query head"
+        }
+    );
+    let mut bad = lse.clone();
+    bad[(3, 1)] = f64::NAN;
+    assert!(matches!(
+        call(&bad),
+        AttentionError::NonFinite {
+            operand: Operand::Lse,
+            row: 3,
+            column: 1,
+            ..
+        }
+    ));
+    let mut bad = lse.clone();
+    bad[(3, 1)] = f64::NEG_INFINITY;
+    // Row 3 is the second sequence's row 1, whose first key is packed key 4.
+    assert!(
+        matches!(
+            call(&bad),
+            AttentionError::InvalidLse {
+                head: 1,
+                row: 3,
+                key: 4,
+                ..
+            }
+        ),
+        "{:?}",
+        call(&bad)
+    );
+    let huge = AttentionOptions::new().with_scale(1e306);
+    let big = q.map(|x| x * 1e10);
+    assert!(matches!(
+        multi_head_attention_backward(&big, &k, &v, &out, &lse, &d_out, &layout, &huge)
+            .unwrap_err(),
+        AttentionError::HeadScoreOverflow {
+            head: 0,
+            query: 0,
+            key: 0
+        }
+    ));
+}
