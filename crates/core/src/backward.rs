@@ -1,8 +1,12 @@
 //! The backward pass of single-head attention: dQ, dK, dV from the forward's output and
 //! log-sum-exp, without storing anything `n_q × n_kv` (FlashAttention-2's recomputation).
 //!
-//! This first version is exact and deterministic but not yet fast: it recomputes each
-//! weight in scalar code with `f64` sums (issue 11's SIMD tiles are still to come).
+//! Work goes in 64 × 64 tiles (`BLOCK`): a tile's products (`Q_i·K_jᵀ`, `dO_i·V_jᵀ`,
+//! `Pᵀ·dO_i`, `dTᵀ·Q_i`, `dT·K_j`) by nalgebra's blocked matrix product in T, its weights
+//! and score gradients in one elementwise pass, each tile's contribution added into f64
+//! accumulators. Both passes cut the same tiles (starting at multiples of 64), so they
+//! recompute every weight from the same operands and agree on every decision. Not yet
+//! the forward's speed: no fused micro-kernels (see `docs/PERFORMANCE.md`).
 
 use nalgebra::DMatrix;
 use rayon::prelude::*;
@@ -10,6 +14,8 @@ use rayon::prelude::*;
 use crate::Element;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::heads::HeadLayout;
+#[allow(unused_imports)] // `exp_nonpos` on T
+use crate::kernel::ElementKernels;
 use crate::kernel::careful;
 use crate::memory::try_matrix;
 use crate::options::{AttentionOptions, MatRef, Parallelism};
@@ -52,9 +58,9 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// ```
 ///
 /// Nothing `n_q × n_kv` is stored: each weight is recomputed from Q, K and `lse`, once for
-/// dK and dV (threads over blocks of keys) and once for dQ (threads over blocks of
-/// queries), every sum in `f64` in a fixed order, so the result does not depend on the
-/// number of threads. Masked pairs and rows with no allowed key get gradient exactly 0;
+/// dK and dV (threads over blocks of 64 keys) and once for dQ (threads over blocks of 64
+/// queries); within a 64 × 64 tile the sums run in T, across tiles in f64, in an order
+/// fixed by the sizes, so the result does not depend on the number of threads. Masked pairs and rows with no allowed key get gradient exactly 0;
 /// the scale and the ALiBi slope get none (constants of the model, as in PyTorch).
 ///
 /// # Shapes
@@ -389,22 +395,31 @@ fn check_result_operands<T: Element>(
     Ok(())
 }
 
-/// The problem in f64, rows contiguous: what both passes read.
+/// The problem as both passes read it: contiguous copies of Q, K, V and dO (so that each
+/// tile is a view the matrix product reads at full speed), `D_i`, lse and each row's slack
+/// for the lse check.
 struct Problem<'s, 'a, T: Element> {
     spec: &'s Spec<'a, T>,
     d_k: usize,
     d_v: usize,
-    scale: f64,
-    /// Row-major `n × d` copies in f64.
-    q: Vec<f64>,
-    k: Vec<f64>,
-    v: Vec<f64>,
-    d_o: Vec<f64>,
-    lse: Vec<f64>,
-    /// `D_i = Σ_c dO_ic·O_ic`.
-    d: Vec<f64>,
-    /// Per query, `Σ_c |q_ic|·max|K|`: bounds `|q_i·k_j|` for the lse check.
-    q_bound: Vec<f64>,
+    q: DMatrix<T>,
+    k: DMatrix<T>,
+    v: DMatrix<T>,
+    d_o: DMatrix<T>,
+    lse: Vec<T>,
+    /// `D_i = Σ_c dO_ic·O_ic` (summed in f64, rounded once).
+    d: Vec<T>,
+    /// How far above `lse_i` a recomputed score may lie from rounding alone: the forward
+    /// rounded its scores (about `(d_k + 2)·u·|scale|·Σ_c|q_ic|·max|K|`) and lse itself
+    /// (`u·|lse_i|`); 4u more for softcap, ALiBi and bias (scaled by |z| per entry).
+    slack: Vec<T>,
+}
+
+/// One tile's rows `i0 ..` and keys `j0 ..` (lengths from the tile's matrices).
+#[derive(Clone, Copy)]
+struct Tile {
+    i0: usize,
+    j0: usize,
 }
 
 impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
@@ -414,99 +429,205 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         lse: &[T],
         d_output: &MatRef<'_, T>,
     ) -> Self {
-        let rows = |m: &MatRef<'_, T>| -> Vec<f64> {
-            let (n, d) = m.shape();
-            (0..n * d)
-                .map(|x| m[(x / d.max(1), x % d.max(1))].to_f64())
-                .collect()
-        };
-        let (q, d_o, o) = (rows(&spec.q), rows(d_output), rows(output));
         let (d_k, d_v) = (spec.d_k, spec.d_v);
+        let owned = |m: &MatRef<'_, T>| DMatrix::from_fn(m.nrows(), m.ncols(), |r, c| m[(r, c)]);
         let d = (0..spec.n_q)
-            .map(|i| dot(&d_o[i * d_v..(i + 1) * d_v], &o[i * d_v..(i + 1) * d_v]))
-            .collect();
-        let k_max = spec.k_max_abs.to_f64();
-        let q_bound = (0..spec.n_q)
             .map(|i| {
-                q[i * d_k..(i + 1) * d_k]
-                    .iter()
-                    .map(|x| x.abs())
-                    .sum::<f64>()
-                    * k_max
+                let sum: f64 = (0..d_v)
+                    .map(|c| d_output[(i, c)].to_f64() * output[(i, c)].to_f64())
+                    .sum();
+                T::from_f64_rounded(sum)
+            })
+            .collect();
+        let (u, k_max, scale) = (
+            T::EPSILON.to_f64(),
+            spec.k_max_abs.to_f64(),
+            spec.scale.to_f64().abs(),
+        );
+        let slack = (0..spec.n_q)
+            .map(|i| {
+                let q_sum: f64 = (0..d_k).map(|c| spec.q[(i, c)].to_f64().abs()).sum();
+                let lse = lse[i].to_f64();
+                let lse = if lse.is_finite() { lse.abs() } else { 0.0 };
+                T::from_f64_rounded(
+                    4.0 * u * (1.0 + lse) + (d_k as f64 + 2.0) * u * scale * q_sum * k_max,
+                )
             })
             .collect();
         Problem {
             spec,
             d_k,
             d_v,
-            scale: spec.scale.to_f64(),
-            k: rows(&spec.k),
-            v: rows(&spec.v),
-            lse: lse.iter().map(|x| x.to_f64()).collect(),
-            q,
-            d_o,
+            q: owned(&spec.q),
+            k: owned(&spec.k),
+            v: owned(&spec.v),
+            d_o: owned(d_output),
+            lse: lse.to_vec(),
             d,
-            q_bound,
+            slack,
         }
     }
 
-    /// `(P_ij, dT_ij)` of an allowed pair with a nonzero weight, `None` for a pair that
-    /// contributes nothing; the lse checks and a non-finite score as errors.
-    #[inline]
-    fn pair(&self, i: usize, j: usize) -> Result<Option<(f64, f64)>, AttentionError> {
+    /// For the tile at `at` whose scores `Q_i·K_jᵀ` are in `s` (rows × keys): `s` becomes
+    /// the weights `P_ij = exp(z_ij − lse_i)` (0 where a pair contributes nothing) and `ds`
+    /// the score gradients `dT_ij = P_ij·(dP_ij − D_i)·∂z/∂t`, with `dp = dO_i·V_jᵀ` given
+    /// in `ds`. Err with the tile's smallest failing pair.
+    fn weights(
+        &self,
+        at: Tile,
+        s: &mut DMatrix<T>,
+        ds: &mut DMatrix<T>,
+    ) -> Result<(), (usize, usize, AttentionError)> {
         let spec = self.spec;
-        if !spec.allowed(i, j) {
-            return Ok(None);
+        let (rows, keys) = s.shape();
+        // Whether every pair of the tile is allowed and unmodified except for the scale:
+        // then the loop needs neither `allowed` nor `modify`.
+        let plain = !spec.has_elementwise()
+            && (0..rows).all(|r| {
+                let (lo, hi) = spec.key_range(at.i0 + r);
+                lo <= at.j0 as i64 && (at.j0 + keys) as i64 - 1 <= hi
+            });
+        if plain && spec.softcap.is_none() && self.plain_weights(at, s, ds) {
+            return Ok(());
         }
-        let (d_k, d_v) = (self.d_k, self.d_v);
-        let t = T::from_f64_rounded(
-            self.scale
-                * dot(
-                    &self.q[i * d_k..(i + 1) * d_k],
-                    &self.k[j * d_k..(j + 1) * d_k],
-                ),
-        );
-        let z = spec.modify(i, j, t);
-        if z == T::NEG_INFINITY {
-            return Ok(None); // a −∞ bias
+        let four_u = T::EPSILON * T::from_count(4);
+        let mut first: Option<(usize, usize, AttentionError)> = None;
+        for c in 0..keys {
+            let j = at.j0 + c;
+            for r in 0..rows {
+                let i = at.i0 + r;
+                let t = s[(r, c)] * spec.scale;
+                let z = if plain { t } else { spec.modify(i, j, t) };
+                let (p, dt) = if z == T::NEG_INFINITY {
+                    (T::zero(), T::zero())
+                } else {
+                    let lse = self.lse[i];
+                    let x = z - lse;
+                    let slack = self.slack[i] + four_u * z.abs();
+                    if !z.finite() || lse == T::NEG_INFINITY || x > slack {
+                        let e = if z.finite() {
+                            AttentionError::InvalidLse {
+                                head: 0,
+                                row: i,
+                                key: j,
+                                value: lse.to_f64(),
+                            }
+                        } else {
+                            AttentionError::ScoreOverflow { query: i, key: j }
+                        };
+                        if first.as_ref().is_none_or(|(fi, fj, _)| (i, j) < (*fi, *fj)) {
+                            first = Some((i, j, e));
+                        }
+                        (T::zero(), T::zero())
+                    } else {
+                        let x = if x > T::zero() { T::zero() } else { x };
+                        let p = x.exp_nonpos::<false>();
+                        let dz = p * (ds[(r, c)] - self.d[i]);
+                        let dt = if spec.softcap.is_some() {
+                            dz * spec.modify_derivative(t)
+                        } else {
+                            dz
+                        };
+                        (p, dt)
+                    }
+                };
+                s[(r, c)] = p;
+                ds[(r, c)] = dt;
+            }
         }
-        if !z.finite() {
-            return Err(AttentionError::ScoreOverflow { query: i, key: j });
+        match first {
+            Some(f) => Err(f),
+            None => Ok(()),
         }
-        let (z, lse) = (z.to_f64(), self.lse[i]);
-        let invalid = AttentionError::InvalidLse {
-            head: 0,
-            row: i,
-            key: j,
-            value: lse,
-        };
-        if lse == f64::NEG_INFINITY {
-            return Err(invalid);
-        }
-        // The forward rounded the scores (about (d_k + 2)·u·|scale|·Σ|q||k|, plus the
-        // softcap, ALiBi and bias additions) and lse itself: a weight may exceed 1 by that
-        // much, not more.
-        let u = T::EPSILON.to_f64();
-        let slack = 4.0 * u * (1.0 + lse.abs() + z.abs())
-            + (d_k as f64 + 2.0) * u * self.scale.abs() * self.q_bound[i];
-        if z - lse > slack {
-            return Err(invalid);
-        }
-        let p = (z - lse).exp();
-        if p == 0.0 {
-            return Ok(None);
-        }
-        let dp = dot(
-            &self.d_o[i * d_v..(i + 1) * d_v],
-            &self.v[j * d_v..(j + 1) * d_v],
-        );
-        let dt = p * (dp - self.d[i]) * spec.modify_derivative(t).to_f64();
-        Ok(Some((p, dt)))
     }
 
-    /// dK and dV (row-major, f64), threads over blocks of keys. On error, the one of the
-    /// smallest pair `(i, j)` in lexicographic order: every pair is visited, so the error
-    /// does not depend on the threads.
+    /// [`weights`](Self::weights) of a tile whose every pair is allowed and whose scores
+    /// are only scaled: one branch-free pass that vectorises. Returns false, with `s` and
+    /// `ds` untouched, if some weight would exceed 1 beyond the slack (or lse is −∞): the
+    /// general loop then finds and names the pair.
+    fn plain_weights(&self, at: Tile, s: &mut DMatrix<T>, ds: &mut DMatrix<T>) -> bool {
+        let (rows, keys) = s.shape();
+        let scale = self.spec.scale;
+        let lse = &self.lse[at.i0..at.i0 + rows];
+        let slack = &self.slack[at.i0..at.i0 + rows];
+        let four_u = T::EPSILON * T::from_count(4);
+        // First the check, on the scores alone (an lse of −∞ gives +∞ here, a non-finite
+        // score NaN or +∞: both fail it).
+        let mut all_ok = true;
+        for c in 0..keys {
+            let col = s.column(c);
+            for r in 0..rows {
+                let z = col[r] * scale;
+                let excess = z - lse[r] - slack[r] - four_u * z.abs();
+                all_ok &= excess <= T::zero();
+            }
+        }
+        if !all_ok {
+            return false;
+        }
+        let d = &self.d[at.i0..at.i0 + rows];
+        for c in 0..keys {
+            let (mut s_c, mut ds_c) = (s.column_mut(c), ds.column_mut(c));
+            let (s_c, ds_c) = (s_c.as_mut_slice(), ds_c.as_mut_slice());
+            for r in 0..rows {
+                let x = s_c[r] * scale - lse[r];
+                let p = (if x > T::zero() { T::zero() } else { x }).exp_nonpos::<false>();
+                s_c[r] = p;
+                ds_c[r] = p * (ds_c[r] - d[r]);
+            }
+        }
+        true
+    }
+
+    /// The tile's `P` (in `s`) and `dT` (in `ds`): its scores and `dO_i·V_jᵀ` as matrix
+    /// products, then [`weights`](Self::weights).
+    fn tile(
+        &self,
+        at: Tile,
+        (rows, keys): (usize, usize),
+        s: &mut DMatrix<T>,
+        ds: &mut DMatrix<T>,
+    ) -> Result<(), (usize, usize, AttentionError)> {
+        if s.shape() != (rows, keys) {
+            *s = DMatrix::zeros(rows, keys);
+            *ds = DMatrix::zeros(rows, keys);
+        }
+        let q = self.q.rows(at.i0, rows);
+        let k = self.k.rows(at.j0, keys);
+        q.mul_to(&k.transpose(), s);
+        let d_o = self.d_o.rows(at.i0, rows);
+        let v = self.v.rows(at.j0, keys);
+        d_o.mul_to(&v.transpose(), ds);
+        self.weights(at, s, ds)
+    }
+
+    /// The query rows that may see some key of `keys` (by position), clipped.
+    fn query_span(&self, keys: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let band = &self.spec.band;
+        let lo = band.queries(keys.start).0.max(0);
+        let hi = band.queries(keys.end - 1).1.min(self.spec.n_q as i64 - 1);
+        if lo > hi {
+            0..0
+        } else {
+            lo as usize..hi as usize + 1
+        }
+    }
+
+    /// The keys that some row of `rows` may see (by position), clipped.
+    fn key_span(&self, rows: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let lo = self.spec.key_range(rows.start).0;
+        let hi = self.spec.key_range(rows.end - 1).1;
+        if lo > hi {
+            0..0
+        } else {
+            lo as usize..hi as usize + 1
+        }
+    }
+
+    /// dK and dV (row-major, f64), threads over blocks of keys, each walking the query
+    /// blocks that can see it in order. On error, the one of the smallest pair `(i, j)`
+    /// in lexicographic order: every pair is visited, so the error does not depend on
+    /// the threads.
     #[allow(clippy::type_complexity)] // (dK, dV)
     fn key_pass(&self, parallel: bool) -> Result<(Vec<f64>, Vec<f64>), AttentionError> {
         let n_kv = self.spec.n_kv;
@@ -540,60 +661,96 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         }
     }
 
-    /// dK and dV rows of `keys`, or the block's smallest failing pair.
+    /// dK and dV rows of `keys` (row-major, f64), or the block's smallest failing pair:
+    /// per query block, `dV_j += Pᵀ·dO_i` and `dK_j += scale·dTᵀ·Q_i` as products in T
+    /// (a tile's sums: at most 64 terms), added into f64.
     #[allow(clippy::type_complexity)]
     fn key_block(
         &self,
         keys: std::ops::Range<usize>,
     ) -> Result<(Vec<f64>, Vec<f64>), (usize, usize, AttentionError)> {
-        let (d_k, d_v) = (self.d_k, self.d_v);
-        let mut dk = vec![0.0; keys.len() * d_k];
-        let mut dv = vec![0.0; keys.len() * d_v];
+        let (d_k, d_v, n) = (self.d_k, self.d_v, keys.len());
+        let mut dk = DMatrix::<f64>::zeros(n, d_k);
+        let mut dv = DMatrix::<f64>::zeros(n, d_v);
+        let (mut s, mut ds) = (DMatrix::zeros(0, 0), DMatrix::zeros(0, 0));
+        let (mut dk_t, mut dv_t) = (DMatrix::zeros(n, d_k), DMatrix::zeros(n, d_v));
+        let (mut st, mut dst) = (DMatrix::zeros(n, 0), DMatrix::zeros(n, 0));
         let mut first: Option<(usize, usize, AttentionError)> = None;
-        for (r, j) in keys.enumerate() {
-            let (dk_j, dv_j) = (&mut dk[r * d_k..][..d_k], &mut dv[r * d_v..][..d_v]);
-            let (lo, hi) = self.spec.band.queries(j);
-            let queries = lo.max(0) as usize..(hi + 1).clamp(0, self.spec.n_q as i64) as usize;
-            for i in queries {
-                match self.pair(i, j) {
-                    Ok(Some((p, dt))) => {
-                        axpy(p, &self.d_o[i * d_v..(i + 1) * d_v], dv_j);
-                        axpy(self.scale * dt, &self.q[i * d_k..(i + 1) * d_k], dk_j);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        if first.as_ref().is_none_or(|(fi, fj, _)| (i, j) < (*fi, *fj)) {
-                            first = Some((i, j, e));
-                        }
-                        break; // later queries of this key are larger pairs
+        // Query blocks start at multiples of BLOCK, as in the query pass: both passes
+        // then compute each tile from the same operands, so they recompute the same
+        // weights and make the same decisions.
+        let span = self.query_span(&keys);
+        let mut i0 = span.start / BLOCK * BLOCK;
+        while i0 < span.end {
+            let rows = BLOCK.min(self.spec.n_q - i0);
+            let at = Tile { i0, j0: keys.start };
+            match self.tile(at, (rows, n), &mut s, &mut ds) {
+                Ok(()) => {}
+                Err(f) => {
+                    if first
+                        .as_ref()
+                        .is_none_or(|(fi, fj, _)| (f.0, f.1) < (*fi, *fj))
+                    {
+                        first = Some(f);
                     }
                 }
             }
+            if first.is_none() {
+                // Transposed copies first: nalgebra's `gemm_tr` is a plain loop, `mul_to`
+                // the blocked product.
+                if st.shape() != (n, rows) {
+                    st = DMatrix::zeros(n, rows);
+                    dst = DMatrix::zeros(n, rows);
+                }
+                s.transpose_to(&mut st);
+                ds.transpose_to(&mut dst);
+                st.mul_to(&self.d_o.rows(i0, rows), &mut dv_t);
+                dst.mul_to(&self.q.rows(i0, rows), &mut dk_t);
+                dk_t *= self.spec.scale;
+                add_to(&dv_t, &mut dv);
+                add_to(&dk_t, &mut dk);
+            }
+            i0 += rows;
         }
         match first {
             Some(f) => Err(f),
-            None => Ok((dk, dv)),
+            None => Ok((row_major(&dk), row_major(&dv))),
         }
     }
 
-    /// dQ (row-major, f64), threads over blocks of queries (every pair was checked by
-    /// [`key_pass`](Self::key_pass)).
+    /// dQ (row-major, f64), threads over blocks of queries, each walking the key blocks
+    /// it can see in order (every pair was checked by [`key_pass`](Self::key_pass)).
     fn query_pass(&self, parallel: bool) -> Vec<f64> {
-        let (n_q, d_k) = (self.spec.n_q, self.d_k);
+        let (n_q, n_kv, d_k) = (self.spec.n_q, self.spec.n_kv, self.d_k);
         let mut dq = vec![0.0; n_q * d_k];
-        let run = |(b, rows): (usize, &mut [f64])| {
-            for (r, dq_i) in rows.chunks_mut(d_k.max(1)).enumerate() {
-                let i = b * BLOCK + r;
-                let (lo, hi) = self.spec.key_range(i);
-                let keys = lo as usize..(hi + 1).max(lo) as usize;
-                for j in keys {
-                    if let Ok(Some((_, dt))) = self.pair(i, j) {
-                        axpy(self.scale * dt, &self.k[j * d_k..(j + 1) * d_k], dq_i);
-                    }
-                }
+        let run = |(b, out): (usize, &mut [f64])| {
+            let rows = b * BLOCK..(b * BLOCK + BLOCK).min(n_q);
+            if n_kv == 0 || rows.is_empty() {
+                return;
             }
+            let n = rows.len();
+            let (mut s, mut ds) = (DMatrix::zeros(0, 0), DMatrix::zeros(0, 0));
+            let mut dq_t = DMatrix::zeros(n, d_k);
+            let mut acc = DMatrix::<f64>::zeros(n, d_k);
+            let span = self.key_span(&rows);
+            // Keys start at multiples of BLOCK, as in the key pass (see there).
+            let mut j0 = span.start / BLOCK * BLOCK;
+            while j0 < span.end {
+                let keys = BLOCK.min(n_kv - j0);
+                let at = Tile { i0: rows.start, j0 };
+                // The key pass checked every pair of this very tile.
+                let _ = self.tile(at, (n, keys), &mut s, &mut ds);
+                ds.mul_to(&self.k.rows(j0, keys), &mut dq_t);
+                dq_t *= self.spec.scale;
+                add_to(&dq_t, &mut acc);
+                j0 += keys;
+            }
+            out.copy_from_slice(&row_major(&acc));
         };
         let chunk = (BLOCK * d_k).max(1);
+        if d_k == 0 {
+            return dq;
+        }
         if parallel {
             dq.par_chunks_mut(chunk).enumerate().for_each(run);
         } else {
@@ -601,6 +758,18 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         }
         dq
     }
+}
+
+/// `acc += m`, element by element in f64 (both column-major, the same shape).
+fn add_to<T: Element>(m: &DMatrix<T>, acc: &mut DMatrix<f64>) {
+    for (a, x) in acc.iter_mut().zip(m.iter()) {
+        *a += x.to_f64();
+    }
+}
+
+/// `m`'s entries in row-major order.
+fn row_major(m: &DMatrix<f64>) -> Vec<f64> {
+    m.transpose().as_slice().to_vec()
 }
 
 /// A row-major f64 result of `shape` rounded to T, or the first entry (in row-major
@@ -626,18 +795,4 @@ fn rounded<T: Element>(
         }
     }
     Ok(m)
-}
-
-/// `Σ a_c·b_c` in f64, in order.
-#[inline]
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// `y ← y + a·x`.
-#[inline]
-fn axpy(a: f64, x: &[f64], y: &mut [f64]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
 }

@@ -178,8 +178,9 @@ fn case(max_n: usize) -> impl Strategy<Value = Case> {
 /// The bound: every quantity is a sum of terms, computed with relative error at most ρ
 /// per term, where ρ collects what the forward and the backward round —
 /// the recomputed scores `(d_k + 2)·u·|scale|·Σ_c|q_ic|·max|k|` (and the forward's, the
-/// same again), lse `u·(1 + |lse_i|)`, the f64 sums `(n + d)·u₆₄`, softcap/ALiBi/bias
-/// additions `4u·|z|` — so each gradient entry is within `ρ·Σ|terms|` of the exact one,
+/// same again), lse `u·(1 + |lse_i|)`, the sums inside a 64 × 64 tile in T (at most
+/// 64 terms, or d_v ≤ 20 for `dO·vᵀ`: `(n_kv + 64)·u`), those across tiles in f64
+/// (`(n + d)·u₆₄`), softcap/ALiBi/bias additions `4u·|z|` — so each gradient entry is within `ρ·Σ|terms|` of the exact one,
 /// where `Σ|terms|` is the formula with absolute values (`A` below, computed from the
 /// reference's weights). The D_i term uses `Σ_c |dO_ic|·max_j|v_jc|`, which bounds both
 /// `|D_i|` and the forward output's own error relative to max|v|. Factor 4 for second
