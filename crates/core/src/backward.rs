@@ -12,7 +12,7 @@ use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::Element;
-use crate::error::{AttentionError, Axis, Operand, check_dim};
+use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
 #[allow(unused_imports)] // `exp_nonpos` on T
 use crate::kernel::ElementKernels;
@@ -20,7 +20,7 @@ use crate::kernel::careful;
 use crate::memory::try_matrix;
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Batch, Sequence, Spec, check_finite};
-use crate::view::{self, AsMatMut, AsMatRef};
+use crate::view::{self, AsMatMut, AsMatRef, MatMut};
 
 /// The gradients of [`scaled_dot_product_attention_backward`], each the shape of its
 /// input.
@@ -119,15 +119,144 @@ pub fn scaled_dot_product_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
     let spec = Spec::new(q, k, v, options)?;
     let (output, d_output) = (output.into_mat_ref(), d_output.into_mat_ref());
     check_result_operands(&spec, &output, lse, &d_output)?;
+    let problem = Problem::new(&spec, &output, lse, &d_output);
+    single_head(&problem, options)
+}
+
+/// [`scaled_dot_product_attention_backward`] writing dQ, dK and dV into the caller's
+/// matrices or views (`d_query` n_q × d_k, `d_key` n_kv × d_k, `d_value` n_kv × d_v) and,
+/// if `d_bias` is given, `∂L/∂bias` (n_q × n_kv) into it: the one `n_q × n_kv` result,
+/// computed only when asked for, and only with a bias in the options.
+///
+/// `∂L/∂bias_ij = dZ_ij = P_ij·(dO_i·v_j − D_i)` (the bias is added to the final scores,
+/// after the softcap), 0 wherever no weight flows (masked pairs, −∞ entries, empty rows);
+/// each row of it sums to 0. Computing it recomputes every tile once more and holds an
+/// `n_q × n_kv` buffer until every check has passed, so that on error nothing is written.
+///
+/// # Errors
+/// Those of [`scaled_dot_product_attention_backward`];
+/// [`AttentionError::DimensionMismatch`] with [`Operand::Gradient`] for an output of the
+/// wrong shape; [`AttentionError::InvalidOption`] for `d_bias` without a bias in the
+/// options. On error every output keeps its old contents.
+///
+/// # Example
+/// ```
+/// use attention_core::{
+///     scaled_dot_product_attention_backward_into, scaled_dot_product_attention_with_lse,
+///     AttentionOptions,
+/// };
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_fn(3, 2, |i, j| ((i * 2 + j) as f64 * 0.9).sin());
+/// let v = DMatrix::from_fn(4, 2, |i, j| (i * j) as f64 * 0.3);
+/// let bias = DMatrix::from_fn(3, 4, |i, j| 0.1 * (i as f64 - j as f64));
+/// let options = AttentionOptions::new().with_bias(&bias);
+/// let k = q.rows(0, 2).transpose().insert_columns(2, 2, 0.5).transpose(); // 4 × 2
+/// let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &options)?;
+/// let d_out = DMatrix::from_element(3, 2, 1.0);
+/// let (mut dq, mut dk, mut dv) = (DMatrix::zeros(3, 2), DMatrix::zeros(4, 2), DMatrix::zeros(4, 2));
+/// let mut d_bias = DMatrix::zeros(3, 4);
+/// scaled_dot_product_attention_backward_into(
+///     &q, &k, &v, &out, lse.as_slice(), &d_out, &options,
+///     (&mut dq, &mut dk, &mut dv), Some((&mut d_bias).into()),
+/// )?;
+/// // Each row of the bias gradient sums to 0 (the softmax is shift-invariant).
+/// assert!(d_bias.row(1).sum().abs() < 1e-12);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[allow(clippy::too_many_arguments)] // the forward's inputs and results, and the outputs
+pub fn scaled_dot_product_attention_backward_into<'q, 'k, 'v, 'o, 'g, 'a, 'b, 'c, T: Element>(
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
+    output: impl AsMatRef<'o, T>,
+    lse: &[T],
+    d_output: impl AsMatRef<'g, T>,
+    options: &AttentionOptions<'_, T>,
+    (d_query, d_key, d_value): (
+        impl AsMatMut<'a, T>,
+        impl AsMatMut<'b, T>,
+        impl AsMatMut<'c, T>,
+    ),
+    d_bias: Option<MatMut<'_, T>>,
+) -> Result<(), AttentionError> {
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
+    let spec = Spec::new(q, k, v, options)?;
+    let (output, d_output) = (output.into_mat_ref(), d_output.into_mat_ref());
+    check_result_operands(&spec, &output, lse, &d_output)?;
+    let (mut dq, mut dk, mut dv) = (
+        d_query.into_mat_mut(),
+        d_key.into_mat_mut(),
+        d_value.into_mat_mut(),
+    );
+    let mut d_bias = d_bias;
+    let outputs = [
+        (GradientOf::Query, dq.shape(), (spec.n_q, spec.d_k)),
+        (GradientOf::Key, dk.shape(), (spec.n_kv, spec.d_k)),
+        (GradientOf::Value, dv.shape(), (spec.n_kv, spec.d_v)),
+    ];
+    let bias_shape = d_bias
+        .as_ref()
+        .map(|m| (GradientOf::Bias, m.shape(), (spec.n_q, spec.n_kv)));
+    for (of, (rows, columns), (want_rows, want_columns)) in outputs.into_iter().chain(bias_shape) {
+        let operand = Operand::Gradient(of);
+        check_dim(
+            operand,
+            Axis::Rows,
+            rows,
+            want_rows,
+            operand,
+            "a gradient has its input's shape",
+        )?;
+        check_dim(
+            operand,
+            Axis::Columns,
+            columns,
+            want_columns,
+            operand,
+            "a gradient has its input's shape",
+        )?;
+    }
+    if d_bias.is_some() && spec.bias.is_none() {
+        return Err(AttentionError::InvalidOption {
+            option: "d_bias",
+            rule: "a bias gradient needs a bias in the options (with_bias)",
+        });
+    }
+    let problem = Problem::new(&spec, &output, lse, &d_output);
+    let grads = single_head(&problem, options)?;
+    let bias_grad = match d_bias {
+        Some(_) => Some(problem.bias_gradient()?),
+        None => None,
+    };
+    // Every check has passed: write.
+    dq.copy_from(&grads.dq);
+    dk.copy_from(&grads.dk);
+    dv.copy_from(&grads.dv);
+    if let (Some(out), Some(g)) = (d_bias.as_mut(), bias_grad) {
+        out.copy_from(&g);
+    }
+    Ok(())
+}
+
+/// The gradients of a checked single-head problem.
+fn single_head<T: Element>(
+    problem: &Problem<'_, '_, T>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<AttentionGradients<T>, AttentionError> {
+    let spec = problem.spec;
     if !spec.scores_in_range {
         // Scores that may leave the type's range: the forward's rule decides, so that the
         // backward of a call fails exactly when the call does.
         let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
-        careful::attention(&spec, &mut (&mut scratch).into_mat_mut(), None)?;
+        careful::attention(spec, &mut (&mut scratch).into_mat_mut(), None)?;
     }
     let parallel = options.parallelism == Parallelism::Rayon
         && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
-    let problem = Problem::new(&spec, &output, lse, &d_output);
     let (dk, dv) = problem.key_pass(parallel)?;
     let dq = problem.query_pass(parallel);
     Ok(AttentionGradients {
@@ -470,13 +599,15 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
 
     /// For the tile at `at` whose scores `Q_i·K_jᵀ` are in `s` (rows × keys): `s` becomes
     /// the weights `P_ij = exp(z_ij − lse_i)` (0 where a pair contributes nothing) and `ds`
-    /// the score gradients `dT_ij = P_ij·(dP_ij − D_i)·∂z/∂t`, with `dp = dO_i·V_jᵀ` given
-    /// in `ds`. Err with the tile's smallest failing pair.
+    /// the score gradients `dT_ij = P_ij·(dP_ij − D_i)·∂z/∂t` (without the `∂z/∂t` factor
+    /// unless `chain`: then `dZ`, the bias gradient), with `dp = dO_i·V_jᵀ` given in `ds`.
+    /// Err with the tile's smallest failing pair.
     fn weights(
         &self,
         at: Tile,
         s: &mut DMatrix<T>,
         ds: &mut DMatrix<T>,
+        chain: bool,
     ) -> Result<(), (usize, usize, AttentionError)> {
         let spec = self.spec;
         let (rows, keys) = s.shape();
@@ -523,7 +654,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
                         let x = if x > T::zero() { T::zero() } else { x };
                         let p = x.exp_nonpos::<false>();
                         let dz = p * (ds[(r, c)] - self.d[i]);
-                        let dt = if spec.softcap.is_some() {
+                        let dt = if chain && spec.softcap.is_some() {
                             dz * spec.modify_derivative(t)
                         } else {
                             dz
@@ -587,6 +718,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         (rows, keys): (usize, usize),
         s: &mut DMatrix<T>,
         ds: &mut DMatrix<T>,
+        chain: bool,
     ) -> Result<(), (usize, usize, AttentionError)> {
         if s.shape() != (rows, keys) {
             *s = DMatrix::zeros(rows, keys);
@@ -598,7 +730,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         let d_o = self.d_o.rows(at.i0, rows);
         let v = self.v.rows(at.j0, keys);
         d_o.mul_to(&v.transpose(), ds);
-        self.weights(at, s, ds)
+        self.weights(at, s, ds, chain)
     }
 
     /// The query rows that may see some key of `keys` (by position), clipped.
@@ -684,7 +816,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         while i0 < span.end {
             let rows = BLOCK.min(self.spec.n_q - i0);
             let at = Tile { i0, j0: keys.start };
-            match self.tile(at, (rows, n), &mut s, &mut ds) {
+            match self.tile(at, (rows, n), &mut s, &mut ds, true) {
                 Ok(()) => {}
                 Err(f) => {
                     if first
@@ -739,7 +871,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
                 let keys = BLOCK.min(n_kv - j0);
                 let at = Tile { i0: rows.start, j0 };
                 // The key pass checked every pair of this very tile.
-                let _ = self.tile(at, (n, keys), &mut s, &mut ds);
+                let _ = self.tile(at, (n, keys), &mut s, &mut ds, true);
                 ds.mul_to(&self.k.rows(j0, keys), &mut dq_t);
                 dq_t *= self.spec.scale;
                 add_to(&dq_t, &mut acc);
@@ -757,6 +889,37 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
             dq.chunks_mut(chunk).enumerate().for_each(run);
         }
         dq
+    }
+}
+
+impl<T: Element> Problem<'_, '_, T> {
+    /// `∂L/∂bias = dZ` (n_q × n_kv; 0 wherever no weight flows), after the key pass
+    /// checked every pair: the same tiles once more, without the softcap factor.
+    fn bias_gradient(&self) -> Result<DMatrix<T>, AttentionError> {
+        let (n_q, n_kv) = (self.spec.n_q, self.spec.n_kv);
+        let mut d_bias = try_matrix(n_q, n_kv, T::zero(), Operand::Gradient(GradientOf::Bias))?;
+        let (mut s, mut ds) = (DMatrix::zeros(0, 0), DMatrix::zeros(0, 0));
+        let mut j0 = 0;
+        while j0 < n_kv {
+            let keys = BLOCK.min(n_kv - j0);
+            let span = self.query_span(&(j0..j0 + keys));
+            let mut i0 = span.start / BLOCK * BLOCK;
+            while i0 < span.end {
+                let rows = BLOCK.min(n_q - i0);
+                let _ = self.tile(Tile { i0, j0 }, (rows, keys), &mut s, &mut ds, false);
+                d_bias.view_mut((i0, j0), (rows, keys)).copy_from(&ds);
+                i0 += rows;
+            }
+            j0 += keys;
+        }
+        match d_bias.iter().position(|x| !x.finite()) {
+            Some(at) => Err(AttentionError::ProductOverflow {
+                operand: Operand::Gradient(GradientOf::Bias),
+                row: at % n_q,
+                column: at / n_q,
+            }),
+            None => Ok(d_bias),
+        }
     }
 }
 

@@ -51,6 +51,10 @@ pub enum Operand {
     /// The gradient flowing into the output, `∂L/∂output` (n_q × d_v), given to
     /// [`scaled_dot_product_attention_backward`](crate::scaled_dot_product_attention_backward).
     OutputGradient,
+    /// A caller's output for a gradient of
+    /// [`scaled_dot_product_attention_backward_into`](crate::scaled_dot_product_attention_backward_into):
+    /// `∂L/∂` the operand named inside (query, key, value or bias).
+    Gradient(GradientOf),
     /// The attention-weight matrix of [`attention_weights`](crate::attention_weights)
     /// (n_q × n_kv).
     Weights,
@@ -85,6 +89,20 @@ pub enum Operand {
     HeadLayout,
 }
 
+/// Which input a [`Operand::Gradient`] is the gradient of.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GradientOf {
+    /// dQ (n_q × d_k).
+    Query,
+    /// dK (n_kv × d_k).
+    Key,
+    /// dV (n_kv × d_v).
+    Value,
+    /// d_bias (n_q × n_kv).
+    Bias,
+}
+
 impl fmt::Display for Operand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -107,6 +125,16 @@ impl fmt::Display for Operand {
             Operand::Output => f.write_str("output"),
             Operand::Lse => f.write_str("log-sum-exp"),
             Operand::OutputGradient => f.write_str("output gradient"),
+            Operand::Gradient(g) => write!(
+                f,
+                "{} gradient output",
+                match g {
+                    GradientOf::Query => "query",
+                    GradientOf::Key => "key",
+                    GradientOf::Value => "value",
+                    GradientOf::Bias => "bias",
+                }
+            ),
             Operand::Weights => f.write_str("attention weights"),
             Operand::Partial(i) => write!(f, "partial output {i}"),
             Operand::PartialLse(i) => write!(f, "partial log-sum-exp {i}"),

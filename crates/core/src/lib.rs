@@ -96,13 +96,14 @@ pub use api::{
 };
 pub use backward::{
     AttentionGradients, multi_head_attention_backward, scaled_dot_product_attention_backward,
+    scaled_dot_product_attention_backward_into,
 };
 pub use cache::{
     CacheSnapshot, DEFAULT_PAGE_SIZE, KvCache, SeqId, cached_attention, cached_attention_with_lse,
 };
 pub use cpu::CpuPath;
 pub use element::Element;
-pub use error::{AttentionError, Axis, Operand};
+pub use error::{AttentionError, Axis, GradientOf, Operand};
 pub use heads::{
     HeadLayout, alibi_slopes, multi_head_attention, multi_head_attention_into,
     multi_head_attention_with_lse,

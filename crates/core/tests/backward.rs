@@ -769,3 +769,222 @@ fn packed_errors_are_typed() {
         }
     ));
 }
+
+// ------------------------------------------------------------------ _into and d_bias
+
+/// `_into` gives the bits of the returning call, overwrites NaN-filled outputs entirely,
+/// and with `d_bias` matches PyTorch's bias gradient on the 12 `bwd_bias_*` cases within
+/// 1e-11 of max(1, max|g|); each row of it sums to 0 (the softmax is shift-invariant).
+#[test]
+fn into_and_bias_gradient_match_pytorch() {
+    use attention_core::scaled_dot_product_attention_backward_into as into;
+    let mut checked = 0;
+    for c in backward_cases().iter().filter(|c| c.d_bias.is_some()) {
+        let f = &c.forward;
+        let bias = c.bias.as_ref().expect("a bias case has a bias");
+        let mut o = AttentionOptions::new().with_bias(bias);
+        if let Some(m) = &c.mask {
+            o = o.with_mask(m);
+        }
+        if let Some(a) = f.causal {
+            o = o.with_causal(match a {
+                CausalAlign::TopLeft => Causal::TopLeft,
+                CausalAlign::BottomRight => Causal::BottomRight,
+            });
+        }
+        if let Some(x) = f.scale {
+            o = o.with_scale(x);
+        }
+        let lse: Vec<f64> = f.lse.column(0).iter().copied().collect();
+        let want = backward(&f.q, &f.k, &f.v, &f.output, &lse, &c.d_out, &o).unwrap();
+        let nan = |r, c| DMatrix::from_element(r, c, f64::NAN);
+        let (mut dq, mut dk, mut dv) = (
+            nan(f.q.nrows(), f.q.ncols()),
+            nan(f.k.nrows(), f.k.ncols()),
+            nan(f.v.nrows(), f.v.ncols()),
+        );
+        let mut d_bias = nan(f.q.nrows(), f.k.nrows());
+        into(
+            &f.q,
+            &f.k,
+            &f.v,
+            &f.output,
+            &lse,
+            &c.d_out,
+            &o,
+            (&mut dq, &mut dk, &mut dv),
+            Some((&mut d_bias).into()),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", f.name));
+        assert!(
+            dq == want.dq && dk == want.dk && dv == want.dv,
+            "{}: _into bits",
+            f.name
+        );
+        let expected = c.d_bias.as_ref().unwrap();
+        let magnitude = [&c.dq, &c.dk, &c.dv, expected]
+            .iter()
+            .fold(1.0f64, |m, x| m.max(x.amax()));
+        let err = (&d_bias - expected).amax() / magnitude;
+        assert!(err <= 1e-11, "{}: d_bias off by {err:e}", f.name);
+        for i in 0..d_bias.nrows() {
+            assert!(
+                d_bias.row(i).sum().abs() <= 1e-12 * magnitude,
+                "{}: row {i} sums to {}",
+                f.name,
+                d_bias.row(i).sum()
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 12);
+}
+
+/// The bias gradient on random problems with softcap (d_bias is before the softcap
+/// factor) against the reference's within the bound of `check`'s `dT` term, and the
+/// `_into` errors: outputs of the wrong shape, `d_bias` without a bias; on every error
+/// the outputs keep their contents.
+#[test]
+fn bias_gradient_against_the_reference_and_errors() {
+    use attention_core::{GradientOf, scaled_dot_product_attention_backward_into as into};
+    let (n_q, n_kv, d) = (70, 130, 8);
+    let q = gaussian(n_q, d, 1.0, 11);
+    let k = gaussian(n_kv, d, 1.0, 12);
+    let v = gaussian(n_kv, d, 1.0, 13);
+    let d_out = gaussian(n_q, d, 1.0, 14);
+    let bias = gaussian(n_q, n_kv, 1.0, 15);
+    let o = AttentionOptions::new()
+        .with_bias(&bias)
+        .with_softcap(3.0)
+        .with_causal(Causal::BottomRight);
+    let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &o).unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        DMatrix::zeros(n_q, d),
+        DMatrix::zeros(n_kv, d),
+        DMatrix::zeros(n_kv, d),
+    );
+    let mut d_bias = DMatrix::from_element(n_q, n_kv, f64::NAN);
+    into(
+        &q,
+        &k,
+        &v,
+        &out,
+        lse.as_slice(),
+        &d_out,
+        &o,
+        (&mut dq, &mut dk, &mut dv),
+        Some((&mut d_bias).into()),
+    )
+    .unwrap();
+    let ro = attention_reference::Options {
+        bias: Some(bias.clone()),
+        softcap: Some(3.0),
+        causal: Some(attention_reference::Causal::BottomRight),
+        ..Default::default()
+    };
+    let want = attention_reference::attention_backward(&q, &k, &v, &d_out, &ro);
+    let magnitude = want.d_bias.amax().max(1.0);
+    let err = (&d_bias - &want.d_bias).amax() / magnitude;
+    // f64 throughout: the recomputed weights' and sums' rounding, far below 1e-12.
+    assert!(err <= 1e-12, "d_bias off by {err:e}");
+    // Masked (above the bottom-right diagonal) entries are exactly 0.
+    assert_eq!(d_bias[(0, n_kv - n_q + 1)], 0.0);
+
+    // Errors leave every output as it was.
+    let (mut dq2, mut dk2, mut dv2) = (
+        DMatrix::from_element(n_q, d, 7.0),
+        DMatrix::from_element(n_kv, d, 7.0),
+        DMatrix::from_element(n_kv, d, 7.0),
+    );
+    let unchanged = |a: &DMatrix<f64>| a.iter().all(|&x| x == 7.0);
+    let mut wrong = DMatrix::from_element(n_q, n_kv + 1, 7.0);
+    let e = into(
+        &q,
+        &k,
+        &v,
+        &out,
+        lse.as_slice(),
+        &d_out,
+        &o,
+        (&mut dq2, &mut dk2, &mut dv2),
+        Some((&mut wrong).into()),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        AttentionError::DimensionMismatch {
+            operand: Operand::Gradient(GradientOf::Bias),
+            axis: Axis::Columns,
+            found: n_kv + 1,
+            expected: n_kv,
+            against: Operand::Gradient(GradientOf::Bias),
+            rule: "a gradient has its input's shape"
+        }
+    );
+    let mut short = DMatrix::from_element(n_kv - 1, d, 7.0);
+    let e = into(
+        &q,
+        &k,
+        &v,
+        &out,
+        lse.as_slice(),
+        &d_out,
+        &o,
+        (&mut dq2, &mut short, &mut dv2),
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        AttentionError::DimensionMismatch {
+            operand: Operand::Gradient(GradientOf::Key),
+            axis: Axis::Rows,
+            ..
+        }
+    ));
+    let plain = AttentionOptions::new();
+    let mut d_bias2 = DMatrix::from_element(n_q, n_kv, 7.0);
+    let e = into(
+        &q,
+        &k,
+        &v,
+        &out,
+        lse.as_slice(),
+        &d_out,
+        &plain,
+        (&mut dq2, &mut dk2, &mut dv2),
+        Some((&mut d_bias2).into()),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        AttentionError::InvalidOption {
+            option: "d_bias",
+            ..
+        }
+    ));
+    // An invalid lse found during the computation: still nothing written.
+    let mut l = lse.as_slice().to_vec();
+    l[5] = f64::NEG_INFINITY;
+    let e = into(
+        &q,
+        &k,
+        &v,
+        &out,
+        &l,
+        &d_out,
+        &o,
+        (&mut dq2, &mut dk2, &mut dv2),
+        Some((&mut d_bias2).into()),
+    )
+    .unwrap_err();
+    assert!(matches!(e, AttentionError::InvalidLse { row: 5, .. }));
+    assert!(
+        unchanged(&dq2)
+            && unchanged(&dk2)
+            && unchanged(&dv2)
+            && unchanged(&d_bias2)
+            && unchanged(&wrong)
+            && unchanged(&short)
+    );
+}
