@@ -1,7 +1,8 @@
 //! The backward pass's rows of `docs/PERFORMANCE.md`: `scaled_dot_product_attention_backward`
 //! on the shapes of `../shared/anchors/backward_bench.py` (one head; f32 and f64; n = 1024,
 //! d = 64 and n = 4096, d = 128, plain and causal), on 1 and 2 threads, GFLOP/s counting
-//! `10·n²·d` per call (half for causal), median of 5 after one warm-up call.
+//! `10·n²·d` per call (half for causal), median of 5 after one warm-up call; and a packed
+//! batch of 64 causal sequences through `multi_head_attention_backward`.
 //!
 //! ```text
 //! cargo run --release -p attention-benches --bin backward
@@ -61,11 +62,54 @@ fn row<T: Element>(name: &str, n: usize, d: usize, causal: bool, threads: usize)
     );
 }
 
+/// `multi_head_attention_backward` on 64 causal sequences of 16..512 tokens (a fixed
+/// pattern), 8 heads, d = 64, f32: many small blocks, threads across them.
+fn varlen(threads: usize) {
+    use attention_core::{
+        HeadLayout, multi_head_attention_backward, multi_head_attention_with_lse,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool");
+    let lens: Vec<usize> = (0..64).map(|s| 16 + (s * 389) % 497).collect();
+    let rows: usize = lens.iter().sum();
+    let (h, d) = (8, 64);
+    let m = |c, seed| normal_matrix(rows, c, seed).map(|x| x as f32);
+    let (q, k, v, d_out) = (m(h * d, 1), m(h * d, 2), m(h * d, 3), m(h * d, 4));
+    let layout = HeadLayout::new(h, h).with_seqlens(&lens, &lens);
+    let options = AttentionOptions::new().with_causal(Causal::TopLeft);
+    let (out, lse) =
+        multi_head_attention_with_lse(&q, &k, &v, &layout, &options).expect("the forward");
+    let call = || {
+        pool.install(|| {
+            multi_head_attention_backward(&q, &k, &v, &out, &lse, &d_out, &layout, &options)
+                .expect("the backward")
+        })
+    };
+    black_box(call());
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(call());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let flops: f64 = lens.iter().map(|&n| 5.0 * (n * n * d * h) as f64).sum();
+    println!(
+        "backward varlen 64 seqs ({rows} tokens) 8 heads d=64 causal f32 threads={threads}: {:.1} ms, {:.1} GFLOP/s",
+        times[2] * 1e3,
+        flops / times[2] / 1e9
+    );
+}
+
 fn main() {
     for threads in [1, 2] {
         for (n, d, causal) in [(1024, 64, false), (4096, 128, false), (4096, 128, true)] {
             row::<f32>("f32", n, d, causal, threads);
         }
         row::<f64>("f64", 4096, 128, false, threads);
+        varlen(threads);
     }
 }

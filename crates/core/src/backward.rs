@@ -340,10 +340,13 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         vec![0.0; v.nrows() * v.ncols()],
     );
     let parallel = options.parallelism == Parallelism::Rayon;
-    for (b, spec) in batch.specs.iter().enumerate() {
+    // Many blocks: threads over blocks, each block on one thread; few: blocks in turn,
+    // each split inside when large. A block's result does not depend on which, and the
+    // results are combined below in block order, so threads change no bit.
+    let across = parallel && batch.specs.len() >= 2 * rayon::current_num_threads();
+    let block = |(b, spec): (usize, &Spec<'_, T>)| -> Result<BlockGradients, AttentionError> {
         let (s, h) = (b / h_q, b % h_q);
         let seq = batch.sequences[s];
-        let j = h / group;
         let in_batch = |e| packed_error(e, h, seq);
         if !spec.scores_in_range {
             let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
@@ -353,21 +356,45 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         let out_h = view::block(output, rows.clone(), h * d_v..(h + 1) * d_v);
         let d_out_h = view::block(d_output, rows.clone(), h * d_v..(h + 1) * d_v);
         let lse_h = &lse.as_slice()[h * lse.nrows()..][rows];
-        let parallel =
-            parallel && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
+        let inside = parallel
+            && !across
+            && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
         let problem = Problem::new(spec, &out_h, lse_h, &d_out_h);
-        let (dk_h, dv_h) = problem.key_pass(parallel).map_err(in_batch)?;
-        let dq_h = problem.query_pass(parallel);
+        let (dk_h, dv_h) = problem.key_pass(inside).map_err(in_batch)?;
+        Ok((problem.query_pass(inside), dk_h, dv_h))
+    };
+    let results: Vec<Result<BlockGradients, AttentionError>> = if across {
+        batch.specs.par_iter().enumerate().map(block).collect()
+    } else {
+        batch.specs.iter().enumerate().map(block).collect()
+    };
+    // The error to report, whatever the threads: a score overflow or an invalid lse at
+    // the smallest (packed query, head, packed key), as the forward orders overflows;
+    // otherwise the first block's.
+    let rank = |e: &AttentionError| match *e {
+        AttentionError::HeadScoreOverflow { head, query, key }
+        | AttentionError::InvalidLse {
+            head,
+            row: query,
+            key,
+            ..
+        } => (0, query, head, key),
+        _ => (1, 0, 0, 0),
+    };
+    if let Some(e) = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .min_by_key(|e| rank(e))
+    {
+        return Err(e.clone());
+    }
+    for (b, result) in results.into_iter().enumerate() {
+        let (dq_h, dk_h, dv_h) = result?;
+        let (s, h) = (b / h_q, b % h_q);
+        let seq = batch.sequences[s];
+        let j = h / group;
         // Scatter into the packed row-major buffers: dQ's block is this head's alone,
         // dK/dV's are summed over the group's heads in head order.
-        let place = |dst: &mut [f64], src: &[f64], (r0, c0, d, width), add: bool| {
-            for r in 0..src.len().checked_div(d).unwrap_or(0) {
-                let at = (r0 + r) * width + c0;
-                for (x, y) in dst[at..at + d].iter_mut().zip(&src[r * d..(r + 1) * d]) {
-                    *x = if add { *x + y } else { *y };
-                }
-            }
-        };
         place(
             &mut dq,
             &dq_h,
@@ -392,6 +419,25 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         dk: rounded(&dk, (k.nrows(), k.ncols()), Operand::Key)?,
         dv: rounded(&dv, (v.nrows(), v.ncols()), Operand::Value)?,
     })
+}
+
+/// One (sequence, head) block's dQ, dK, dV (row-major, f64).
+type BlockGradients = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Writes (or, with `add`, adds) the row-major `src` (`d` columns) into the row-major
+/// `dst` (`width` columns) at row `r0`, column `c0`.
+fn place(
+    dst: &mut [f64],
+    src: &[f64],
+    (r0, c0, d, width): (usize, usize, usize, usize),
+    add: bool,
+) {
+    for r in 0..src.len().checked_div(d).unwrap_or(0) {
+        let at = (r0 + r) * width + c0;
+        for (x, y) in dst[at..at + d].iter_mut().zip(&src[r * d..(r + 1) * d]) {
+            *x = if add { *x + y } else { *y };
+        }
+    }
 }
 
 /// A block's error in terms of the packed batch.

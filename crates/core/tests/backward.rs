@@ -757,6 +757,21 @@ fn packed_errors_are_typed() {
         "{:?}",
         call(&bad)
     );
+    // Two invalid entries: the smallest packed query row is reported, whatever the head
+    // order of the blocks (head 0's row 4 comes first in block order).
+    bad[(4, 0)] = f64::NEG_INFINITY;
+    assert!(
+        matches!(
+            call(&bad),
+            AttentionError::InvalidLse {
+                head: 1,
+                row: 3,
+                ..
+            }
+        ),
+        "{:?}",
+        call(&bad)
+    );
     let huge = AttentionOptions::new().with_scale(1e306);
     let big = q.map(|x| x * 1e10);
     assert!(matches!(
