@@ -17,6 +17,20 @@ use attention_core::{
     scaled_dot_product_attention_with_lse,
 };
 
+/// Seconds per call of `call`: median of 5 after one warm-up call.
+fn median_time<R>(call: impl Fn() -> R) -> f64 {
+    black_box(call());
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(call());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[2]
+}
+
 fn row<T: Element>(name: &str, n: usize, d: usize, causal: bool, threads: usize) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -44,21 +58,13 @@ fn row<T: Element>(name: &str, n: usize, d: usize, causal: bool, threads: usize)
             .expect("the backward")
         })
     };
-    black_box(call());
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(call());
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
+    let time = median_time(call);
     let flops = 10.0 * (n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
     println!(
         "backward {name} n={n} d={d}{} threads={threads}: {:.1} ms, {:.1} GFLOP/s",
         if causal { " causal" } else { "" },
-        times[2] * 1e3,
-        flops / times[2] / 1e9
+        time * 1e3,
+        flops / time / 1e9
     );
 }
 
@@ -87,20 +93,12 @@ fn varlen(threads: usize) {
                 .expect("the backward")
         })
     };
-    black_box(call());
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(call());
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
+    let time = median_time(call);
     let flops: f64 = lens.iter().map(|&n| 5.0 * (n * n * d * h) as f64).sum();
     println!(
         "backward varlen 64 seqs ({rows} tokens) 8 heads d=64 causal f32 threads={threads}: {:.1} ms, {:.1} GFLOP/s",
-        times[2] * 1e3,
-        flops / times[2] / 1e9
+        time * 1e3,
+        flops / time / 1e9
     );
 }
 

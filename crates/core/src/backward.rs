@@ -249,16 +249,8 @@ fn single_head<T: Element>(
     options: &AttentionOptions<'_, T>,
 ) -> Result<AttentionGradients<T>, AttentionError> {
     let spec = problem.spec;
-    if !spec.scores_in_range {
-        // Scores that may leave the type's range: the forward's rule decides, so that the
-        // backward of a call fails exactly when the call does.
-        let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
-        careful::attention(spec, &mut (&mut scratch).into_mat_mut(), None)?;
-    }
-    let parallel = options.parallelism == Parallelism::Rayon
-        && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
-    let (dk, dv) = problem.key_pass(parallel)?;
-    let dq = problem.query_pass(parallel);
+    let parallel = options.parallelism == Parallelism::Rayon && problem.is_large();
+    let (dq, dk, dv) = problem.gradients(parallel)?;
     Ok(AttentionGradients {
         dq: rounded(&dq, (spec.n_q, spec.d_k), Operand::Query)?,
         dk: rounded(&dk, (spec.n_kv, spec.d_k), Operand::Key)?,
@@ -348,20 +340,13 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         let (s, h) = (b / h_q, b % h_q);
         let seq = batch.sequences[s];
         let in_batch = |e| packed_error(e, h, seq);
-        if !spec.scores_in_range {
-            let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
-            careful::attention(spec, &mut (&mut scratch).into_mat_mut(), None).map_err(in_batch)?;
-        }
         let rows = seq.q_start..seq.q_start + seq.n_q;
         let out_h = view::block(output, rows.clone(), h * d_v..(h + 1) * d_v);
         let d_out_h = view::block(d_output, rows.clone(), h * d_v..(h + 1) * d_v);
         let lse_h = &lse.as_slice()[h * lse.nrows()..][rows];
-        let inside = parallel
-            && !across
-            && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
         let problem = Problem::new(spec, &out_h, lse_h, &d_out_h);
-        let (dk_h, dv_h) = problem.key_pass(inside).map_err(in_batch)?;
-        Ok((problem.query_pass(inside), dk_h, dv_h))
+        let inside = parallel && !across && problem.is_large();
+        problem.gradients(inside).map_err(in_batch)
     };
     let results: Vec<Result<BlockGradients, AttentionError>> = if across {
         batch.specs.par_iter().enumerate().map(block).collect()
@@ -800,6 +785,26 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         } else {
             lo as usize..hi as usize + 1
         }
+    }
+
+    /// Whether the problem is large enough to split over threads.
+    fn is_large(&self) -> bool {
+        let spec = self.spec;
+        spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK
+    }
+
+    /// dQ, dK and dV (row-major, f64): the key pass, then the query pass. Scores that
+    /// may leave the type's range are decided first by the forward's rule, so that the
+    /// backward of a call fails exactly when the call does.
+    #[allow(clippy::type_complexity)] // (dQ, dK, dV)
+    fn gradients(&self, parallel: bool) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), AttentionError> {
+        let spec = self.spec;
+        if !spec.scores_in_range {
+            let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
+            careful::attention(spec, &mut (&mut scratch).into_mat_mut(), None)?;
+        }
+        let (dk, dv) = self.key_pass(parallel)?;
+        Ok((self.query_pass(parallel), dk, dv))
     }
 
     /// dK and dV (row-major, f64), threads over blocks of keys, each walking the query

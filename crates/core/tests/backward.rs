@@ -21,6 +21,28 @@ use common::{OptionParts, narrow, pools, widen};
 use nalgebra::DMatrix;
 use proptest::prelude::*;
 
+/// A golden case's options that every head and sequence shares: scale, causal, window,
+/// softcap.
+fn shared_options(f: &attention_testdata::MhaCase) -> AttentionOptions<'static, f64> {
+    let mut o = AttentionOptions::new();
+    if let Some(x) = f.scale {
+        o = o.with_scale(x);
+    }
+    if let Some(a) = f.causal {
+        o = o.with_causal(match a {
+            CausalAlign::TopLeft => Causal::TopLeft,
+            CausalAlign::BottomRight => Causal::BottomRight,
+        });
+    }
+    if let Some((l, r)) = f.window {
+        o = o.with_window(l, r);
+    }
+    if let Some(cap) = f.softcap {
+        o = o.with_softcap(cap);
+    }
+    o
+}
+
 #[test]
 fn golden_cases_match_pytorch_autograd() {
     let cases = backward_cases();
@@ -38,22 +60,7 @@ fn golden_cases_match_pytorch_autograd() {
         for (s, (&n_q, &n_kv)) in f.seqlens_q.iter().zip(&f.seqlens_kv).enumerate() {
             for h in 0..f.h_q {
                 let j = h / g;
-                let mut o = AttentionOptions::new();
-                if let Some(x) = f.scale {
-                    o = o.with_scale(x);
-                }
-                if let Some(a) = f.causal {
-                    o = o.with_causal(match a {
-                        CausalAlign::TopLeft => Causal::TopLeft,
-                        CausalAlign::BottomRight => Causal::BottomRight,
-                    });
-                }
-                if let Some((l, r)) = f.window {
-                    o = o.with_window(l, r);
-                }
-                if let Some(cap) = f.softcap {
-                    o = o.with_softcap(cap);
-                }
+                let mut o = shared_options(f);
                 if let Some(slopes) = &f.alibi_slopes {
                     o = o.with_alibi_slope(slopes[h]);
                 }
@@ -488,22 +495,7 @@ fn golden_cases_through_the_multi_head_call() {
         let layout = HeadLayout::new(f.h_q, f.h_kv).with_seqlens(&f.seqlens_q, &f.seqlens_kv);
         let masks: Vec<MatRef<'_, bool>> = c.mask.iter().map(Into::into).collect();
         let biases: Vec<MatRef<'_, f64>> = c.bias.iter().map(Into::into).collect();
-        let mut o = AttentionOptions::new();
-        if let Some(x) = f.scale {
-            o = o.with_scale(x);
-        }
-        if let Some(a) = f.causal {
-            o = o.with_causal(match a {
-                CausalAlign::TopLeft => Causal::TopLeft,
-                CausalAlign::BottomRight => Causal::BottomRight,
-            });
-        }
-        if let Some((l, r)) = f.window {
-            o = o.with_window(l, r);
-        }
-        if let Some(cap) = f.softcap {
-            o = o.with_softcap(cap);
-        }
+        let mut o = shared_options(f);
         if let Some(slopes) = &f.alibi_slopes {
             o = o.with_alibi_slopes(slopes);
         }
@@ -797,18 +789,9 @@ fn into_and_bias_gradient_match_pytorch() {
     for c in backward_cases().iter().filter(|c| c.d_bias.is_some()) {
         let f = &c.forward;
         let bias = c.bias.as_ref().expect("a bias case has a bias");
-        let mut o = AttentionOptions::new().with_bias(bias);
+        let mut o = shared_options(f).with_bias(bias);
         if let Some(m) = &c.mask {
             o = o.with_mask(m);
-        }
-        if let Some(a) = f.causal {
-            o = o.with_causal(match a {
-                CausalAlign::TopLeft => Causal::TopLeft,
-                CausalAlign::BottomRight => Causal::BottomRight,
-            });
-        }
-        if let Some(x) = f.scale {
-            o = o.with_scale(x);
         }
         let lse: Vec<f64> = f.lse.column(0).iter().copied().collect();
         let want = backward(&f.q, &f.k, &f.v, &f.output, &lse, &c.d_out, &o).unwrap();
