@@ -284,10 +284,21 @@ fn run<T: Element>(
     v: MatRef<'_, T>,
     options: &AttentionOptions<'_, T>,
     out: &mut MatMut<'_, T>,
-    lse: Option<&mut [T]>,
+    mut lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
+    let parallel = options.parallelism == Parallelism::Rayon;
+    // A decode-sized call checks K and V while the decoding kernel reads them; anything
+    // it cannot settle (an error, another route) comes back here untouched.
+    if kernel::may_decode(q.nrows(), k.nrows())
+        && let (Some(deferred), Ok(path)) = (
+            Spec::deferred(q, k, v, options),
+            CpuPath::for_call(options.cpu_path),
+        )
+        && kernel::attention_deferred(&deferred, path, parallel, out, lse.as_deref_mut()).is_some()
+    {
+        return Ok(());
+    }
     let spec = Spec::new(q, k, v, options)?;
     let (path, forced) = CpuPath::for_call(options.cpu_path)?;
-    let parallel = options.parallelism == Parallelism::Rayon;
     kernel::attention(spec, path, forced, parallel, out, lse)
 }

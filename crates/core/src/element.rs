@@ -53,6 +53,17 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     /// compiler vectorises it even for the baseline target.
     #[doc(hidden)]
     fn max_abs_bits(xs: &[Self]) -> u64;
+    /// `abs_bits` in the type's own width as a signed integer (the sign bit is clear, so
+    /// it is non-negative and ordered alike): a maximum over them vectorises as a signed
+    /// integer max wherever the CPU has one (AVX2, AVX-512).
+    #[doc(hidden)]
+    type Bits: Copy + Ord + Default + Send + Sync + std::fmt::Debug + 'static;
+    /// See [`Element::Bits`].
+    #[doc(hidden)]
+    fn abs_bits_native(self) -> Self::Bits;
+    /// Widens [`Element::Bits`] to the `u64` of [`Element::abs_bits`].
+    #[doc(hidden)]
+    fn bits_to_u64(bits: Self::Bits) -> u64;
 }
 
 /// `max_abs_bits` for one element type, in 16 lanes of floats so that it vectorises even
@@ -122,6 +133,15 @@ impl Element for f32 {
     fn max_abs_bits(xs: &[Self]) -> u64 {
         max_abs_bits_of(xs)
     }
+    type Bits = i32;
+    #[inline(always)]
+    fn abs_bits_native(self) -> i32 {
+        (self.to_bits() & 0x7fff_ffff) as i32
+    }
+    #[inline(always)]
+    fn bits_to_u64(bits: i32) -> u64 {
+        bits as u64
+    }
 }
 
 impl Element for f64 {
@@ -155,6 +175,15 @@ impl Element for f64 {
     }
     fn max_abs_bits(xs: &[Self]) -> u64 {
         max_abs_bits_of(xs)
+    }
+    type Bits = i64;
+    #[inline(always)]
+    fn abs_bits_native(self) -> i64 {
+        (self.to_bits() & 0x7fff_ffff_ffff_ffff) as i64
+    }
+    #[inline(always)]
+    fn bits_to_u64(bits: i64) -> u64 {
+        bits as u64
     }
 }
 

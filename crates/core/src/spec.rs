@@ -119,14 +119,12 @@ pub(crate) struct MaxAbs<T> {
     pub v: T,
 }
 
-/// Checks the shapes of Q, K, V against each other and their values for NaN/∞; returns
-/// their largest magnitudes.
-pub(crate) fn check_qkv<T: Element>(
+/// K has Q's width, V one row per key.
+fn check_qkv_shapes<T>(
     q: &MatRef<'_, T>,
     k: &MatRef<'_, T>,
     v: &MatRef<'_, T>,
-    parallel: bool,
-) -> Result<MaxAbs<T>, AttentionError> {
+) -> Result<(), AttentionError> {
     check_dim(
         Operand::Key,
         Axis::Columns,
@@ -135,7 +133,18 @@ pub(crate) fn check_qkv<T: Element>(
         Operand::Query,
         "d_k must match",
     )?;
-    check_value_rows(k, v)?;
+    check_value_rows(k, v)
+}
+
+/// Checks the shapes of Q, K, V against each other and their values for NaN/∞; returns
+/// their largest magnitudes.
+pub(crate) fn check_qkv<T: Element>(
+    q: &MatRef<'_, T>,
+    k: &MatRef<'_, T>,
+    v: &MatRef<'_, T>,
+    parallel: bool,
+) -> Result<MaxAbs<T>, AttentionError> {
+    check_qkv_shapes(q, k, v)?;
     // Large inputs are scanned in parallel (the scan is the only serial O(n·d) pass of a
     // call); errors are still reported in the order Q, K, V.
     let large = q.len() + k.len() + v.len() >= 1 << 18;
@@ -253,6 +262,37 @@ impl<'a, T: Element> Spec<'a, T> {
         Ok(Spec::assemble(q, k, v, max_abs, scale, bias_range, &block))
     }
 
+    /// Validates everything [`Spec::new`] does except the values of K and V: for the
+    /// decoding kernel, which finds their largest magnitudes (and any NaN/∞) as it reads
+    /// them ([`Deferred::complete`] then decides). `None` when any check fails: the caller
+    /// then calls [`Spec::new`], which reports the first failure in its order (Q, K, V,
+    /// then the options), so that deferring never changes which error a call returns.
+    pub(crate) fn deferred(
+        q: MatRef<'a, T>,
+        k: MatRef<'a, T>,
+        v: MatRef<'a, T>,
+        options: &AttentionOptions<'a, T>,
+    ) -> Option<Deferred<'a, T>> {
+        check_qkv_shapes(&q, &k, &v).ok()?;
+        let q_max = check_finite(Operand::Query, &q).ok()?;
+        let (n_q, d_k) = q.shape();
+        let n_kv = k.nrows();
+        let scale = check_scalars(options, d_k).ok()?;
+        check_lists(options, 1, 1).ok()?;
+        check_sequence_mask(options, 0, n_q, n_kv).ok()?;
+        check_key_mask(options, n_kv).ok()?;
+        let bias_range = check_sequence_bias(options, 0, n_q, n_kv).ok()?;
+        Some(Deferred {
+            q,
+            k,
+            v,
+            q_max,
+            scale,
+            bias_range,
+            options: block_options(options, 0, 0, 0..n_kv),
+        })
+    }
+
     /// The spec of checked inputs: `options` are those of one block (see
     /// [`block_options`]), `scale` and `bias_range` what [`check_scalars`] and
     /// [`check_sequence_bias`] returned.
@@ -305,6 +345,47 @@ impl<'a, T: Element> Spec<'a, T> {
             softcap: options.softcap,
             alibi_slope: options.alibi_slope,
         }
+    }
+}
+
+/// A single-head call checked except for the values of K and V (see [`Spec::deferred`]).
+pub(crate) struct Deferred<'a, T: Element> {
+    q: MatRef<'a, T>,
+    k: MatRef<'a, T>,
+    v: MatRef<'a, T>,
+    q_max: T,
+    scale: T,
+    bias_range: (f64, f64),
+    options: AttentionOptions<'a, T>,
+}
+
+impl<'a, T: Element> Deferred<'a, T> {
+    /// The spec as it would be if K and V were 0: its route says whether the call would
+    /// reach the decoding kernel at all (larger values only ever lead elsewhere).
+    pub(crate) fn provisional(&self) -> Spec<'a, T> {
+        self.complete(0, 0).expect("0 is finite")
+    }
+
+    /// The spec given the largest `abs_bits` of K and V (as [`Element::max_abs_bits`]
+    /// gives them); `None` if either is NaN/∞.
+    pub(crate) fn complete(&self, k_bits: u64, v_bits: u64) -> Option<Spec<'a, T>> {
+        if k_bits >= T::INFINITY_BITS || v_bits >= T::INFINITY_BITS {
+            return None;
+        }
+        let max_abs = MaxAbs {
+            q: self.q_max,
+            k: T::from_abs_bits(k_bits),
+            v: T::from_abs_bits(v_bits),
+        };
+        Some(Spec::assemble(
+            self.q,
+            self.k,
+            self.v,
+            max_abs,
+            self.scale,
+            self.bias_range,
+            &self.options,
+        ))
     }
 }
 

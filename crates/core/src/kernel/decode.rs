@@ -66,10 +66,13 @@ pub(crate) fn fits<T: Element>(spec: &Spec<'_, T>) -> bool {
 /// The running softmax state of the group's rows over some keys: `m` (the rows' running
 /// maxima), `l` (`Σ exp(s − m)`, f64) and `acc` (`R × d_v`, f64, row-major).
 #[derive(Clone, Debug)]
-pub struct State<T> {
+pub struct State<T: Element> {
     m: Vec<T>,
     l: Vec<f64>,
     acc: Vec<f64>,
+    /// The largest [`Element::abs_bits_native`] of the keys and of the values read, when
+    /// the group scans them ([`Group::scan`]); NaN and ±∞ have the largest bits.
+    scanned: (T::Bits, T::Bits),
 }
 
 impl<T: Element> State<T> {
@@ -78,12 +81,15 @@ impl<T: Element> State<T> {
             m: vec![T::NEG_INFINITY; rows],
             l: vec![0.0; rows],
             acc: vec![0.0; rows * d_v],
+            scanned: Default::default(),
         }
     }
 
     /// Adds `other` (the state of later keys) into `self`: the exact merge of two softmax
     /// partial results.
     fn merge(&mut self, other: &State<T>, d_v: usize) {
+        self.scanned.0 = self.scanned.0.max(other.scanned.0);
+        self.scanned.1 = self.scanned.1.max(other.scanned.1);
         for r in 0..self.m.len() {
             let m = self.m[r].max(other.m[r]);
             if m == T::NEG_INFINITY {
@@ -129,6 +135,10 @@ pub struct Group<'s, 'a, T: Element> {
     /// value columns ([`value_rows`]), else over keys ([`lane_sum`]). Decided once per
     /// group from the layout alone, so every chunk of a call sums the same way.
     pub(crate) by_rows: bool,
+    /// Whether to find the largest magnitudes of K and V (and any NaN/∞) while reading
+    /// them: for a call whose K and V were not scanned before (see [`checked_on_the_way`]).
+    /// Every key and value is folded in, whether its weight is used or not.
+    pub(crate) scan: bool,
 }
 
 /// Whether the values of `segments` are all stored token by token (see [`Group`]). A
@@ -158,6 +168,7 @@ impl<'s, 'a, T: Element> Group<'s, 'a, T> {
             n_q,
             by_rows: values_by_rows(&segments),
             segments,
+            scan: false,
         }
     }
 
@@ -382,20 +393,57 @@ fn chunk<T: Element, const FMA: bool>(
     let (alpha, active) = softmax_step::<T, FMA>(group, start, len, s, state);
     if group.by_rows {
         value_rows::<T, FMA>(v, at, len, s, (&alpha, &active), rows, state);
-        return;
-    }
-    // Σ_j p_rj·v_jc for every value column, the column read once for all rows.
-    for c in 0..d_v {
-        let column = v.column(c);
-        let vc = &column.as_slice()[at..at + len];
-        for r in 0..rows {
-            if active[r] {
-                let dot = lane_sum::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], Some(vc));
-                let a = &mut state.acc[r * d_v + c];
-                *a = *a * alpha[r] + dot;
+    } else {
+        // Σ_j p_rj·v_jc for every value column, the column read once for all rows.
+        for c in 0..d_v {
+            let column = v.column(c);
+            let vc = &column.as_slice()[at..at + len];
+            for r in 0..rows {
+                if active[r] {
+                    let dot = lane_sum::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], Some(vc));
+                    let a = &mut state.acc[r * d_v + c];
+                    *a = *a * alpha[r] + dot;
+                }
             }
         }
     }
+    if group.scan {
+        // The chunk is in the level-1 cache now: scanning it costs no memory traffic.
+        let (ks, vs) = &mut state.scanned;
+        *ks = (*ks).max(scan_runs((0..d_k).map(|p| (k, p)), at, len));
+        *vs = (*vs).max(if group.by_rows {
+            scan_runs((at..at + len).map(|j| (v, j)), 0, d_v)
+        } else {
+            scan_runs((0..d_v).map(|c| (v, c)), at, len)
+        });
+    }
+}
+
+/// The largest [`Element::abs_bits_native`] of rows `at .. at + len` of the given
+/// columns: in [`CHUNK`] lanes for whole pieces of [`CHUNK`] (as [`block_scores`] sums, so that it
+/// vectorises: a mask and an integer max per vector), else element by element.
+#[inline(always)]
+fn scan_runs<'r, 'a: 'r, T: Element>(
+    columns: impl Iterator<Item = (ColumnView<'r, 'a, T>, usize)>,
+    at: usize,
+    len: usize,
+) -> T::Bits {
+    let mut lanes = [T::Bits::default(); CHUNK];
+    for (m, c) in columns {
+        let column = m.column(c);
+        for piece in column.as_slice()[at..at + len].chunks(CHUNK) {
+            if let Ok(piece) = <&[T; CHUNK]>::try_from(piece) {
+                for j in 0..CHUNK {
+                    lanes[j] = lanes[j].max(piece[j].abs_bits_native());
+                }
+            } else {
+                for (j, x) in piece.iter().enumerate() {
+                    lanes[j] = lanes[j].max(x.abs_bits_native());
+                }
+            }
+        }
+    }
+    lanes.into_iter().max().unwrap_or_default()
 }
 
 /// Requests every cache line of the next chunk's keys and values (`(k, v, at)` as
@@ -758,7 +806,6 @@ pub(crate) fn attention<T: Element>(
     outs: &mut [&mut MatMut<'_, T>],
     lses: &mut [Option<&mut [T]>],
 ) {
-    use rayon::prelude::*;
     let heads = group.specs.len();
     let per = (MAX_ROWS / group.n_q).max(1);
     if heads > per {
@@ -776,14 +823,27 @@ pub(crate) fn attention<T: Element>(
                 n_q: group.n_q,
                 segments: group.segments.clone(),
                 by_rows: group.by_rows,
+                scan: group.scan,
             };
             attention(&sub, path, parallel, outs, lses);
         }
         return;
     }
+    finish(group, states(group, path, parallel), outs, lses);
+}
+
+/// The parts' states of a group of at most [`MAX_ROWS`] rows, computed by `path`'s
+/// instance of [`part`], in parallel over parts if `parallel`.
+pub(crate) fn states<T: Element>(
+    group: &Group<'_, '_, T>,
+    path: crate::cpu::CpuPath,
+    parallel: bool,
+) -> Vec<State<T>> {
+    use rayon::prelude::*;
+    debug_assert!(group.rows() <= MAX_ROWS);
     let compiled = T::decode(path);
     let parts = parts(group.specs[0].n_kv);
-    let states: Vec<State<T>> = if parallel && parts.len() > 1 {
+    if parallel && parts.len() > 1 {
         parts
             .into_par_iter()
             .map(|keys| compiled(group, keys))
@@ -793,8 +853,18 @@ pub(crate) fn attention<T: Element>(
             .into_iter()
             .map(|keys| compiled(group, keys))
             .collect()
-    };
-    finish(group, states, outs, lses);
+    }
+}
+
+/// The largest `abs_bits` of the keys and of the values the parts read (with
+/// [`Group::scan`]), `INFINITY_BITS` where one was NaN/∞.
+pub(crate) fn scanned_bits<T: Element>(states: &[State<T>]) -> (u64, u64) {
+    let (k, v) = states
+        .iter()
+        .fold(Default::default(), |(k, v): (T::Bits, T::Bits), s| {
+            (k.max(s.scanned.0), v.max(s.scanned.1))
+        });
+    (T::bits_to_u64(k), T::bits_to_u64(v))
 }
 
 /// The type of a path's compiled [`part`].

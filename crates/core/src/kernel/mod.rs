@@ -24,7 +24,7 @@ use crate::cpu::CpuPath;
 use crate::error::Operand;
 use crate::memory::try_resize;
 use crate::score::{empty_row_lse, empty_row_output};
-use crate::spec::Spec;
+use crate::spec::{Deferred, Spec};
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
 
@@ -310,6 +310,49 @@ pub(crate) fn attention<T: Element>(
             result
         }
     }
+}
+
+/// Whether a single-head call of `n_q` queries and `n_kv` keys might reach the decoding
+/// kernel: worth trying [`attention_deferred`] first (a cheap test on sizes alone; the
+/// route decides).
+pub(crate) fn may_decode(n_q: usize, n_kv: usize) -> bool {
+    n_q <= DIRECT_MAX_QUERIES && n_kv > direct::STACK_KEYS
+}
+
+/// A single-head call whose K and V have not been scanned ([`Spec::deferred`]), computed
+/// by the decoding kernel scanning K and V as it reads them, when that is where the call
+/// goes: `Some(())` with `out` (and `lse`) written. `None`, with nothing written, when the
+/// call routes elsewhere, or K or V hold a NaN/∞, or their magnitudes route it elsewhere
+/// (the careful path, value scaling): the caller then validates and routes the call as
+/// usual. So the outcome is that of scanning first — the same route, the same kernel and
+/// parts, the same maxima, the same bits, the same errors — with one read of K and V
+/// instead of two (a decode step is the time to read them).
+pub(crate) fn attention_deferred<T: Element>(
+    deferred: &Deferred<'_, T>,
+    (path, forced): (CpuPath, bool),
+    parallel: bool,
+    out: &mut MatMut<'_, T>,
+    lse: Option<&mut [T]>,
+) -> Option<()> {
+    let with_lse = lse.is_some();
+    // Larger K and V only ever move a call off the decoding kernel, never onto it.
+    let provisional = deferred.provisional();
+    if route(&provisional, forced, with_lse) != Route::Decode {
+        return None;
+    }
+    let specs = [&provisional];
+    let mut group = decode::Group::new(&specs);
+    group.scan = true;
+    let states = decode::states(&group, path, parallel);
+    let (k_bits, v_bits) = decode::scanned_bits(&states);
+    let spec = deferred.complete(k_bits, v_bits)?;
+    if route(&spec, forced, with_lse) != Route::Decode {
+        return None;
+    }
+    record_run(KernelRun::Decode(path));
+    let specs = [&spec];
+    decode::finish(&decode::Group::new(&specs), states, &mut [out], &mut [lse]);
+    Some(())
 }
 
 /// Which code computes a call (see [`attention`]).
