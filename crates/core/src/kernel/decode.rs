@@ -20,26 +20,37 @@
 //! # Values by columns or by rows
 //! The weighted sums are computed one of two ways, decided once per group from V's layout
 //! ([`Group::by_rows`]): values stored by columns (a `DMatrix`, each column's keys
-//! contiguous) as a dot product per row and column over the chunk's keys, SIMD over keys
-//! ([`lane_sum`]); values stored by rows (the KV cache's pages, a row-major V) as
-//! `Σ_j p_rj·v_j` accumulated over the chunk's keys, SIMD over columns ([`value_rows`]),
-//! which needs no horizontal sums and reads each value row once for 4 rows.
+//! contiguous) per row and column in [`LANES`] lanes over the chunk's keys, SIMD over keys
+//! ([`lane_partials`]), the lanes added into [`LANES`] f64 lanes per row and column (no
+//! horizontal sum until the part ends); values stored by rows (the KV cache's pages, a
+//! row-major V) as `Σ_j p_rj·v_j` accumulated over the chunk's keys, SIMD over columns
+//! ([`value_rows`]), which needs no horizontal sums and reads each value row once for 4
+//! rows. `l = Σ_j p_j` is summed like a value column stored by columns, whatever the
+//! layout: the lse does not depend on V's layout, and values stored by columns that are
+//! all equal give exactly that value (numerator and denominator take the same steps).
 //!
 //! # Accuracy
 //! Within a chunk, `Σ_j p_j` (and, by columns, `Σ_j p_j·v_jc`) is summed in T in [`LANES`]
-//! lanes (key `j` in lane `j mod 16`: at most 4 terms each), the lanes added pairwise in T
-//! (4 more roundings); by rows, `Σ_j p_j·v_jc` is summed in T key after key (at most 64
-//! roundings, a tile of the block kernel); `l` and `acc` are kept in f64 across chunks and
-//! parts. So a term is rounded at most 64 times in T and about `⌈n_kv/64⌉ + 2` times in
-//! f64 — within the block kernel's bound (`common/mod.rs` of the tests, `sum_error`: at
-//! least `min(n_kv, 64)` roundings in T, since the block kernel sums a tile's keys in
-//! order as well) for every n_kv.
+//! lanes (key `j` in lane `j mod 16`: at most 4 terms each), then in f64 lanes across
+//! chunks, the lanes added pairwise in f64 when a part ends; by rows, `Σ_j p_j·v_jc` is
+//! summed in T key after key (at most 64 roundings, a tile of the block kernel), then in
+//! f64 across chunks. So a term is rounded at most 64 times in T and about
+//! `⌈n_kv/64⌉ + 5` times in f64 — within the block kernel's bound (`common/mod.rs` of the
+//! tests, `sum_error`: at least `min(n_kv, 64)` roundings in T, since the block kernel sums
+//! a tile's keys in order as well) for every n_kv.
 //!
 //! Used when the inputs allow it ([`fits`]): scores provably in range (else the careful
 //! path decides) and values that need no scaling. K and V are read in place when they have
 //! the contiguous runs the kernel reads (K's columns; V's columns, or its rows), else each
 //! chunk is copied first. The next chunk's cache lines are prefetched while a chunk is
 //! computed.
+//!
+//! # Checking K and V on the way
+//! A single-head call whose K and V were not scanned before ([`Group::scan`], see
+//! `kernel::attention_deferred`) folds each chunk's keys and values into an integer
+//! maximum of their `|x|` bits while they are in the level-1 cache (the keys in the score
+//! loop itself): every key and value, whether its weight is used or not, so that the
+//! maxima equal those of a scan before the call.
 
 use crate::Element;
 use crate::kernel::ElementKernels;
@@ -70,19 +81,53 @@ pub struct State<T: Element> {
     m: Vec<T>,
     l: Vec<f64>,
     acc: Vec<f64>,
+    /// Values stored by columns: `acc` in [`LANES`] f64 lanes per row and column
+    /// (`lanes[(r·d_v + c)·LANES + t]`), summed into `acc` when the part ends
+    /// ([`State::fold_lanes`]); empty otherwise.
+    lanes: Vec<f64>,
+    /// `l` in [`LANES`] f64 lanes per row (`l_lanes[r·LANES + t]`), summed into `l` when
+    /// the part ends: as each value column stored by columns is summed, so that constant
+    /// values give exactly that constant, whatever V's layout (so that the lse does not
+    /// depend on it).
+    l_lanes: Vec<f64>,
     /// The largest [`Element::abs_bits_native`] of the keys and of the values read, when
     /// the group scans them ([`Group::scan`]); NaN and ±∞ have the largest bits.
     scanned: (T::Bits, T::Bits),
 }
 
 impl<T: Element> State<T> {
-    fn new(rows: usize, d_v: usize) -> Self {
+    fn new(rows: usize, d_v: usize, by_rows: bool) -> Self {
         State {
             m: vec![T::NEG_INFINITY; rows],
             l: vec![0.0; rows],
             acc: vec![0.0; rows * d_v],
+            lanes: if by_rows {
+                Vec::new()
+            } else {
+                vec![0.0; rows * d_v * LANES]
+            },
+            l_lanes: vec![0.0; rows * LANES],
             scanned: Default::default(),
         }
+    }
+
+    /// Sums each row's and column's lanes into `l` and `acc`, pairwise.
+    fn fold_lanes(&mut self) {
+        let pairs = (self.acc.iter_mut().zip(self.lanes.chunks_exact(LANES)))
+            .chain(self.l.iter_mut().zip(self.l_lanes.chunks_exact(LANES)));
+        for (a, lanes) in pairs {
+            let mut x: [f64; LANES] = lanes.try_into().expect("LANES lanes");
+            let mut width = LANES / 2;
+            while width > 0 {
+                for t in 0..width {
+                    x[t] += x[t + width];
+                }
+                width /= 2;
+            }
+            *a = x[0];
+        }
+        self.lanes = Vec::new();
+        self.l_lanes = Vec::new();
     }
 
     /// Adds `other` (the state of later keys) into `self`: the exact merge of two softmax
@@ -132,7 +177,7 @@ pub struct Group<'s, 'a, T: Element> {
     pub(crate) segments: Vec<(MatRef<'a, T>, MatRef<'a, T>)>,
     /// Whether every segment's values are stored token by token (more than one column,
     /// column stride 1, row stride not 1: a KV cache's pages, a row-major V): then the weighted sums run over
-    /// value columns ([`value_rows`]), else over keys ([`lane_sum`]). Decided once per
+    /// value columns ([`value_rows`]), else over keys ([`lane_partials`]). Decided once per
     /// group from the layout alone, so every chunk of a call sums the same way.
     pub(crate) by_rows: bool,
     /// Whether to find the largest magnitudes of K and V (and any NaN/∞) while reading
@@ -205,7 +250,7 @@ pub(crate) fn part<T: Element, const FMA: bool>(
     let spec = group.specs[0];
     let (d_k, d_v) = (spec.d_k, spec.d_v);
     let rows = group.rows();
-    let mut state = State::new(rows, d_v);
+    let mut state = State::new(rows, d_v, group.by_rows);
     let mut s = vec![T::zero(); rows * CHUNK];
     // Chunks start every CHUNK keys from the part's start (parts start at multiples of
     // CHUNK), whatever the segments: the sums, hence the bits, do not depend on how the
@@ -248,6 +293,7 @@ pub(crate) fn part<T: Element, const FMA: bool>(
         }
         start += len;
     }
+    state.fold_lanes();
     state
 }
 
@@ -389,20 +435,26 @@ fn chunk<T: Element, const FMA: bool>(
     if let Some(next) = next {
         prefetch_chunk(group.by_rows, next, d_k, d_v);
     }
-    scores::<T, FMA>(group, k, d_k, at, len, s);
+    let k_scanned = scores::<T, FMA>(group, k, d_k, at, len, s);
     let (alpha, active) = softmax_step::<T, FMA>(group, start, len, s, state);
     if group.by_rows {
         value_rows::<T, FMA>(v, at, len, s, (&alpha, &active), rows, state);
     } else {
-        // Σ_j p_rj·v_jc for every value column, the column read once for all rows.
+        // Σ_j p_rj·v_jc for every value column, the column read once for all rows: in
+        // LANES lanes in T over the chunk, added lane by lane into f64 lanes (no
+        // horizontal sums until the part ends).
         for c in 0..d_v {
             let column = v.column(c);
             let vc = &column.as_slice()[at..at + len];
             for r in 0..rows {
                 if active[r] {
-                    let dot = lane_sum::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], Some(vc));
-                    let a = &mut state.acc[r * d_v + c];
-                    *a = *a * alpha[r] + dot;
+                    let part = lane_partials::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], vc);
+                    let a: &mut [f64; LANES] = (&mut state.lanes[(r * d_v + c) * LANES..][..LANES])
+                        .try_into()
+                        .expect("LANES lanes");
+                    for t in 0..LANES {
+                        a[t] = madd::<f64, FMA>(a[t], alpha[r], part[t].to_f64());
+                    }
                 }
             }
         }
@@ -410,40 +462,78 @@ fn chunk<T: Element, const FMA: bool>(
     if group.scan {
         // The chunk is in the level-1 cache now: scanning it costs no memory traffic.
         let (ks, vs) = &mut state.scanned;
-        *ks = (*ks).max(scan_runs((0..d_k).map(|p| (k, p)), at, len));
+        *ks = (*ks).max(k_scanned.unwrap_or_else(|| scan(k, 0..d_k, at, len)));
         *vs = (*vs).max(if group.by_rows {
-            scan_runs((at..at + len).map(|j| (v, j)), 0, d_v)
+            // Column `at + j` of the transposed values is value row `j`.
+            scan(v, at..at + len, 0, d_v)
         } else {
-            scan_runs((0..d_v).map(|c| (v, c)), at, len)
+            scan(v, 0..d_v, at, len)
         });
     }
 }
 
-/// The largest [`Element::abs_bits_native`] of rows `at .. at + len` of the given
-/// columns: in [`CHUNK`] lanes for whole pieces of [`CHUNK`] (as [`block_scores`] sums, so that it
-/// vectorises: a mask and an integer max per vector), else element by element.
+/// The largest [`Element::abs_bits_native`] of rows `at .. at + len` of columns
+/// `columns` of `m`: for a full chunk in [`CHUNK`] lanes (as [`block_scores`] sums, so
+/// that the lanes stay in registers and each vector costs a mask and an integer max),
+/// else in [`LANES`] lanes per column with the remainder folded one by one.
 #[inline(always)]
-fn scan_runs<'r, 'a: 'r, T: Element>(
-    columns: impl Iterator<Item = (ColumnView<'r, 'a, T>, usize)>,
+fn scan<T: Element>(
+    m: ColumnView<'_, '_, T>,
+    columns: std::ops::Range<usize>,
     at: usize,
     len: usize,
 ) -> T::Bits {
-    let mut lanes = [T::Bits::default(); CHUNK];
-    for (m, c) in columns {
+    if len == CHUNK {
+        // Four vectors of lanes, passed by value so that they stay in registers.
+        let mut lanes = [[T::Bits::default(); LANES]; CHUNK / LANES];
+        for c in columns {
+            let column = m.column(c);
+            let run = &column.as_slice()[at..at + CHUNK];
+            for (b, lane) in lanes.iter_mut().enumerate() {
+                let piece: &[T; LANES] = run[b * LANES..][..LANES].try_into().expect("16");
+                *lane = max_bits(*lane, piece);
+            }
+        }
+        return lanes
+            .iter()
+            .fold(T::Bits::default(), |m, lane| max_of(lane, m));
+    }
+    let mut lanes = [T::Bits::default(); LANES];
+    let mut rest = T::Bits::default();
+    for c in columns {
         let column = m.column(c);
-        for piece in column.as_slice()[at..at + len].chunks(CHUNK) {
-            if let Ok(piece) = <&[T; CHUNK]>::try_from(piece) {
-                for j in 0..CHUNK {
-                    lanes[j] = lanes[j].max(piece[j].abs_bits_native());
-                }
-            } else {
-                for (j, x) in piece.iter().enumerate() {
-                    lanes[j] = lanes[j].max(x.abs_bits_native());
-                }
+        let pieces = column.as_slice()[at..at + len].chunks_exact(LANES);
+        rest = pieces
+            .remainder()
+            .iter()
+            .fold(rest, |r, x| r.max(x.abs_bits_native()));
+        for piece in pieces {
+            for t in 0..LANES {
+                lanes[t] = lanes[t].max(piece[t].abs_bits_native());
             }
         }
     }
-    lanes.into_iter().max().unwrap_or_default()
+    max_of(&lanes, rest)
+}
+
+/// `lanes` raised to the `abs_bits_native` of `piece`, lane by lane.
+#[inline(always)]
+fn max_bits<T: Element>(mut lanes: [T::Bits; LANES], piece: &[T; LANES]) -> [T::Bits; LANES] {
+    for t in 0..LANES {
+        lanes[t] = lanes[t].max(piece[t].abs_bits_native());
+    }
+    lanes
+}
+
+/// The largest of `lanes` and `start`, by constant indices (a consuming iterator would
+/// index the array at run time and keep it in memory instead of registers).
+#[inline(always)]
+fn max_of<B: Ord + Copy, const N: usize>(lanes: &[B; N], start: B) -> B {
+    let mut m = start;
+    for lane in lanes {
+        m = m.max(*lane);
+    }
+    m
 }
 
 /// Requests every cache line of the next chunk's keys and values (`(k, v, at)` as
@@ -512,7 +602,12 @@ fn softmax_step<T: Element, const FMA: bool>(
         }
         alpha[r] = factor(m_old, m_new);
         active[r] = true;
-        state.l[r] = state.l[r] * alpha[r] + lane_sum::<T, FMA>(sr, None);
+        // As each value column stored by columns is summed (`chunk`), with values 1.
+        let part = lane_partials::<T, FMA>(sr, &[T::one(); CHUNK][..len]);
+        let l = &mut state.l_lanes[r * LANES..][..LANES];
+        for t in 0..LANES {
+            l[t] = madd::<f64, FMA>(l[t], alpha[r], part[t].to_f64());
+        }
         state.m[r] = m_new;
     }
     (alpha, active)
@@ -640,17 +735,30 @@ fn scores<T: Element, const FMA: bool>(
     at: usize,
     len: usize,
     s: &mut [T],
-) {
+) -> Option<T::Bits> {
     let rows = group.rows();
     let mut r = 0;
+    let mut scanned = None;
     if len == CHUNK {
+        // The first block also scans K when the group scans (K is the same for every
+        // block).
         while r + ROW_BLOCK <= rows {
-            block_scores::<T, FMA, ROW_BLOCK>(group, k, d_k, at, r, s);
+            if group.scan && r == 0 {
+                scanned = Some(block_scores::<T, FMA, ROW_BLOCK, true>(
+                    group, k, d_k, at, r, s,
+                ));
+            } else {
+                block_scores::<T, FMA, ROW_BLOCK, false>(group, k, d_k, at, r, s);
+            }
             r += ROW_BLOCK;
         }
         // The remaining rows one at a time, their 64 sums in registers as well.
         while r < rows {
-            block_scores::<T, FMA, 1>(group, k, d_k, at, r, s);
+            if group.scan && r == 0 {
+                scanned = Some(block_scores::<T, FMA, 1, true>(group, k, d_k, at, r, s));
+            } else {
+                block_scores::<T, FMA, 1, false>(group, k, d_k, at, r, s);
+            }
             r += 1;
         }
     }
@@ -668,20 +776,23 @@ fn scores<T: Element, const FMA: bool>(
             }
         }
     }
+    scanned
 }
 
 /// The scores of rows `r .. r + B` for a full chunk (row `at` of `k`), their `B × CHUNK`
-/// sums in registers, each column of K loaded once for the `B` rows.
+/// sums in registers, each column of K loaded once for the `B` rows; with `SCAN`, the
+/// largest [`Element::abs_bits_native`] of the chunk's keys as well (else 0).
 #[inline(always)]
-fn block_scores<T: Element, const FMA: bool, const B: usize>(
+fn block_scores<T: Element, const FMA: bool, const B: usize, const SCAN: bool>(
     group: &Group<'_, '_, T>,
     k: &nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'_, T, Dyn, Dyn, U1, Dyn>>,
     d_k: usize,
     at: usize,
     r: usize,
     s: &mut [T],
-) {
+) -> T::Bits {
     let mut acc = [[T::zero(); CHUNK]; B];
+    let mut bits = [T::Bits::default(); CHUNK];
     for p in 0..d_k {
         let column = k.column(p);
         let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
@@ -693,52 +804,45 @@ fn block_scores<T: Element, const FMA: bool, const B: usize>(
                 acc_b[j] = madd::<T, FMA>(q, kc[j], acc_b[j]);
             }
         }
+        if SCAN {
+            for j in 0..CHUNK {
+                bits[j] = bits[j].max(kc[j].abs_bits_native());
+            }
+        }
     }
     for (b, acc_b) in acc.iter().enumerate() {
         s[(r + b) * CHUNK..(r + b + 1) * CHUNK].copy_from_slice(acc_b);
     }
+    max_of(&bits, T::Bits::default())
 }
 
-/// `Σ_j p_j·x_j` (or `Σ_j p_j`) over at most [`CHUNK`] keys: [`LANES`] partial sums in T
-/// (key `j` in lane `j mod LANES`), added in f64.
+/// `Σ_j p_j·x_j` over at most [`CHUNK`] keys in [`LANES`] partial sums in T (key `j` in
+/// lane `j mod LANES`).
 #[inline(always)]
-fn lane_sum<T: Element, const FMA: bool>(p: &[T], x: Option<&[T]>) -> f64 {
+fn lane_partials<T: Element, const FMA: bool>(p: &[T], x: &[T]) -> [T; LANES] {
     let mut lanes = [T::zero(); LANES];
+    if let (Ok(p), Ok(x)) = (<&[T; CHUNK]>::try_from(p), <&[T; CHUNK]>::try_from(x)) {
+        // A full chunk: fixed trip counts, the lanes in one register.
+        for i in 0..CHUNK / LANES {
+            for t in 0..LANES {
+                lanes[t] = madd::<T, FMA>(p[i * LANES + t], x[i * LANES + t], lanes[t]);
+            }
+        }
+        return lanes;
+    }
     let full = p.len() / LANES * LANES;
-    match x {
-        Some(x) => {
-            for (pc, xc) in p[..full]
-                .chunks_exact(LANES)
-                .zip(x[..full].chunks_exact(LANES))
-            {
-                for t in 0..LANES {
-                    lanes[t] = madd::<T, FMA>(pc[t], xc[t], lanes[t]);
-                }
-            }
-            for (t, (&pj, &xj)) in p[full..].iter().zip(&x[full..]).enumerate() {
-                lanes[t] = madd::<T, FMA>(pj, xj, lanes[t]);
-            }
-        }
-        None => {
-            for pc in p[..full].chunks_exact(LANES) {
-                for t in 0..LANES {
-                    lanes[t] += pc[t];
-                }
-            }
-            for (t, &pj) in p[full..].iter().enumerate() {
-                lanes[t] += pj;
-            }
+    for (pc, xc) in p[..full]
+        .chunks_exact(LANES)
+        .zip(x[..full].chunks_exact(LANES))
+    {
+        for t in 0..LANES {
+            lanes[t] = madd::<T, FMA>(pc[t], xc[t], lanes[t]);
         }
     }
-    // Pairwise in T (each term gets at most 4 more roundings), then once to f64.
-    let mut width = LANES / 2;
-    while width > 0 {
-        for t in 0..width {
-            lanes[t] += lanes[t + width];
-        }
-        width /= 2;
+    for (t, (&pj, &xj)) in p[full..].iter().zip(&x[full..]).enumerate() {
+        lanes[t] = madd::<T, FMA>(pj, xj, lanes[t]);
     }
-    lanes[0].to_f64()
+    lanes
 }
 
 /// The largest of `x` (−∞ if empty), in [`LANES`] lanes so that it vectorises (the
@@ -779,7 +883,7 @@ pub(crate) fn finish<T: Element>(
     let mut states = states.into_iter();
     let mut total = states
         .next()
-        .unwrap_or_else(|| State::new(group.rows(), d_v));
+        .unwrap_or_else(|| State::new(group.rows(), d_v, true));
     for s in states {
         total.merge(&s, d_v);
     }

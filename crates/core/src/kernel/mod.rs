@@ -351,7 +351,15 @@ pub(crate) fn attention_deferred<T: Element>(
     }
     record_run(KernelRun::Decode(path));
     let specs = [&spec];
-    decode::finish(&decode::Group::new(&specs), states, &mut [out], &mut [lse]);
+    let group = decode::Group {
+        specs: &specs,
+        q: group.q,
+        n_q: group.n_q,
+        segments: group.segments,
+        by_rows: group.by_rows,
+        scan: false,
+    };
+    decode::finish(&group, states, &mut [out], &mut [lse]);
     Some(())
 }
 
