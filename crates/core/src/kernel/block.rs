@@ -348,14 +348,8 @@ fn mask_tile<T: Element>(
     let (i0, rows) = (cur.i0, cur.rows);
     if spec.has_elementwise() {
         for j in 0..jn {
-            let row = &mut s[j * bq..(j + 1) * bq];
-            for (r, x) in row.iter_mut().enumerate() {
-                *x = if r < rows {
-                    spec.modify(i0 + r, j0 + j, *x)
-                } else {
-                    T::NEG_INFINITY
-                };
-            }
+            spec.modify_column(j0 + j, i0, &mut s[j * bq..j * bq + rows]);
+            s[j * bq + rows..(j + 1) * bq].fill(T::NEG_INFINITY);
         }
     } else if !(cur.lo_last <= j0 as i64 && cur.hi_first >= (j0 + jn - 1) as i64) {
         // Causal / window only, and the band cuts this tile: for key j the allowed

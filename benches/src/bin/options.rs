@@ -1,0 +1,128 @@
+//! The cost of each score option against the plain call in the same run (the options rows
+//! of `docs/PERFORMANCE.md`): `scaled_dot_product_attention` with an additive bias, a bool
+//! mask, a key mask, an ALiBi slope and a softcap, at n = 1024, d = 64 and n = 4096,
+//! d = 128, f32 and f64, on 1 and 2 threads; GFLOP/s counting `4·n²·d` per call, median of
+//! 5 after one warm-up call, and each option's rate as a fraction of the plain rate.
+//!
+//! ```text
+//! cargo run --release -p attention-benches --bin options [-- --n 1024 --types f32 --threads 2 --only bias,alibi]
+//! ```
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use attention_benches::normal_matrix;
+use attention_core::{AttentionOptions, Element, scaled_dot_product_attention};
+use nalgebra::DMatrix;
+
+/// Seconds per call of `call`: median of 5 after one warm-up call.
+fn median_time<R>(call: impl Fn() -> R) -> f64 {
+    black_box(call());
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(call());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[2]
+}
+
+fn rows<T: Element>(ty: &str, n: usize, d: usize, threads: usize, only: &[String]) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool");
+    let m = |rows, seed| normal_matrix(rows, d, seed).map(T::from_f64_rounded);
+    let (q, k, v) = (m(n, 1), m(n, 2), m(n, 3));
+    let bias = normal_matrix(n, n, 4).map(T::from_f64_rounded);
+    let mask = DMatrix::from_fn(n, n, |i, j| (i * 7 + j * 3) % 10 != 0);
+    let key_mask: Vec<bool> = (0..n).map(|j| j % 9 != 4).collect();
+    let plain = AttentionOptions::new();
+    let cases: Vec<(&str, AttentionOptions<'_, T>)> = vec![
+        ("plain", plain.clone()),
+        ("bias", plain.clone().with_bias(&bias)),
+        ("bool mask", plain.clone().with_mask(&mask)),
+        ("key mask", plain.clone().with_key_mask(&key_mask)),
+        (
+            "alibi",
+            plain.clone().with_alibi_slope(T::from_f64_rounded(0.0625)),
+        ),
+        (
+            "softcap",
+            plain.clone().with_softcap(T::from_f64_rounded(30.0)),
+        ),
+    ];
+    let flops = 4.0 * (n * n * d) as f64;
+    let mut plain_rate = 0.0;
+    for (name, options) in &cases {
+        if !only.is_empty() && *name != "plain" && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        let t = median_time(|| {
+            pool.install(|| scaled_dot_product_attention(&q, &k, &v, options).expect("a call"))
+        });
+        let rate = flops / t / 1e9;
+        if *name == "plain" {
+            plain_rate = rate;
+        }
+        println!(
+            "| {ty} | {n} | {d} | {threads} | {name} | {rate:.1} | {:.2} |",
+            rate / plain_rate
+        );
+    }
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut sizes = vec![(1024, 64), (4096, 128)];
+    let mut types = vec!["f32".to_string(), "f64".to_string()];
+    let mut threads = vec![1, 2];
+    let mut only = Vec::new();
+    let mut i = 0;
+    while i < argv.len() {
+        let next = argv.get(i + 1).cloned().unwrap_or_default();
+        let list = |s: &str| -> Vec<String> { s.split(',').map(str::to_string).collect() };
+        match argv[i].as_str() {
+            "--n" => {
+                sizes = list(&next)
+                    .iter()
+                    .map(|n| {
+                        let n: usize = n.parse().expect("--n: a list of sizes");
+                        (n, if n >= 4096 { 128 } else { 64 })
+                    })
+                    .collect();
+            }
+            "--types" => types = list(&next),
+            "--only" => only = list(&next),
+            "--threads" => {
+                threads = list(&next)
+                    .iter()
+                    .map(|t| t.parse().expect("--threads: a list of counts"))
+                    .collect();
+            }
+            other => {
+                eprintln!("unknown argument {other}; accepted: --n, --types, --threads, --only");
+                std::process::exit(2);
+            }
+        }
+        i += 2;
+    }
+    println!("| type | n | d | threads | option | GFLOP/s | of plain |");
+    println!("|---|---|---|---|---|---|---|");
+    for ty in &types {
+        for &(n, d) in &sizes {
+            for &t in &threads {
+                match ty.as_str() {
+                    "f32" => rows::<f32>(ty, n, d, t, &only),
+                    "f64" => rows::<f64>(ty, n, d, t, &only),
+                    other => {
+                        eprintln!("unknown type {other}");
+                        std::process::exit(2);
+                    }
+                }
+            }
+        }
+    }
+}
