@@ -671,8 +671,11 @@ fn blocks_merge_to_full<T: Element>(input: &Input, cuts: &[usize]) {
     );
 }
 
-/// Keys no query may see (their K and V rows) and the bias at positions masked otherwise
-/// can be anything (here ±1e30): the result does not change at all.
+/// Keys no query may see (their K rows) and the bias at positions masked otherwise can be
+/// anything (here ±1e30), and their V rows anything within the largest |V|: the result
+/// does not change at all. (Outputs are clamped to ±max|V| over all keys, the documented
+/// bound of `row_output`; a hidden value larger than every other would move that bound,
+/// which can change an output that rounding had pushed onto it by one ulp.)
 fn disallowed_positions_change_nothing<T: Element>(input: &Input, signs: &[bool]) {
     let c = Case::<T>::new(input);
     let (n_q, n_kv) = (c.n_q, c.n_kv);
@@ -692,12 +695,17 @@ fn disallowed_positions_change_nothing<T: Element>(input: &Input, signs: &[bool]
         .filter(|&j| (0..n_q).all(|i| !o.allowed(i, j, n_q, n_kv)))
         .collect();
     let (mut k, mut v) = (c.k.clone(), c.v.clone());
+    let v_max = v.iter().fold(T::zero(), |m, x| m.max(x.abs()));
     for &j in &hidden {
         for p in 0..k.ncols() {
             k[(j, p)] = sign(j * 7 + p);
         }
         for p in 0..v.ncols() {
-            v[(j, p)] = sign(j * 11 + p + 3);
+            v[(j, p)] = if sign(j * 11 + p + 3) > T::zero() {
+                v_max
+            } else {
+                -v_max
+            };
         }
     }
     let mut t = Typed::<T>::new(o);
