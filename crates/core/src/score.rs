@@ -144,7 +144,7 @@ impl<T: Element> Spec<'_, T> {
             return T::NEG_INFINITY;
         }
         if let Some(c) = self.softcap {
-            s = c * (s / c).tanh();
+            s = c * (s / c).softcap_tanh();
         }
         if let Some(m) = self.alibi_slope {
             let dist = (i as i64 + self.diag_offset - j as i64).unsigned_abs();
@@ -176,7 +176,7 @@ impl<T: Element> Spec<'_, T> {
         let (xs, i0) = (&mut xs[r_lo..r_hi], i0 + r_lo);
         if let Some(c) = self.softcap {
             for x in xs.iter_mut() {
-                *x = c * (*x / c).tanh();
+                *x = c * (*x / c).softcap_tanh();
             }
         }
         if let Some(m) = self.alibi_slope {
@@ -235,7 +235,7 @@ impl<T: Element> Spec<'_, T> {
     pub(crate) fn modify_derivative(&self, t: T) -> T {
         match self.softcap {
             Some(c) => {
-                let th = (t / c).tanh();
+                let th = (t / c).softcap_tanh();
                 T::one() - th * th
             }
             None => T::one(),

@@ -162,6 +162,10 @@ pub trait ElementKernels: Sized + 'static {
     /// exponential (`exp.rs`).
     #[doc(hidden)]
     fn exp_nonpos<const FMA: bool>(self) -> Self;
+    /// `tanh(self)`, branch-free and vectorisable, the same bits on every path: the
+    /// softcap's (`exp.rs`, [`exp::tanh`]).
+    #[doc(hidden)]
+    fn softcap_tanh(self) -> Self;
     /// The decoding kernel's body compiled for `path` (`decode.rs`, `simd.rs`).
     #[doc(hidden)]
     fn decode(path: CpuPath) -> decode::PartFn<Self>
@@ -197,6 +201,10 @@ macro_rules! element_kernels {
             #[inline(always)]
             fn exp_nonpos<const FMA: bool>(self) -> $t {
                 exp::exp_nonpos::<$t, FMA>(self)
+            }
+            #[inline(always)]
+            fn softcap_tanh(self) -> $t {
+                exp::tanh(self)
             }
         }
     };
