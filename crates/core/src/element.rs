@@ -35,6 +35,10 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     fn from_f64_rounded(x: f64) -> Self;
     /// Converts a count to this type (exact up to 2^24 for f32, 2^53 for f64).
     fn from_count(n: usize) -> Self;
+    /// Converts an `i32` to this type, rounded once as [`Element::from_count`] rounds the
+    /// same number (a conversion that vectorises).
+    #[doc(hidden)]
+    fn from_small(n: i32) -> Self;
     /// True if the value is neither infinite nor NaN.
     fn finite(self) -> bool;
     /// The bits of `|self|` as an integer: ordered like `|self|` for finite values, and
@@ -118,6 +122,10 @@ impl Element for f32 {
         n as f32
     }
     #[inline(always)]
+    fn from_small(n: i32) -> Self {
+        n as f32
+    }
+    #[inline(always)]
     fn finite(self) -> bool {
         self.is_finite()
     }
@@ -159,6 +167,10 @@ impl Element for f64 {
     #[inline(always)]
     fn from_count(n: usize) -> Self {
         n as f64
+    }
+    #[inline(always)]
+    fn from_small(n: i32) -> Self {
+        f64::from(n)
     }
     #[inline(always)]
     fn finite(self) -> bool {

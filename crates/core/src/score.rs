@@ -185,11 +185,11 @@ impl<T: Element> Spec<'_, T> {
             let base = i0 as i64 + self.diag_offset - j as i64;
             let end = base + xs.len() as i64;
             if let (Ok(base), Ok(_)) = (i32::try_from(base), i32::try_from(end)) {
-                // Distances in i32 (converted exactly through f64, then rounded once as
-                // `from_count` rounds them): a conversion that vectorises.
+                // Distances in i32, converted as `from_count` converts them: a conversion
+                // that vectorises.
                 for (r, x) in xs.iter_mut().enumerate() {
                     let dist = (base + r as i32).abs();
-                    *x -= m * T::from_f64_rounded(f64::from(dist));
+                    *x -= m * T::from_small(dist);
                 }
             } else {
                 for (r, x) in xs.iter_mut().enumerate() {

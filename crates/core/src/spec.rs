@@ -574,14 +574,17 @@ pub(crate) fn check_sequence_bias<T: Element>(
         None => options.bias.as_ref().map(|b| (Operand::Bias, b)),
     };
     match bias {
-        Some((operand, bias)) => check_bias(operand, bias, n_q, n_kv),
+        Some((operand, bias)) => check_bias(
+            operand,
+            bias,
+            n_q,
+            n_kv,
+            options.parallelism == Parallelism::Rayon,
+        ),
         None => Ok((0.0, 0.0)),
     }
 }
 
-/// Checks the bias's shape (`n_q × n_kv`) and entries (finite or −∞: −∞ masks a position,
-/// NaN and +∞ have no meaning); returns the range of its finite entries, which goes into
-/// the score bound.
 /// The range of the finite bias entries, widened to include 0, and whether any entry is
 /// NaN or +∞, in 16 float lanes so that the pass vectorises even for baseline x86-64: −∞
 /// (a masked entry) counts as 0, which changes nothing since the range includes 0; `y·0`
@@ -624,17 +627,30 @@ impl<T: Element> BiasLanes<T> {
 
     /// `(lowest, highest, any NaN/+∞)`, the range including 0.
     fn finish(&self) -> (T, T, bool) {
-        let lo = self.lo.iter().fold(T::zero(), |a, &b| if b < a { b } else { a });
-        let hi = self.hi.iter().fold(T::zero(), |a, &b| if b > a { b } else { a });
+        let lo = self
+            .lo
+            .iter()
+            .fold(T::zero(), |a, &b| if b < a { b } else { a });
+        let hi = self
+            .hi
+            .iter()
+            .fold(T::zero(), |a, &b| if b > a { b } else { a });
         (lo, hi, self.poison.iter().any(|p| !p.finite()))
     }
 }
 
+/// Checks the bias's shape (`n_q × n_kv`) and entries (finite or −∞: −∞ masks a position,
+/// NaN and +∞ have no meaning); returns the range of its finite entries, which goes into
+/// the score bound.
+///
+/// Large biases (≥ 2^18 entries) are scanned in column blocks over rayon's threads when
+/// `parallel`; the result does not depend on the split (a minimum, a maximum, a flag).
 fn check_bias<T: Element>(
     operand: Operand,
     bias: &MatRef<'_, T>,
     n_q: usize,
     n_kv: usize,
+    parallel: bool,
 ) -> Result<(f64, f64), AttentionError> {
     let rule = "the bias is n_q x n_kv";
     check_dim(operand, Axis::Rows, bias.nrows(), n_q, Operand::Query, rule)?;
@@ -648,9 +664,28 @@ fn check_bias<T: Element>(
     )?;
     // One vectorised pass for the range and whether anything is NaN/+∞; only then a
     // second pass finds the first such entry.
-    let mut lanes = BiasLanes::new();
-    for_each_column(bias, 0..bias.nrows(), &mut Vec::new(), |_, col| lanes.add(col));
-    let (lo, hi, bad) = lanes.finish();
+    let scan = |columns: std::ops::Range<usize>| {
+        let mut lanes = BiasLanes::new();
+        let block = bias.columns(columns.start, columns.len());
+        for_each_column(&block, 0..block.nrows(), &mut Vec::new(), |_, col| {
+            lanes.add(col)
+        });
+        lanes.finish()
+    };
+    let n = bias.ncols();
+    let (lo, hi, bad) = if parallel && bias.len() >= 1 << 18 && n > 1 {
+        use rayon::prelude::*;
+        let blocks = (2 * rayon::current_num_threads()).min(n);
+        (0..blocks)
+            .into_par_iter()
+            .map(|b| scan(b * n / blocks..(b + 1) * n / blocks))
+            .reduce(
+                || (T::zero(), T::zero(), false),
+                |a, b| (a.0.min(b.0), a.1.max(b.1), a.2 || b.2),
+            )
+    } else {
+        scan(0..n)
+    };
     if !bad {
         return Ok((lo.to_f64(), hi.to_f64()));
     }

@@ -1258,3 +1258,52 @@ proptest! {
         invalid_option_is_reported::<f64>(&input, &fault);
     }
 }
+
+/// A bias large enough (≥ 2^18 entries) that validation scans it in column blocks over the
+/// threads: a NaN or +∞ anywhere is reported at its position (the first in column-major
+/// order), and the range that decides the careful path is the whole bias's, whether the
+/// scan ran on one thread or several.
+#[test]
+fn large_bias_scanned_in_blocks() {
+    use attention_core::{KernelRun, Parallelism, last_kernel_run};
+    let (n_q, n_kv, d) = (520, 530, 4);
+    let q = DMatrix::<f32>::from_fn(n_q, d, |i, p| ((i * 3 + p) % 7) as f32 * 0.1);
+    let k = DMatrix::<f32>::from_fn(n_kv, d, |j, p| ((j + 2 * p) % 5) as f32 * 0.1);
+    let bias0 = DMatrix::<f32>::from_fn(n_q, n_kv, |i, j| ((i * 7 + j) % 11) as f32 - 5.0);
+    for par in [Parallelism::Sequential, Parallelism::Rayon] {
+        for (bad, at, first) in [
+            (f32::NAN, vec![(519, 529), (3, 400)], (3, 400)),
+            (f32::INFINITY, vec![(0, 529), (519, 0)], (519, 0)),
+            (f32::NAN, vec![(260, 265)], (260, 265)),
+        ] {
+            let mut bias = bias0.clone();
+            for &e in &at {
+                bias[e] = bad;
+            }
+            let o = AttentionOptions::new()
+                .with_bias(&bias)
+                .with_parallelism(par);
+            let err = scaled_dot_product_attention(&q, &k, &k, &o).unwrap_err();
+            assert!(
+                matches!(err, AttentionError::NonFinite { operand: Operand::Bias, row, column, .. }
+                    if (row, column) == first),
+                "{par:?} {at:?}: {err}"
+            );
+        }
+        // −∞ masks; a huge entry in the last column block sends the call to the careful
+        // path, as a small one does not.
+        let mut bias = bias0.clone();
+        bias[(10, 2)] = f32::NEG_INFINITY;
+        let o = AttentionOptions::new()
+            .with_bias(&bias)
+            .with_parallelism(par);
+        scaled_dot_product_attention(&q, &k, &k, &o).unwrap();
+        assert_ne!(last_kernel_run(), Some(KernelRun::Careful), "{par:?}");
+        bias[(500, 529)] = 3e38;
+        let o = AttentionOptions::new()
+            .with_bias(&bias)
+            .with_parallelism(par);
+        scaled_dot_product_attention(&q, &k, &k, &o).unwrap();
+        assert_eq!(last_kernel_run(), Some(KernelRun::Careful), "{par:?}");
+    }
+}

@@ -182,7 +182,8 @@ mod tests {
     /// branches, tiny and huge arguments, ±0 and ±∞.
     #[test]
     fn tanh_within_3_ulp() {
-        let ulps32 = |got: f32, want: f32| (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs();
+        let ulps32 =
+            |got: f32, want: f32| (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs();
         let mut worst = 0;
         for i in 0..=400_000 {
             for x in [i as f32 * 5e-5, -(i as f32) * 5e-5, i as f32 * 2e-8] {
@@ -205,7 +206,8 @@ mod tests {
         }
         assert_eq!(tanh(-0.0f32).to_bits(), (-0.0f32).to_bits());
         // f64: against `f64::tanh` (≤ 1 ulp from the truth in glibc), so within 3 + 1.
-        let ulps64 = |got: f64, want: f64| (got.to_bits() as i128 - want.to_bits() as i128).unsigned_abs();
+        let ulps64 =
+            |got: f64, want: f64| (got.to_bits() as i128 - want.to_bits() as i128).unsigned_abs();
         let mut worst = 0;
         for i in 0..=400_000 {
             for x in [i as f64 * 5e-5, -(i as f64) * 5e-5, i as f64 * 2e-12] {
