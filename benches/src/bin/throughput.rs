@@ -8,9 +8,14 @@
 //! cargo run --release -p attention-benches --bin throughput -- --repeat 3  # median of 3 passes
 //! ```
 //! Each figure is the median of several timed calls (at least 3, and at least ~0.5 s of
-//! calls); GFLOP/s counts `4·n²·d`, halved for causal. Peak memory (max RSS) for
-//! n = 65536, d = 64, f32 is measured in a child process (`--rss`, on by default in the
-//! full run) and compared with the inputs plus the output.
+//! calls); GFLOP/s counts `4·n²·d`, halved for causal. With `--repeat R` each row is the
+//! median over the R passes and the FMA peak the maximum over them (a median peak can sit
+//! below a row measured in a quiet moment), every fraction taken against that peak. Peak
+//! memory (max RSS) for n = 65536, d = 64, f32 is measured in a child process (`--rss`, on
+//! by default in the full run) and compared with the inputs plus the output.
+//! `--options bias,mask,key-mask,alibi,softcap` adds a row per option (non-causal), and
+//! `--decode` a row of one query against the n keys (`4·n·d` FLOPs). `--help` lists the
+//! arguments; an unknown or malformed one is an error (exit status 2).
 
 use std::time::Instant;
 
@@ -31,10 +36,27 @@ struct Args {
     rss: bool,
     json: Option<String>,
     repeat: usize,
+    options: Vec<String>,
+    decode: bool,
 }
 
-fn list<T: std::str::FromStr>(s: &str) -> Vec<T> {
-    s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+const USAGE: &str = "usage: throughput [--quick] [--n LIST] [--d LIST] [--types f32,f64] \
+[--threads LIST] [--causal false,true] [--options bias,mask,key-mask,alibi,softcap] [--decode] \
+[--repeat R] [--json FILE] [--no-baselines] [--rss | --no-rss] [--help]";
+
+/// Exits with status 2 after saying what is wrong with the arguments.
+fn bad_argument(what: &str) -> ! {
+    eprintln!("throughput: {what}\n{USAGE}");
+    std::process::exit(2);
+}
+
+/// A comma-separated list for `flag`, every entry parsed, at least one.
+fn list<T: std::str::FromStr>(flag: &str, s: &str) -> Vec<T> {
+    let items: Result<Vec<T>, _> = s.split(',').map(|x| x.trim().parse()).collect();
+    match items {
+        Ok(items) if !items.is_empty() => items,
+        _ => bad_argument(&format!("{flag}: cannot read the list {s:?}")),
+    }
 }
 
 fn parse_args() -> Args {
@@ -53,32 +75,79 @@ fn parse_args() -> Args {
         rss: true,
         json: None,
         repeat: 1,
+        options: Vec::new(),
+        decode: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
-        let next = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
+        let flag = argv[i].as_str();
+        let takes_value = [
+            "--n",
+            "--d",
+            "--types",
+            "--threads",
+            "--causal",
+            "--json",
+            "--repeat",
+            "--options",
+        ]
+        .contains(&flag);
+        let next = if takes_value {
+            i += 1;
+            match argv.get(i) {
+                Some(v) => v.clone(),
+                None => bad_argument(&format!("{flag} needs a value")),
+            }
+        } else {
+            String::new()
+        };
+        match flag {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--quick" => {
                 a.sizes = vec![512, 2048];
                 a.rss = false;
             }
-            "--n" => (a.sizes, i) = (list(&next), i + 1),
-            "--d" => (a.dims, i) = (list(&next), i + 1),
-            "--types" => (a.types, i) = (list(&next), i + 1),
-            "--threads" => (a.threads, i) = (list(&next), i + 1),
-            "--causal" => (a.causal, i) = (list(&next), i + 1),
-            "--json" => (a.json, i) = (Some(next), i + 1),
-            "--repeat" => (a.repeat, i) = (next.parse().unwrap_or(1).max(1), i + 1),
+            "--n" => a.sizes = list(flag, &next),
+            "--d" => a.dims = list(flag, &next),
+            "--types" => {
+                a.types = list(flag, &next);
+                if let Some(t) = a.types.iter().find(|t| *t != "f32" && *t != "f64") {
+                    bad_argument(&format!("--types: unknown type {t} (f32, f64)"));
+                }
+            }
+            "--threads" => a.threads = list(flag, &next),
+            "--causal" => a.causal = list(flag, &next),
+            "--json" => a.json = Some(next),
+            "--repeat" => match next.parse::<usize>() {
+                Ok(r) if r >= 1 => a.repeat = r,
+                _ => bad_argument(&format!("--repeat: {next:?} is not a count ≥ 1")),
+            },
+            "--options" => {
+                a.options = list(flag, &next);
+                if let Some(o) = a.options.iter().find(|o| !OPTIONS.contains(&o.as_str())) {
+                    bad_argument(&format!("--options: unknown option {o} ({OPTIONS:?})"));
+                }
+            }
+            "--decode" => a.decode = true,
             "--no-baselines" => a.baselines = false,
             "--no-rss" => a.rss = false,
             "--rss" => a.rss = true,
-            other => eprintln!("ignoring unknown argument {other}"),
+            other => bad_argument(&format!("unknown argument {other}")),
         }
         i += 1;
     }
+    if a.threads.contains(&0) || a.sizes.contains(&0) || a.dims.contains(&0) {
+        bad_argument("--n, --d and --threads must be positive");
+    }
     a
 }
+
+/// The score options `--options` accepts.
+const OPTIONS: [&str; 5] = ["bias", "mask", "key-mask", "alibi", "softcap"];
 
 /// Median seconds per call of `f`.
 fn time(mut f: impl FnMut()) -> f64 {
@@ -146,6 +215,74 @@ fn bench_type<T: Element + Into<f64>>(
                         threads,
                         what: "core",
                         gflops,
+                        peak,
+                    });
+                    print_row(rows.last().expect("just pushed"));
+                }
+                let parallelism = if threads == 1 {
+                    Parallelism::Sequential
+                } else {
+                    Parallelism::Rayon
+                };
+                // The score options, each on its own (n ≤ 4096: an n × n bias or mask
+                // beyond that is gigabytes).
+                if n <= 4096 && !args.options.is_empty() {
+                    let bias: DMatrix<T> = normal_matrix(n, n, 4).map(T::from_f64_rounded);
+                    let mask = DMatrix::from_fn(n, n, |i, j| (i * 7 + j * 3) % 10 != 0);
+                    let key_mask: Vec<bool> = (0..n).map(|j| j % 9 != 4).collect();
+                    for o in &args.options {
+                        let plain = AttentionOptions::new().with_parallelism(parallelism);
+                        let (what, opts) = match o.as_str() {
+                            "bias" => ("core+bias", plain.with_bias(&bias)),
+                            "mask" => ("core+mask", plain.with_mask(&mask)),
+                            "key-mask" => ("core+kmask", plain.with_key_mask(&key_mask)),
+                            "alibi" => (
+                                "core+alibi",
+                                plain.with_alibi_slope(T::from_f64_rounded(0.0625)),
+                            ),
+                            _ => ("core+cap", plain.with_softcap(T::from_f64_rounded(30.0))),
+                        };
+                        let secs = pool.install(|| {
+                            time(|| {
+                                std::hint::black_box(
+                                    scaled_dot_product_attention(&q, &k, &v, &opts)
+                                        .expect("attention"),
+                                );
+                            })
+                        });
+                        rows.push(Row {
+                            ty: ty.into(),
+                            d,
+                            n,
+                            causal: false,
+                            threads,
+                            what,
+                            gflops: attention_flops(n, n, d, false) / secs / 1e9,
+                            peak,
+                        });
+                        print_row(rows.last().expect("just pushed"));
+                    }
+                }
+                // One query against the n keys (a decoding step without a cache).
+                if args.decode {
+                    let q1 = q.rows(0, 1).into_owned();
+                    let opts = AttentionOptions::new().with_parallelism(parallelism);
+                    let secs = pool.install(|| {
+                        time(|| {
+                            std::hint::black_box(
+                                scaled_dot_product_attention(&q1, &k, &v, &opts)
+                                    .expect("attention"),
+                            );
+                        })
+                    });
+                    rows.push(Row {
+                        ty: ty.into(),
+                        d,
+                        n,
+                        causal: false,
+                        threads,
+                        what: "decode",
+                        gflops: attention_flops(1, n, d, false) / secs / 1e9,
                         peak,
                     });
                     print_row(rows.last().expect("just pushed"));
@@ -261,7 +398,7 @@ fn main() {
             match ty.as_str() {
                 "f32" => bench_type::<f32>(ty, &args, &peaks, &mut rows),
                 "f64" => bench_type::<f64>(ty, &args, &peaks, &mut rows),
-                other => eprintln!("unknown type {other}"),
+                other => unreachable!("--types was checked: {other}"),
             }
         }
         passes.push(rows);
@@ -270,11 +407,18 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    // The peak of a type and thread count: the largest measured in any pass (noise only
+    // ever lowers a measurement); every row's fraction is its median against it.
+    let max_peak = |ty: &str, t: usize| {
+        peaks_all
+            .iter()
+            .filter(|x| x.0 == ty && x.1 == t)
+            .map(|x| x.2)
+            .fold(f64::NAN, f64::max)
+    };
     let mut rows: Vec<Row> = Vec::new();
     for i in 0..passes[0].len() {
         let first = &passes[0][i];
-        let gflops = median(passes.iter().map(|p| p[i].gflops).collect());
-        let fraction = median(passes.iter().map(|p| p[i].gflops / p[i].peak).collect());
         rows.push(Row {
             ty: first.ty.clone(),
             d: first.d,
@@ -282,27 +426,21 @@ fn main() {
             causal: first.causal,
             threads: first.threads,
             what: first.what,
-            gflops,
-            peak: gflops / fraction,
+            gflops: median(passes.iter().map(|p| p[i].gflops).collect()),
+            peak: max_peak(&first.ty, first.threads),
         });
     }
     let mut peak_records = Vec::new();
     for ty in &args.types {
         for &t in &args.threads {
-            let p = median(
-                peaks_all
-                    .iter()
-                    .filter(|x| &x.0 == ty && x.1 == t)
-                    .map(|x| x.2)
-                    .collect(),
-            );
+            let p = max_peak(ty, t);
             peak_records.push(PeakJson {
                 ty: ty.clone(),
                 threads: t,
                 gflops: rounded(p, 3),
             });
             if args.repeat > 1 {
-                println!("median FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+                println!("highest FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
             }
         }
     }
