@@ -1,9 +1,25 @@
 //! Shared pieces of the attention benchmarks: the machine's measured FMA peak (the
-//! roofline every result is compared with) and the plain-nalgebra baseline.
+//! roofline every result is compared with), the plain-nalgebra baseline, and the timing
+//! of the bench binaries.
 
 pub mod peak;
 
 use nalgebra::{DMatrix, RealField};
+
+/// Seconds per call of `call`: the median of 5 calls after one warm-up call (the bench
+/// binaries `backward`, `options` and `peers`).
+pub fn median_time<R>(mut call: impl FnMut() -> R) -> f64 {
+    std::hint::black_box(call());
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(call());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[2]
+}
 
 /// FLOPs of dense attention as the benches count them: `4·n_q·n_kv·d` (two products of
 /// `2·n_q·n_kv·d` each), halved for causal attention (only about half the scores count).

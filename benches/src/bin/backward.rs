@@ -8,28 +8,11 @@
 //! cargo run --release -p attention-benches --bin backward
 //! ```
 
-use std::hint::black_box;
-use std::time::Instant;
-
-use attention_benches::normal_matrix;
+use attention_benches::{median_time, normal_matrix};
 use attention_core::{
     AttentionOptions, Causal, Element, scaled_dot_product_attention_backward,
     scaled_dot_product_attention_with_lse,
 };
-
-/// Seconds per call of `call`: median of 5 after one warm-up call.
-fn median_time<R>(call: impl Fn() -> R) -> f64 {
-    black_box(call());
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(call());
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[2]
-}
 
 fn row<T: Element>(name: &str, n: usize, d: usize, causal: bool, threads: usize) {
     let pool = rayon::ThreadPoolBuilder::new()

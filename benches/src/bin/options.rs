@@ -8,26 +8,9 @@
 //! cargo run --release -p attention-benches --bin options [-- --n 1024 --types f32 --threads 2 --only bias,alibi]
 //! ```
 
-use std::hint::black_box;
-use std::time::Instant;
-
-use attention_benches::normal_matrix;
+use attention_benches::{median_time, normal_matrix};
 use attention_core::{AttentionOptions, Element, scaled_dot_product_attention};
 use nalgebra::DMatrix;
-
-/// Seconds per call of `call`: median of 5 after one warm-up call.
-fn median_time<R>(call: impl Fn() -> R) -> f64 {
-    black_box(call());
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(call());
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[2]
-}
 
 fn rows<T: Element>(ty: &str, n: usize, d: usize, threads: usize, only: &[String]) {
     let pool = rayon::ThreadPoolBuilder::new()

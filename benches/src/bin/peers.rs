@@ -11,26 +11,9 @@
 //! products read it once; rayon's global pool, which this library uses, too): run the
 //! binary once per thread count.
 
-use std::hint::black_box;
-use std::time::Instant;
-
-use attention_benches::normal_matrix;
+use attention_benches::{median_time, normal_matrix};
 use attention_core::{AttentionOptions, scaled_dot_product_attention};
 use candle_core::{Device, Tensor};
-
-/// Seconds per call of `call`: median of 5 after one warm-up call.
-fn median_time<R>(mut call: impl FnMut() -> R) -> f64 {
-    black_box(call());
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(call());
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[2]
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::args().len() > 1 {
