@@ -1,29 +1,38 @@
 //! The decoding kernel: a few queries (n_q ≤ 8 per sequence, e.g. one new token) of every
 //! query head of a key/value group against many keys, in one pass over K and V.
 //!
-//! The `R = g·n_q` rows of a group (g query heads reading one key/value head) walk the keys
-//! in chunks of [`CHUNK`]: for each chunk, all rows' scores `s_rj = Σ_p q_rp·k_jp` (column p
-//! of K holds the chunk's keys contiguously, so the innermost loop runs over keys and
-//! vectorises), then per row the score modifiers, the online softmax step and the
-//! weighted sums of the chunk's values. K and V are read once per group whatever g is;
-//! for decoding, reading them is the cost.
+//! The `R = g·n_q` rows of a group (g query heads reading one key/value head) take the keys
+//! in parts of [`PART_KEYS`] (a number that depends only on n_kv), each computed on its
+//! own (in parallel when asked), and the parts' `(m, l, acc)` are merged in order: the
+//! result does not depend on the number of threads. Within a part ([`part`]), three
+//! passes, one softmax step for the whole part:
 //!
 //! ```text
-//! per chunk c, row r:   m' = max(m, max_j s_rj)        α = exp(m − m')   (0 if m = −∞)
-//!                       p_j = exp(s_rj − m')           l ← α·l + Σ_j p_j
-//!                       acc_c' ← α·acc_c' + Σ_j p_j·v_jc'
+//! scores:    s_rj = Σ_p q_rp·k_jp          (K read once for every row)
+//! softmax:   m_r = max_j s_rj              p_rj = exp(s_rj − m_r)      l_r = Σ_j p_rj
+//! values:    acc_rc = Σ_j p_rj·v_jc        (V read once for every row)
 //! ```
-//! The keys are split into parts of [`PART_KEYS`] (a number that depends only on n_kv),
-//! each computed on its own (in parallel when asked), and the parts' `(m, l, acc)` merged
-//! in order: the result does not depend on the number of threads.
+//! K and V are read once per group whatever g is; for decoding, reading them is the cost.
+//! The part's scores (`R × PART_KEYS`) stay in the level-1 or level-2 cache in between.
+//!
+//! # The order of reading
+//! A group of at most [`STREAM_ROWS`] rows whose part lies in one block of K and V stored
+//! by columns (a `DMatrix`) reads each column from start to end ([`stream_scores`],
+//! [`stream_values`]): long contiguous runs, which the hardware prefetchers follow.
+//! Otherwise the part is read chunk by chunk ([`CHUNK`] keys: for each chunk all `d`
+//! columns, [`chunk_scores`] with the rows' sums in registers), each chunk in place when K
+//! and V have the contiguous runs the kernel reads (K's columns; V's columns, or its
+//! rows), else copied first, the next chunk's cache lines prefetched while one is
+//! computed. Both orders take the same operations in the same order for every sum, so the
+//! bits do not depend on which one ran (`tests/decode_order.rs`).
 //!
 //! # Values by columns or by rows
 //! The weighted sums are computed one of two ways, decided once per group from V's layout
 //! ([`Group::by_rows`]): values stored by columns (a `DMatrix`, each column's keys
-//! contiguous) per row and column in [`LANES`] lanes over the chunk's keys, SIMD over keys
-//! ([`lane_partials`]), the lanes added into [`LANES`] f64 lanes per row and column (no
-//! horizontal sum until the part ends); values stored by rows (the KV cache's pages, a
-//! row-major V) as `Σ_j p_rj·v_j` accumulated over the chunk's keys, SIMD over columns
+//! contiguous) per row and column in [`LANES`] lanes over each chunk's keys, SIMD over
+//! keys ([`lane_partials`]), the lanes added into [`LANES`] f64 lanes per row and column
+//! (no horizontal sum until the part ends); values stored by rows (the KV cache's pages, a
+//! row-major V) as `Σ_j p_rj·v_j` accumulated over each chunk's keys, SIMD over columns
 //! ([`value_rows`]), which needs no horizontal sums and reads each value row once for 4
 //! rows. `l = Σ_j p_j` is summed like a value column stored by columns, whatever the
 //! layout: the lse does not depend on V's layout, and values stored by columns that are
@@ -40,17 +49,14 @@
 //! a tile's keys in order as well) for every n_kv.
 //!
 //! Used when the inputs allow it ([`fits`]): scores provably in range (else the careful
-//! path decides) and values that need no scaling. K and V are read in place when they have
-//! the contiguous runs the kernel reads (K's columns; V's columns, or its rows), else each
-//! chunk is copied first. The next chunk's cache lines are prefetched while a chunk is
-//! computed.
+//! path decides) and values that need no scaling.
 //!
 //! # Checking K and V on the way
 //! A single-head call whose K and V were not scanned before ([`Group::scan`], see
-//! `kernel::attention_deferred`) folds each chunk's keys and values into an integer
-//! maximum of their `|x|` bits while they are in the level-1 cache (the keys in the score
-//! loop itself): every key and value, whether its weight is used or not, so that the
-//! maxima equal those of a scan before the call.
+//! `kernel::attention_deferred`) folds its keys and values into an integer maximum of
+//! their `|x|` bits as the kernel reads them (in the score loop itself, and in the first
+//! row's weighted sums): every key and value, whether its weight is used or not, so that
+//! the maxima equal those of a scan before the call.
 
 use crate::Element;
 use crate::kernel::ElementKernels;
@@ -81,53 +87,36 @@ pub struct State<T: Element> {
     m: Vec<T>,
     l: Vec<f64>,
     acc: Vec<f64>,
-    /// Values stored by columns: `acc` in [`LANES`] f64 lanes per row and column
-    /// (`lanes[(r·d_v + c)·LANES + t]`), summed into `acc` when the part ends
-    /// ([`State::fold_lanes`]); empty otherwise.
+    /// Values stored by columns and read chunk by chunk: `acc` in [`LANES`] f64 lanes per
+    /// row and column (`lanes[(r·d_v + c)·LANES + t]`), summed into `acc` when the part
+    /// ends ([`State::fold_lanes`]); empty otherwise.
     lanes: Vec<f64>,
-    /// `l` in [`LANES`] f64 lanes per row (`l_lanes[r·LANES + t]`), summed into `l` when
-    /// the part ends: as each value column stored by columns is summed, so that constant
-    /// values give exactly that constant, whatever V's layout (so that the lse does not
-    /// depend on it).
-    l_lanes: Vec<f64>,
     /// The largest [`Element::abs_bits_native`] of the keys and of the values read, when
     /// the group scans them ([`Group::scan`]); NaN and ±∞ have the largest bits.
     scanned: (T::Bits, T::Bits),
 }
 
 impl<T: Element> State<T> {
-    fn new(rows: usize, d_v: usize, by_rows: bool) -> Self {
+    fn new(rows: usize, d_v: usize, lanes: bool) -> Self {
         State {
             m: vec![T::NEG_INFINITY; rows],
             l: vec![0.0; rows],
             acc: vec![0.0; rows * d_v],
-            lanes: if by_rows {
-                Vec::new()
-            } else {
+            lanes: if lanes {
                 vec![0.0; rows * d_v * LANES]
+            } else {
+                Vec::new()
             },
-            l_lanes: vec![0.0; rows * LANES],
             scanned: Default::default(),
         }
     }
 
-    /// Sums each row's and column's lanes into `l` and `acc`, pairwise.
+    /// Sums each row's and column's lanes (if any) into `acc`, pairwise.
     fn fold_lanes(&mut self) {
-        let pairs = (self.acc.iter_mut().zip(self.lanes.chunks_exact(LANES)))
-            .chain(self.l.iter_mut().zip(self.l_lanes.chunks_exact(LANES)));
-        for (a, lanes) in pairs {
-            let mut x: [f64; LANES] = lanes.try_into().expect("LANES lanes");
-            let mut width = LANES / 2;
-            while width > 0 {
-                for t in 0..width {
-                    x[t] += x[t + width];
-                }
-                width /= 2;
-            }
-            *a = x[0];
+        for (a, lanes) in self.acc.iter_mut().zip(self.lanes.chunks_exact(LANES)) {
+            *a = pairwise(lanes.try_into().expect("LANES lanes"));
         }
         self.lanes = Vec::new();
-        self.l_lanes = Vec::new();
     }
 
     /// Adds `other` (the state of later keys) into `self`: the exact merge of two softmax
@@ -240,8 +229,18 @@ impl<'s, 'a, T: Element> Group<'s, 'a, T> {
     }
 }
 
-/// The group's state over keys `keys` (a part), computed chunk by chunk: the body the
-/// CPU paths compile (`simd.rs`, `decode_kernel!`), `FMA` as the path has it.
+/// The group's state over keys `keys` (a part): the body the CPU paths compile (`simd.rs`,
+/// `decode_kernel!`), `FMA` as the path has it.
+///
+/// One softmax step for the whole part, in three passes: every row's scores for the
+/// part's keys (`s`, `rows × len`, row `r` at `r·len`), the softmax (`s` becomes the
+/// weights `p = exp(s − m)`, `m` the part's maximum), then the weighted sums of the
+/// values. When the part lies in one block of K and V stored by columns and the group has
+/// at most [`STREAM_ROWS`] rows, each pass reads K's or V's columns from start to end
+/// (long runs that the hardware prefetchers follow: a chunk's 64 keys of every column
+/// were `d` runs of 256 bytes, as many streams as columns); otherwise chunk by chunk, each
+/// chunk read in place or copied first. Both orders compute the same sums in the same
+/// order, so the bits do not depend on which one ran.
 #[inline(always)]
 pub(crate) fn part<T: Element, const FMA: bool>(
     group: &Group<'_, '_, T>,
@@ -249,52 +248,159 @@ pub(crate) fn part<T: Element, const FMA: bool>(
 ) -> State<T> {
     let spec = group.specs[0];
     let (d_k, d_v) = (spec.d_k, spec.d_v);
-    let rows = group.rows();
-    let mut state = State::new(rows, d_v, group.by_rows);
-    let mut s = vec![T::zero(); rows * CHUNK];
-    // Chunks start every CHUNK keys from the part's start (parts start at multiples of
-    // CHUNK), whatever the segments: the sums, hence the bits, do not depend on how the
-    // keys are stored. A chunk inside one segment with contiguous columns is read in
-    // place; one that spans segments (pages smaller than a chunk) or sits in a row-strided
-    // view is copied first.
-    let starts: Vec<usize> = group
-        .segments
-        .iter()
-        .scan(0, |at, (k, _)| {
-            let start = *at;
-            *at += k.nrows();
-            Some(start)
-        })
-        .collect();
-    let (mut kc, mut vc) = (DMatrix::zeros(0, d_k), DMatrix::zeros(0, d_v));
-    let mut seg = 0;
-    let mut start = keys.start;
-    while start < keys.end {
-        let len = CHUNK.min(keys.end - start);
-        while starts[seg] + group.segments[seg].0.nrows() <= start {
-            seg += 1;
-        }
-        let (k, v) = group.segments[seg];
-        let at = start - starts[seg];
-        let next = next_in_place(group, &starts, seg, start + len);
-        if let Some(((k, v), at)) = in_place(group, (k, v), at, len) {
-            chunk_of::<T, FMA>(group, (k, v), (start, at), len, next, &mut s, &mut state);
+    let (rows, len) = (group.rows(), keys.len());
+    let streamed = streamed(group, keys.clone());
+    let chunks = chunks(group, keys.clone());
+    let by_lanes = !group.by_rows && streamed.is_none();
+    let mut state = State::new(rows, d_v, by_lanes);
+    let mut s = vec![T::zero(); rows * len];
+    let mut scratch = (DMatrix::zeros(0, d_k), DMatrix::zeros(0, d_v));
+
+    // 1. The scores.
+    let k_bits = if let Some(((k, _), at)) = streamed {
+        let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
+        if group.scan {
+            stream_scores::<T, FMA, true>(group, &k, at, len, &mut s)
         } else {
-            gather(group, &starts, start, len, (&mut kc, &mut vc));
-            chunk_of::<T, FMA>(
-                group,
-                ((&kc).into(), (&vc).into()),
-                (start, 0),
-                len,
-                next,
-                &mut s,
-                &mut state,
-            );
+            stream_scores::<T, FMA, false>(group, &k, at, len, &mut s)
         }
-        start += len;
-    }
+    } else {
+        let mut bits = T::Bits::default();
+        for (i, chunk) in chunks.iter().enumerate() {
+            if let Some(Chunk {
+                place: Some(((k, _), at)),
+                len,
+                ..
+            }) = chunks.get(i + 1)
+            {
+                prefetch_keys(&k.as_view(), *at, *len);
+            }
+            let (k, at) = match chunk.place {
+                Some(((k, _), at)) => (k, at),
+                None => {
+                    gather_keys(group, keys.start + chunk.off, chunk.len, &mut scratch.0);
+                    ((&scratch.0).into(), 0)
+                }
+            };
+            let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
+            let at = (at, chunk.off, chunk.len);
+            bits = bits.max(chunk_scores::<T, FMA>(group, &k, at, len, &mut s));
+        }
+        bits
+    };
+
+    // 2. The softmax.
+    let active = softmax::<T, FMA>(group, keys.start, len, &mut s, &mut state);
+
+    // 3. The weighted sums of the values.
+    let v_bits = if let Some(((_, v), at)) = streamed {
+        stream_values::<T, FMA>(group, &v.as_view(), at, len, &s, &active, &mut state)
+    } else {
+        let mut bits = T::Bits::default();
+        if group.by_rows {
+            // Rows with nothing allowed here weigh nothing (their `s` still holds scores).
+            for r in (0..rows).filter(|&r| !active[r]) {
+                s[r * len..(r + 1) * len].fill(T::zero());
+            }
+        }
+        for (i, chunk) in chunks.iter().enumerate() {
+            if let Some(Chunk {
+                place: Some(((_, v), at)),
+                len,
+                ..
+            }) = chunks.get(i + 1)
+            {
+                prefetch_values(group.by_rows, &v.as_view(), *at, *len);
+            }
+            let (v, at) = match chunk.place {
+                Some(((_, v), at)) => (v, at),
+                None => {
+                    gather_values(group, keys.start + chunk.off, chunk.len, &mut scratch.1);
+                    ((&scratch.1).into(), 0)
+                }
+            };
+            let v = v.as_view::<Dyn, Dyn, U1, Dyn>();
+            let at = (at, chunk.off, chunk.len);
+            if group.by_rows {
+                value_rows::<T, FMA>(&v, at, len, &s, &active, rows, &mut state);
+            } else {
+                value_lanes::<T, FMA>(&v, at, len, &s, &active, rows, &mut state);
+            }
+            if group.scan {
+                let (at, _, n) = at;
+                bits = bits.max(if group.by_rows {
+                    // Column `at + j` of the transposed values is value row `j`.
+                    scan(&v, at..at + n, 0, d_v)
+                } else {
+                    scan(&v, 0..d_v, at, n)
+                });
+            }
+        }
+        bits
+    };
+    state.scanned = (k_bits, v_bits);
     state.fold_lanes();
     state
+}
+
+/// Rows a group may have for its parts to be read as streams ([`streamed`]): their
+/// scores, `rows × PART_KEYS`, then stay in the level-1 or level-2 cache while the values
+/// are read (4 × 2048 × 4 bytes = 32 KiB in f32). Groups with more rows compute more per
+/// byte read and read chunk by chunk, each chunk's weights in the level-1 cache.
+const STREAM_ROWS: usize = 4;
+
+/// The part's keys and values as one block read in place, K and V stored by columns, and
+/// the row of the part's first key — when the group is read as streams (see [`part`]).
+fn streamed<'a, T: Element>(
+    group: &Group<'_, 'a, T>,
+    keys: std::ops::Range<usize>,
+) -> Option<Next<'a, T>> {
+    if group.rows() > STREAM_ROWS || group.by_rows {
+        return None;
+    }
+    let mut first = 0;
+    for &(k, v) in &group.segments {
+        if keys.start < first + k.nrows() {
+            return in_place(group, (k, v), keys.start - first, keys.len());
+        }
+        first += k.nrows();
+    }
+    None
+}
+
+/// A chunk of a part: its first key counted from the part's start, its length (at most
+/// [`CHUNK`]; chunks start every [`CHUNK`] keys from the part's start, whatever the
+/// segments), and its keys and values as [`in_place`] gives them, or `None` when they
+/// must be copied first ([`gather_keys`], [`gather_values`]): pages smaller than a chunk,
+/// a row-strided view.
+#[derive(Clone, Copy)]
+struct Chunk<'a, T: Element> {
+    off: usize,
+    len: usize,
+    place: Option<Next<'a, T>>,
+}
+
+/// The chunks of the part `keys`.
+fn chunks<'a, T: Element>(
+    group: &Group<'_, 'a, T>,
+    keys: std::ops::Range<usize>,
+) -> Vec<Chunk<'a, T>> {
+    let mut out = Vec::with_capacity(keys.len().div_ceil(CHUNK));
+    let (mut seg, mut first) = (0, 0);
+    for start in keys.clone().step_by(CHUNK) {
+        let len = CHUNK.min(keys.end - start);
+        while first + group.segments[seg].0.nrows() <= start {
+            first += group.segments[seg].0.nrows();
+            seg += 1;
+        }
+        let place = in_place(group, group.segments[seg], start - first, len);
+        out.push(Chunk {
+            off: start - keys.start,
+            len,
+            place,
+        });
+    }
+    out
 }
 
 /// The chunk of `len` keys at row `at` of segment `(k, v)` as the kernel reads it in place
@@ -314,90 +420,74 @@ fn in_place<'a, T: Element>(
     })
 }
 
-/// The chunk from key `start` (the next one, for [`prefetch`]) if it is a whole chunk read
-/// in place.
-fn next_in_place<'a, T: Element>(
-    group: &Group<'_, 'a, T>,
-    starts: &[usize],
-    mut seg: usize,
-    start: usize,
-) -> Option<Next<'a, T>> {
-    while seg < starts.len() && starts[seg] + group.segments[seg].0.nrows() <= start {
-        seg += 1;
-    }
-    let segment = *group.segments.get(seg)?;
-    in_place(group, segment, start - starts[seg], CHUNK)
-}
-
-/// A chunk's K and V as [`in_place`] gives them, and its row: for the next chunk, the
-/// cache lines the kernel prefetches while it computes the current one.
+/// Keys and values as [`in_place`] gives them, and the row of the first key.
 type Next<'a, T> = ((MatRef<'a, T>, MatRef<'a, T>), usize);
 
-/// Keys `start .. start + len` of the group's segments copied into `k` (resized to `len`
-/// rows) and `v` (`len` rows, or transposed to `len` columns when the group reads values
-/// by rows).
-fn gather<T: Element>(
-    group: &Group<'_, '_, T>,
-    starts: &[usize],
+/// The rows of the group's segments `start .. start + len`, each given to `copy` with its
+/// segment and its row in the copy.
+fn rows_of<'a, T: Element>(
+    group: &Group<'_, 'a, T>,
     start: usize,
     len: usize,
-    (k, v): (&mut DMatrix<T>, &mut DMatrix<T>),
-) {
-    let (d_k, d_v) = (k.ncols(), group.specs[0].d_v);
+) -> impl Iterator<Item = ((MatRef<'a, T>, MatRef<'a, T>), usize, usize)> {
+    group
+        .segments
+        .iter()
+        .scan(0, |first, &seg| {
+            let s0 = *first;
+            *first += seg.0.nrows();
+            Some((seg, s0))
+        })
+        .flat_map(move |(seg, s0)| {
+            let (lo, hi) = (s0.max(start), (s0 + seg.0.nrows()).min(start + len));
+            (lo..hi).map(move |j| (seg, j - s0, j - start))
+        })
+}
+
+/// Keys `start .. start + len` of the group's segments copied into `k` (resized to `len`
+/// rows).
+fn gather_keys<T: Element>(group: &Group<'_, '_, T>, start: usize, len: usize, k: &mut DMatrix<T>) {
     if k.nrows() != len {
-        *k = DMatrix::zeros(len, d_k);
+        *k = DMatrix::zeros(len, k.ncols());
+    }
+    for ((ks, _), row, j) in rows_of(group, start, len) {
+        for c in 0..k.ncols() {
+            k[(j, c)] = ks[(row, c)];
+        }
+    }
+}
+
+/// Values `start .. start + len` of the group's segments copied into `v`: `len` rows, or
+/// transposed to `len` columns when the group reads values by rows.
+fn gather_values<T: Element>(
+    group: &Group<'_, '_, T>,
+    start: usize,
+    len: usize,
+    v: &mut DMatrix<T>,
+) {
+    let d_v = group.specs[0].d_v;
+    if v.nrows() + v.ncols() != len + d_v || v.nrows() * v.ncols() == 0 {
         *v = if group.by_rows {
             DMatrix::zeros(d_v, len)
         } else {
             DMatrix::zeros(len, d_v)
         };
     }
-    for (&(ks, vs), &s0) in group.segments.iter().zip(starts) {
-        let (lo, hi) = (s0.max(start), (s0 + ks.nrows()).min(start + len));
-        for j in lo..hi {
-            for c in 0..d_k {
-                k[(j - start, c)] = ks[(j - s0, c)];
-            }
-            for c in 0..d_v {
-                let at = if group.by_rows {
-                    (c, j - start)
-                } else {
-                    (j - start, c)
-                };
-                v[at] = vs[(j - s0, c)];
-            }
+    for ((_, vs), row, j) in rows_of(group, start, len) {
+        for c in 0..d_v {
+            let at = if group.by_rows { (c, j) } else { (j, c) };
+            v[at] = vs[(row, c)];
         }
     }
-}
-
-/// One chunk of `len` keys (key `start`, row `at` of `k` and `v`, whose columns are
-/// contiguous). A function, not a closure: closures are not compiled with the target
-/// features of the function that defines them, and `part` must inline whole into each
-/// path's `#[target_feature]` instance.
-#[inline(always)]
-fn chunk_of<T: Element, const FMA: bool>(
-    group: &Group<'_, '_, T>,
-    (k, v): (MatRef<'_, T>, MatRef<'_, T>),
-    (start, at): (usize, usize),
-    len: usize,
-    next: Option<Next<'_, T>>,
-    s: &mut [T],
-    state: &mut State<T>,
-) {
-    let (d_k, d_v) = (k.ncols(), group.specs[0].d_v);
-    let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
-    let v = v.as_view::<Dyn, Dyn, U1, Dyn>();
-    let (next, next_at) = next.map_or((None, 0), |(kv, at)| (Some(kv), at));
-    let next = next
-        .as_ref()
-        .map(|(k, v)| (k.as_view::<Dyn, Dyn, U1, Dyn>(), v.as_view()));
-    let next = next.as_ref().map(|(k, v)| (k, v, next_at));
-    chunk::<T, FMA>(group, (&k, &v, d_k, d_v), (start, at), len, next, s, state);
 }
 
 /// A view with contiguous columns (K, V, or V transposed).
 type ColumnView<'r, 'a, T> =
     &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>;
+
+/// Where a chunk is read and where its weights are: its row in K or V (`at`), its first
+/// key counted from the part's start (the column of `s`), and its length.
+type ChunkAt = (usize, usize, usize);
 
 /// Prefetches the cache lines of `run`.
 #[inline(always)]
@@ -410,66 +500,203 @@ fn prefetch_run<T>(run: &[T]) {
 /// Bytes per cache line (of every x86-64 CPU).
 const LINE: usize = 64;
 
-/// K with contiguous columns, V with contiguous columns (or, when the group reads values
-/// by rows, V transposed: column `j` is value row `j`), and the head widths.
-type Columns<'r, 'a, T> = (
-    &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
-    &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
-    usize,
-    usize,
-);
-
-/// One chunk of `len` keys from key `start` (row `at` of `k` and `v`) for every row of the
-/// group.
+/// Requests every cache line of a chunk's `n` keys (row `at` of `k`), to arrive while the
+/// chunk before it is computed: all at once, since spreading the requests over the loops
+/// measured slower.
 #[inline(always)]
-fn chunk<T: Element, const FMA: bool>(
-    group: &Group<'_, '_, T>,
-    (k, v, d_k, d_v): Columns<'_, '_, T>,
-    (start, at): (usize, usize),
-    len: usize,
-    next: Option<(ColumnView<'_, '_, T>, ColumnView<'_, '_, T>, usize)>,
-    s: &mut [T],
-    state: &mut State<T>,
-) {
-    let rows = group.rows();
-    if let Some(next) = next {
-        prefetch_chunk(group.by_rows, next, d_k, d_v);
+fn prefetch_keys<T: Element>(k: ColumnView<'_, '_, T>, at: usize, n: usize) {
+    for p in 0..k.ncols() {
+        prefetch_run(&k.column(p).as_slice()[at..at + n]);
     }
-    let k_scanned = scores::<T, FMA>(group, k, d_k, at, len, s);
-    let (alpha, active) = softmax_step::<T, FMA>(group, start, len, s, state);
-    if group.by_rows {
-        value_rows::<T, FMA>(v, at, len, s, (&alpha, &active), rows, state);
+}
+
+/// As [`prefetch_keys`], a chunk's values (`v` as [`in_place`] gives them).
+#[inline(always)]
+fn prefetch_values<T: Element>(by_rows: bool, v: ColumnView<'_, '_, T>, at: usize, n: usize) {
+    if by_rows {
+        for j in at..at + n {
+            prefetch_run(v.column(j).as_slice());
+        }
     } else {
-        // Σ_j p_rj·v_jc for every value column, the column read once for all rows: in
-        // LANES lanes in T over the chunk, added lane by lane into f64 lanes (no
-        // horizontal sums until the part ends).
-        for c in 0..d_v {
-            let column = v.column(c);
-            let vc = &column.as_slice()[at..at + len];
+        for c in 0..v.ncols() {
+            prefetch_run(&v.column(c).as_slice()[at..at + n]);
+        }
+    }
+}
+
+/// `s[r][j] = Σ_p q_rp·k_jp` for the part's `len` keys (rows `at .. at + len` of `k`) and
+/// every row, read as streams: four columns of K at a time from start to end, each row's
+/// sums updated [`LANES`] keys at a time. Each sum takes the same operations in the same
+/// order as in [`block_scores`] (`p` ascending from 0). With `SCAN`, returns the largest
+/// [`Element::abs_bits_native`] of the keys read (else 0).
+#[inline(always)]
+fn stream_scores<T: Element, const FMA: bool, const SCAN: bool>(
+    group: &Group<'_, '_, T>,
+    k: ColumnView<'_, '_, T>,
+    at: usize,
+    len: usize,
+    s: &mut [T],
+) -> T::Bits {
+    let (rows, d_k) = (group.rows(), k.ncols());
+    let full = len / LANES * LANES;
+    let mut bits = [T::Bits::default(); LANES];
+    let mut rest = T::Bits::default();
+    let mut p = 0;
+    while p + 4 <= d_k {
+        let columns: [_; 4] = std::array::from_fn(|i| k.column(p + i));
+        let runs: [&[T]; 4] = std::array::from_fn(|i| &columns[i].as_slice()[at..at + len]);
+        for j in (0..full).step_by(LANES) {
+            let k0: &[T; LANES] = runs[0][j..j + LANES].try_into().expect("16");
+            let k1: &[T; LANES] = runs[1][j..j + LANES].try_into().expect("16");
+            let k2: &[T; LANES] = runs[2][j..j + LANES].try_into().expect("16");
+            let k3: &[T; LANES] = runs[3][j..j + LANES].try_into().expect("16");
+            if SCAN {
+                bits = max_bits(max_bits(max_bits(max_bits(bits, k0), k1), k2), k3);
+            }
             for r in 0..rows {
-                if active[r] {
-                    let part = lane_partials::<T, FMA>(&s[r * CHUNK..r * CHUNK + len], vc);
-                    let a: &mut [f64; LANES] = (&mut state.lanes[(r * d_v + c) * LANES..][..LANES])
-                        .try_into()
-                        .expect("LANES lanes");
-                    for t in 0..LANES {
-                        a[t] = madd::<f64, FMA>(a[t], alpha[r], part[t].to_f64());
-                    }
+                // The query's values as locals: the stores to `s` cannot change them.
+                let q: [T; 4] = group.q[r * d_k + p..][..4].try_into().expect("4");
+                let sr: &mut [T; LANES] = (&mut s[r * len + j..][..LANES]).try_into().expect("16");
+                // Loaded whole and stored whole, so that no store comes between loads
+                // (which the compiler could not reorder: it cannot tell `s` from K).
+                let mut x = *sr;
+                for t in 0..LANES {
+                    x[t] = madd::<T, FMA>(q[0], k0[t], x[t]);
+                    x[t] = madd::<T, FMA>(q[1], k1[t], x[t]);
+                    x[t] = madd::<T, FMA>(q[2], k2[t], x[t]);
+                    x[t] = madd::<T, FMA>(q[3], k3[t], x[t]);
+                }
+                *sr = x;
+            }
+        }
+        for j in full..len {
+            if SCAN {
+                for run in runs {
+                    rest = rest.max(run[j].abs_bits_native());
+                }
+            }
+            for r in 0..rows {
+                let q = &group.q[r * d_k + p..][..4];
+                let x = &mut s[r * len + j];
+                for (i, run) in runs.iter().enumerate() {
+                    *x = madd::<T, FMA>(q[i], run[j], *x);
+                }
+            }
+        }
+        p += 4;
+    }
+    for p in p..d_k {
+        let column = k.column(p);
+        let run = &column.as_slice()[at..at + len];
+        if SCAN {
+            rest = run.iter().fold(rest, |m, x| m.max(x.abs_bits_native()));
+        }
+        for r in 0..rows {
+            let q = group.q[r * d_k + p];
+            for (x, &kj) in s[r * len..][..len].iter_mut().zip(run) {
+                *x = madd::<T, FMA>(q, kj, *x);
+            }
+        }
+    }
+    max_of(&bits, rest)
+}
+
+/// `s[r][off + j] = Σ_p q_rp·k_jp` for a chunk's keys (`(at, off, n)`: rows `at .. at + n`
+/// of `k`) and every row (`s` row `r` at `r·stride`): for a full chunk, [`ROW_BLOCK`] rows
+/// at a time with their `ROW_BLOCK × CHUNK` sums in registers, each column of K loaded once
+/// per block. With [`Group::scan`], returns the largest [`Element::abs_bits_native`] of
+/// the chunk's keys (else 0).
+#[inline(always)]
+fn chunk_scores<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    k: ColumnView<'_, '_, T>,
+    (at, off, n): ChunkAt,
+    stride: usize,
+    s: &mut [T],
+) -> T::Bits {
+    let (rows, d_k) = (group.rows(), k.ncols());
+    let mut r = 0;
+    let mut scanned = None;
+    let out = (at, off, stride);
+    if n == CHUNK {
+        // The first block also scans K when the group scans (K is the same for every
+        // block).
+        while r + ROW_BLOCK <= rows {
+            if group.scan && r == 0 {
+                scanned = Some(block_scores::<T, FMA, ROW_BLOCK, true>(group, k, out, r, s));
+            } else {
+                block_scores::<T, FMA, ROW_BLOCK, false>(group, k, out, r, s);
+            }
+            r += ROW_BLOCK;
+        }
+        // The remaining rows one at a time, their 64 sums in registers as well.
+        while r < rows {
+            if group.scan && r == 0 {
+                scanned = Some(block_scores::<T, FMA, 1, true>(group, k, out, r, s));
+            } else {
+                block_scores::<T, FMA, 1, false>(group, k, out, r, s);
+            }
+            r += 1;
+        }
+    }
+    for rr in r..rows {
+        s[rr * stride + off..][..n].fill(T::zero());
+    }
+    if r < rows {
+        for p in 0..d_k {
+            let column = k.column(p);
+            let kc = &column.as_slice()[at..at + n];
+            for rr in r..rows {
+                let q = group.q[rr * d_k + p];
+                for (x, &kj) in s[rr * stride + off..][..n].iter_mut().zip(kc) {
+                    *x = madd::<T, FMA>(q, kj, *x);
                 }
             }
         }
     }
-    if group.scan {
-        // The chunk is in the level-1 cache now: scanning it costs no memory traffic.
-        let (ks, vs) = &mut state.scanned;
-        *ks = (*ks).max(k_scanned.unwrap_or_else(|| scan(k, 0..d_k, at, len)));
-        *vs = (*vs).max(if group.by_rows {
-            // Column `at + j` of the transposed values is value row `j`.
-            scan(v, at..at + len, 0, d_v)
-        } else {
-            scan(v, 0..d_v, at, len)
-        });
+    match scanned {
+        Some(bits) => bits,
+        None if group.scan => scan(k, 0..d_k, at, n),
+        None => T::Bits::default(),
     }
+}
+
+/// The scores of rows `r .. r + B` for a full chunk (row `at` of `k`, column `off` of `s`,
+/// whose rows are `stride` apart), their `B × CHUNK` sums in registers, each column of K
+/// loaded once for the `B` rows; with `SCAN`, the largest [`Element::abs_bits_native`] of
+/// the chunk's keys as well (else 0).
+#[inline(always)]
+fn block_scores<T: Element, const FMA: bool, const B: usize, const SCAN: bool>(
+    group: &Group<'_, '_, T>,
+    k: ColumnView<'_, '_, T>,
+    (at, off, stride): (usize, usize, usize),
+    r: usize,
+    s: &mut [T],
+) -> T::Bits {
+    let d_k = k.ncols();
+    let mut acc = [[T::zero(); CHUNK]; B];
+    let mut bits = [T::Bits::default(); CHUNK];
+    for p in 0..d_k {
+        let column = k.column(p);
+        let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
+            .try_into()
+            .expect("a full chunk");
+        for (b, acc_b) in acc.iter_mut().enumerate() {
+            let q = group.q[(r + b) * d_k + p];
+            for j in 0..CHUNK {
+                acc_b[j] = madd::<T, FMA>(q, kc[j], acc_b[j]);
+            }
+        }
+        if SCAN {
+            for j in 0..CHUNK {
+                bits[j] = bits[j].max(kc[j].abs_bits_native());
+            }
+        }
+    }
+    for (b, acc_b) in acc.iter().enumerate() {
+        s[(r + b) * stride + off..][..CHUNK].copy_from_slice(acc_b);
+    }
+    max_of(&bits, T::Bits::default())
 }
 
 /// The largest [`Element::abs_bits_native`] of rows `at .. at + len` of columns
@@ -536,47 +763,26 @@ fn max_of<B: Ord + Copy, const N: usize>(lanes: &[B; N], start: B) -> B {
     m
 }
 
-/// Requests every cache line of the next chunk's keys and values (`(k, v, at)` as
-/// [`in_place`] gives them), to arrive while this chunk is computed: all at once, since
-/// spreading the requests over the loops measured slower.
+/// Per row, the part's score modifiers and its softmax: `s` (`rows × len`) becomes
+/// `p = exp(s − m)` with `m` the row's largest score, `m` and `l = Σ_j p_j` are set (`l`
+/// summed as each value column stored by columns is: chunk by chunk in [`LANES`] lanes in
+/// T, the lanes added into f64 lanes, those summed pairwise — so that values that are all
+/// equal give exactly that value, and the lse does not depend on V's layout). Returns
+/// whether each row has an allowed key in the part (else its `s` still holds scores and
+/// must not be used).
 #[inline(always)]
-fn prefetch_chunk<T: Element>(
-    by_rows: bool,
-    (k, v, at): (ColumnView<'_, '_, T>, ColumnView<'_, '_, T>, usize),
-    d_k: usize,
-    d_v: usize,
-) {
-    for p in 0..d_k {
-        prefetch_run(&k.column(p).as_slice()[at..at + CHUNK]);
-    }
-    if by_rows {
-        for j in at..at + CHUNK {
-            prefetch_run(v.column(j).as_slice());
-        }
-    } else {
-        for c in 0..d_v {
-            prefetch_run(&v.column(c).as_slice()[at..at + CHUNK]);
-        }
-    }
-}
-
-/// Per row, the chunk's score modifiers and the online softmax step: `s` becomes `p`, `m`
-/// and `l` are updated; returns each row's `α = exp(m_old − m_new)` and whether the row
-/// has an allowed key in the chunk (else its `s` is left as is and must not be used).
-#[inline(always)]
-fn softmax_step<T: Element, const FMA: bool>(
+fn softmax<T: Element, const FMA: bool>(
     group: &Group<'_, '_, T>,
     start: usize,
     len: usize,
     s: &mut [T],
     state: &mut State<T>,
-) -> ([f64; MAX_ROWS], [bool; MAX_ROWS]) {
-    let mut alpha = [0.0f64; MAX_ROWS];
+) -> [bool; MAX_ROWS] {
     let mut active = [false; MAX_ROWS];
     for r in 0..group.rows() {
         let spec = group.specs[r / group.n_q];
         let i = r % group.n_q;
-        let sr = &mut s[r * CHUNK..r * CHUNK + len];
+        let sr = &mut s[r * len..(r + 1) * len];
         let (lo, hi) = spec.key_range(i);
         let (first, last) = (start as i64, (start + len) as i64 - 1);
         if last < lo || first > hi {
@@ -591,67 +797,169 @@ fn softmax_step<T: Element, const FMA: bool>(
                 *x *= spec.scale;
             }
         }
-        let m_chunk = lane_max(sr);
-        let m_old = state.m[r];
-        let m_new = m_old.max(m_chunk);
-        if m_new == T::NEG_INFINITY {
+        let m = lane_max(sr);
+        if m == T::NEG_INFINITY {
             continue;
         }
         for x in sr.iter_mut() {
-            *x = (*x - m_new).exp_nonpos::<FMA>();
+            *x = (*x - m).exp_nonpos::<FMA>();
         }
-        alpha[r] = factor(m_old, m_new);
+        let mut l = [0.0f64; LANES];
+        for pc in sr.chunks(CHUNK) {
+            add_lanes(
+                &mut l,
+                lane_partials::<T, FMA>(pc, &[T::one(); CHUNK][..pc.len()]),
+            );
+        }
+        (state.m[r], state.l[r]) = (m, pairwise(l));
         active[r] = true;
-        // As each value column stored by columns is summed (`chunk`), with values 1.
-        let part = lane_partials::<T, FMA>(sr, &[T::one(); CHUNK][..len]);
-        let l = &mut state.l_lanes[r * LANES..][..LANES];
-        for t in 0..LANES {
-            l[t] = madd::<f64, FMA>(l[t], alpha[r], part[t].to_f64());
-        }
-        state.m[r] = m_new;
     }
-    (alpha, active)
+    active
 }
 
-/// `acc_r ← α_r·acc_r + Σ_j p_rj·v_j` for the active rows, values stored by rows (`vt`:
-/// column `at + j` is value row `j`, contiguous): each sum runs over the chunk's keys in T
-/// (at most [`CHUNK`] roundings, as in one tile of the block kernel), vectorised over
-/// columns, [`ROW_BLOCK`] rows × a tile of columns in registers, each value row loaded
-/// once per block; then added in f64.
+/// `acc_rc = Σ_j p_rj·v_jc` for the active rows and every value column stored by columns,
+/// the part read as streams (`v` rows `at .. at + len`): each column once, while it is in
+/// the level-1 cache for every row, chunk by chunk in [`LANES`] lanes in T, the lanes
+/// added into f64 lanes, summed pairwise — as [`value_lanes`] then [`State::fold_lanes`]
+/// sum chunk by chunk. With [`Group::scan`], returns the largest
+/// [`Element::abs_bits_native`] of the values (else 0).
 #[inline(always)]
-fn value_rows<T: Element, const FMA: bool>(
-    vt: &nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'_, T, Dyn, Dyn, U1, Dyn>>,
+fn stream_values<T: Element, const FMA: bool>(
+    group: &Group<'_, '_, T>,
+    v: ColumnView<'_, '_, T>,
     at: usize,
     len: usize,
-    s: &mut [T],
-    (alpha, active): (&[f64; MAX_ROWS], &[bool; MAX_ROWS]),
+    s: &[T],
+    active: &[bool; MAX_ROWS],
+    state: &mut State<T>,
+) -> T::Bits {
+    let d_v = v.ncols();
+    let mut bits = T::Bits::default();
+    let mut rows = (0..group.rows()).filter(|&r| active[r]);
+    let first = rows.next();
+    // The f64 lanes in memory, not in locals: the compiler then adds them as vectors
+    // (as locals, it split them into scalars and added two at a time).
+    let mut lanes = Box::new([0.0f64; LANES]);
+    let a = &mut *lanes;
+    for c in 0..d_v {
+        let column = v.column(c);
+        let run = &column.as_slice()[at..at + len];
+        // The column is scanned while the first row's sum reads it from memory (a pass
+        // of its own would wait for memory, then compute: twice the time).
+        match first {
+            Some(r) if group.scan => {
+                let (sum, b) = column_sum::<T, FMA, true>(&s[r * len..(r + 1) * len], run, a);
+                (state.acc[r * d_v + c], bits) = (sum, bits.max(b));
+            }
+            Some(r) => {
+                state.acc[r * d_v + c] =
+                    column_sum::<T, FMA, false>(&s[r * len..(r + 1) * len], run, a).0;
+            }
+            None if group.scan => bits = bits.max(scan(v, c..c + 1, at, len)),
+            None => {}
+        }
+        for r in rows.clone() {
+            state.acc[r * d_v + c] =
+                column_sum::<T, FMA, false>(&s[r * len..(r + 1) * len], run, a).0;
+        }
+    }
+    bits
+}
+
+/// `Σ_j p_j·x_j` over a part's keys as [`stream_values`] sums it (chunk by chunk in
+/// [`LANES`] lanes in T, added into f64 lanes, those summed pairwise); with `SCAN`, the
+/// largest [`Element::abs_bits_native`] of `x` as well (else 0).
+#[inline(always)]
+fn column_sum<T: Element, const FMA: bool, const SCAN: bool>(
+    p: &[T],
+    x: &[T],
+    a: &mut [f64; LANES],
+) -> (f64, T::Bits) {
+    *a = [0.0; LANES];
+    let mut bits = [T::Bits::default(); LANES];
+    let full = p.len() / CHUNK * CHUNK;
+    for (pc, xc) in p[..full]
+        .chunks_exact(CHUNK)
+        .zip(x[..full].chunks_exact(CHUNK))
+    {
+        if SCAN {
+            for piece in xc.chunks_exact(LANES) {
+                bits = max_bits(bits, piece.try_into().expect("16"));
+            }
+        }
+        add_lanes(a, lane_partials::<T, FMA>(pc, xc));
+    }
+    let mut rest = T::Bits::default();
+    if full < p.len() {
+        if SCAN {
+            rest = x[full..]
+                .iter()
+                .fold(rest, |m, v| m.max(v.abs_bits_native()));
+        }
+        add_lanes(a, lane_partials::<T, FMA>(&p[full..], &x[full..]));
+    }
+    (pairwise(*a), max_of(&bits, rest))
+}
+
+/// A chunk's `Σ_j p_rj·v_jc` for the active rows and every value column stored by
+/// columns (`(at, off, n)`: rows `at .. at + n` of `v`, columns `off ..` of `s`, whose
+/// rows are `stride` apart), each column read once for all rows: in [`LANES`] lanes in T,
+/// added lane by lane into the f64 lanes of [`State`] (no horizontal sums until the part
+/// ends).
+#[inline(always)]
+fn value_lanes<T: Element, const FMA: bool>(
+    v: ColumnView<'_, '_, T>,
+    (at, off, n): ChunkAt,
+    stride: usize,
+    s: &[T],
+    active: &[bool; MAX_ROWS],
     rows: usize,
     state: &mut State<T>,
 ) {
-    // Rows with nothing allowed here weigh nothing (their `s` still holds scores).
-    for r in 0..rows {
-        if !active[r] {
-            s[r * CHUNK..r * CHUNK + len].fill(T::zero());
+    let d_v = v.ncols();
+    for c in 0..d_v {
+        let column = v.column(c);
+        let vc = &column.as_slice()[at..at + n];
+        for r in (0..rows).filter(|&r| active[r]) {
+            let part = lane_partials::<T, FMA>(&s[r * stride + off..][..n], vc);
+            let a = &mut state.lanes[(r * d_v + c) * LANES..][..LANES];
+            for t in 0..LANES {
+                a[t] += part[t].to_f64();
+            }
         }
     }
+}
+
+/// `acc_r ← acc_r + Σ_j p_rj·v_j` over a chunk's keys for the active rows, values stored
+/// by rows (`vt`: column `at + j` is value row `j`, contiguous; the weights at column
+/// `off` of `s`, whose rows are `stride` apart): each sum runs over the chunk's keys in T
+/// (at most [`CHUNK`] roundings, as in one tile of the block kernel), vectorised over
+/// columns, [`ROW_BLOCK`] rows × a tile of columns in registers, each value row loaded
+/// once per block; then added in f64. The weights of inactive rows must be 0.
+#[inline(always)]
+fn value_rows<T: Element, const FMA: bool>(
+    vt: ColumnView<'_, '_, T>,
+    at: ChunkAt,
+    stride: usize,
+    s: &[T],
+    active: &[bool; MAX_ROWS],
+    rows: usize,
+    state: &mut State<T>,
+) {
     let mut r = 0;
     while r + ROW_BLOCK <= rows {
-        value_block::<T, FMA, ROW_BLOCK>((vt, at, len), r, s, (alpha, active), state);
+        value_block::<T, FMA, ROW_BLOCK>((vt, at, stride), r, s, active, state);
         r += ROW_BLOCK;
     }
     while r < rows {
-        value_block::<T, FMA, 1>((vt, at, len), r, s, (alpha, active), state);
+        value_block::<T, FMA, 1>((vt, at, stride), r, s, active, state);
         r += 1;
     }
 }
 
-/// The transposed values of [`value_rows`] (column `at + j` is value row `j`) and the
-/// chunk's length.
-type Values<'r, 'a, T> = (
-    &'r nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'a, T, Dyn, Dyn, U1, Dyn>>,
-    usize,
-    usize,
-);
+/// The transposed values of [`value_rows`] (column `at + j` is value row `j`), where the
+/// chunk is, and the stride of the weights' rows.
+type Values<'r, 'a, T> = (ColumnView<'r, 'a, T>, ChunkAt, usize);
 
 /// Rows `r .. r + B` of [`value_rows`], the columns in tiles of 64 (f32) or 32 (f64) —
 /// for `B` = 4, 256 bytes per row: sixteen 512-bit registers — then 8, then 1.
@@ -660,28 +968,28 @@ fn value_block<T: Element, const FMA: bool, const B: usize>(
     value: Values<'_, '_, T>,
     r: usize,
     s: &[T],
-    weights: (&[f64; MAX_ROWS], &[bool; MAX_ROWS]),
+    active: &[bool; MAX_ROWS],
     state: &mut State<T>,
 ) {
     let d_v = state.acc.len() / state.m.len();
     let mut c = 0;
     if size_of::<T>() == 4 {
         while c + 64 <= d_v {
-            value_tile::<T, FMA, B, 64>(value, (r, c), s, weights, state);
+            value_tile::<T, FMA, B, 64>(value, (r, c), s, active, state);
             c += 64;
         }
     } else {
         while c + 32 <= d_v {
-            value_tile::<T, FMA, B, 32>(value, (r, c), s, weights, state);
+            value_tile::<T, FMA, B, 32>(value, (r, c), s, active, state);
             c += 32;
         }
     }
     while c + 8 <= d_v {
-        value_tile::<T, FMA, B, 8>(value, (r, c), s, weights, state);
+        value_tile::<T, FMA, B, 8>(value, (r, c), s, active, state);
         c += 8;
     }
     while c < d_v {
-        value_tile::<T, FMA, B, 1>(value, (r, c), s, weights, state);
+        value_tile::<T, FMA, B, 1>(value, (r, c), s, active, state);
         c += 1;
     }
 }
@@ -690,19 +998,19 @@ fn value_block<T: Element, const FMA: bool, const B: usize>(
 /// registers.
 #[inline(always)]
 fn value_tile<T: Element, const FMA: bool, const B: usize, const C: usize>(
-    (vt, at, len): Values<'_, '_, T>,
+    (vt, (at, off, n), stride): Values<'_, '_, T>,
     (r, c): (usize, usize),
     s: &[T],
-    (alpha, active): (&[f64; MAX_ROWS], &[bool; MAX_ROWS]),
+    active: &[bool; MAX_ROWS],
     state: &mut State<T>,
 ) {
     let d_v = state.acc.len() / state.m.len();
     let mut acc = [[T::zero(); C]; B];
-    for j in 0..len {
+    for j in 0..n {
         let column = vt.column(at + j);
         let v: &[T; C] = column.as_slice()[c..c + C].try_into().expect("a full tile");
         for (b, acc_b) in acc.iter_mut().enumerate() {
-            let p = s[(r + b) * CHUNK + j];
+            let p = s[(r + b) * stride + off + j];
             for t in 0..C {
                 acc_b[t] = madd::<T, FMA>(p, v[t], acc_b[t]);
             }
@@ -712,7 +1020,7 @@ fn value_tile<T: Element, const FMA: bool, const B: usize, const C: usize>(
         if active[r + b] {
             let out = &mut state.acc[(r + b) * d_v + c..][..C];
             for (o, x) in out.iter_mut().zip(acc_b) {
-                *o = *o * alpha[r + b] + x.to_f64();
+                *o += x.to_f64();
             }
         }
     }
@@ -724,96 +1032,25 @@ const ROW_BLOCK: usize = 4;
 /// groups are split by the caller).
 pub(crate) const MAX_ROWS: usize = 64;
 
-/// `s[r][j] = Σ_p q_rp·k_jp` for the chunk's `len` keys (row `at` of `k`) and every row:
-/// for a full chunk, [`ROW_BLOCK`] rows at a time with their `ROW_BLOCK × CHUNK` sums in
-/// registers, each column of K loaded once per block.
+/// `a += part` lane by lane, in f64.
 #[inline(always)]
-fn scores<T: Element, const FMA: bool>(
-    group: &Group<'_, '_, T>,
-    k: &nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'_, T, Dyn, Dyn, U1, Dyn>>,
-    d_k: usize,
-    at: usize,
-    len: usize,
-    s: &mut [T],
-) -> Option<T::Bits> {
-    let rows = group.rows();
-    let mut r = 0;
-    let mut scanned = None;
-    if len == CHUNK {
-        // The first block also scans K when the group scans (K is the same for every
-        // block).
-        while r + ROW_BLOCK <= rows {
-            if group.scan && r == 0 {
-                scanned = Some(block_scores::<T, FMA, ROW_BLOCK, true>(
-                    group, k, d_k, at, r, s,
-                ));
-            } else {
-                block_scores::<T, FMA, ROW_BLOCK, false>(group, k, d_k, at, r, s);
-            }
-            r += ROW_BLOCK;
-        }
-        // The remaining rows one at a time, their 64 sums in registers as well.
-        while r < rows {
-            if group.scan && r == 0 {
-                scanned = Some(block_scores::<T, FMA, 1, true>(group, k, d_k, at, r, s));
-            } else {
-                block_scores::<T, FMA, 1, false>(group, k, d_k, at, r, s);
-            }
-            r += 1;
-        }
+fn add_lanes<T: Element>(a: &mut [f64; LANES], part: [T; LANES]) {
+    for t in 0..LANES {
+        a[t] += part[t].to_f64();
     }
-    if r < rows {
-        s[r * CHUNK..rows * CHUNK].fill(T::zero());
-        for p in 0..d_k {
-            let column = k.column(p);
-            let kc = &column.as_slice()[at..at + len];
-            for rr in r..rows {
-                let q = group.q[rr * d_k + p];
-                let sr = &mut s[rr * CHUNK..rr * CHUNK + len];
-                for (x, &kj) in sr.iter_mut().zip(kc) {
-                    *x = madd::<T, FMA>(q, kj, *x);
-                }
-            }
-        }
-    }
-    scanned
 }
 
-/// The scores of rows `r .. r + B` for a full chunk (row `at` of `k`), their `B × CHUNK`
-/// sums in registers, each column of K loaded once for the `B` rows; with `SCAN`, the
-/// largest [`Element::abs_bits_native`] of the chunk's keys as well (else 0).
+/// The sum of [`LANES`] lanes, pairwise.
 #[inline(always)]
-fn block_scores<T: Element, const FMA: bool, const B: usize, const SCAN: bool>(
-    group: &Group<'_, '_, T>,
-    k: &nalgebra::Matrix<T, Dyn, Dyn, nalgebra::ViewStorage<'_, T, Dyn, Dyn, U1, Dyn>>,
-    d_k: usize,
-    at: usize,
-    r: usize,
-    s: &mut [T],
-) -> T::Bits {
-    let mut acc = [[T::zero(); CHUNK]; B];
-    let mut bits = [T::Bits::default(); CHUNK];
-    for p in 0..d_k {
-        let column = k.column(p);
-        let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
-            .try_into()
-            .expect("a full chunk");
-        for (b, acc_b) in acc.iter_mut().enumerate() {
-            let q = group.q[(r + b) * d_k + p];
-            for j in 0..CHUNK {
-                acc_b[j] = madd::<T, FMA>(q, kc[j], acc_b[j]);
-            }
+fn pairwise(mut x: [f64; LANES]) -> f64 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for t in 0..width {
+            x[t] += x[t + width];
         }
-        if SCAN {
-            for j in 0..CHUNK {
-                bits[j] = bits[j].max(kc[j].abs_bits_native());
-            }
-        }
+        width /= 2;
     }
-    for (b, acc_b) in acc.iter().enumerate() {
-        s[(r + b) * CHUNK..(r + b + 1) * CHUNK].copy_from_slice(acc_b);
-    }
-    max_of(&bits, T::Bits::default())
+    x[0]
 }
 
 /// `Σ_j p_j·x_j` over at most [`CHUNK`] keys in [`LANES`] partial sums in T (key `j` in
@@ -883,7 +1120,7 @@ pub(crate) fn finish<T: Element>(
     let mut states = states.into_iter();
     let mut total = states
         .next()
-        .unwrap_or_else(|| State::new(group.rows(), d_v, true));
+        .unwrap_or_else(|| State::new(group.rows(), d_v, false));
     for s in states {
         total.merge(&s, d_v);
     }

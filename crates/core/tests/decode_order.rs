@@ -1,0 +1,153 @@
+//! The decoding kernel reads a part's keys and values in one of two orders (`decode.rs`,
+//! `part`): as streams (each column of K and V from start to end: a group of at most 4
+//! rows whose K and V are stored by columns, in place) or chunk by chunk (more rows, or K
+//! and V that must be copied first). The claim is that both compute the same sums in the
+//! same order, so that the bits do not depend on which one ran. These tests compare them
+//! on every CPU path, across part (2048), chunk (64), lane (16) and column-block (4) edges,
+//! with every option:
+//!
+//! - the same call with K and V stored by columns (streams) and as row-strided views of
+//!   the same numbers (copied chunk by chunk): equal bit for bit, output and lse;
+//! - a grouped-query call with 8 query heads on one key/value head (8 rows or more: chunk
+//!   by chunk, in place) against one single-head call per query head (streams): equal bit
+//!   for bit, head by head.
+
+use attention_core::{
+    AttentionOptions, Causal, CpuPath, Element, HeadLayout, KernelRun, last_kernel_run,
+    multi_head_attention_with_lse, scaled_dot_product_attention_with_lse,
+};
+use attention_testdata::gaussian;
+use nalgebra::{DMatrix, DMatrixView, Dyn};
+
+/// Sizes `(n_q, n_kv, d_k, d_v)`: one part and several, keys ending inside a chunk and
+/// inside a lane, head widths that are not a multiple of the 4 columns read together.
+const SIZES: &[(usize, usize, usize, usize)] = &[
+    (1, 1, 4, 3),
+    (1, 63, 5, 8),
+    (2, 64, 16, 16),
+    (1, 129, 7, 9),
+    (3, 1000, 32, 33),
+    (4, 2047, 64, 64),
+    (1, 2048, 13, 16),
+    (2, 2049, 24, 17),
+    (1, 4100, 128, 128),
+];
+
+struct Extras<T> {
+    key_mask: Vec<bool>,
+    mask: DMatrix<bool>,
+    bias: DMatrix<T>,
+}
+
+fn extras<T: Element>(n_q: usize, n_kv: usize) -> Extras<T> {
+    Extras {
+        key_mask: (0..n_kv).map(|j| j % 7 != 3).collect(),
+        mask: DMatrix::from_fn(n_q, n_kv, |i, j| (i + 2 * j) % 5 != 1),
+        bias: gaussian(n_q, n_kv, 0.5, 77).map(T::from_f64_rounded),
+    }
+}
+
+fn option_sets<'a, T: Element>(x: &'a Extras<T>) -> Vec<(&'static str, AttentionOptions<'a, T>)> {
+    let o = AttentionOptions::new;
+    vec![
+        ("plain", o()),
+        ("causal", o().with_causal(Causal::BottomRight)),
+        ("top-left", o().with_causal(Causal::TopLeft)),
+        ("window", o().with_window(100, 30)),
+        ("key mask", o().with_key_mask(&x.key_mask)),
+        ("mask", o().with_mask(&x.mask)),
+        ("bias", o().with_bias(&x.bias)),
+        (
+            "softcap+alibi",
+            o().with_softcap(T::from_f64_rounded(5.0))
+                .with_alibi_slope(T::from_f64_rounded(0.01)),
+        ),
+    ]
+}
+
+fn bits<'a, T: Element>(m: impl IntoIterator<Item = &'a T>) -> Vec<u64> {
+    m.into_iter().map(|x| x.to_f64().to_bits()).collect()
+}
+
+/// `m`'s numbers every other element of a buffer (the rest NaN, which must never be
+/// read), and a view of them with row stride 2: no contiguous column, so the kernel
+/// copies every chunk before reading it.
+fn strided<T: Element>(m: &DMatrix<T>) -> Vec<T> {
+    let mut data = vec![T::from_f64_rounded(f64::NAN); 2 * m.len()];
+    for (i, &x) in m.iter().enumerate() {
+        data[2 * i] = x;
+    }
+    data
+}
+
+fn view<T: Element>(data: &[T], rows: usize, cols: usize) -> DMatrixView<'_, T, Dyn, Dyn> {
+    DMatrixView::from_slice_with_strides_generic(data, Dyn(rows), Dyn(cols), Dyn(2), Dyn(2 * rows))
+}
+
+fn streams_equal_chunks<T: Element>() {
+    for &(n_q, n_kv, d_k, d_v) in SIZES {
+        let q = gaussian(n_q, d_k, 1.0, 1).map(T::from_f64_rounded);
+        let k = gaussian(n_kv, d_k, 1.0, 2).map(T::from_f64_rounded);
+        let v = gaussian(n_kv, d_v, 1.0, 3).map(T::from_f64_rounded);
+        let (ks, vs) = (strided(&k), strided(&v));
+        let x = extras::<T>(n_q, n_kv);
+        for (name, options) in option_sets(&x) {
+            for path in CpuPath::supported() {
+                let o = options.clone().with_cpu_path(path);
+                let label = format!("{n_q}x{n_kv} d {d_k}/{d_v} {name} {path:?}");
+                let (out, lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &o).unwrap();
+                assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
+                let (k, v) = (view(&ks, n_kv, d_k), view(&vs, n_kv, d_v));
+                let (want, want_lse) = scaled_dot_product_attention_with_lse(&q, k, v, &o).unwrap();
+                assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
+                assert_eq!(bits(out.iter()), bits(want.iter()), "{label}");
+                assert_eq!(bits(lse.iter()), bits(want_lse.iter()), "{label}: lse");
+            }
+        }
+    }
+}
+
+#[test]
+fn streams_and_copied_chunks_give_the_same_bits() {
+    streams_equal_chunks::<f32>();
+    streams_equal_chunks::<f64>();
+}
+
+fn groups_equal_single_heads<T: Element>() {
+    let g = 8;
+    let one = HeadLayout::new(1, 1);
+    let gqa = HeadLayout::new(g, 1);
+    for &(n_q, n_kv, d_k, d_v) in SIZES {
+        let q = gaussian(n_q, g * d_k, 1.0, 4).map(T::from_f64_rounded);
+        let k = gaussian(n_kv, d_k, 1.0, 5).map(T::from_f64_rounded);
+        let v = gaussian(n_kv, d_v, 1.0, 6).map(T::from_f64_rounded);
+        let x = extras::<T>(n_q, n_kv);
+        for (name, options) in option_sets(&x) {
+            for path in CpuPath::supported() {
+                let o = options.clone().with_cpu_path(path);
+                let label = format!("{n_q}x{n_kv} d {d_k}/{d_v} {name} {path:?}");
+                let (out, lse) = multi_head_attention_with_lse(&q, &k, &v, &gqa, &o).unwrap();
+                assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
+                for h in 0..g {
+                    let qh = q.columns(h * d_k, d_k).into_owned();
+                    let (want, want_lse) =
+                        multi_head_attention_with_lse(&qh, &k, &v, &one, &o).unwrap();
+                    let got = out.columns(h * d_v, d_v);
+                    let got_lse = lse.column(h);
+                    assert_eq!(bits(got.iter()), bits(want.iter()), "{label}: head {h}");
+                    assert_eq!(
+                        bits(got_lse.iter()),
+                        bits(want_lse.iter()),
+                        "{label}: head {h} lse"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn query_heads_grouped_or_alone_give_the_same_bits() {
+    groups_equal_single_heads::<f32>();
+    groups_equal_single_heads::<f64>();
+}
