@@ -14,7 +14,8 @@
 //!   rotation so that no step finds its keys warm in cache from the previous one (L chosen
 //!   so that L layers exceed 512 MiB); reported as µs per token per layer and as the
 //!   ratio to `bytes(K, V) / bandwidth`, the floor;
-//! - `decode 1 head`: one query, 4096 keys, d = 128, f32, one head.
+//! - `decode 1 head` (`one`): one query, 4096 keys (`--one-keys LIST` for others), d = 128,
+//!   f32 and f64, one head, `DMatrix` inputs (K and V stored by columns).
 //! - `prefill`: 16 heads, n = 1024, d = 64, causal, f32 (GFLOP/s per useful FLOP,
 //!   `2·n²·d` per head).
 //! - `varlen`: 64 causal sequences with lengths uniform in 16..2048 (seed printed), 8 heads,
@@ -35,6 +36,7 @@ struct Args {
     threads: usize,
     tokens: Vec<usize>,
     rows: Vec<String>,
+    one_keys: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +44,7 @@ fn parse_args() -> Args {
         threads: 2,
         tokens: vec![4096, 32768, 131072],
         rows: vec![],
+        one_keys: vec![4096],
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -51,6 +54,10 @@ fn parse_args() -> Args {
             "--threads" => (a.threads, i) = (next.parse().unwrap_or(2), i + 1),
             "--tokens" => {
                 a.tokens = next.split(',').filter_map(|s| s.parse().ok()).collect();
+                i += 1;
+            }
+            "--one-keys" => {
+                a.one_keys = next.split(',').filter_map(|s| s.parse().ok()).collect();
                 i += 1;
             }
             "--rows" => {
@@ -134,13 +141,12 @@ fn decode_gqa(n: usize, bw: f64) {
     );
 }
 
-fn decode_one_head() {
-    let n = 4096;
-    let q = gaussian(1, 128, 1.0, 1).map(|x| x as f32);
-    let k = gaussian(n, 128, 1.0, 2).map(|x| x as f32);
-    let v = gaussian(n, 128, 1.0, 3).map(|x| x as f32);
+fn decode_one_head<T: attention_core::Element>(n: usize, name: &str) {
+    let q = gaussian(1, 128, 1.0, 1).map(T::from_f64_rounded);
+    let k = gaussian(n, 128, 1.0, 2).map(T::from_f64_rounded);
+    let v = gaussian(n, 128, 1.0, 3).map(T::from_f64_rounded);
     let options = AttentionOptions::new();
-    let mut out = DMatrix::<f32>::zeros(1, 128);
+    let mut out = DMatrix::<T>::zeros(1, 128);
     let mut times = vec![];
     for _ in 0..200 {
         let t = Instant::now();
@@ -148,7 +154,7 @@ fn decode_one_head() {
         times.push(t.elapsed().as_secs_f64());
     }
     println!(
-        "decode 1 head, 1 query, 4096 keys, d=128 f32 (scaled_dot_product_attention_into): {:.1} us",
+        "decode 1 head, 1 query, {n} keys, d=128 {name} (scaled_dot_product_attention_into): {:.1} us",
         median(times) * 1e6
     );
 }
@@ -230,7 +236,12 @@ fn main() {
         }
     }
     if want("one") {
-        decode_one_head();
+        for &n in &args.one_keys {
+            decode_one_head::<f32>(n, "f32");
+        }
+        for &n in &args.one_keys {
+            decode_one_head::<f64>(n, "f64");
+        }
     }
     if want("prefill") {
         prefill();
