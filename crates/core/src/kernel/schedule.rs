@@ -4,6 +4,7 @@
 //! of the work and the order of every sum depend only on the problem's sizes, so results
 //! are bitwise identical for any number of threads.
 
+use nalgebra::{Dyn, U1};
 use rayon::prelude::*;
 
 use super::pack::{pack_keys, pack_values, set_len};
@@ -140,6 +141,20 @@ fn group_size<T: Element>(
 /// for a matrix or a block of its columns.
 fn unstage<T: Element>(staging: &[T], bq: usize, block_len: usize, out: &mut MatMut<'_, T>) {
     let (n_q, d_v) = out.shape();
+    if out.strides().0 == 1 {
+        // Contiguous columns (a matrix, or a block of its columns): whole runs at once.
+        let mut unit = out.as_view_mut::<Dyn, Dyn, U1, Dyn>();
+        for c in 0..d_v {
+            let mut column = unit.column_mut(c);
+            let column = column.as_mut_slice();
+            for qb in 0..n_q.div_ceil(bq) {
+                let (r0, start) = (qb * bq, qb * block_len + c * bq);
+                let len = bq.min(n_q - r0);
+                column[r0..r0 + len].copy_from_slice(&staging[start..start + len]);
+            }
+        }
+        return;
+    }
     for c in 0..d_v {
         for qb in 0..n_q.div_ceil(bq) {
             let (r0, start) = (qb * bq, qb * block_len + c * bq);
