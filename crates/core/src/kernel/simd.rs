@@ -785,12 +785,18 @@ macro_rules! portable_kernel {
 // accumulators plus the loaded operands must fit the register file: 32 zmm for AVX-512,
 // 16 ymm for AVX2; `BK` is the largest multiple of `MR` up to 64.
 
-/// AVX-512, f32: 8 keys × 2 × 16 queries (16 accumulators), blocks of 64 queries.
+/// AVX-512, f32: scores 6 keys × 4 × 16 queries (24 accumulators: every query of the
+/// block), `P·V` 4 value columns × 4 × 16 queries, blocks of 64 queries, 60-key steps.
+/// Per FMA a quarter of a broadcast (was half with 8 keys × 2 × 16): each broadcast takes
+/// a vector pipe besides the load on Zen 4 (llvm-mca `-mcpu=znver4`: the score loop from
+/// 67% to 80% of the FMA pipes' rate) and the shape measured faster on a Xeon with two
+/// FMA units (`docs/PERFORMANCE.md`, "Register tiles").
 #[cfg(target_arch = "x86_64")]
-type Avx512F32Tiles = Simd<Avx512F32, 8, 2, 64, 8, 64>;
-/// AVX-512, f64: 8 keys × 2 × 8 queries, blocks of 32 queries.
+type Avx512F32Tiles = Simd<Avx512F32, 6, 4, 64, 4, 60>;
+/// AVX-512, f64: the same shapes over 8 lanes: 6 keys × 4 × 8 queries, 4 value columns ×
+/// 4 × 8 queries, blocks of 32 queries, 60-key steps.
 #[cfg(target_arch = "x86_64")]
-type Avx512F64Tiles = Simd<Avx512F64, 8, 2, 32, 8, 64>;
+type Avx512F64Tiles = Simd<Avx512F64, 6, 4, 32, 4, 60>;
 /// AVX2, f32: 6 keys × 2 × 8 queries (12 of the 16 ymm), 60-key steps.
 #[cfg(target_arch = "x86_64")]
 type Avx2F32Tiles = Simd<Avx2F32, 6, 2, 64, 4, 60>;
