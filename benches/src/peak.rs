@@ -1,6 +1,8 @@
 //! The machine's FMA peak, measured: an unrolled loop of independent fused multiply-adds
-//! on the widest vectors the CPU has, timed on 1..n threads at once. Attention throughput
-//! is reported as a fraction of it. This is the benches' only `unsafe` (calling the
+//! on the vectors of the library's CPU path (`CpuPath::detect()`: the widest the CPU has,
+//! or the path `ATTENTION_CPU_PATH` forces, so that a forced AVX2 run is measured against
+//! the AVX2 peak), timed on 1..n threads at once. Attention throughput is reported as a
+//! fraction of it. This is the benches' only `unsafe` (calling the
 //! `#[target_feature]` loops after run-time detection).
 
 use std::hint::black_box;
@@ -74,15 +76,20 @@ fma_loop!(
     4
 );
 
-/// Runs `iters` iterations of the widest FMA loop for the element type; returns the FLOPs
-/// done (2 per lane per FMA) or `None` if the CPU has no FMA.
+/// Runs `iters` iterations of the FMA loop of the library's CPU path for the element
+/// type; returns the FLOPs done (2 per lane per FMA) or `None` if that path has no FMA
+/// (the portable path).
 fn run(f64_type: bool, iters: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         let (x, y) = (black_box(0.999_9), black_box(1e-4));
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+        // The path the library runs (detection, or a forced path the CPU has).
+        let path = attention_core::CpuPath::detect();
+        let avx512 = path == attention_core::CpuPath::Avx512
+            && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("fma");
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+        let avx2 = path != attention_core::CpuPath::Portable
+            && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
         let lanes = match (f64_type, avx512, avx2) {
             (false, true, _) => {
