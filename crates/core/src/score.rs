@@ -289,13 +289,14 @@ pub(crate) fn row_lse(m: f64, l: f64) -> f64 {
 /// allowed key; clamped to `±v_max` (the exact value, a convex combination of values, lies
 /// there; rounding could push it just past, even to +∞ when V holds MAX, and clamping only
 /// moves it closer).
+///
+/// Written as selects (the clamp by comparisons, the empty row chosen last), so that a
+/// row of outputs vectorises: the block kernel writes a block's 64 × d_v outputs with
+/// it. For `l = 0` the quotient is NaN or ±∞ and is discarded by the last select.
 #[inline(always)]
 pub(crate) fn row_output<T: Element>(acc: f64, l: f64, unscale: f64, v_max: T) -> T {
-    if l == 0.0 {
-        empty_row_output()
-    } else {
-        T::from_f64_rounded(acc / l * unscale)
-            .max(-v_max)
-            .min(v_max)
-    }
+    let x = T::from_f64_rounded(acc / l * unscale);
+    let x = if x < -v_max { -v_max } else { x };
+    let x = if x > v_max { v_max } else { x };
+    if l == 0.0 { empty_row_output() } else { x }
 }
