@@ -12,11 +12,14 @@
 //!   by chunk, in place) against one single-head call per query head (streams): equal bit
 //!   for bit, head by head.
 
+mod common;
+
 use attention_core::{
-    AttentionOptions, Causal, CpuPath, Element, HeadLayout, KernelRun, last_kernel_run,
-    multi_head_attention_with_lse, scaled_dot_product_attention_with_lse,
+    CpuPath, Element, HeadLayout, KernelRun, last_kernel_run, multi_head_attention_with_lse,
+    scaled_dot_product_attention_with_lse,
 };
 use attention_testdata::gaussian;
+use common::{bits, option_cases, option_inputs};
 use nalgebra::{DMatrix, DMatrixView, Dyn};
 
 /// Sizes `(n_q, n_kv, d_k, d_v)`: one part and several, keys ending inside a chunk and
@@ -32,42 +35,6 @@ const SIZES: &[(usize, usize, usize, usize)] = &[
     (2, 2049, 24, 17),
     (1, 4100, 128, 128),
 ];
-
-struct Extras<T> {
-    key_mask: Vec<bool>,
-    mask: DMatrix<bool>,
-    bias: DMatrix<T>,
-}
-
-fn extras<T: Element>(n_q: usize, n_kv: usize) -> Extras<T> {
-    Extras {
-        key_mask: (0..n_kv).map(|j| j % 7 != 3).collect(),
-        mask: DMatrix::from_fn(n_q, n_kv, |i, j| (i + 2 * j) % 5 != 1),
-        bias: gaussian(n_q, n_kv, 0.5, 77).map(T::from_f64_rounded),
-    }
-}
-
-fn option_sets<'a, T: Element>(x: &'a Extras<T>) -> Vec<(&'static str, AttentionOptions<'a, T>)> {
-    let o = AttentionOptions::new;
-    vec![
-        ("plain", o()),
-        ("causal", o().with_causal(Causal::BottomRight)),
-        ("top-left", o().with_causal(Causal::TopLeft)),
-        ("window", o().with_window(100, 30)),
-        ("key mask", o().with_key_mask(&x.key_mask)),
-        ("mask", o().with_mask(&x.mask)),
-        ("bias", o().with_bias(&x.bias)),
-        (
-            "softcap+alibi",
-            o().with_softcap(T::from_f64_rounded(5.0))
-                .with_alibi_slope(T::from_f64_rounded(0.01)),
-        ),
-    ]
-}
-
-fn bits<'a, T: Element>(m: impl IntoIterator<Item = &'a T>) -> Vec<u64> {
-    m.into_iter().map(|x| x.to_f64().to_bits()).collect()
-}
 
 /// `m`'s numbers every other element of a buffer (the rest NaN, which must never be
 /// read), and a view of them with row stride 2: no contiguous column, so the kernel
@@ -90,8 +57,8 @@ fn streams_equal_chunks<T: Element>() {
         let k = gaussian(n_kv, d_k, 1.0, 2).map(T::from_f64_rounded);
         let v = gaussian(n_kv, d_v, 1.0, 3).map(T::from_f64_rounded);
         let (ks, vs) = (strided(&k), strided(&v));
-        let x = extras::<T>(n_q, n_kv);
-        for (name, options) in option_sets(&x) {
+        let x = option_inputs::<T>(n_q, n_kv);
+        for (name, options) in option_cases(&x) {
             for path in CpuPath::supported() {
                 let o = options.clone().with_cpu_path(path);
                 let label = format!("{n_q}x{n_kv} d {d_k}/{d_v} {name} {path:?}");
@@ -100,8 +67,16 @@ fn streams_equal_chunks<T: Element>() {
                 let (k, v) = (view(&ks, n_kv, d_k), view(&vs, n_kv, d_v));
                 let (want, want_lse) = scaled_dot_product_attention_with_lse(&q, k, v, &o).unwrap();
                 assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
-                assert_eq!(bits(out.iter()), bits(want.iter()), "{label}");
-                assert_eq!(bits(lse.iter()), bits(want_lse.iter()), "{label}: lse");
+                assert_eq!(
+                    bits(out.iter().copied()),
+                    bits(want.iter().copied()),
+                    "{label}"
+                );
+                assert_eq!(
+                    bits(lse.iter().copied()),
+                    bits(want_lse.iter().copied()),
+                    "{label}: lse"
+                );
             }
         }
     }
@@ -121,8 +96,8 @@ fn groups_equal_single_heads<T: Element>() {
         let q = gaussian(n_q, g * d_k, 1.0, 4).map(T::from_f64_rounded);
         let k = gaussian(n_kv, d_k, 1.0, 5).map(T::from_f64_rounded);
         let v = gaussian(n_kv, d_v, 1.0, 6).map(T::from_f64_rounded);
-        let x = extras::<T>(n_q, n_kv);
-        for (name, options) in option_sets(&x) {
+        let x = option_inputs::<T>(n_q, n_kv);
+        for (name, options) in option_cases(&x) {
             for path in CpuPath::supported() {
                 let o = options.clone().with_cpu_path(path);
                 let label = format!("{n_q}x{n_kv} d {d_k}/{d_v} {name} {path:?}");
@@ -134,10 +109,14 @@ fn groups_equal_single_heads<T: Element>() {
                         multi_head_attention_with_lse(&qh, &k, &v, &one, &o).unwrap();
                     let got = out.columns(h * d_v, d_v);
                     let got_lse = lse.column(h);
-                    assert_eq!(bits(got.iter()), bits(want.iter()), "{label}: head {h}");
                     assert_eq!(
-                        bits(got_lse.iter()),
-                        bits(want_lse.iter()),
+                        bits(got.iter().copied()),
+                        bits(want.iter().copied()),
+                        "{label}: head {h}"
+                    );
+                    assert_eq!(
+                        bits(got_lse.iter().copied()),
+                        bits(want_lse.iter().copied()),
                         "{label}: head {h} lse"
                     );
                 }

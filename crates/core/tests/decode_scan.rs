@@ -22,46 +22,8 @@ use attention_core::{
     scaled_dot_product_attention_with_lse,
 };
 use attention_testdata::gaussian;
-use common::nan_matrix;
+use common::{bits, nan_matrix, option_cases, option_inputs};
 use nalgebra::{DMatrix, DMatrixView, Dyn};
-
-/// The options each comparison runs with (masks and bias sized for `n_q × n_kv`).
-struct Extras<T> {
-    key_mask: Vec<bool>,
-    mask: DMatrix<bool>,
-    bias: DMatrix<T>,
-}
-
-fn extras<T: Element>(n_q: usize, n_kv: usize) -> Extras<T> {
-    Extras {
-        key_mask: (0..n_kv).map(|j| j % 7 != 3).collect(),
-        mask: DMatrix::from_fn(n_q, n_kv, |i, j| (i + 2 * j) % 5 != 1),
-        bias: gaussian(n_q, n_kv, 0.5, 77).map(T::from_f64_rounded),
-    }
-}
-
-fn option_sets<'a, T: Element>(x: &'a Extras<T>) -> Vec<(&'static str, AttentionOptions<'a, T>)> {
-    let o = AttentionOptions::new;
-    vec![
-        ("plain", o()),
-        ("causal", o().with_causal(Causal::BottomRight)),
-        ("top-left", o().with_causal(Causal::TopLeft)),
-        ("window", o().with_window(100, 0)),
-        ("key mask", o().with_key_mask(&x.key_mask)),
-        ("mask", o().with_mask(&x.mask)),
-        ("bias", o().with_bias(&x.bias)),
-        (
-            "softcap+alibi",
-            o().with_softcap(T::from_f64_rounded(5.0))
-                .with_alibi_slope(T::from_f64_rounded(0.01)),
-        ),
-        ("scale", o().with_scale(T::from_f64_rounded(0.3))),
-    ]
-}
-
-fn bits<T: Element>(m: impl IntoIterator<Item = T>) -> Vec<u64> {
-    m.into_iter().map(|x| x.to_f64().to_bits()).collect()
-}
 
 /// Row-major storage of `m` and a view of it (V "by rows").
 fn row_major<T: Element>(m: &DMatrix<T>) -> Vec<T> {
@@ -89,8 +51,8 @@ fn equal_to_scan_first<T: Element>() {
             Dyn(d_v),
             Dyn(1),
         );
-        let x = extras::<T>(n_q, n_kv);
-        for (name, options) in option_sets(&x) {
+        let x = option_inputs::<T>(n_q, n_kv);
+        for (name, options) in option_cases(&x) {
             for path in CpuPath::supported() {
                 let o = options.clone().with_cpu_path(path);
                 for (layout, v) in [("V by columns", v.as_view()), ("V by rows", v_by_rows)] {

@@ -16,8 +16,8 @@
 //!
 //! The sums `l = Σ_j p_j` and `Σ_j p_j·v_jc` are never accumulated key by key into one
 //! variable (see "Accuracy" in `kernel/block.rs`): the block kernel sums key tiles of at
-//! most 64 keys (60 with AVX2) in T from zero, combines the tiles of a span of 8 in T
-//! (`span ← α·span + tile`) and adds each span to a running sum in f64
+//! most 64 keys (60 with AVX2 and AVX-512) in T from zero, combines the tiles of a span
+//! of 8 in T (`span ← α·span + tile`) and adds each span to a running sum in f64
 //! (`run ← β·run + span`); the row path and the weights use partials of at most 64 keys
 //! in T and f64 above them, a special case. With `u₆₄ = f64::EPSILON`,
 //! `B' = min(n_kv, 64)`, `t = ⌈n_kv/60⌉` tiles, `G' = min(t, 8)` tiles per span and
@@ -532,4 +532,51 @@ pub fn assert_thread_count_irrelevant<T: Element>(
             assert_eq!(sequential.len(), threaded.len(), "{label}: lengths");
         }
     }
+}
+
+/// A key mask, a bool mask and a bias sized for `n_q × n_kv`, for tests that run one call
+/// with each option in turn ([`option_cases`]).
+pub struct OptionInputs<T> {
+    pub key_mask: Vec<bool>,
+    pub mask: DMatrix<bool>,
+    pub bias: DMatrix<T>,
+}
+
+/// [`OptionInputs`] of fixed patterns (every 7th key hidden, every 5th score masked, a
+/// bias of standard deviation 0.5).
+pub fn option_inputs<T: Element>(n_q: usize, n_kv: usize) -> OptionInputs<T> {
+    OptionInputs {
+        key_mask: (0..n_kv).map(|j| j % 7 != 3).collect(),
+        mask: DMatrix::from_fn(n_q, n_kv, |i, j| (i + 2 * j) % 5 != 1),
+        bias: gaussian(n_q, n_kv, 0.5, 77).map(T::from_f64_rounded),
+    }
+}
+
+/// Every option once, named: none, causal both ways, two windows, the key mask, the
+/// bool mask, the bias, softcap with ALiBi, a scale.
+pub fn option_cases<T: Element>(
+    x: &OptionInputs<T>,
+) -> Vec<(&'static str, AttentionOptions<'_, T>)> {
+    let o = AttentionOptions::new;
+    vec![
+        ("plain", o()),
+        ("causal", o().with_causal(Causal::BottomRight)),
+        ("top-left", o().with_causal(Causal::TopLeft)),
+        ("window", o().with_window(100, 0)),
+        ("window both ways", o().with_window(100, 30)),
+        ("key mask", o().with_key_mask(&x.key_mask)),
+        ("mask", o().with_mask(&x.mask)),
+        ("bias", o().with_bias(&x.bias)),
+        (
+            "softcap+alibi",
+            o().with_softcap(T::from_f64_rounded(5.0))
+                .with_alibi_slope(T::from_f64_rounded(0.01)),
+        ),
+        ("scale", o().with_scale(T::from_f64_rounded(0.3))),
+    ]
+}
+
+/// Each value's bits (as f64: exact for f32 and f64), for comparisons bit for bit.
+pub fn bits<T: Element>(m: impl IntoIterator<Item = T>) -> Vec<u64> {
+    m.into_iter().map(|x| x.to_f64().to_bits()).collect()
 }
