@@ -19,7 +19,7 @@ use attention_core::{
     scaled_dot_product_attention_with_lse,
 };
 use attention_testdata::gaussian;
-use common::{bits, option_cases, option_inputs};
+use common::{assert_same_bits, option_cases, option_inputs};
 use nalgebra::{DMatrix, DMatrixView, Dyn};
 
 /// Sizes `(n_q, n_kv, d_k, d_v)`: one part and several, keys ending inside a chunk and
@@ -67,16 +67,8 @@ fn streams_equal_chunks<T: Element>() {
                 let (k, v) = (view(&ks, n_kv, d_k), view(&vs, n_kv, d_v));
                 let (want, want_lse) = scaled_dot_product_attention_with_lse(&q, k, v, &o).unwrap();
                 assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
-                assert_eq!(
-                    bits(out.iter().copied()),
-                    bits(want.iter().copied()),
-                    "{label}"
-                );
-                assert_eq!(
-                    bits(lse.iter().copied()),
-                    bits(want_lse.iter().copied()),
-                    "{label}: lse"
-                );
+                assert_same_bits(out.iter(), want.iter(), &label);
+                assert_same_bits(lse.iter(), want_lse.iter(), &format!("{label}: lse"));
             }
         }
     }
@@ -109,15 +101,11 @@ fn groups_equal_single_heads<T: Element>() {
                         multi_head_attention_with_lse(&qh, &k, &v, &one, &o).unwrap();
                     let got = out.columns(h * d_v, d_v);
                     let got_lse = lse.column(h);
-                    assert_eq!(
-                        bits(got.iter().copied()),
-                        bits(want.iter().copied()),
-                        "{label}: head {h}"
-                    );
-                    assert_eq!(
-                        bits(got_lse.iter().copied()),
-                        bits(want_lse.iter().copied()),
-                        "{label}: head {h} lse"
+                    assert_same_bits(got.iter(), want.iter(), &format!("{label}: head {h}"));
+                    assert_same_bits(
+                        got_lse.iter(),
+                        want_lse.iter(),
+                        &format!("{label}: head {h} lse"),
                     );
                 }
             }

@@ -22,7 +22,7 @@ use attention_core::{
     scaled_dot_product_attention_with_lse,
 };
 use attention_testdata::gaussian;
-use common::{bits, nan_matrix, option_cases, option_inputs};
+use common::{assert_same_bits, bits, nan_matrix, option_cases, option_inputs};
 use nalgebra::{DMatrix, DMatrixView, Dyn};
 
 /// Row-major storage of `m` and a view of it (V "by rows").
@@ -61,16 +61,8 @@ fn equal_to_scan_first<T: Element>() {
                     assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
                     let (want, want_lse) =
                         multi_head_attention_with_lse(&q, &k, v, &one, &o).unwrap();
-                    assert_eq!(
-                        bits(out.iter().copied()),
-                        bits(want.iter().copied()),
-                        "{label}"
-                    );
-                    assert_eq!(
-                        bits(lse.iter().copied()),
-                        bits(want_lse.iter().copied()),
-                        "{label}: lse"
-                    );
+                    assert_same_bits(out.iter(), want.iter(), &label);
+                    assert_same_bits(lse.iter(), want_lse.iter(), &format!("{label}: lse"));
                 }
             }
         }
@@ -222,12 +214,8 @@ fn large_magnitudes_take_the_route_of_scanning_first() {
             match (got, want) {
                 (Ok((out, lse)), Ok((w, wl))) => {
                     assert_eq!(run, Some(route(path)), "{name} {path:?}");
-                    assert_eq!(bits(out.iter().copied()), bits(w.iter().copied()), "{name}");
-                    assert_eq!(
-                        bits(lse.iter().copied()),
-                        bits(wl.iter().copied()),
-                        "{name}"
-                    );
+                    assert_same_bits(out.iter(), w.iter(), name);
+                    assert_same_bits(lse.iter(), wl.iter(), name);
                 }
                 (got, want) => assert_eq!(
                     got.map(|_| ()).map_err(|e| e.to_string()),

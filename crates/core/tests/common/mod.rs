@@ -580,3 +580,16 @@ pub fn option_cases<T: Element>(
 pub fn bits<T: Element>(m: impl IntoIterator<Item = T>) -> Vec<u64> {
     m.into_iter().map(|x| x.to_f64().to_bits()).collect()
 }
+
+/// Asserts that `got` and `want` hold the same values bit for bit, in the same order.
+pub fn assert_same_bits<'a, T: Element>(
+    got: impl IntoIterator<Item = &'a T>,
+    want: impl IntoIterator<Item = &'a T>,
+    label: &str,
+) {
+    assert_eq!(
+        bits(got.into_iter().copied()),
+        bits(want.into_iter().copied()),
+        "{label}"
+    );
+}
