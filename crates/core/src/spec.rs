@@ -753,9 +753,10 @@ impl<'a, T: Element> Batch<'a, T> {
         let q_blocks = head_blocks(q, &sequences, heads_q, d_k, true);
         let k_blocks = head_blocks(k, &sequences, heads_kv, d_k, false);
         let v_blocks = head_blocks(v, &sequences, heads_kv, d_v, false);
-        let q_max = block_max_abs(Operand::Query, &q, &q_blocks)?;
-        let k_max = block_max_abs(Operand::Key, &k, &k_blocks)?;
-        let v_max = block_max_abs(Operand::Value, &v, &v_blocks)?;
+        let parallel = options.parallelism == Parallelism::Rayon;
+        let q_max = block_max_abs(Operand::Query, &q, &q_blocks, parallel)?;
+        let k_max = block_max_abs(Operand::Key, &k, &k_blocks, parallel)?;
+        let v_max = block_max_abs(Operand::Value, &v, &v_blocks, parallel)?;
 
         let scale = check_scalars(options, d_k)?;
         check_lists(options, heads_q, sequences.len())?;
@@ -911,20 +912,39 @@ fn head_blocks<'a, T: Element>(
 }
 
 /// The largest magnitude of each block; the first NaN/∞ of the whole matrix (column-major,
-/// as a single-head call reports it) as an error.
+/// as a single-head call reports it) as an error. Large matrices (≥ 2^18 entries) are
+/// scanned block by block over rayon's threads when `parallel`, as a single-head call
+/// scans Q, K and V (`check_qkv`): this scan is otherwise a serial pass over all of Q, K
+/// and V before the threads start. Each block's maximum is the same either way.
 fn block_max_abs<T: Element>(
     operand: Operand,
     whole: &MatRef<'_, T>,
     blocks: &[MatRef<'_, T>],
+    parallel: bool,
 ) -> Result<Vec<T>, AttentionError> {
-    let mut maxima = Vec::with_capacity(blocks.len());
-    for b in blocks {
-        match check_finite(operand, b) {
-            Ok(max) => maxima.push(max),
-            Err(_) => return Err(check_finite(operand, whole).expect_err("a block has a NaN/inf")),
+    let scanned: Vec<Option<T>> = if parallel && whole.len() >= 1 << 18 && blocks.len() > 1 {
+        use rayon::prelude::*;
+        blocks
+            .par_iter()
+            .map(|b| check_finite(operand, b).ok())
+            .collect()
+    } else {
+        let mut scanned = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            match check_finite(operand, b) {
+                Ok(max) => scanned.push(Some(max)),
+                Err(_) => {
+                    scanned.push(None);
+                    break;
+                }
+            }
         }
+        scanned
+    };
+    match scanned.into_iter().collect::<Option<Vec<T>>>() {
+        Some(maxima) => Ok(maxima),
+        None => Err(check_finite(operand, whole).expect_err("a block has a NaN/inf")),
     }
-    Ok(maxima)
 }
 
 /// The specs of a call through a KV cache: one per query head of the new queries `q`
@@ -948,7 +968,8 @@ pub(crate) fn cached_specs<'a, T: Element>(
         n_kv,
     }];
     let q_blocks = head_blocks(q, &sequence, heads_q, d_k, true);
-    let q_max = block_max_abs(Operand::Query, &q, &q_blocks)?;
+    let parallel = options.parallelism == Parallelism::Rayon;
+    let q_max = block_max_abs(Operand::Query, &q, &q_blocks, parallel)?;
     let scale = check_scalars(options, d_k)?;
     check_lists(options, heads_q, 1)?;
     Ok(q_blocks

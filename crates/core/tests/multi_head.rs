@@ -773,3 +773,53 @@ fn many_query_heads_per_kv_head() {
     };
     check_blocks::<f32>(&p).unwrap();
 }
+
+/// Q, K and V of 2^18 entries or more are scanned block by block over the threads
+/// (`spec::block_max_abs`): the error is still the first NaN/∞ of the whole packed matrix
+/// in column-major order, whichever blocks hold one and whatever the threads, and the
+/// result without one equals the sequential call's bit for bit.
+#[test]
+fn large_batches_scanned_in_parallel_report_the_first_non_finite_entry() {
+    let (n, heads, d) = (1024, 8, 32); // 1024 × 256 = 2^18 entries per matrix
+    let layout = HeadLayout::new(heads, heads).with_seqlens(&[600, 424], &[600, 424]);
+    let q = gaussian(n, heads * d, 1.0, 1);
+    let k = gaussian(n, heads * d, 1.0, 2);
+    let v = gaussian(n, heads * d, 1.0, 3);
+    let rayon = AttentionOptions::new().with_parallelism(Parallelism::Rayon);
+    let sequential = AttentionOptions::new().with_parallelism(Parallelism::Sequential);
+    let want = multi_head_attention(&q, &k, &v, &layout, &sequential).unwrap();
+    let got = multi_head_attention(&q, &k, &v, &layout, &rayon).unwrap();
+    assert!(got == want, "threads changed bits");
+    // (row, column) entries set to NaN/∞; the first in column-major order is reported
+    // (a later head's block, or the second sequence's rows, may hold the other one).
+    let cases: &[&[(usize, usize)]] = &[
+        &[(900, 3), (5, 200)],
+        &[(5, 200), (1000, 199)],
+        &[(700, 255)],
+        &[(0, 0), (1023, 255)],
+    ];
+    for (which, operand) in [(0, Operand::Query), (1, Operand::Key), (2, Operand::Value)] {
+        for &entries in cases {
+            for bad in [f64::NAN, f64::INFINITY] {
+                let mut m = [q.clone(), k.clone(), v.clone()];
+                for &e in entries {
+                    m[which][e] = bad;
+                }
+                let first = entries.iter().min_by_key(|(r, c)| (c, r)).copied().unwrap();
+                for options in [&rayon, &sequential] {
+                    let e =
+                        multi_head_attention(&m[0], &m[1], &m[2], &layout, options).unwrap_err();
+                    match e {
+                        AttentionError::NonFinite {
+                            operand: op,
+                            row,
+                            column,
+                            ..
+                        } => assert_eq!((op, row, column), (operand, first.0, first.1)),
+                        e => panic!("{operand:?} {entries:?}: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
