@@ -190,40 +190,43 @@ fn bench_type<T: Element + Into<f64>>(
                     .num_threads(threads)
                     .build()
                     .expect("thread pool");
-                for &causal in &args.causal {
-                    let mut opts = AttentionOptions::new().with_parallelism(if threads == 1 {
-                        Parallelism::Sequential
-                    } else {
-                        Parallelism::Rayon
-                    });
-                    if causal {
-                        opts = opts.with_causal(Causal::TopLeft);
-                    }
-                    let secs = pool.install(|| {
+                let parallelism = if threads == 1 {
+                    Parallelism::Sequential
+                } else {
+                    Parallelism::Rayon
+                };
+                // Seconds per library call of `q` against K and V on this pool.
+                let core = |q: &DMatrix<T>, opts: &AttentionOptions<'_, T>| {
+                    pool.install(|| {
                         time(|| {
                             std::hint::black_box(
-                                scaled_dot_product_attention(&q, &k, &v, &opts).expect("attention"),
+                                scaled_dot_product_attention(q, &k, &v, opts).expect("attention"),
                             );
                         })
-                    });
-                    let gflops = attention_flops(n, n, d, causal) / secs / 1e9;
+                    })
+                };
+                // Records and prints one row of this type, d, n and thread count.
+                let mut record = |causal: bool, what: &'static str, flops: f64, secs: f64| {
                     rows.push(Row {
                         ty: ty.into(),
                         d,
                         n,
                         causal,
                         threads,
-                        what: "core",
-                        gflops,
+                        what,
+                        gflops: flops / secs / 1e9,
                         peak,
                     });
                     print_row(rows.last().expect("just pushed"));
-                }
-                let parallelism = if threads == 1 {
-                    Parallelism::Sequential
-                } else {
-                    Parallelism::Rayon
                 };
+                for &causal in &args.causal {
+                    let mut opts = AttentionOptions::new().with_parallelism(parallelism);
+                    if causal {
+                        opts = opts.with_causal(Causal::TopLeft);
+                    }
+                    let secs = core(&q, &opts);
+                    record(causal, "core", attention_flops(n, n, d, causal), secs);
+                }
                 // The score options, each on its own (n ≤ 4096: an n × n bias or mask
                 // beyond that is gigabytes).
                 if n <= 4096 && !args.options.is_empty() {
@@ -242,85 +245,30 @@ fn bench_type<T: Element + Into<f64>>(
                             ),
                             _ => ("core+cap", plain.with_softcap(T::from_f64_rounded(30.0))),
                         };
-                        let secs = pool.install(|| {
-                            time(|| {
-                                std::hint::black_box(
-                                    scaled_dot_product_attention(&q, &k, &v, &opts)
-                                        .expect("attention"),
-                                );
-                            })
-                        });
-                        rows.push(Row {
-                            ty: ty.into(),
-                            d,
-                            n,
-                            causal: false,
-                            threads,
-                            what,
-                            gflops: attention_flops(n, n, d, false) / secs / 1e9,
-                            peak,
-                        });
-                        print_row(rows.last().expect("just pushed"));
+                        let secs = core(&q, &opts);
+                        record(false, what, attention_flops(n, n, d, false), secs);
                     }
                 }
                 // One query against the n keys (a decoding step without a cache).
                 if args.decode {
                     let q1 = q.rows(0, 1).into_owned();
                     let opts = AttentionOptions::new().with_parallelism(parallelism);
-                    let secs = pool.install(|| {
-                        time(|| {
-                            std::hint::black_box(
-                                scaled_dot_product_attention(&q1, &k, &v, &opts)
-                                    .expect("attention"),
-                            );
-                        })
-                    });
-                    rows.push(Row {
-                        ty: ty.into(),
-                        d,
-                        n,
-                        causal: false,
-                        threads,
-                        what: "decode",
-                        gflops: attention_flops(1, n, d, false) / secs / 1e9,
-                        peak,
-                    });
-                    print_row(rows.last().expect("just pushed"));
+                    let secs = core(&q1, &opts);
+                    record(false, "decode", attention_flops(1, n, d, false), secs);
                 }
                 if args.baselines && threads == 1 {
+                    let flops = attention_flops(n, n, d, false);
                     if n <= 4096 {
                         let secs = time(|| {
                             std::hint::black_box(nalgebra_attention(&q, &k, &v));
                         });
-                        let gflops = attention_flops(n, n, d, false) / secs / 1e9;
-                        rows.push(Row {
-                            ty: ty.into(),
-                            d,
-                            n,
-                            causal: false,
-                            threads,
-                            what: "nalgebra",
-                            gflops,
-                            peak,
-                        });
-                        print_row(rows.last().expect("just pushed"));
+                        record(false, "nalgebra", flops, secs);
                     }
                     if n <= 512 {
                         let secs = time(|| {
                             std::hint::black_box(attention_reference::self_attention(&q, &k, &v));
                         });
-                        let gflops = attention_flops(n, n, d, false) / secs / 1e9;
-                        rows.push(Row {
-                            ty: ty.into(),
-                            d,
-                            n,
-                            causal: false,
-                            threads,
-                            what: "reference",
-                            gflops,
-                            peak,
-                        });
-                        print_row(rows.last().expect("just pushed"));
+                        record(false, "reference", flops, secs);
                     }
                 }
             }
