@@ -136,6 +136,11 @@ fn check_qkv_shapes<T>(
     check_value_rows(k, v)
 }
 
+/// Entries from which a validation scan (Q, K and V; a bias) is split over rayon's threads
+/// when the call is parallel: below it, handing the pieces to the threads costs more than
+/// the scan.
+const PARALLEL_SCAN_ENTRIES: usize = 1 << 18;
+
 /// Checks the shapes of Q, K, V against each other and their values for NaN/∞; returns
 /// their largest magnitudes.
 pub(crate) fn check_qkv<T: Element>(
@@ -147,7 +152,7 @@ pub(crate) fn check_qkv<T: Element>(
     check_qkv_shapes(q, k, v)?;
     // Large inputs are scanned in parallel (the scan is the only serial O(n·d) pass of a
     // call); errors are still reported in the order Q, K, V.
-    let large = q.len() + k.len() + v.len() >= 1 << 18;
+    let large = q.len() + k.len() + v.len() >= PARALLEL_SCAN_ENTRIES;
     let (rq, (rk, rv)) = if parallel && large {
         rayon::join(
             || check_finite(Operand::Query, q),
@@ -643,8 +648,9 @@ impl<T: Element> BiasLanes<T> {
 /// NaN and +∞ have no meaning); returns the range of its finite entries, which goes into
 /// the score bound.
 ///
-/// Large biases (≥ 2^18 entries) are scanned in column blocks over rayon's threads when
-/// `parallel`; the result does not depend on the split (a minimum, a maximum, a flag).
+/// Large biases (`PARALLEL_SCAN_ENTRIES`) are scanned in column blocks over rayon's
+/// threads when `parallel`; the result does not depend on the split (a minimum, a
+/// maximum, a flag).
 fn check_bias<T: Element>(
     operand: Operand,
     bias: &MatRef<'_, T>,
@@ -673,7 +679,7 @@ fn check_bias<T: Element>(
         lanes.finish()
     };
     let n = bias.ncols();
-    let (lo, hi, bad) = if parallel && bias.len() >= 1 << 18 && n > 1 {
+    let (lo, hi, bad) = if parallel && bias.len() >= PARALLEL_SCAN_ENTRIES && n > 1 {
         use rayon::prelude::*;
         let blocks = (2 * rayon::current_num_threads()).min(n);
         (0..blocks)
@@ -912,39 +918,31 @@ fn head_blocks<'a, T: Element>(
 }
 
 /// The largest magnitude of each block; the first NaN/∞ of the whole matrix (column-major,
-/// as a single-head call reports it) as an error. Large matrices (≥ 2^18 entries) are
-/// scanned block by block over rayon's threads when `parallel`, as a single-head call
-/// scans Q, K and V (`check_qkv`): this scan is otherwise a serial pass over all of Q, K
-/// and V before the threads start. Each block's maximum is the same either way.
+/// as a single-head call reports it) as an error. Large matrices
+/// (`PARALLEL_SCAN_ENTRIES`) are scanned block by block over rayon's threads when
+/// `parallel`, as a single-head call scans Q, K and V (`check_qkv`): this scan is
+/// otherwise a serial pass over all of Q, K and V before the threads start. Each block's
+/// maximum is the same either way.
 fn block_max_abs<T: Element>(
     operand: Operand,
     whole: &MatRef<'_, T>,
     blocks: &[MatRef<'_, T>],
     parallel: bool,
 ) -> Result<Vec<T>, AttentionError> {
-    let scanned: Vec<Option<T>> = if parallel && whole.len() >= 1 << 18 && blocks.len() > 1 {
-        use rayon::prelude::*;
-        blocks
-            .par_iter()
-            .map(|b| check_finite(operand, b).ok())
-            .collect()
-    } else {
-        let mut scanned = Vec::with_capacity(blocks.len());
-        for b in blocks {
-            match check_finite(operand, b) {
-                Ok(max) => scanned.push(Some(max)),
-                Err(_) => {
-                    scanned.push(None);
-                    break;
-                }
-            }
-        }
-        scanned
-    };
-    match scanned.into_iter().collect::<Option<Vec<T>>>() {
-        Some(maxima) => Ok(maxima),
-        None => Err(check_finite(operand, whole).expect_err("a block has a NaN/inf")),
-    }
+    let maxima: Option<Vec<T>> =
+        if parallel && whole.len() >= PARALLEL_SCAN_ENTRIES && blocks.len() > 1 {
+            use rayon::prelude::*;
+            blocks
+                .par_iter()
+                .map(|b| check_finite(operand, b).ok())
+                .collect()
+        } else {
+            blocks
+                .iter()
+                .map(|b| check_finite(operand, b).ok())
+                .collect()
+        };
+    maxima.ok_or_else(|| check_finite(operand, whole).expect_err("a block has a NaN/inf"))
 }
 
 /// The specs of a call through a KV cache: one per query head of the new queries `q`

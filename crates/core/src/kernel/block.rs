@@ -390,7 +390,7 @@ fn prefetch_options<T: Element>(
         }
         let last = cur.i0 + cur.rows - 1;
         for j in keys {
-            for i in (cur.i0..last).step_by(64 / size_of::<X>()) {
+            for i in (cur.i0..last).step_by(crate::kernel::LINE / size_of::<X>()) {
                 crate::kernel::simd::prefetch(&m[(i, j)]);
             }
             crate::kernel::simd::prefetch(&m[(last, j)]);

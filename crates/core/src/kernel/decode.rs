@@ -60,6 +60,7 @@
 
 use crate::Element;
 use crate::kernel::ElementKernels;
+use crate::kernel::LINE;
 use crate::kernel::exp::madd;
 use crate::kernel::simd::prefetch;
 use crate::options::MatRef;
@@ -250,7 +251,11 @@ pub(crate) fn part<T: Element, const FMA: bool>(
     let (d_k, d_v) = (spec.d_k, spec.d_v);
     let (rows, len) = (group.rows(), keys.len());
     let streamed = streamed(group, keys.clone());
-    let chunks = chunks(group, keys.clone());
+    let chunks = if streamed.is_some() {
+        Vec::new()
+    } else {
+        chunks(group, keys.clone())
+    };
     let by_lanes = !group.by_rows && streamed.is_none();
     let mut state = State::new(rows, d_v, by_lanes);
     let mut s = vec![T::zero(); rows * len];
@@ -267,13 +272,8 @@ pub(crate) fn part<T: Element, const FMA: bool>(
     } else {
         let mut bits = T::Bits::default();
         for (i, chunk) in chunks.iter().enumerate() {
-            if let Some(Chunk {
-                place: Some(((k, _), at)),
-                len,
-                ..
-            }) = chunks.get(i + 1)
-            {
-                prefetch_keys(&k.as_view(), *at, *len);
+            if let Some((((k, _), at), n)) = next_in_place(&chunks, i) {
+                prefetch_keys(&k.as_view(), at, n);
             }
             let (k, at) = match chunk.place {
                 Some(((k, _), at)) => (k, at),
@@ -304,13 +304,8 @@ pub(crate) fn part<T: Element, const FMA: bool>(
             }
         }
         for (i, chunk) in chunks.iter().enumerate() {
-            if let Some(Chunk {
-                place: Some(((_, v), at)),
-                len,
-                ..
-            }) = chunks.get(i + 1)
-            {
-                prefetch_values(group.by_rows, &v.as_view(), *at, *len);
+            if let Some((((_, v), at), n)) = next_in_place(&chunks, i) {
+                prefetch_values(group.by_rows, &v.as_view(), at, n);
             }
             let (v, at) = match chunk.place {
                 Some(((_, v), at)) => (v, at),
@@ -403,6 +398,16 @@ fn chunks<'a, T: Element>(
     out
 }
 
+/// Chunk `i + 1`, if it is read in place, and its length: what to prefetch while chunk
+/// `i` is computed.
+fn next_in_place<'a, T: Element>(
+    chunks: &[Chunk<'a, T>],
+    i: usize,
+) -> Option<(Next<'a, T>, usize)> {
+    let next = chunks.get(i + 1)?;
+    Some((next.place?, next.len))
+}
+
 /// The chunk of `len` keys at row `at` of segment `(k, v)` as the kernel reads it in place
 /// (V transposed when the group reads values by rows), or `None` when it must be copied
 /// first: it runs past the segment, or K's or V's layout does not have the contiguous
@@ -466,12 +471,13 @@ fn gather_values<T: Element>(
     v: &mut DMatrix<T>,
 ) {
     let d_v = group.specs[0].d_v;
-    if v.nrows() + v.ncols() != len + d_v || v.nrows() * v.ncols() == 0 {
-        *v = if group.by_rows {
-            DMatrix::zeros(d_v, len)
-        } else {
-            DMatrix::zeros(len, d_v)
-        };
+    let shape = if group.by_rows {
+        (d_v, len)
+    } else {
+        (len, d_v)
+    };
+    if v.shape() != shape {
+        *v = DMatrix::zeros(shape.0, shape.1);
     }
     for ((_, vs), row, j) in rows_of(group, start, len) {
         for c in 0..d_v {
@@ -496,9 +502,6 @@ fn prefetch_run<T>(run: &[T]) {
         prefetch(x);
     }
 }
-
-/// Bytes per cache line (of every x86-64 CPU).
-const LINE: usize = 64;
 
 /// Requests every cache line of a chunk's `n` keys (row `at` of `k`), to arrive while the
 /// chunk before it is computed: all at once, since spreading the requests over the loops

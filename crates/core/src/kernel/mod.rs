@@ -106,7 +106,7 @@ impl<T: Element> Scratch<T> {
 }
 
 /// Bytes per cache line (of every x86-64 CPU).
-const LINE: usize = 64;
+pub(crate) const LINE: usize = 64;
 
 /// A buffer whose first element starts a cache line. The micro-kernels load and store
 /// whole vectors at offsets that are multiples of 64 bytes from the start of each buffer
@@ -138,15 +138,12 @@ impl<T: Copy> LineAligned<T> {
             return;
         }
         let spare = LINE / size_of::<T>().max(1);
-        let mut buf = vec![zero; len + spare];
-        let start = buf.as_ptr().align_offset(LINE).min(spare);
-        if start == spare {
-            // Not reachable for f32/f64 (4- or 8-byte aligned memory reaches a 64-byte
-            // boundary within 16 elements); kept correct if it were.
-            buf.truncate(len);
-            *self = LineAligned { buf, start: 0, len };
-            return;
-        }
+        let buf = vec![zero; len + spare];
+        // Below `spare` for f32/f64 (their memory reaches a line boundary within 16 or 8
+        // elements); 0, unaligned but correct, for a type that could not.
+        let start = Some(buf.as_ptr().align_offset(LINE))
+            .filter(|&s| s < spare)
+            .unwrap_or(0);
         *self = LineAligned { buf, start, len };
     }
 }
