@@ -1,23 +1,22 @@
-//! The backward pass of single-head attention: dQ, dK, dV from the forward's output and
+//! The backward pass of attention: dQ, dK, dV from the forward's output and
 //! log-sum-exp, without storing anything `n_q × n_kv` (FlashAttention-2's recomputation).
 //!
-//! Work goes in 64 × 64 tiles (`BLOCK`): a tile's products (`Q_i·K_jᵀ`, `dO_i·V_jᵀ`,
-//! `Pᵀ·dO_i`, `dTᵀ·Q_i`, `dT·K_j`) by nalgebra's blocked matrix product in T, its weights
-//! and score gradients in one elementwise pass, each tile's contribution added into f64
-//! accumulators. Both passes cut the same tiles (starting at multiples of 64), so they
-//! recompute every weight from the same operands and agree on every decision. Not yet
-//! the forward's speed: no fused micro-kernels (see `docs/PERFORMANCE.md`).
+//! This file holds the public functions and the validation of their extra operands
+//! (`output`, `lse`, `d_output`), and drives the kernel (`kernel/grad.rs`): one pass over
+//! 64 × 64 tiles with the five products of a tile on the CPU path's register tiles, key
+//! blocks dealt to a fixed number of chunks that own their dK/dV rows and a share of dQ,
+//! the shares added in chunk order, so that no result depends on the threads.
 
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::Element;
+use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
-#[allow(unused_imports)] // `exp_nonpos` on T
-use crate::kernel::ElementKernels;
 use crate::kernel::careful;
-use crate::memory::try_matrix;
+use crate::kernel::grad::{BLOCK, Chunk, MAX_CHUNKS, Operands, TileScratch, keep_first};
+use crate::memory::{try_matrix, try_resize};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Batch, Sequence, Spec, check_finite};
 use crate::view::{self, AsMatMut, AsMatRef, MatMut};
@@ -34,8 +33,6 @@ pub struct AttentionGradients<T: Element> {
     pub dv: DMatrix<T>,
 }
 
-/// Keys per task of the dK/dV pass and queries per task of the dQ pass.
-const BLOCK: usize = 64;
 /// Multiply-adds below which a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
@@ -119,7 +116,8 @@ pub fn scaled_dot_product_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
     let spec = Spec::new(q, k, v, options)?;
     let (output, d_output) = (output.into_mat_ref(), d_output.into_mat_ref());
     check_result_operands(&spec, &output, lse, &d_output)?;
-    let problem = Problem::new(&spec, &output, lse, &d_output);
+    let (path, _) = CpuPath::for_call(options.cpu_path)?;
+    let problem = Problem::new(&spec, &output, lse, &d_output, path)?;
     single_head(&problem, options)
 }
 
@@ -227,7 +225,8 @@ pub fn scaled_dot_product_attention_backward_into<'q, 'k, 'v, 'o, 'g, 'a, 'b, 'c
             rule: "a bias gradient needs a bias in the options (with_bias)",
         });
     }
-    let problem = Problem::new(&spec, &output, lse, &d_output);
+    let (path, _) = CpuPath::for_call(options.cpu_path)?;
+    let problem = Problem::new(&spec, &output, lse, &d_output, path)?;
     let grads = single_head(&problem, options)?;
     let bias_grad = match d_bias {
         Some(_) => Some(problem.bias_gradient()?),
@@ -248,7 +247,7 @@ fn single_head<T: Element>(
     problem: &Problem<'_, '_, T>,
     options: &AttentionOptions<'_, T>,
 ) -> Result<AttentionGradients<T>, AttentionError> {
-    let spec = problem.spec;
+    let spec = problem.ops.spec;
     let parallel = options.parallelism == Parallelism::Rayon && problem.is_large();
     let (dq, dk, dv) = problem.gradients(parallel)?;
     Ok(AttentionGradients {
@@ -331,6 +330,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         vec![0.0; k.nrows() * k.ncols()],
         vec![0.0; v.nrows() * v.ncols()],
     );
+    let (path, _) = CpuPath::for_call(options.cpu_path)?;
     let parallel = options.parallelism == Parallelism::Rayon;
     // Many blocks: threads over blocks, each block on one thread; few: blocks in turn,
     // each split inside when large. A block's result does not depend on which, and the
@@ -344,7 +344,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         let out_h = view::block(output, rows.clone(), h * d_v..(h + 1) * d_v);
         let d_out_h = view::block(d_output, rows.clone(), h * d_v..(h + 1) * d_v);
         let lse_h = &lse.as_slice()[h * lse.nrows()..][rows];
-        let problem = Problem::new(spec, &out_h, lse_h, &d_out_h);
+        let problem = Problem::new(spec, &out_h, lse_h, &d_out_h, path).map_err(in_batch)?;
         let inside = parallel && !across && problem.is_large();
         problem.gradients(inside).map_err(in_batch)
     };
@@ -555,31 +555,10 @@ fn check_result_operands<T: Element>(
     Ok(())
 }
 
-/// The problem as both passes read it: contiguous copies of Q, K, V and dO (so that each
-/// tile is a view the matrix product reads at full speed), `D_i`, lse and each row's slack
-/// for the lse check.
+/// A checked problem laid out for the backward kernel, and the CPU path to run it on.
 struct Problem<'s, 'a, T: Element> {
-    spec: &'s Spec<'a, T>,
-    d_k: usize,
-    d_v: usize,
-    q: DMatrix<T>,
-    k: DMatrix<T>,
-    v: DMatrix<T>,
-    d_o: DMatrix<T>,
-    lse: Vec<T>,
-    /// `D_i = Σ_c dO_ic·O_ic` (summed in f64, rounded once).
-    d: Vec<T>,
-    /// How far above `lse_i` a recomputed score may lie from rounding alone: the forward
-    /// rounded its scores (about `(d_k + 2)·u·|scale|·Σ_c|q_ic|·max|K|`) and lse itself
-    /// (`u·|lse_i|`); 4u more for softcap, ALiBi and bias (scaled by |z| per entry).
-    slack: Vec<T>,
-}
-
-/// One tile's rows `i0 ..` and keys `j0 ..` (lengths from the tile's matrices).
-#[derive(Clone, Copy)]
-struct Tile {
-    i0: usize,
-    j0: usize,
+    ops: Operands<'s, 'a, T>,
+    path: CpuPath,
 }
 
 impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
@@ -588,380 +567,129 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         output: &MatRef<'_, T>,
         lse: &[T],
         d_output: &MatRef<'_, T>,
-    ) -> Self {
-        let (d_k, d_v) = (spec.d_k, spec.d_v);
-        let owned = |m: &MatRef<'_, T>| DMatrix::from_fn(m.nrows(), m.ncols(), |r, c| m[(r, c)]);
-        let d = (0..spec.n_q)
-            .map(|i| {
-                let sum: f64 = (0..d_v)
-                    .map(|c| d_output[(i, c)].to_f64() * output[(i, c)].to_f64())
-                    .sum();
-                T::from_f64_rounded(sum)
-            })
-            .collect();
-        let (u, k_max, scale) = (
-            T::EPSILON.to_f64(),
-            spec.k_max_abs.to_f64(),
-            spec.scale.to_f64().abs(),
-        );
-        let slack = (0..spec.n_q)
-            .map(|i| {
-                let q_sum: f64 = (0..d_k).map(|c| spec.q[(i, c)].to_f64().abs()).sum();
-                let lse = lse[i].to_f64();
-                let lse = if lse.is_finite() { lse.abs() } else { 0.0 };
-                T::from_f64_rounded(
-                    4.0 * u * (1.0 + lse) + (d_k as f64 + 2.0) * u * scale * q_sum * k_max,
-                )
-            })
-            .collect();
-        Problem {
-            spec,
-            d_k,
-            d_v,
-            q: owned(&spec.q),
-            k: owned(&spec.k),
-            v: owned(&spec.v),
-            d_o: owned(d_output),
-            lse: lse.to_vec(),
-            d,
-            slack,
-        }
-    }
-
-    /// For the tile at `at` whose scores `Q_i·K_jᵀ` are in `s` (rows × keys): `s` becomes
-    /// the weights `P_ij = exp(z_ij − lse_i)` (0 where a pair contributes nothing) and `ds`
-    /// the score gradients `dT_ij = P_ij·(dP_ij − D_i)·∂z/∂t` (without the `∂z/∂t` factor
-    /// unless `chain`: then `dZ`, the bias gradient), with `dp = dO_i·V_jᵀ` given in `ds`.
-    /// Err with the tile's smallest failing pair.
-    fn weights(
-        &self,
-        at: Tile,
-        s: &mut DMatrix<T>,
-        ds: &mut DMatrix<T>,
-        chain: bool,
-    ) -> Result<(), (usize, usize, AttentionError)> {
-        let spec = self.spec;
-        let (rows, keys) = s.shape();
-        // Whether every pair of the tile is allowed and unmodified except for the scale:
-        // then the loop needs neither `allowed` nor `modify`.
-        let plain = !spec.has_elementwise()
-            && (0..rows).all(|r| {
-                let (lo, hi) = spec.key_range(at.i0 + r);
-                lo <= at.j0 as i64 && (at.j0 + keys) as i64 - 1 <= hi
-            });
-        if plain && spec.softcap.is_none() && self.plain_weights(at, s, ds) {
-            return Ok(());
-        }
-        let four_u = T::EPSILON * T::from_count(4);
-        let mut first: Option<(usize, usize, AttentionError)> = None;
-        for c in 0..keys {
-            let j = at.j0 + c;
-            for r in 0..rows {
-                let i = at.i0 + r;
-                let t = s[(r, c)] * spec.scale;
-                let z = if plain { t } else { spec.modify(i, j, t) };
-                let (p, dt) = if z == T::NEG_INFINITY {
-                    (T::zero(), T::zero())
-                } else {
-                    let lse = self.lse[i];
-                    let x = z - lse;
-                    let slack = self.slack[i] + four_u * z.abs();
-                    if !z.finite() || lse == T::NEG_INFINITY || x > slack {
-                        let e = if z.finite() {
-                            AttentionError::InvalidLse {
-                                head: 0,
-                                row: i,
-                                key: j,
-                                value: lse.to_f64(),
-                            }
-                        } else {
-                            AttentionError::ScoreOverflow { query: i, key: j }
-                        };
-                        if first.as_ref().is_none_or(|(fi, fj, _)| (i, j) < (*fi, *fj)) {
-                            first = Some((i, j, e));
-                        }
-                        (T::zero(), T::zero())
-                    } else {
-                        let x = if x > T::zero() { T::zero() } else { x };
-                        let p = x.exp_nonpos::<false>();
-                        let dz = p * (ds[(r, c)] - self.d[i]);
-                        let dt = if chain && spec.softcap.is_some() {
-                            dz * spec.modify_derivative(t)
-                        } else {
-                            dz
-                        };
-                        (p, dt)
-                    }
-                };
-                s[(r, c)] = p;
-                ds[(r, c)] = dt;
-            }
-        }
-        match first {
-            Some(f) => Err(f),
-            None => Ok(()),
-        }
-    }
-
-    /// [`weights`](Self::weights) of a tile whose every pair is allowed and whose scores
-    /// are only scaled: one branch-free pass that vectorises. Returns false, with `s` and
-    /// `ds` untouched, if some weight would exceed 1 beyond the slack (or lse is −∞): the
-    /// general loop then finds and names the pair.
-    fn plain_weights(&self, at: Tile, s: &mut DMatrix<T>, ds: &mut DMatrix<T>) -> bool {
-        let (rows, keys) = s.shape();
-        let scale = self.spec.scale;
-        let lse = &self.lse[at.i0..at.i0 + rows];
-        let slack = &self.slack[at.i0..at.i0 + rows];
-        let four_u = T::EPSILON * T::from_count(4);
-        // First the check, on the scores alone (an lse of −∞ gives +∞ here, a non-finite
-        // score NaN or +∞: both fail it).
-        let mut all_ok = true;
-        for c in 0..keys {
-            let col = s.column(c);
-            for r in 0..rows {
-                let z = col[r] * scale;
-                let excess = z - lse[r] - slack[r] - four_u * z.abs();
-                all_ok &= excess <= T::zero();
-            }
-        }
-        if !all_ok {
-            return false;
-        }
-        let d = &self.d[at.i0..at.i0 + rows];
-        for c in 0..keys {
-            let (mut s_c, mut ds_c) = (s.column_mut(c), ds.column_mut(c));
-            let (s_c, ds_c) = (s_c.as_mut_slice(), ds_c.as_mut_slice());
-            for r in 0..rows {
-                let x = s_c[r] * scale - lse[r];
-                let p = (if x > T::zero() { T::zero() } else { x }).exp_nonpos::<false>();
-                s_c[r] = p;
-                ds_c[r] = p * (ds_c[r] - d[r]);
-            }
-        }
-        true
-    }
-
-    /// The tile's `P` (in `s`) and `dT` (in `ds`): its scores and `dO_i·V_jᵀ` as matrix
-    /// products, then [`weights`](Self::weights).
-    fn tile(
-        &self,
-        at: Tile,
-        (rows, keys): (usize, usize),
-        s: &mut DMatrix<T>,
-        ds: &mut DMatrix<T>,
-        chain: bool,
-    ) -> Result<(), (usize, usize, AttentionError)> {
-        if s.shape() != (rows, keys) {
-            *s = DMatrix::zeros(rows, keys);
-            *ds = DMatrix::zeros(rows, keys);
-        }
-        let q = self.q.rows(at.i0, rows);
-        let k = self.k.rows(at.j0, keys);
-        q.mul_to(&k.transpose(), s);
-        let d_o = self.d_o.rows(at.i0, rows);
-        let v = self.v.rows(at.j0, keys);
-        d_o.mul_to(&v.transpose(), ds);
-        self.weights(at, s, ds, chain)
-    }
-
-    /// The query rows that may see some key of `keys` (by position), clipped.
-    fn query_span(&self, keys: &std::ops::Range<usize>) -> std::ops::Range<usize> {
-        let band = &self.spec.band;
-        let lo = band.queries(keys.start).0.max(0);
-        let hi = band.queries(keys.end - 1).1.min(self.spec.n_q as i64 - 1);
-        if lo > hi {
-            0..0
-        } else {
-            lo as usize..hi as usize + 1
-        }
-    }
-
-    /// The keys that some row of `rows` may see (by position), clipped.
-    fn key_span(&self, rows: &std::ops::Range<usize>) -> std::ops::Range<usize> {
-        let lo = self.spec.key_range(rows.start).0;
-        let hi = self.spec.key_range(rows.end - 1).1;
-        if lo > hi {
-            0..0
-        } else {
-            lo as usize..hi as usize + 1
-        }
+        path: CpuPath,
+    ) -> Result<Self, AttentionError> {
+        Ok(Problem {
+            ops: Operands::new(spec, output, lse, d_output, T::grad(path).mr)?,
+            path,
+        })
     }
 
     /// Whether the problem is large enough to split over threads.
     fn is_large(&self) -> bool {
-        let spec = self.spec;
+        let spec = self.ops.spec;
         spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK
     }
 
-    /// dQ, dK and dV (row-major, f64): the key pass, then the query pass. Scores that
-    /// may leave the type's range are decided first by the forward's rule, so that the
-    /// backward of a call fails exactly when the call does.
+    /// dQ, dK and dV (row-major, f64) by the one-pass kernel (`kernel/grad.rs`): query
+    /// rows in rounds, each round's tiles over the key chunks (on threads if `parallel`),
+    /// then the chunks' dQ shares added in chunk order. Scores that may leave the type's
+    /// range are decided first by the forward's rule, so that the backward of a call fails
+    /// exactly when the call does. On error, the one of the smallest pair `(i, j)`: a
+    /// round visits every pair of its rows, and rounds go in row order.
     #[allow(clippy::type_complexity)] // (dQ, dK, dV)
     fn gradients(&self, parallel: bool) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), AttentionError> {
-        let spec = self.spec;
+        let ops = &self.ops;
+        let spec = ops.spec;
         if !spec.scores_in_range {
             let mut scratch = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
             careful::attention(spec, &mut (&mut scratch).into_mat_mut(), None)?;
         }
-        let (dk, dv) = self.key_pass(parallel)?;
-        Ok((self.query_pass(parallel), dk, dv))
-    }
-
-    /// dK and dV (row-major, f64), threads over blocks of keys, each walking the query
-    /// blocks that can see it in order. On error, the one of the smallest pair `(i, j)`
-    /// in lexicographic order: every pair is visited, so the error does not depend on
-    /// the threads.
-    #[allow(clippy::type_complexity)] // (dK, dV)
-    fn key_pass(&self, parallel: bool) -> Result<(Vec<f64>, Vec<f64>), AttentionError> {
-        let n_kv = self.spec.n_kv;
-        let blocks: Vec<_> = (0..n_kv.div_ceil(BLOCK))
-            .map(|b| b * BLOCK..((b + 1) * BLOCK).min(n_kv))
-            .collect();
-        let run = |keys: &std::ops::Range<usize>| self.key_block(keys.clone());
-        let results: Vec<_> = if parallel {
-            blocks.par_iter().map(run).collect()
-        } else {
-            blocks.iter().map(run).collect()
-        };
-        let mut first: Option<(usize, usize, AttentionError)> = None;
-        let (mut dk, mut dv) = (Vec::new(), Vec::new());
-        for result in results {
-            match result {
-                Ok((k, v)) => {
-                    dk.extend(k);
-                    dv.extend(v);
-                }
-                Err((i, j, e)) => {
-                    if first.as_ref().is_none_or(|(fi, fj, _)| (i, j) < (*fi, *fj)) {
-                        first = Some((i, j, e));
-                    }
-                }
+        let count = ops.key_blocks().min(MAX_CHUNKS);
+        let per_round = ops.round_blocks();
+        T::with_grad_chunks(|chunks| {
+            chunks.resize_with(count, Chunk::default);
+            for (c, chunk) in chunks.iter_mut().enumerate() {
+                chunk.reset(ops, (c, count), per_round)?;
             }
-        }
-        match first {
-            Some((_, _, e)) => Err(e),
-            None => Ok((dk, dv)),
-        }
+            self.run_chunks(chunks, per_round, parallel)
+        })
     }
 
-    /// dK and dV rows of `keys` (row-major, f64), or the block's smallest failing pair:
-    /// per query block, `dV_j += Pᵀ·dO_i` and `dK_j += scale·dTᵀ·Q_i` as products in T
-    /// (a tile's sums: at most 64 terms), added into f64.
-    #[allow(clippy::type_complexity)]
-    fn key_block(
+    /// [`gradients`](Self::gradients) on its chunks, ready.
+    #[allow(clippy::type_complexity)] // (dQ, dK, dV)
+    fn run_chunks(
         &self,
-        keys: std::ops::Range<usize>,
-    ) -> Result<(Vec<f64>, Vec<f64>), (usize, usize, AttentionError)> {
-        let (d_k, d_v, n) = (self.d_k, self.d_v, keys.len());
-        let mut dk = DMatrix::<f64>::zeros(n, d_k);
-        let mut dv = DMatrix::<f64>::zeros(n, d_v);
-        let (mut s, mut ds) = (DMatrix::zeros(0, 0), DMatrix::zeros(0, 0));
-        let (mut dk_t, mut dv_t) = (DMatrix::zeros(n, d_k), DMatrix::zeros(n, d_v));
-        let (mut st, mut dst) = (DMatrix::zeros(n, 0), DMatrix::zeros(n, 0));
-        let mut first: Option<(usize, usize, AttentionError)> = None;
-        // Query blocks start at multiples of BLOCK, as in the query pass: both passes
-        // then compute each tile from the same operands, so they recompute the same
-        // weights and make the same decisions.
-        let span = self.query_span(&keys);
-        let mut i0 = span.start / BLOCK * BLOCK;
-        while i0 < span.end {
-            let rows = BLOCK.min(self.spec.n_q - i0);
-            let at = Tile { i0, j0: keys.start };
-            match self.tile(at, (rows, n), &mut s, &mut ds, true) {
-                Ok(()) => {}
-                Err(f) => {
-                    if first
-                        .as_ref()
-                        .is_none_or(|(fi, fj, _)| (f.0, f.1) < (*fi, *fj))
-                    {
-                        first = Some(f);
+        chunks: &mut [Chunk<T>],
+        per_round: usize,
+        parallel: bool,
+    ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), AttentionError> {
+        let ops = &self.ops;
+        let spec = ops.spec;
+        let kernel = T::grad(self.path);
+        let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
+        let (d_kp, d_vp) = (ops.d_kp(), ops.d_vp());
+        let scale = spec.scale.to_f64();
+        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+        try_resize(&mut dq, n_q * d_k, 0.0, Operand::Query)?;
+        try_resize(&mut dk, n_kv * d_k, 0.0, Operand::Key)?;
+        try_resize(&mut dv, n_kv * d_v, 0.0, Operand::Value)?;
+        let blocks = ops.query_blocks();
+        for start in (0..blocks).step_by(per_round) {
+            let round = start..(start + per_round).min(blocks);
+            let run = |chunk: &mut Chunk<T>| (kernel.round)(ops, round.clone(), chunk);
+            if parallel {
+                chunks.par_iter_mut().for_each(run);
+            } else {
+                chunks.iter_mut().for_each(run);
+            }
+            let mut first = None;
+            for chunk in chunks.iter_mut() {
+                if let Some(f) = chunk.first.take() {
+                    keep_first(&mut first, f);
+                }
+            }
+            if let Some((_, _, e)) = first {
+                return Err(e);
+            }
+            // dQ_i = scale·Σ_chunks share_i, chunk after chunk (the same order for every
+            // entry: ((0 + share_0) + share_1) + …).
+            let rows = start * BLOCK..(round.end * BLOCK).min(n_q);
+            let dq_rows = &mut dq[rows.start * d_k..rows.end * d_k];
+            dq_rows.fill(0.0);
+            for chunk in chunks.iter() {
+                for (r, dq_i) in dq_rows.chunks_exact_mut(d_k.max(1)).enumerate() {
+                    for (x, y) in dq_i.iter_mut().zip(&chunk.dq[r * d_kp..]) {
+                        *x += y;
                     }
                 }
             }
-            if first.is_none() {
-                // Transposed copies first: nalgebra's `gemm_tr` is a plain loop, `mul_to`
-                // the blocked product.
-                if st.shape() != (n, rows) {
-                    st = DMatrix::zeros(n, rows);
-                    dst = DMatrix::zeros(n, rows);
+            for x in dq_rows {
+                *x *= scale;
+            }
+        }
+        for chunk in chunks.iter() {
+            for (slot, &kb) in chunk.blocks.iter().enumerate() {
+                for r in 0..BLOCK.min(n_kv - kb * BLOCK) {
+                    let (j, at) = (kb * BLOCK + r, slot * BLOCK + r);
+                    for c in 0..d_k {
+                        dk[j * d_k + c] = chunk.dk[at * d_kp + c] * scale;
+                    }
+                    dv[j * d_v..(j + 1) * d_v].copy_from_slice(&chunk.dv[at * d_vp..][..d_v]);
                 }
-                s.transpose_to(&mut st);
-                ds.transpose_to(&mut dst);
-                st.mul_to(&self.d_o.rows(i0, rows), &mut dv_t);
-                dst.mul_to(&self.q.rows(i0, rows), &mut dk_t);
-                dk_t *= self.spec.scale;
-                add_to(&dv_t, &mut dv);
-                add_to(&dk_t, &mut dk);
             }
-            i0 += rows;
         }
-        match first {
-            Some(f) => Err(f),
-            None => Ok((row_major(&dk), row_major(&dv))),
-        }
+        Ok((dq, dk, dv))
     }
 
-    /// dQ (row-major, f64), threads over blocks of queries, each walking the key blocks
-    /// it can see in order (every pair was checked by [`key_pass`](Self::key_pass)).
-    fn query_pass(&self, parallel: bool) -> Vec<f64> {
-        let (n_q, n_kv, d_k) = (self.spec.n_q, self.spec.n_kv, self.d_k);
-        let mut dq = vec![0.0; n_q * d_k];
-        let run = |(b, out): (usize, &mut [f64])| {
-            let rows = b * BLOCK..(b * BLOCK + BLOCK).min(n_q);
-            if n_kv == 0 || rows.is_empty() {
-                return;
-            }
-            let n = rows.len();
-            let (mut s, mut ds) = (DMatrix::zeros(0, 0), DMatrix::zeros(0, 0));
-            let mut dq_t = DMatrix::zeros(n, d_k);
-            let mut acc = DMatrix::<f64>::zeros(n, d_k);
-            let span = self.key_span(&rows);
-            // Keys start at multiples of BLOCK, as in the key pass (see there).
-            let mut j0 = span.start / BLOCK * BLOCK;
-            while j0 < span.end {
-                let keys = BLOCK.min(n_kv - j0);
-                let at = Tile { i0: rows.start, j0 };
-                // The key pass checked every pair of this very tile.
-                let _ = self.tile(at, (n, keys), &mut s, &mut ds, true);
-                ds.mul_to(&self.k.rows(j0, keys), &mut dq_t);
-                dq_t *= self.spec.scale;
-                add_to(&dq_t, &mut acc);
-                j0 += keys;
-            }
-            out.copy_from_slice(&row_major(&acc));
-        };
-        let chunk = (BLOCK * d_k).max(1);
-        if d_k == 0 {
-            return dq;
-        }
-        if parallel {
-            dq.par_chunks_mut(chunk).enumerate().for_each(run);
-        } else {
-            dq.chunks_mut(chunk).enumerate().for_each(run);
-        }
-        dq
-    }
-}
-
-impl<T: Element> Problem<'_, '_, T> {
-    /// `∂L/∂bias = dZ` (n_q × n_kv; 0 wherever no weight flows), after the key pass
+    /// `∂L/∂bias = dZ` (n_q × n_kv; 0 wherever no weight flows), after the gradients
     /// checked every pair: the same tiles once more, without the softcap factor.
     fn bias_gradient(&self) -> Result<DMatrix<T>, AttentionError> {
-        let (n_q, n_kv) = (self.spec.n_q, self.spec.n_kv);
+        let ops = &self.ops;
+        let (n_q, n_kv) = (ops.spec.n_q, ops.spec.n_kv);
         let mut d_bias = try_matrix(n_q, n_kv, T::zero(), Operand::Gradient(GradientOf::Bias))?;
-        let (mut s, mut ds) = (DMatrix::zeros(0, 0), DMatrix::zeros(0, 0));
-        let mut j0 = 0;
-        while j0 < n_kv {
-            let keys = BLOCK.min(n_kv - j0);
-            let span = self.query_span(&(j0..j0 + keys));
-            let mut i0 = span.start / BLOCK * BLOCK;
-            while i0 < span.end {
-                let rows = BLOCK.min(n_q - i0);
-                let _ = self.tile(Tile { i0, j0 }, (rows, keys), &mut s, &mut ds, false);
-                d_bias.view_mut((i0, j0), (rows, keys)).copy_from(&ds);
-                i0 += rows;
+        let kernel = T::grad(self.path);
+        let mut scratch = TileScratch::new()?;
+        for kb in 0..ops.key_blocks() {
+            for qb in ops.query_blocks_of(kb) {
+                let _ = (kernel.tile)(ops, (qb, kb), &mut scratch, false);
+                let (i0, j0) = (qb * BLOCK, kb * BLOCK);
+                let (rows, keys) = (BLOCK.min(n_q - i0), BLOCK.min(n_kv - j0));
+                for c in 0..keys {
+                    let ds = &scratch.ds[c * BLOCK..][..rows];
+                    d_bias.view_mut((i0, j0 + c), (rows, 1)).copy_from_slice(ds);
+                }
             }
-            j0 += keys;
         }
         match d_bias.iter().position(|x| !x.finite()) {
             Some(at) => Err(AttentionError::ProductOverflow {
@@ -974,18 +702,6 @@ impl<T: Element> Problem<'_, '_, T> {
     }
 }
 
-/// `acc += m`, element by element in f64 (both column-major, the same shape).
-fn add_to<T: Element>(m: &DMatrix<T>, acc: &mut DMatrix<f64>) {
-    for (a, x) in acc.iter_mut().zip(m.iter()) {
-        *a += x.to_f64();
-    }
-}
-
-/// `m`'s entries in row-major order.
-fn row_major(m: &DMatrix<f64>) -> Vec<f64> {
-    m.transpose().as_slice().to_vec()
-}
-
 /// A row-major f64 result of `shape` rounded to T, or the first entry (in row-major
 /// order) that overflows the type, as [`AttentionError::ProductOverflow`] of `operand`.
 fn rounded<T: Element>(
@@ -995,18 +711,22 @@ fn rounded<T: Element>(
 ) -> Result<DMatrix<T>, AttentionError> {
     debug_assert_eq!(x.len(), rows * columns);
     let mut m = try_matrix(rows, columns, T::zero(), operand)?;
-    for r in 0..rows {
+    // Rows in blocks of 64, so that the block's source rows stay in cache.
+    for r0 in (0..rows).step_by(64) {
         for c in 0..columns {
-            let g = T::from_f64_rounded(x[r * columns + c]);
-            if !g.finite() {
-                return Err(AttentionError::ProductOverflow {
-                    operand,
-                    row: r,
-                    column: c,
-                });
+            let mut col = m.column_mut(c);
+            for r in r0..(r0 + 64).min(rows) {
+                col[r] = T::from_f64_rounded(x[r * columns + c]);
             }
-            m[(r, c)] = g;
         }
     }
-    Ok(m)
+    // The first overflow in row-major order.
+    match x.iter().position(|g| !T::from_f64_rounded(*g).finite()) {
+        Some(at) => Err(AttentionError::ProductOverflow {
+            operand,
+            row: at / columns,
+            column: at % columns,
+        }),
+        None => Ok(m),
+    }
 }

@@ -317,6 +317,44 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Sizes past the kernel's 8 key chunks (10 key blocks: chunks of one and two blocks,
+/// interleaved) and its 16-block rounds of query rows (1100 rows: two rounds), against the
+/// reference, with and without per-score options and the causal band (whose tiles the
+/// chunks skip unevenly).
+#[test]
+fn chunks_and_rounds_match_the_reference() {
+    let (n_q, n_kv, d_k, d_v) = (1100, 600, 8, 5);
+    let g = |r, c, s: u64| gaussian(r, c, 1.0, 40 + s);
+    let plain = Case {
+        q: g(n_q, d_k, 1),
+        k: g(n_kv, d_k, 2),
+        v: g(n_kv, d_v, 3),
+        d_out: g(n_q, d_v, 4),
+        scale: None,
+        causal: None,
+        mask: None,
+        key_mask: None,
+        bias: None,
+        window: None,
+        softcap: None,
+        alibi: None,
+    };
+    let causal = Case {
+        causal: Some(Causal::BottomRight),
+        ..plain.clone()
+    };
+    let options = Case {
+        softcap: Some(2.0),
+        mask: Some(g(n_q, n_kv, 5).map(|x| x > -1.0)),
+        causal: Some(Causal::TopLeft),
+        ..plain.clone()
+    };
+    for case in [plain, causal, options] {
+        check::<f64>(&case).unwrap();
+        check::<f32>(&case).unwrap();
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

@@ -12,6 +12,7 @@ pub(crate) mod careful;
 pub(crate) mod decode;
 mod direct;
 pub(crate) mod exp;
+pub(crate) mod grad;
 mod pack;
 mod schedule;
 pub(crate) mod simd;
@@ -146,6 +147,21 @@ impl<T: Copy> LineAligned<T> {
             .unwrap_or(0);
         *self = LineAligned { buf, start, len };
     }
+
+    /// `len` elements `zero`, or `TooLarge` for `operand` if they cannot be allocated.
+    pub(crate) fn try_zeroed(
+        len: usize,
+        zero: T,
+        operand: Operand,
+    ) -> Result<Self, AttentionError> {
+        let spare = LINE / size_of::<T>().max(1);
+        let mut buf = Vec::new();
+        try_resize(&mut buf, len.saturating_add(spare), zero, operand)?;
+        let start = Some(buf.as_ptr().align_offset(LINE))
+            .filter(|&s| s < spare)
+            .unwrap_or(0);
+        Ok(LineAligned { buf, start, len })
+    }
 }
 
 impl<T> std::ops::Deref for LineAligned<T> {
@@ -223,13 +239,26 @@ pub trait ElementKernels: Sized + 'static {
     fn decode(path: CpuPath) -> decode::PartFn<Self>
     where
         Self: Element;
+    /// The backward pass's kernel compiled for `path` (`grad.rs`, `simd.rs`).
+    #[doc(hidden)]
+    fn grad(path: CpuPath) -> grad::GradKernel<Self>
+    where
+        Self: Element;
+    /// Runs `f` with this thread's cached backward chunks (see [`with_cached`]): their
+    /// buffers are reused from call to call instead of freshly mapped each time.
+    #[doc(hidden)]
+    fn with_grad_chunks<R>(f: impl FnOnce(&mut Vec<grad::Chunk<Self>>) -> R) -> R;
 }
 
 /// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
 /// thread-local caches.
 macro_rules! element_kernels {
-    ($t:ty, $select:path, $decode:path) => {
+    ($t:ty, $select:path, $decode:path, $grad:path) => {
         impl ElementKernels for $t {
+            #[inline]
+            fn grad(path: CpuPath) -> grad::GradKernel<$t> {
+                $grad(path)
+            }
             #[inline]
             fn decode(path: CpuPath) -> decode::PartFn<$t> {
                 $decode(path)
@@ -243,6 +272,12 @@ macro_rules! element_kernels {
                     static WORKSPACE: RefCell<Workspace<$t>> = RefCell::default();
                 }
                 with_cached(&WORKSPACE, f)
+            }
+            fn with_grad_chunks<R>(f: impl FnOnce(&mut Vec<grad::Chunk<$t>>) -> R) -> R {
+                thread_local! {
+                    static CHUNKS: RefCell<Vec<grad::Chunk<$t>>> = RefCell::default();
+                }
+                with_cached(&CHUNKS, f)
             }
             fn with_scratch<R>(f: impl FnOnce(&mut Scratch<$t>) -> R) -> R {
                 thread_local! {
@@ -261,8 +296,8 @@ macro_rules! element_kernels {
         }
     };
 }
-element_kernels!(f32, simd::kernel_f32, simd::decode_f32);
-element_kernels!(f64, simd::kernel_f64, simd::decode_f64);
+element_kernels!(f32, simd::kernel_f32, simd::decode_f32, simd::grad_f32);
+element_kernels!(f64, simd::kernel_f64, simd::decode_f64, simd::grad_f64);
 
 /// Runs `f` with this thread's cached `X` from `cell` (a fresh one if it is already in
 /// use, e.g. by a call that rayon nested on the same thread).

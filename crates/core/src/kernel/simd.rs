@@ -22,6 +22,9 @@ use std::arch::x86_64::*;
 use super::block::{self, Factors, MicroKernels, Step, Sums};
 use super::decode::{self, Group, PartFn, State};
 use super::exp::ExpConsts;
+use super::grad::{
+    self, BLOCK, Chunk, Failure, GradKernel, GradKernels, Operands, Out, RowsOf, TileScratch,
+};
 use super::{Job, Scratch};
 use crate::cpu::CpuPath;
 use crate::{AttentionError, Element};
@@ -722,6 +725,291 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
     }
 }
 
+/// The backward pass's inner loops ([`GradKernels`], `grad.rs`), written once over the
+/// vector operations `L`: register tiles of `MR` rows of `n` × `NV` vectors along `m`.
+struct GradSimd<L, const MR: usize, const NV: usize>(PhantomData<L>);
+
+/// One register tile of [`GradKernels::product`]: `MR × V` vectors of sums over `p < k`,
+/// from zero, in T; then each handed to `emit(row, vector, sums)`.
+///
+/// # Safety
+/// The CPU must have `L`'s features; `a[p·a_k + v·N ..][..N]` and `b[p·b_k + r·b_n]` must
+/// be readable for `p < k`, `v < V`, `r < MR`.
+#[inline(always)]
+unsafe fn register_tile<L: Lanes, const MR: usize, const V: usize>(
+    a: *const L::T,
+    a_k: usize,
+    b: *const L::T,
+    (b_k, b_n): (usize, usize),
+    k: usize,
+    mut emit: impl FnMut(usize, usize, L::V),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut acc = [[L::splat(L::T::zero()); V]; MR];
+        for p in 0..k {
+            let ap = a.add(p * a_k);
+            let mut av = [L::splat(L::T::zero()); V];
+            for (v, x) in av.iter_mut().enumerate() {
+                *x = L::load(ap.add(v * L::N));
+            }
+            let bp = b.add(p * b_k);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let bb = L::splat(*bp.add(r * b_n));
+                for (t, &x) in row.iter_mut().zip(&av) {
+                    *t = L::fma(bb, x, *t);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                emit(r, v, x);
+            }
+        }
+    }
+}
+
+impl<L: Lanes, const MR: usize, const NV: usize> GradKernels<L::T> for GradSimd<L, MR, NV> {
+    type Features = L::Features;
+    const MR: usize = MR;
+
+    #[inline(always)]
+    fn product(
+        _: L::Features,
+        a: &[L::T],
+        a_k: usize,
+        b: &[L::T],
+        (b_k, b_n, b_panel): (usize, usize, usize),
+        (k, m, n): (usize, usize, usize),
+        out: Out<'_, L::T>,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let (out_len, stride) = match &out {
+            Out::Store(o, s) => (o.len(), *s),
+            Out::Add(o, s) => (o.len(), *s),
+        };
+        assert!(
+            m.is_multiple_of(L::N)
+                && n.is_multiple_of(MR)
+                && (k == 0
+                    || (a.len() >= (k - 1) * a_k + m
+                        && b.len() > (n / MR - 1) * b_panel + (k - 1) * b_k + (MR - 1) * b_n))
+                && out_len >= (n - 1) * stride + m
+                && L::N == L::PARTS * <L::W as Lanes>::N
+        );
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from
+        // the assert: register tiles start at `mt < m` (a multiple of N, with `mt + V·N ≤ m`)
+        // and `nt < n` (a multiple of MR, `nt + MR ≤ n`), so they read a[p·a_k + mt + v·N ..]
+        // [..N] < (k − 1)·a_k + m and b[(nt/MR)·b_panel + p·b_k + r·b_n] ≤
+        // (n/MR − 1)·b_panel + (k − 1)·b_k + (MR − 1)·b_n,
+        // and write out[(nt + r)·stride + mt + v·N ..][..N] < (n − 1)·stride + m (the f64
+        // parts of a vector: PARTS consecutive runs of W::N).
+        unsafe {
+            // One register tile at (mt, nt) with $v vectors: its results stored, or
+            // widened and added into f64.
+            macro_rules! run {
+                ($v:expr, $mt:expr, $nt:expr) => {{
+                    let (mt, nt) = ($mt, $nt);
+                    let (ap, bp) = (a.add(mt), b.add(nt / MR * b_panel));
+                    match &out {
+                        Out::Store(o, _) => {
+                            let o = o.as_ptr().cast_mut();
+                            register_tile::<L, MR, $v>(ap, a_k, bp, (b_k, b_n), k, |r, v, x| {
+                                L::store(o.add((nt + r) * stride + mt + v * L::N), x)
+                            });
+                        }
+                        Out::Add(o, _) => {
+                            let o = o.as_ptr().cast_mut();
+                            register_tile::<L, MR, $v>(ap, a_k, bp, (b_k, b_n), k, |r, v, x| {
+                                let at = o.add((nt + r) * stride + mt + v * L::N);
+                                for part in 0..L::PARTS {
+                                    let p = at.add(part * <L::W as Lanes>::N);
+                                    let w = L::widen(x, part);
+                                    <L::W as Lanes>::store(
+                                        p,
+                                        <L::W as Lanes>::add(<L::W as Lanes>::load(p), w),
+                                    );
+                                }
+                            });
+                        }
+                    }
+                }};
+            }
+            let full = m / (NV * L::N) * (NV * L::N);
+            for mt in (0..full).step_by(NV * L::N) {
+                for nt in (0..n).step_by(MR) {
+                    run!(NV, mt, nt);
+                }
+            }
+            for mt in (full..m).step_by(L::N) {
+                for nt in (0..n).step_by(MR) {
+                    run!(1, mt, nt);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn plain_weights(
+        _: L::Features,
+        (s, ds, stride): (&mut [L::T], &mut [L::T], usize),
+        (keys, n): (usize, usize),
+        rows: RowsOf<'_, L::T>,
+        scale: L::T,
+    ) -> bool {
+        assert!(
+            keys <= n
+                && n > 0
+                && stride >= BLOCK
+                && s.len() >= (n - 1) * stride + BLOCK
+                && ds.len() >= (n - 1) * stride + BLOCK
+                && rows.lse.len() >= BLOCK
+                && rows.slack.len() >= BLOCK
+                && rows.d.len() >= BLOCK
+                && BLOCK.is_multiple_of(L::N)
+        );
+        let (sp, dsp) = (s.as_mut_ptr(), ds.as_mut_ptr());
+        let (lse, slack, d) = (rows.lse.as_ptr(), rows.slack.as_ptr(), rows.d.as_ptr());
+        let mut worst = [L::T::zero(); 16];
+        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from
+        // the assert: vectors at rt < BLOCK (rt + N ≤ BLOCK) of the rows' values, and at
+        // j·stride + rt with j < n of `s` and `ds`; `worst` holds N ≤ 16 lanes.
+        unsafe {
+            let zero = L::splat(L::T::zero());
+            let sc = L::splat(scale);
+            let four_u = L::splat(L::T::EPSILON * L::T::from_count(4));
+            // The check first, on the scores alone: an lse of −∞ gives +∞ here.
+            let mut w = L::splat(L::T::NEG_INFINITY);
+            for rt in (0..BLOCK).step_by(L::N) {
+                let (l, sl) = (L::load(lse.add(rt)), L::load(slack.add(rt)));
+                for j in 0..keys {
+                    let z = L::mul(L::load(sp.add(j * stride + rt)), sc);
+                    let abs = L::max(z, L::sub(zero, z));
+                    let excess = L::sub(L::sub(L::sub(z, l), sl), L::mul(four_u, abs));
+                    w = L::max(w, excess);
+                }
+            }
+            L::store(worst.as_mut_ptr(), w);
+            if worst[..L::N].iter().any(|&x| x > L::T::zero()) {
+                return false;
+            }
+            for rt in (0..BLOCK).step_by(L::N) {
+                let (l, dv) = (L::load(lse.add(rt)), L::load(d.add(rt)));
+                for j in 0..keys {
+                    let at = j * stride + rt;
+                    let x = L::sub(L::mul(L::load(sp.add(at)), sc), l);
+                    // min(x, 0): a weight within the slack above 1 is 1.
+                    let x = L::sub(zero, L::max(L::sub(zero, x), zero));
+                    let p = exp_v::<L>(x);
+                    L::store(sp.add(at), p);
+                    L::store(dsp.add(at), L::mul(p, L::sub(L::load(dsp.add(at)), dv)));
+                }
+                for j in keys..n {
+                    L::store(sp.add(j * stride + rt), zero);
+                    L::store(dsp.add(j * stride + rt), zero);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Declares one path's backward kernel as a `static GradKernel`: a chunk's round and a
+/// tile with the inner loops `$gk`, compiled by `#[target_feature]` functions, called
+/// through safe entry points.
+macro_rules! grad_kernel {
+    ($kernel:ident: $t:ty, $features:literal, $token:ident, $gk:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        static $kernel: GradKernel<$t> = {
+            #[target_feature(enable = $features)]
+            fn round_compiled(
+                token: $token,
+                ops: &Operands<'_, '_, $t>,
+                blocks: Range<usize>,
+                chunk: &mut Chunk<$t>,
+            ) {
+                grad::round::<$t, $gk>(token, ops, blocks, chunk)
+            }
+            fn round_entry(
+                ops: &Operands<'_, '_, $t>,
+                blocks: Range<usize>,
+                chunk: &mut Chunk<$t>,
+            ) {
+                // `grad_f32` / `grad_f64` hand out this kernel only for a supported path.
+                let token = $token::detect().expect("the kernel of a path this CPU supports");
+                // SAFETY: `token` exists, so the CPU has every feature of `$token`'s path,
+                // which are the features in `$features` (`CpuFeatures::supports`).
+                unsafe { round_compiled(token, ops, blocks, chunk) }
+            }
+            #[target_feature(enable = $features)]
+            fn tile_compiled(
+                token: $token,
+                ops: &Operands<'_, '_, $t>,
+                at: (usize, usize),
+                scratch: &mut TileScratch<$t>,
+                chain: bool,
+            ) -> Result<(), Failure> {
+                grad::tile::<$t, $gk>(token, ops, at, scratch, chain)
+            }
+            fn tile_entry(
+                ops: &Operands<'_, '_, $t>,
+                at: (usize, usize),
+                scratch: &mut TileScratch<$t>,
+                chain: bool,
+            ) -> Result<(), Failure> {
+                let token = $token::detect().expect("the kernel of a path this CPU supports");
+                // SAFETY: as in `round_entry`.
+                unsafe { tile_compiled(token, ops, at, scratch, chain) }
+            }
+            GradKernel {
+                mr: <$gk as GradKernels<$t>>::MR,
+                round: round_entry,
+                tile: tile_entry,
+            }
+        };
+    };
+}
+
+/// Declares a portable backward kernel: the same bodies over the portable lanes.
+macro_rules! portable_grad_kernel {
+    ($kernel:ident: $t:ty, $gk:ty) => {
+        static $kernel: GradKernel<$t> = {
+            fn round_entry(
+                ops: &Operands<'_, '_, $t>,
+                blocks: Range<usize>,
+                chunk: &mut Chunk<$t>,
+            ) {
+                grad::round::<$t, $gk>((), ops, blocks, chunk)
+            }
+            fn tile_entry(
+                ops: &Operands<'_, '_, $t>,
+                at: (usize, usize),
+                scratch: &mut TileScratch<$t>,
+                chain: bool,
+            ) -> Result<(), Failure> {
+                grad::tile::<$t, $gk>((), ops, at, scratch, chain)
+            }
+            GradKernel {
+                mr: <$gk as GradKernels<$t>>::MR,
+                round: round_entry,
+                tile: tile_entry,
+            }
+        };
+    };
+}
+
+// The backward's register tiles: `MR` rows of `n` (a divisor of the 64-row blocks) ×
+// `NV` vectors along `m`, `MR × NV` accumulators.
+grad_kernel!(GRAD_AVX512_F32: f32, "avx512f,avx2,fma", Avx512, GradSimd<Avx512F32, 4, 4>);
+grad_kernel!(GRAD_AVX512_F64: f64, "avx512f,avx2,fma", Avx512, GradSimd<Avx512F64, 4, 4>);
+grad_kernel!(GRAD_AVX2_F32: f32, "avx2,fma", Avx2, GradSimd<Avx2F32, 4, 2>);
+grad_kernel!(GRAD_AVX2_F64: f64, "avx2,fma", Avx2, GradSimd<Avx2F64, 4, 2>);
+portable_grad_kernel!(GRAD_PORTABLE_F32: f32, GradSimd<PortableF32, 4, 2>);
+portable_grad_kernel!(GRAD_PORTABLE_F64: f64, GradSimd<PortableF64, 4, 2>);
+
 /// Declares one SIMD kernel as a `static Kernel`: the block body with micro-kernels `$mk`,
 /// compiled by a `#[target_feature]` function, called through a safe entry point.
 macro_rules! simd_kernel {
@@ -873,6 +1161,8 @@ static DECODE_PORTABLE_F32: PartFn<f32> = decode::part::<f32, false>;
 static DECODE_PORTABLE_F64: PartFn<f64> = decode::part::<f64, false>;
 select!(decode_f32: PartFn<f32>, DECODE_AVX512_F32, DECODE_AVX2_F32, DECODE_PORTABLE_F32);
 select!(decode_f64: PartFn<f64>, DECODE_AVX512_F64, DECODE_AVX2_F64, DECODE_PORTABLE_F64);
+select!(grad_f32: GradKernel<f32>, GRAD_AVX512_F32, GRAD_AVX2_F32, GRAD_PORTABLE_F32);
+select!(grad_f64: GradKernel<f64>, GRAD_AVX512_F64, GRAD_AVX2_F64, GRAD_PORTABLE_F64);
 
 /// Asks the CPU to bring the cache line holding `x` into its level-2 cache (x86-64's
 /// `prefetcht1`; nothing elsewhere): a hint that reads and changes nothing. The decoding
