@@ -15,7 +15,7 @@ use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
 use crate::kernel::careful;
-use crate::kernel::grad::{BLOCK, Chunk, MAX_CHUNKS, Operands, TileScratch, keep_first};
+use crate::kernel::grad::{BLOCK, Chunk, MAX_CHUNKS, Operands, TileScratch, join, keep_first};
 use crate::memory::{try_matrix, try_resize};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Batch, Sequence, Spec, check_finite};
@@ -117,8 +117,9 @@ pub fn scaled_dot_product_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
     let (output, d_output) = (output.into_mat_ref(), d_output.into_mat_ref());
     check_result_operands(&spec, &output, lse, &d_output)?;
     let (path, _) = CpuPath::for_call(options.cpu_path)?;
-    let problem = Problem::new(&spec, &output, lse, &d_output, path)?;
-    single_head(&problem, options)
+    let threads = options.parallelism == Parallelism::Rayon;
+    let problem = Problem::new(&spec, &output, lse, &d_output, path, threads)?;
+    single_head(&problem)
 }
 
 /// [`scaled_dot_product_attention_backward`] writing dQ, dK and dV into the caller's
@@ -226,8 +227,9 @@ pub fn scaled_dot_product_attention_backward_into<'q, 'k, 'v, 'o, 'g, 'a, 'b, 'c
         });
     }
     let (path, _) = CpuPath::for_call(options.cpu_path)?;
-    let problem = Problem::new(&spec, &output, lse, &d_output, path)?;
-    let grads = single_head(&problem, options)?;
+    let threads = options.parallelism == Parallelism::Rayon;
+    let problem = Problem::new(&spec, &output, lse, &d_output, path, threads)?;
+    let grads = single_head(&problem)?;
     let bias_grad = match d_bias {
         Some(_) => Some(problem.bias_gradient()?),
         None => None,
@@ -242,18 +244,27 @@ pub fn scaled_dot_product_attention_backward_into<'q, 'k, 'v, 'o, 'g, 'a, 'b, 'c
     Ok(())
 }
 
-/// The gradients of a checked single-head problem.
+/// The gradients of a checked single-head problem, rounded to T.
 fn single_head<T: Element>(
     problem: &Problem<'_, '_, T>,
-    options: &AttentionOptions<'_, T>,
 ) -> Result<AttentionGradients<T>, AttentionError> {
     let spec = problem.ops.spec;
-    let parallel = options.parallelism == Parallelism::Rayon && problem.is_large();
-    let (dq, dk, dv) = problem.gradients(parallel)?;
+    let (dq, dk, dv) = problem.gradients()?;
+    let ((dq, dk), dv) = join(
+        problem.parallel,
+        || {
+            join(
+                problem.parallel,
+                || rounded(&dq, (spec.n_q, spec.d_k), Operand::Query),
+                || rounded(&dk, (spec.n_kv, spec.d_k), Operand::Key),
+            )
+        },
+        || rounded(&dv, (spec.n_kv, spec.d_v), Operand::Value),
+    );
     Ok(AttentionGradients {
-        dq: rounded(&dq, (spec.n_q, spec.d_k), Operand::Query)?,
-        dk: rounded(&dk, (spec.n_kv, spec.d_k), Operand::Key)?,
-        dv: rounded(&dv, (spec.n_kv, spec.d_v), Operand::Value)?,
+        dq: dq?,
+        dk: dk?,
+        dv: dv?,
     })
 }
 
@@ -344,9 +355,9 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         let out_h = view::block(output, rows.clone(), h * d_v..(h + 1) * d_v);
         let d_out_h = view::block(d_output, rows.clone(), h * d_v..(h + 1) * d_v);
         let lse_h = &lse.as_slice()[h * lse.nrows()..][rows];
-        let problem = Problem::new(spec, &out_h, lse_h, &d_out_h, path).map_err(in_batch)?;
-        let inside = parallel && !across && problem.is_large();
-        problem.gradients(inside).map_err(in_batch)
+        let problem = Problem::new(spec, &out_h, lse_h, &d_out_h, path, parallel && !across)
+            .map_err(in_batch)?;
+        problem.gradients().map_err(in_batch)
     };
     let results: Vec<Result<BlockGradients, AttentionError>> = if across {
         batch.specs.par_iter().enumerate().map(block).collect()
@@ -559,26 +570,27 @@ fn check_result_operands<T: Element>(
 struct Problem<'s, 'a, T: Element> {
     ops: Operands<'s, 'a, T>,
     path: CpuPath,
+    /// Whether to use threads (asked for, and the problem is large).
+    parallel: bool,
 }
 
 impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
+    /// The problem laid out for `path`, to run on threads if `threads` and it is large.
     fn new(
         spec: &'s Spec<'a, T>,
         output: &MatRef<'_, T>,
         lse: &[T],
         d_output: &MatRef<'_, T>,
         path: CpuPath,
+        threads: bool,
     ) -> Result<Self, AttentionError> {
+        let parallel = threads && spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK;
+        let mr = T::grad(path).mr;
         Ok(Problem {
-            ops: Operands::new(spec, output, lse, d_output, T::grad(path).mr)?,
+            ops: Operands::new(spec, output, lse, d_output, mr, parallel)?,
             path,
+            parallel,
         })
-    }
-
-    /// Whether the problem is large enough to split over threads.
-    fn is_large(&self) -> bool {
-        let spec = self.ops.spec;
-        spec.n_q * spec.n_kv * (spec.d_k + spec.d_v) >= PARALLEL_MIN_WORK
     }
 
     /// dQ, dK and dV (row-major, f64) by the one-pass kernel (`kernel/grad.rs`): query
@@ -588,7 +600,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
     /// exactly when the call does. On error, the one of the smallest pair `(i, j)`: a
     /// round visits every pair of its rows, and rounds go in row order.
     #[allow(clippy::type_complexity)] // (dQ, dK, dV)
-    fn gradients(&self, parallel: bool) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), AttentionError> {
+    fn gradients(&self) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), AttentionError> {
         let ops = &self.ops;
         let spec = ops.spec;
         if !spec.scores_in_range {
@@ -602,7 +614,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
             for (c, chunk) in chunks.iter_mut().enumerate() {
                 chunk.reset(ops, (c, count), per_round)?;
             }
-            self.run_chunks(chunks, per_round, parallel)
+            self.run_chunks(chunks, per_round)
         })
     }
 
@@ -612,7 +624,6 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         &self,
         chunks: &mut [Chunk<T>],
         per_round: usize,
-        parallel: bool,
     ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), AttentionError> {
         let ops = &self.ops;
         let spec = ops.spec;
@@ -628,7 +639,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         for start in (0..blocks).step_by(per_round) {
             let round = start..(start + per_round).min(blocks);
             let run = |chunk: &mut Chunk<T>| (kernel.round)(ops, round.clone(), chunk);
-            if parallel {
+            if self.parallel {
                 chunks.par_iter_mut().for_each(run);
             } else {
                 chunks.iter_mut().for_each(run);

@@ -30,12 +30,27 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::LineAligned;
 use crate::Element;
 use crate::error::{AttentionError, Operand};
 use crate::memory::try_resize;
 use crate::options::MatRef;
 use crate::spec::Spec;
+
+/// `(a(), b())`, on two threads if `parallel`.
+pub(crate) fn join<A: Send, B: Send>(
+    parallel: bool,
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if parallel {
+        rayon::join(a, b)
+    } else {
+        (a(), b())
+    }
+}
 
 /// Queries per block and keys per block: tiles are `BLOCK × BLOCK`.
 pub(crate) const BLOCK: usize = 64;
@@ -205,6 +220,7 @@ impl<'s, 'a, T: Element> Operands<'s, 'a, T> {
         lse: &[T],
         d_output: &MatRef<'_, T>,
         mr: usize,
+        parallel: bool,
     ) -> Result<Self, AttentionError> {
         let (n_q, d_k, d_v) = (spec.n_q, spec.d_k, spec.d_v);
         let unit = pad_unit::<T>();
@@ -251,17 +267,37 @@ impl<'s, 'a, T: Element> Operands<'s, 'a, T> {
             Operand::Lse,
         )?;
         lse_pad[..n_q].copy_from_slice(lse);
+        // The seven layouts, on threads if asked.
+        let layout = |which: usize| match which {
+            0 => by_blocks(&spec.q, Operand::Query),
+            1 => by_blocks(d_output, Operand::OutputGradient),
+            2 => by_rows(&spec.q, d_kp, Operand::Query),
+            3 => by_rows(d_output, d_vp, Operand::OutputGradient),
+            4 => by_panels(&spec.k, mr, Operand::Key),
+            5 => by_panels(&spec.v, mr, Operand::Value),
+            _ => by_rows(&spec.k, d_kp, Operand::Key),
+        };
+        let layouts: Vec<_> = if parallel {
+            (0..7).into_par_iter().map(layout).collect()
+        } else {
+            (0..7).map(layout).collect()
+        };
+        let mut layouts = layouts
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let mut next = || layouts.next().expect("seven layouts");
         Ok(Operands {
             spec,
             d_kp,
             d_vp,
-            q_cols: by_blocks(&spec.q, Operand::Query)?,
-            do_cols: by_blocks(d_output, Operand::OutputGradient)?,
-            q_rows: by_rows(&spec.q, d_kp, Operand::Query)?,
-            do_rows: by_rows(d_output, d_vp, Operand::OutputGradient)?,
-            k_panels: by_panels(&spec.k, mr, Operand::Key)?,
-            v_panels: by_panels(&spec.v, mr, Operand::Value)?,
-            k_rows: by_rows(&spec.k, d_kp, Operand::Key)?,
+            q_cols: next(),
+            do_cols: next(),
+            q_rows: next(),
+            do_rows: next(),
+            k_panels: next(),
+            v_panels: next(),
+            k_rows: next(),
             lse: lse_pad,
             d,
             slack,
