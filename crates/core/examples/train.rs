@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Gradients: `dY = 2(Y − target)/N`, `dW_o = Aᵀ·dY`, `dA = dY·W_oᵀ`, then
-//! `multi_head_attention_backward` gives dQ, dK, dV, and `dW_q = Xᵀ·dQ` (likewise K, V).
+//! `multi_head_attention_backward` gives dQ, dK, dV, and `compute_qkv_backward` turns them
+//! into `dW_q = Xᵀ·dQ` (likewise K, V).
 //! Adam updates the four matrices. Fixed seed; the loss is printed every few steps; the
 //! program exits with an error unless the final loss is below a fifth of the first.
 //!
@@ -22,8 +23,8 @@
 //! ```
 
 use attention_core::{
-    AttentionOptions, Causal, HeadLayout, multi_head_attention_backward,
-    multi_head_attention_with_lse,
+    AttentionOptions, Causal, HeadLayout, compute_qkv, compute_qkv_backward,
+    multi_head_attention_backward, multi_head_attention_with_lse,
 };
 use nalgebra::DMatrix;
 
@@ -115,7 +116,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for t in 1..=steps {
         let (x, target) = batch(&mut rng);
         let [w_q, w_k, w_v, w_o] = &params;
-        let (q, k, v) = (&x * &w_q.w, &x * &w_k.w, &x * &w_v.w);
+        let (q, k, v) = compute_qkv(&x, &w_q.w, &w_k.w, &w_v.w)?;
         let (a, lse) = multi_head_attention_with_lse(&q, &k, &v, &layout, &options)?;
         let y = &a * &w_o.w;
         let diff = &y - &target;
@@ -124,12 +125,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let d_w_o = a.transpose() * &d_y;
         let d_a = &d_y * w_o.w.transpose();
         let g = multi_head_attention_backward(&q, &k, &v, &a, &lse, &d_a, &layout, &options)?;
-        let grads = [
-            x.transpose() * &g.dq,
-            x.transpose() * &g.dk,
-            x.transpose() * &g.dv,
-            d_w_o,
-        ];
+        let qkv = compute_qkv_backward(&x, &w_q.w, &w_k.w, &w_v.w, &g.dq, &g.dk, &g.dv)?;
+        let grads = [qkv.dw_q, qkv.dw_k, qkv.dw_v, d_w_o];
         for (p, grad) in params.iter_mut().zip(&grads) {
             p.adam(grad, 0.03, t);
         }

@@ -52,11 +52,31 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
         w_k.into_mat_ref(),
         w_v.into_mat_ref(),
     );
+    check_qkv(&x, &w_q, &w_k, &w_v)?;
+    // nalgebra's product cannot read broadcast or row-strided left operands: copy those
+    // first (see `owned_for_left_product`).
+    let x_owned = owned_for_left_product(&x, Operand::Input)?;
+    let x = x_owned.as_ref().map_or(x, |m| m.as_view());
+    Ok((
+        project(&x, &w_q, None, Operand::Query)?,
+        project(&x, &w_k, None, Operand::Key)?,
+        project(&x, &w_v, None, Operand::Value)?,
+    ))
+}
+
+/// The checks of [`compute_qkv`] (and of its backward): each weight has `X`'s columns as
+/// rows, `W_q` and `W_k` have the same width, every entry is finite.
+pub(crate) fn check_qkv<T: Element>(
+    x: &MatRef<'_, T>,
+    w_q: &MatRef<'_, T>,
+    w_k: &MatRef<'_, T>,
+    w_v: &MatRef<'_, T>,
+) -> Result<(), AttentionError> {
     let d_model = x.ncols();
     for (w, operand) in [
-        (&w_q, Operand::QueryWeight),
-        (&w_k, Operand::KeyWeight),
-        (&w_v, Operand::ValueWeight),
+        (w_q, Operand::QueryWeight),
+        (w_k, Operand::KeyWeight),
+        (w_v, Operand::ValueWeight),
     ] {
         check_dim(
             operand,
@@ -76,22 +96,14 @@ pub fn compute_qkv<'x, 'q, 'k, 'v, T: Element>(
         "queries and keys share d_k",
     )?;
     for (m, operand) in [
-        (&x, Operand::Input),
-        (&w_q, Operand::QueryWeight),
-        (&w_k, Operand::KeyWeight),
-        (&w_v, Operand::ValueWeight),
+        (x, Operand::Input),
+        (w_q, Operand::QueryWeight),
+        (w_k, Operand::KeyWeight),
+        (w_v, Operand::ValueWeight),
     ] {
         check_finite(operand, m)?;
     }
-    // nalgebra's product cannot read broadcast or row-strided left operands: copy those
-    // first (see `owned_for_left_product`).
-    let x_owned = owned_for_left_product(&x, Operand::Input)?;
-    let x = x_owned.as_ref().map_or(x, |m| m.as_view());
-    Ok((
-        project(&x, &w_q, None, Operand::Query)?,
-        project(&x, &w_k, None, Operand::Key)?,
-        project(&x, &w_v, None, Operand::Value)?,
-    ))
+    Ok(())
 }
 
 /// Self-attention exactly as in the numpy original: `softmax(Q·Kᵀ / √d_k) · V`.

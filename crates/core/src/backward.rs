@@ -11,6 +11,7 @@ use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::Element;
+use crate::api::check_qkv;
 use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
@@ -414,6 +415,152 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         dq: rounded(&dq, (q.nrows(), q.ncols()), Operand::Query)?,
         dk: rounded(&dk, (k.nrows(), k.ncols()), Operand::Key)?,
         dv: rounded(&dv, (v.nrows(), v.ncols()), Operand::Value)?,
+    })
+}
+
+/// The gradients of [`compute_qkv_backward`], each the shape of its input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QkvGradients<T: Element> {
+    /// `∂L/∂X`, n × d_model.
+    pub dx: DMatrix<T>,
+    /// `∂L/∂W_q`, d_model × d_k.
+    pub dw_q: DMatrix<T>,
+    /// `∂L/∂W_k`, d_model × d_k.
+    pub dw_k: DMatrix<T>,
+    /// `∂L/∂W_v`, d_model × d_v.
+    pub dw_v: DMatrix<T>,
+}
+
+/// The gradients of [`compute_qkv`](crate::compute_qkv) with respect to `X`, `W_q`, `W_k`
+/// and `W_v`, given `d_q = ∂L/∂Q`, `d_k = ∂L/∂K`, `d_v = ∂L/∂V` for some scalar loss `L`
+/// (e.g. from [`scaled_dot_product_attention_backward`]):
+///
+/// ```text
+/// dW_q = Xᵀ·dQ      dW_k = Xᵀ·dK      dW_v = Xᵀ·dV
+/// dX   = dQ·W_qᵀ + dK·W_kᵀ + dV·W_vᵀ
+/// ```
+///
+/// Each product by nalgebra's matrix product in T, as the forward's projections.
+///
+/// # Shapes
+/// `x` n × d_model, `w_q` and `w_k` d_model × d_k, `w_v` d_model × d_v, `d_q` and `d_k`
+/// n × d_k, `d_v` n × d_v. Returns dX, dW_q, dW_k, dW_v in the shapes of their inputs.
+///
+/// # Errors
+/// Those of [`compute_qkv`](crate::compute_qkv) for `x` and the weights;
+/// [`AttentionError::DimensionMismatch`] with [`Operand::Gradient`] for a gradient of the
+/// wrong shape; [`AttentionError::NonFinite`] for NaN/∞ in one;
+/// [`AttentionError::ProductOverflow`] if a result exceeds the type's range;
+/// [`AttentionError::TooLarge`] if the results cannot be allocated.
+///
+/// # Example
+/// ```
+/// use attention_core::{compute_qkv, compute_qkv_backward};
+/// use nalgebra::DMatrix;
+///
+/// let x = DMatrix::<f64>::from_fn(3, 4, |i, j| (i + 2 * j) as f64 * 0.1);
+/// let w = DMatrix::from_fn(4, 2, |i, j| (i * j) as f64 * 0.5 - 0.3);
+/// let (q, _, _) = compute_qkv(&x, &w, &w, &w)?;
+/// // L = Σ Q: dQ is all ones, dK and dV zero.
+/// let (ones, zeros) = (DMatrix::from_element(3, 2, 1.0), DMatrix::zeros(3, 2));
+/// let g = compute_qkv_backward(&x, &w, &w, &w, &ones, &zeros, &zeros)?;
+/// // ∂(Σ X·W_q)/∂W_q[m][c] = Σ_i X[i][m].
+/// assert!((g.dw_q[(1, 0)] - x.column(1).sum()).abs() < 1e-12);
+/// assert_eq!(g.dw_k, DMatrix::zeros(4, 2));
+/// assert_eq!(q.shape(), (3, 2));
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+#[allow(clippy::too_many_arguments)] // the forward's inputs and its results' gradients
+pub fn compute_qkv_backward<'x, 'q, 'k, 'v, 'a, 'b, 'c, T: Element>(
+    x: impl AsMatRef<'x, T>,
+    w_q: impl AsMatRef<'q, T>,
+    w_k: impl AsMatRef<'k, T>,
+    w_v: impl AsMatRef<'v, T>,
+    d_q: impl AsMatRef<'a, T>,
+    d_k: impl AsMatRef<'b, T>,
+    d_v: impl AsMatRef<'c, T>,
+) -> Result<QkvGradients<T>, AttentionError> {
+    let (x, w_q, w_k, w_v) = (
+        x.into_mat_ref(),
+        w_q.into_mat_ref(),
+        w_k.into_mat_ref(),
+        w_v.into_mat_ref(),
+    );
+    check_qkv(&x, &w_q, &w_k, &w_v)?;
+    // Each gradient with its weight: the weight's operand and its gradient's name.
+    let grads = [
+        (
+            d_q.into_mat_ref(),
+            &w_q,
+            GradientOf::Query,
+            Operand::QueryWeight,
+            GradientOf::QueryWeight,
+        ),
+        (
+            d_k.into_mat_ref(),
+            &w_k,
+            GradientOf::Key,
+            Operand::KeyWeight,
+            GradientOf::KeyWeight,
+        ),
+        (
+            d_v.into_mat_ref(),
+            &w_v,
+            GradientOf::Value,
+            Operand::ValueWeight,
+            GradientOf::ValueWeight,
+        ),
+    ];
+    for (g, w, of, ..) in &grads {
+        let operand = Operand::Gradient(*of);
+        let rule = "a gradient has its input's shape";
+        check_dim(
+            operand,
+            Axis::Rows,
+            g.nrows(),
+            x.nrows(),
+            Operand::Input,
+            rule,
+        )?;
+        check_dim(operand, Axis::Columns, g.ncols(), w.ncols(), operand, rule)?;
+        check_finite(operand, g)?;
+    }
+    // Owned copies: nalgebra's product reads any of them in place.
+    let own = |m: &MatRef<'_, T>, operand| -> Result<DMatrix<T>, AttentionError> {
+        let mut o = try_matrix(m.nrows(), m.ncols(), T::zero(), operand)?;
+        o.copy_from(m);
+        Ok(o)
+    };
+    let x = own(&x, Operand::Input)?;
+    let (n, d_model) = x.shape();
+    let mut dx = try_matrix(n, d_model, T::zero(), Operand::Gradient(GradientOf::Input))?;
+    let mut dw = Vec::with_capacity(3);
+    for (g, w, of, w_operand, w_grad) in &grads {
+        let g = own(g, Operand::Gradient(*of))?;
+        let w_t = own(w, *w_operand)?.transpose();
+        // dX += G·Wᵀ; dW = Xᵀ·G.
+        dx.gemm(T::one(), &g, &w_t, T::one());
+        let mut d = try_matrix(d_model, g.ncols(), T::zero(), Operand::Gradient(*w_grad))?;
+        x.tr_mul_to(&g, &mut d);
+        dw.push((d, *w_grad));
+    }
+    for (m, of) in std::iter::once((&dx, GradientOf::Input)).chain(dw.iter().map(|(d, w)| (d, *w)))
+    {
+        if let Some(at) = m.iter().position(|e| !e.finite()) {
+            return Err(AttentionError::ProductOverflow {
+                operand: Operand::Gradient(of),
+                row: at % m.nrows(),
+                column: at / m.nrows(),
+            });
+        }
+    }
+    let mut dw = dw.into_iter().map(|(d, _)| d);
+    let mut next = || dw.next().expect("three weight gradients");
+    Ok(QkvGradients {
+        dx,
+        dw_q: next(),
+        dw_k: next(),
+        dw_v: next(),
     })
 }
 

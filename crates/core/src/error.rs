@@ -89,7 +89,8 @@ pub enum Operand {
     HeadLayout,
 }
 
-/// Which input a [`Operand::Gradient`] is the gradient of.
+/// Which quantity a [`Operand::Gradient`] is the gradient of (a gradient given to a
+/// backward function, or one it computes).
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GradientOf {
@@ -101,6 +102,14 @@ pub enum GradientOf {
     Value,
     /// d_bias (n_q × n_kv).
     Bias,
+    /// dX of [`compute_qkv_backward`](crate::compute_qkv_backward) (n × d_model).
+    Input,
+    /// dW_q (d_model × d_k).
+    QueryWeight,
+    /// dW_k (d_model × d_k).
+    KeyWeight,
+    /// dW_v (d_model × d_v).
+    ValueWeight,
 }
 
 impl fmt::Display for Operand {
@@ -127,12 +136,16 @@ impl fmt::Display for Operand {
             Operand::OutputGradient => f.write_str("output gradient"),
             Operand::Gradient(g) => write!(
                 f,
-                "{} gradient output",
+                "{} gradient",
                 match g {
                     GradientOf::Query => "query",
                     GradientOf::Key => "key",
                     GradientOf::Value => "value",
                     GradientOf::Bias => "bias",
+                    GradientOf::Input => "input",
+                    GradientOf::QueryWeight => "query weight",
+                    GradientOf::KeyWeight => "key weight",
+                    GradientOf::ValueWeight => "value weight",
                 }
             ),
             Operand::Weights => f.write_str("attention weights"),

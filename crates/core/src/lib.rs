@@ -95,8 +95,8 @@ pub use api::{
     scaled_dot_product_attention_with_lse, self_attention,
 };
 pub use backward::{
-    AttentionGradients, multi_head_attention_backward, scaled_dot_product_attention_backward,
-    scaled_dot_product_attention_backward_into,
+    AttentionGradients, QkvGradients, compute_qkv_backward, multi_head_attention_backward,
+    scaled_dot_product_attention_backward, scaled_dot_product_attention_backward_into,
 };
 pub use cache::{
     CacheSnapshot, DEFAULT_PAGE_SIZE, KvCache, SeqId, cached_attention, cached_attention_with_lse,

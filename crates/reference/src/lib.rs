@@ -82,7 +82,7 @@ pub use heads::{
 };
 pub use layer::{Layer, LayerRope};
 pub use merge::merge;
-pub use projection::{compute_qkv, project};
+pub use projection::{compute_qkv, compute_qkv_backward, project};
 pub use rope::{RopeConvention, rope};
 
 use nalgebra::DMatrix;

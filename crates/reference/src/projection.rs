@@ -87,6 +87,75 @@ fn project_named<T: Copy + Into<f64>>(x: &DMatrix<T>, w: &DMatrix<T>, name: &str
     DMatrix::from_fn(n, d_out, |i, c| dot2(&x_rows[i], &w_cols[c]))
 }
 
+/// The gradients of [`compute_qkv`] for a scalar loss `L` with `dQ = ∂L/∂Q`, `dK`, `dV`,
+/// by definition, each entry one compensated dot product ([`dot2`]) in f64:
+/// ```text
+/// dW_q = Xᵀ·dQ      dW_k = Xᵀ·dK      dW_v = Xᵀ·dV
+/// dX   = dQ·W_qᵀ + dK·W_kᵀ + dV·W_vᵀ   (one dot product over d_k + d_k + d_v terms)
+/// ```
+/// Returns `(dX, dW_q, dW_k, dW_v)`.
+///
+/// # Panics
+/// If the shapes do not match those of [`compute_qkv`] and its results.
+///
+/// # Example
+/// ```
+/// use attention_reference::compute_qkv_backward;
+/// use nalgebra::DMatrix;
+/// let x = DMatrix::from_row_slice(1, 2, &[1.0, 2.0]);
+/// let w = DMatrix::from_row_slice(2, 1, &[3.0, 4.0]);
+/// let g = DMatrix::from_element(1, 1, 1.0);
+/// let (dx, dw_q, _, _) = compute_qkv_backward(&x, &w, &w, &w, &g, &g, &g);
+/// assert_eq!(dx, DMatrix::from_row_slice(1, 2, &[9.0, 12.0]));
+/// assert_eq!(dw_q, DMatrix::from_row_slice(2, 1, &[1.0, 2.0]));
+/// ```
+#[must_use]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn compute_qkv_backward<T: Copy + Into<f64>>(
+    x: &DMatrix<T>,
+    w_q: &DMatrix<T>,
+    w_k: &DMatrix<T>,
+    w_v: &DMatrix<T>,
+    d_q: &DMatrix<T>,
+    d_k: &DMatrix<T>,
+    d_v: &DMatrix<T>,
+) -> (DMatrix<f64>, DMatrix<f64>, DMatrix<f64>, DMatrix<f64>) {
+    let (n, d_model) = x.shape();
+    let wide = |m: &DMatrix<T>| DMatrix::from_fn(m.nrows(), m.ncols(), |r, c| m[(r, c)].into());
+    let (x, w_q, w_k, w_v) = (wide(x), wide(w_q), wide(w_k), wide(w_v));
+    let (d_q, d_k, d_v) = (wide(d_q), wide(d_k), wide(d_v));
+    for (w, g, name) in [(&w_q, &d_q, "q"), (&w_k, &d_k, "k"), (&w_v, &d_v, "v")] {
+        assert_eq!(
+            w.nrows(),
+            d_model,
+            "compute_qkv_backward: w_{name} needs d_model rows"
+        );
+        assert_eq!(
+            g.shape(),
+            (n, w.ncols()),
+            "compute_qkv_backward: d_{name} is n × its width"
+        );
+    }
+    let column = |m: &DMatrix<f64>, c: usize| m.column(c).iter().copied().collect::<Vec<f64>>();
+    // dW = Xᵀ·G: entry (m, c) is column m of X against column c of G.
+    let dw = |g: &DMatrix<f64>, width: usize| {
+        DMatrix::from_fn(d_model, width, |m, c| dot2(&column(&x, m), &column(g, c)))
+    };
+    // dX row i: [dQ_i, dK_i, dV_i] against [W_q row m, W_k row m, W_v row m].
+    let row = |m: &DMatrix<f64>, r: usize| m.row(r).iter().copied().collect::<Vec<f64>>();
+    let dx = DMatrix::from_fn(n, d_model, |i, m| {
+        let g: Vec<f64> = [&d_q, &d_k, &d_v].iter().flat_map(|g| row(g, i)).collect();
+        let w: Vec<f64> = [&w_q, &w_k, &w_v].iter().flat_map(|w| row(w, m)).collect();
+        dot2(&g, &w)
+    });
+    (
+        dx,
+        dw(&d_q, w_q.ncols()),
+        dw(&d_k, w_k.ncols()),
+        dw(&d_v, w_v.ncols()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
