@@ -525,26 +525,65 @@ pub fn compute_qkv_backward<'x, 'q, 'k, 'v, 'a, 'b, 'c, T: Element>(
         check_dim(operand, Axis::Columns, g.ncols(), w.ncols(), operand, rule)?;
         check_finite(operand, g)?;
     }
+    let parts = grads.map(|(g, w, of, w_operand, w_grad)| Projected {
+        g,
+        g_operand: Operand::Gradient(of),
+        w: *w,
+        w_operand,
+        w_grad,
+    });
+    let (dx, dw) = projections_backward((&x, GradientOf::Input), &parts)?;
+    let [dw_q, dw_k, dw_v] = <[DMatrix<T>; 3]>::try_from(dw).expect("three weight gradients");
+    Ok(QkvGradients {
+        dx,
+        dw_q,
+        dw_k,
+        dw_v,
+    })
+}
+
+/// One projection `G = X·W (+ b)` of [`projections_backward`]: the gradient of its result
+/// and its weight, each with the operand that names it.
+pub(crate) struct Projected<'a, T: Element> {
+    pub g: MatRef<'a, T>,
+    pub g_operand: Operand,
+    pub w: MatRef<'a, T>,
+    pub w_operand: Operand,
+    /// The weight's gradient, as errors name it.
+    pub w_grad: GradientOf,
+}
+
+/// The backward of projections of one input: `dX = Σ_p G_p·W_pᵀ` and each
+/// `dW_p = Xᵀ·G_p`, by nalgebra's matrix product in T (shapes checked by the caller);
+/// [`AttentionError::ProductOverflow`] for the first result out of range (dX, named
+/// `x_grad`, first).
+pub(crate) fn projections_backward<T: Element>(
+    (x, x_grad): (&MatRef<'_, T>, GradientOf),
+    parts: &[Projected<'_, T>],
+) -> Result<(DMatrix<T>, Vec<DMatrix<T>>), AttentionError> {
     // Owned copies: nalgebra's product reads any of them in place.
     let own = |m: &MatRef<'_, T>, operand| -> Result<DMatrix<T>, AttentionError> {
         let mut o = try_matrix(m.nrows(), m.ncols(), T::zero(), operand)?;
         o.copy_from(m);
         Ok(o)
     };
-    let x = own(&x, Operand::Input)?;
+    let x = own(x, Operand::Input)?;
     let (n, d_model) = x.shape();
-    let mut dx = try_matrix(n, d_model, T::zero(), Operand::Gradient(GradientOf::Input))?;
-    let mut dw = Vec::with_capacity(3);
-    for (g, w, of, w_operand, w_grad) in &grads {
-        let g = own(g, Operand::Gradient(*of))?;
-        let w_t = own(w, *w_operand)?.transpose();
+    let mut dx = try_matrix(n, d_model, T::zero(), Operand::Gradient(x_grad))?;
+    let mut dw = Vec::with_capacity(parts.len());
+    for p in parts {
+        let g = own(&p.g, p.g_operand)?;
+        let w_t = own(&p.w, p.w_operand)?.transpose();
         // dX += G·Wᵀ; dW = Xᵀ·G.
         dx.gemm(T::one(), &g, &w_t, T::one());
-        let mut d = try_matrix(d_model, g.ncols(), T::zero(), Operand::Gradient(*w_grad))?;
+        let mut d = try_matrix(d_model, g.ncols(), T::zero(), Operand::Gradient(p.w_grad))?;
         x.tr_mul_to(&g, &mut d);
-        dw.push((d, *w_grad));
+        dw.push(d);
     }
-    for (m, of) in std::iter::once((&dx, GradientOf::Input)).chain(dw.iter().map(|(d, w)| (d, *w)))
+    let named = parts.iter().map(|p| p.w_grad);
+    for (m, of) in std::iter::once(&dx)
+        .chain(&dw)
+        .zip(std::iter::once(x_grad).chain(named))
     {
         if let Some(at) = m.iter().position(|e| !e.finite()) {
             return Err(AttentionError::ProductOverflow {
@@ -554,14 +593,7 @@ pub fn compute_qkv_backward<'x, 'q, 'k, 'v, 'a, 'b, 'c, T: Element>(
             });
         }
     }
-    let mut dw = dw.into_iter().map(|(d, _)| d);
-    let mut next = || dw.next().expect("three weight gradients");
-    Ok(QkvGradients {
-        dx,
-        dw_q: next(),
-        dw_k: next(),
-        dw_v: next(),
-    })
+    Ok((dx, dw))
 }
 
 /// One (sequence, head) block's dQ, dK, dV (row-major, f64).

@@ -110,6 +110,18 @@ pub enum GradientOf {
     KeyWeight,
     /// dW_v (d_model × d_v).
     ValueWeight,
+    /// dW_o of a layer's output projection.
+    OutputWeight,
+    /// dA: a layer's heads' outputs side by side, before the output projection.
+    HeadOutputs,
+    /// db_q of a layer.
+    QueryBias,
+    /// db_k of a layer.
+    KeyBias,
+    /// db_v of a layer.
+    ValueBias,
+    /// db_o of a layer.
+    OutputBias,
 }
 
 impl fmt::Display for Operand {
@@ -146,6 +158,12 @@ impl fmt::Display for Operand {
                     GradientOf::QueryWeight => "query weight",
                     GradientOf::KeyWeight => "key weight",
                     GradientOf::ValueWeight => "value weight",
+                    GradientOf::OutputWeight => "output weight",
+                    GradientOf::HeadOutputs => "heads' output",
+                    GradientOf::QueryBias => "query bias",
+                    GradientOf::KeyBias => "key bias",
+                    GradientOf::ValueBias => "value bias",
+                    GradientOf::OutputBias => "output bias",
                 }
             ),
             Operand::Weights => f.write_str("attention weights"),

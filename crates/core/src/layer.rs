@@ -5,10 +5,12 @@
 use nalgebra::{DMatrix, DVector};
 
 use crate::Element;
+use crate::backward::{Projected, multi_head_attention_backward, projections_backward};
 use crate::cache::{KvCache, SeqId, cached_attention, check_before_append};
 use crate::columns::owned_for_left_product;
-use crate::error::{AttentionError, Axis, Operand, check_dim};
-use crate::heads::{HeadLayout, multi_head_attention};
+use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
+use crate::heads::{HeadLayout, multi_head_attention, multi_head_attention_with_lse};
+use crate::memory::try_vector;
 use crate::options::{AttentionOptions, MatRef};
 use crate::projection::project;
 use crate::rope::Rope;
@@ -620,7 +622,16 @@ impl<T: Element> MultiHeadAttention<T> {
         packed: bool,
         options: &AttentionOptions<'_, T>,
     ) -> Result<DMatrix<T>, AttentionError> {
-        self.check_columns(&x, Operand::Input)?;
+        self.check_packed(&x, seqlens)?;
+        let x = self.checked_input(&x, Operand::Input)?;
+        let (q, k, v) = self.rotated_qkv(&x.view(), seqlens)?;
+        let layout = self.layout(seqlens, packed);
+        self.attend_and_project(&q, &k, &v, &layout, options)
+    }
+
+    /// Checks `x`'s columns and that `seqlens` sum to its rows.
+    fn check_packed(&self, x: &MatRef<'_, T>, seqlens: &[usize]) -> Result<(), AttentionError> {
+        self.check_columns(x, Operand::Input)?;
         // A sum past usize::MAX is reported as usize::MAX (it cannot equal the rows).
         let total = seqlens
             .iter()
@@ -633,22 +644,208 @@ impl<T: Element> MultiHeadAttention<T> {
                 rows: x.nrows(),
             });
         }
-        let x = self.checked_input(&x, Operand::Input)?;
-        let x = x.view();
-        let mut q = project(&x, &self.w_q.as_view(), self.b_q.as_ref(), Operand::Query)?;
-        let (mut k, v) = self.project_kv(&x)?;
+        Ok(())
+    }
+
+    /// Each token's RoPE position: `0..len` per sequence.
+    fn positions(seqlens: &[usize]) -> Vec<usize> {
+        seqlens.iter().flat_map(|&len| 0..len).collect()
+    }
+
+    /// Q, K (rotated, if the layer has RoPE, at positions restarting per sequence) and V
+    /// of a validated `x`.
+    #[allow(clippy::type_complexity)] // (Q, K, V)
+    fn rotated_qkv(
+        &self,
+        x: &MatRef<'_, T>,
+        seqlens: &[usize],
+    ) -> Result<(DMatrix<T>, DMatrix<T>, DMatrix<T>), AttentionError> {
+        let mut q = project(x, &self.w_q.as_view(), self.b_q.as_ref(), Operand::Query)?;
+        let (mut k, v) = self.project_kv(x)?;
         if let Some(rope) = &self.rope {
-            let positions: Vec<usize> = seqlens.iter().flat_map(|&len| 0..len).collect();
+            let positions = Self::positions(seqlens);
             rope.apply(&mut q, self.heads_q, &positions)?;
             rope.apply(&mut k, self.heads_kv, &positions)?;
         }
+        Ok((q, k, v))
+    }
+
+    /// The head layout of a call on one sequence, or a packed batch.
+    fn layout<'s>(&self, seqlens: &'s [usize], packed: bool) -> HeadLayout<'s> {
         let layout = HeadLayout::new(self.heads_q, self.heads_kv);
-        let layout = if packed {
+        if packed {
             layout.with_seqlens(seqlens, seqlens)
         } else {
             layout
+        }
+    }
+
+    /// The gradients of [`forward`](Self::forward) for a scalar loss `L`, given
+    /// `d_y = ∂L/∂y` (n × d_model): with respect to `x`, every weight and every bias the
+    /// layer has. The forward is computed again (its Q, K, V, attention output and lse;
+    /// nothing is kept between the calls), then, with `A` the heads' outputs side by side:
+    ///
+    /// ```text
+    /// dW_o = Aᵀ·dY      db_o = Σ_rows dY      dA = dY·W_oᵀ
+    /// dQ', dK', dV  = multi_head_attention_backward(Q', K', V, A, lse, dA)   (Q', K' rotated)
+    /// dQ = R⁻¹·dQ'      dK = R⁻¹·dK'          (Rope::apply_inverse: the rotation's transpose)
+    /// dW_q = Xᵀ·dQ      db_q = Σ_rows dQ      (likewise K, V)
+    /// dX = dQ·W_qᵀ + dK·W_kᵀ + dV·W_vᵀ
+    /// ```
+    ///
+    /// Bias gradients are summed in f64 and rounded once; products are nalgebra's in T,
+    /// the attention's gradients those of [`multi_head_attention_backward`](crate::multi_head_attention_backward).
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward); [`AttentionError::DimensionMismatch`] and
+    /// [`AttentionError::NonFinite`] with [`Operand::OutputGradient`] for `d_y`;
+    /// [`AttentionError::ProductOverflow`] with [`Operand::Gradient`] for a gradient out
+    /// of the type's range.
+    ///
+    /// # Example
+    /// ```
+    /// use attention_core::{AttentionOptions, Causal, MultiHeadAttention, Rope};
+    /// use nalgebra::{DMatrix, DVector};
+    ///
+    /// let w = |r, c, s: f64| DMatrix::from_fn(r, c, |i, j| ((i * c + j) as f64 * s).cos() * 0.5);
+    /// let layer = MultiHeadAttention::new(2, 1, w(4, 4, 0.3), w(4, 2, 0.5), w(4, 2, 0.7), w(4, 4, 1.1))?
+    ///     .with_biases(None, None, None, Some(DVector::from_element(4, 0.1)))?
+    ///     .with_rope(Rope::new(2))?;
+    /// let x = w(3, 4, 0.2);
+    /// let options = AttentionOptions::new().with_causal(Causal::TopLeft);
+    /// // L = Σ y: dY is all ones.
+    /// let g = layer.backward(&x, &DMatrix::from_element(3, 4, 1.0), &options)?;
+    /// assert_eq!(g.dx.shape(), (3, 4));
+    /// assert_eq!(g.dw_k.shape(), (4, 2));
+    /// // ∂(Σ y)/∂b_o = the number of rows; no other bias.
+    /// assert_eq!(g.db_o, Some(DVector::from_element(4, 3.0)));
+    /// assert_eq!(g.db_q, None);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    pub fn backward<'x, 'g>(
+        &self,
+        x: impl AsMatRef<'x, T>,
+        d_y: impl AsMatRef<'g, T>,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<LayerGradients<T>, AttentionError> {
+        let x = x.into_mat_ref();
+        let n = x.nrows();
+        self.self_attention_backward(x, &[n], false, d_y.into_mat_ref(), options)
+    }
+
+    /// The gradients of [`forward_packed`](Self::forward_packed): as
+    /// [`backward`](Self::backward), on a packed batch (`seqlens` as there).
+    ///
+    /// # Errors
+    /// Those of [`backward`](Self::backward) and of
+    /// [`forward_packed`](Self::forward_packed).
+    pub fn backward_packed<'x, 'g>(
+        &self,
+        x: impl AsMatRef<'x, T>,
+        seqlens: &[usize],
+        d_y: impl AsMatRef<'g, T>,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<LayerGradients<T>, AttentionError> {
+        self.self_attention_backward(x.into_mat_ref(), seqlens, true, d_y.into_mat_ref(), options)
+    }
+
+    /// [`backward`](Self::backward) and [`backward_packed`](Self::backward_packed).
+    fn self_attention_backward(
+        &self,
+        x: MatRef<'_, T>,
+        seqlens: &[usize],
+        packed: bool,
+        d_y: MatRef<'_, T>,
+        options: &AttentionOptions<'_, T>,
+    ) -> Result<LayerGradients<T>, AttentionError> {
+        self.check_packed(&x, seqlens)?;
+        let rule = "the output's gradient has the output's shape";
+        check_dim(
+            Operand::OutputGradient,
+            Axis::Rows,
+            d_y.nrows(),
+            x.nrows(),
+            Operand::Input,
+            rule,
+        )?;
+        check_dim(
+            Operand::OutputGradient,
+            Axis::Columns,
+            d_y.ncols(),
+            self.d_model(),
+            Operand::OutputWeight,
+            rule,
+        )?;
+        let x = self.checked_input(&x, Operand::Input)?;
+        let x = x.view();
+        check_finite(Operand::OutputGradient, &d_y)?;
+        let (q, k, v) = self.rotated_qkv(&x, seqlens)?;
+        let layout = self.layout(seqlens, packed);
+        let (a, lse) = multi_head_attention_with_lse(&q, &k, &v, &layout, options)?;
+        // The output projection: y = A·W_o + b_o.
+        let output = Projected {
+            g: d_y,
+            g_operand: Operand::OutputGradient,
+            w: self.w_o.as_view(),
+            w_operand: Operand::OutputWeight,
+            w_grad: GradientOf::OutputWeight,
         };
-        self.attend_and_project(&q, &k, &v, &layout, options)
+        let (d_a, dw_o) = projections_backward((&a.as_view(), GradientOf::HeadOutputs), &[output])?;
+        let g = multi_head_attention_backward(&q, &k, &v, &a, &lse, &d_a, &layout, options)?;
+        let (mut dq, mut dk, dv) = (g.dq, g.dk, g.dv);
+        if let Some(rope) = &self.rope {
+            let positions = Self::positions(seqlens);
+            rope.apply_inverse(&mut dq, self.heads_q, &positions)?;
+            rope.apply_inverse(&mut dk, self.heads_kv, &positions)?;
+        }
+        fn part<'a, T: Element>(
+            g: &'a DMatrix<T>,
+            of: GradientOf,
+            w: &'a DMatrix<T>,
+            (w_operand, w_grad): (Operand, GradientOf),
+        ) -> Projected<'a, T> {
+            Projected {
+                g: g.as_view(),
+                g_operand: Operand::Gradient(of),
+                w: w.as_view(),
+                w_operand,
+                w_grad,
+            }
+        }
+        let parts = [
+            part(
+                &dq,
+                GradientOf::Query,
+                &self.w_q,
+                (Operand::QueryWeight, GradientOf::QueryWeight),
+            ),
+            part(
+                &dk,
+                GradientOf::Key,
+                &self.w_k,
+                (Operand::KeyWeight, GradientOf::KeyWeight),
+            ),
+            part(
+                &dv,
+                GradientOf::Value,
+                &self.w_v,
+                (Operand::ValueWeight, GradientOf::ValueWeight),
+            ),
+        ];
+        let (dx, dw) = projections_backward((&x, GradientOf::Input), &parts)?;
+        let [dw_q, dw_k, dw_v] = <[DMatrix<T>; 3]>::try_from(dw).expect("three weight gradients");
+        let bias = |has: bool, g: &MatRef<'_, T>, of| has.then(|| column_sums(g, of)).transpose();
+        Ok(LayerGradients {
+            dx,
+            dw_q,
+            dw_k,
+            dw_v,
+            dw_o: dw_o.into_iter().next().expect("one weight gradient"),
+            db_q: bias(self.b_q.is_some(), &dq.as_view(), GradientOf::QueryBias)?,
+            db_k: bias(self.b_k.is_some(), &dk.as_view(), GradientOf::KeyBias)?,
+            db_v: bias(self.b_v.is_some(), &dv.as_view(), GradientOf::ValueBias)?,
+            db_o: bias(self.b_o.is_some(), &d_y, GradientOf::OutputBias)?,
+        })
     }
 
     /// K and V projected from `x` (validated, not broadcast).
@@ -702,6 +899,50 @@ impl<T: Element> MultiHeadAttention<T> {
             None => Input::Borrowed(*x),
         })
     }
+}
+
+/// The gradients of [`MultiHeadAttention::backward`]: each the shape of what it is the
+/// gradient of; a bias gradient is `Some` exactly when the layer has that bias.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerGradients<T: Element> {
+    /// `∂L/∂x`, n × d_model.
+    pub dx: DMatrix<T>,
+    /// `∂L/∂W_q`, d_model × h_q·d_head.
+    pub dw_q: DMatrix<T>,
+    /// `∂L/∂W_k`, d_model × h_kv·d_head.
+    pub dw_k: DMatrix<T>,
+    /// `∂L/∂W_v`, d_model × h_kv·d_v.
+    pub dw_v: DMatrix<T>,
+    /// `∂L/∂W_o`, h_q·d_v × d_model.
+    pub dw_o: DMatrix<T>,
+    /// `∂L/∂b_q`, h_q·d_head entries.
+    pub db_q: Option<DVector<T>>,
+    /// `∂L/∂b_k`, h_kv·d_head entries.
+    pub db_k: Option<DVector<T>>,
+    /// `∂L/∂b_v`, h_kv·d_v entries.
+    pub db_v: Option<DVector<T>>,
+    /// `∂L/∂b_o`, d_model entries.
+    pub db_o: Option<DVector<T>>,
+}
+
+/// Each column's sum (a bias's gradient), in f64 and rounded once, or
+/// [`AttentionError::ProductOverflow`] naming `of` for a sum out of the type's range.
+fn column_sums<T: Element>(
+    g: &MatRef<'_, T>,
+    of: GradientOf,
+) -> Result<DVector<T>, AttentionError> {
+    let mut sums = try_vector(g.ncols(), T::zero(), Operand::Gradient(of))?;
+    for (c, x) in sums.iter_mut().enumerate() {
+        *x = T::from_f64_rounded(g.column(c).iter().map(|v| v.to_f64()).sum());
+        if !x.finite() {
+            return Err(AttentionError::ProductOverflow {
+                operand: Operand::Gradient(of),
+                row: c,
+                column: 0,
+            });
+        }
+    }
+    Ok(sums)
 }
 
 /// A validated input, read in place or copied (broadcast views).

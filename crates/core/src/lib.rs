@@ -110,7 +110,7 @@ pub use heads::{
 };
 #[doc(hidden)]
 pub use kernel::{KernelRun, last_kernel_run};
-pub use layer::MultiHeadAttention;
+pub use layer::{LayerGradients, MultiHeadAttention};
 pub use merge::merge_partial_attention;
 pub use options::{AttentionOptions, Causal, MatRef, Parallelism};
 pub use rope::{Rope, RopeConvention};

@@ -137,7 +137,47 @@ impl Rope {
         heads: usize,
         positions: &[usize],
     ) -> Result<(), AttentionError> {
-        let mut x = x.into_mat_mut();
+        self.turn(x.into_mat_mut(), heads, positions, false)
+    }
+
+    /// The inverse rotation: each pair turned by `−φ_p`,
+    /// `(a, b) ← (a·cos φ_p + b·sin φ_p,  b·cos φ_p − a·sin φ_p)`. The rotation is
+    /// orthogonal, so this is also its transpose: the backward of [`apply`](Self::apply),
+    /// turning `∂L/∂(rotated Q)` into `∂L/∂Q`.
+    ///
+    /// # Shapes and errors
+    /// Those of [`apply`](Self::apply) ([`Operand::RopeInput`] for NaN/∞ in `x`).
+    ///
+    /// # Example
+    /// ```
+    /// use attention_core::Rope;
+    /// use nalgebra::DMatrix;
+    ///
+    /// let mut k = DMatrix::<f64>::from_fn(2, 4, |i, j| (i * 4 + j) as f64 * 0.5 - 1.0);
+    /// let before = k.clone();
+    /// let rope = Rope::new(4);
+    /// rope.apply(&mut k, 1, &[3, 7])?;
+    /// rope.apply_inverse(&mut k, 1, &[3, 7])?;
+    /// assert!((k - before).amax() < 1e-14);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    pub fn apply_inverse<'a, T: Element>(
+        &self,
+        x: impl AsMatMut<'a, T>,
+        heads: usize,
+        positions: &[usize],
+    ) -> Result<(), AttentionError> {
+        self.turn(x.into_mat_mut(), heads, positions, true)
+    }
+
+    /// [`apply`](Self::apply), or with `inverse` [`apply_inverse`](Self::apply_inverse).
+    fn turn<T: Element>(
+        &self,
+        mut x: MatMut<'_, T>,
+        heads: usize,
+        positions: &[usize],
+        inverse: bool,
+    ) -> Result<(), AttentionError> {
         let head_dim = self.check(x.nrows(), x.ncols(), heads, positions)?;
         let view: MatRef<'_, T> = x.as_view();
         let max_abs = check_finite(Operand::RopeInput, &view)?;
@@ -150,11 +190,11 @@ impl Rope {
         // |a·c − b·s| ≤ |a| + |b| ≤ MAX rounds to at most MAX when |a|, |b| ≤ MAX/2 and
         // |c|, |s| ≤ 1 (rounding is monotone), so only larger inputs can overflow.
         if max_abs.to_f64() > T::MAX.to_f64() / 2.0
-            && let Some((row, column)) = self.first_overflow(&x, pairs, positions)
+            && let Some((row, column)) = self.first_overflow(&x, pairs, positions, inverse)
         {
             return Err(AttentionError::RotationOverflow { row, column });
         }
-        self.for_each_rotation(pairs, positions, |t, i, j, c, s| {
+        self.for_each_rotation(pairs, positions, inverse, |t, i, j, c, s| {
             let (a, b) = (x[(t, i)], x[(t, j)]);
             let (a2, b2) = rotate(a, b, c, s);
             x[(t, i)] = a2;
@@ -212,12 +252,14 @@ impl Rope {
     }
 
     /// Calls `f(t, i, j, cos, sin)` for every token `t` and every rotating pair of columns
-    /// `(i, j)` of every head, with the pair's cosine and sine rounded to `T`. Each
+    /// `(i, j)` of every head, with the pair's cosine and sine (negated if `inverse`)
+    /// rounded to `T`. Each
     /// `θ^(−2p/r)` is computed once, each `(cos, sin)` once per token and pair.
     fn for_each_rotation<T: Element>(
         &self,
         pairs: Pairs,
         positions: &[usize],
+        inverse: bool,
         mut f: impl FnMut(usize, usize, usize, T, T),
     ) {
         let r = self.rotary_dim as f64;
@@ -229,6 +271,7 @@ impl Rope {
             let inv_freq = self.base.powf(-((2 * p) as f64) / r);
             for (t, &position) in positions.iter().enumerate() {
                 let (sin, cos) = (position as f64 * inv_freq).sin_cos();
+                let sin = if inverse { -sin } else { sin };
                 let (c, s) = (T::from_f64_rounded(cos), T::from_f64_rounded(sin));
                 for h in 0..pairs.heads {
                     let (i, j) = pairs.columns(h, p);
@@ -245,9 +288,10 @@ impl Rope {
         x: &MatMut<'_, T>,
         pairs: Pairs,
         positions: &[usize],
+        inverse: bool,
     ) -> Option<(usize, usize)> {
         let mut first: Option<(usize, usize)> = None;
-        self.for_each_rotation(pairs, positions, |t, i, j, c, s| {
+        self.for_each_rotation(pairs, positions, inverse, |t, i, j, c, s| {
             let (a2, b2) = rotate(x[(t, i)], x[(t, j)], c, s);
             for (value, column) in [(a2, i), (b2, j)] {
                 if !value.finite() && first.is_none_or(|f| (t, column) < f) {
