@@ -1,20 +1,22 @@
 //! The backward pass's rows of `docs/PERFORMANCE.md`: `scaled_dot_product_attention_backward`
 //! on the shapes of `../shared/anchors/backward_bench.py` (one head; f32 and f64; n = 1024,
 //! d = 64 and n = 4096, d = 128, plain and causal), on 1 and 2 threads, GFLOP/s counting
-//! `10·n²·d` per call (half for causal), median of 5 after one warm-up call; and a packed
-//! batch of 64 causal sequences through `multi_head_attention_backward`.
+//! `10·n²·d` per call (half for causal), median of 5 after one warm-up call, and the share
+//! of the FMA peak measured at the start (per type and thread count, on the library's
+//! CPU path); and a packed batch of 64 causal sequences through
+//! `multi_head_attention_backward`.
 //!
 //! ```text
 //! cargo run --release -p attention-benches --bin backward
 //! ```
 
-use attention_benches::{median_time, normal_matrix};
+use attention_benches::{median_time, normal_matrix, peak::fma_peak};
 use attention_core::{
     AttentionOptions, Causal, Element, scaled_dot_product_attention_backward,
     scaled_dot_product_attention_with_lse,
 };
 
-fn row<T: Element>(name: &str, n: usize, d: usize, causal: bool, threads: usize) {
+fn row<T: Element>(name: &str, n: usize, d: usize, causal: bool, threads: usize, peak: f64) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -43,11 +45,12 @@ fn row<T: Element>(name: &str, n: usize, d: usize, causal: bool, threads: usize)
     };
     let time = median_time(call);
     let flops = 10.0 * (n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
+    let rate = flops / time / 1e9;
     println!(
-        "backward {name} n={n} d={d}{} threads={threads}: {:.1} ms, {:.1} GFLOP/s",
+        "backward {name} n={n} d={d}{} threads={threads}: {:.1} ms, {rate:.1} GFLOP/s, {:.0}% of the FMA peak",
         if causal { " causal" } else { "" },
         time * 1e3,
-        flops / time / 1e9
+        100.0 * rate / peak
     );
 }
 
@@ -86,11 +89,26 @@ fn varlen(threads: usize) {
 }
 
 fn main() {
+    let peaks: Vec<(bool, usize, f64)> = [false, true]
+        .into_iter()
+        .flat_map(|is_f64| [1, 2].map(|t| (is_f64, t)))
+        .map(|(is_f64, t)| (is_f64, t, fma_peak(is_f64, t, 5).unwrap_or(f64::NAN) / 1e9))
+        .collect();
+    for &(is_f64, t, p) in &peaks {
+        let ty = if is_f64 { "f64" } else { "f32" };
+        println!("FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+    }
+    let peak = |is_f64: bool, threads: usize| {
+        peaks
+            .iter()
+            .find(|&&(f, t, _)| f == is_f64 && t == threads)
+            .map_or(f64::NAN, |p| p.2)
+    };
     for threads in [1, 2] {
         for (n, d, causal) in [(1024, 64, false), (4096, 128, false), (4096, 128, true)] {
-            row::<f32>("f32", n, d, causal, threads);
+            row::<f32>("f32", n, d, causal, threads, peak(false, threads));
         }
-        row::<f64>("f64", 4096, 128, false, threads);
+        row::<f64>("f64", 4096, 128, false, threads, peak(true, threads));
         varlen(threads);
     }
 }

@@ -4,7 +4,7 @@
 //! (`careful.rs`), multi-head batches (`batch.rs`), and the block kernel: packing (`pack.rs`),
 //! scheduling over query blocks and threads (`schedule.rs`), the tile loop with online
 //! softmax (`block.rs`), and its CPU-specific compilation with all of the kernels'
-//! `unsafe` (`simd.rs`).
+//! `unsafe` (`simd.rs`); and the backward pass's tile loop (`grad.rs`).
 
 pub(crate) mod batch;
 mod block;
