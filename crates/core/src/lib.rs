@@ -75,6 +75,7 @@ mod backward;
 mod cache;
 mod columns;
 mod cpu;
+mod dropout;
 mod element;
 mod error;
 mod heads;
@@ -102,6 +103,7 @@ pub use cache::{
     CacheSnapshot, DEFAULT_PAGE_SIZE, KvCache, SeqId, cached_attention, cached_attention_with_lse,
 };
 pub use cpu::CpuPath;
+pub use dropout::Dropout;
 pub use element::Element;
 pub use error::{AttentionError, Axis, GradientOf, Operand};
 pub use heads::{

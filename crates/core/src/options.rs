@@ -2,6 +2,7 @@
 
 use nalgebra::{DMatrixView, Dyn};
 
+use crate::dropout::Dropout;
 use crate::view::AsMatRef;
 use crate::{CpuPath, Element};
 
@@ -120,6 +121,9 @@ pub struct AttentionOptions<'a, T: Element> {
     pub(crate) sequence_biases: Option<&'a [MatRef<'a, T>]>,
     pub(crate) parallelism: Parallelism,
     pub(crate) cpu_path: Option<CpuPath>,
+    pub(crate) dropout: Option<Dropout>,
+    /// The (sequence, query head) of a block of a multi-head call: the dropout stream.
+    pub(crate) dropout_stream: (usize, usize),
 }
 
 impl<T: Element> Default for AttentionOptions<'_, T> {
@@ -138,6 +142,8 @@ impl<T: Element> Default for AttentionOptions<'_, T> {
             sequence_biases: None,
             parallelism: Parallelism::default(),
             cpu_path: None,
+            dropout: None,
+            dropout_stream: (0, 0),
         }
     }
 }
@@ -287,6 +293,38 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     #[must_use]
     pub fn with_softcap(mut self, cap: T) -> Self {
         self.softcap = Some(cap);
+        self
+    }
+
+    /// Attention dropout for training (PyTorch's `dropout_p`): each attention weight is
+    /// dropped with probability `p` and the kept ones are scaled by `1/(1 − p)`; the mask
+    /// comes from Philox4x32-10 keyed by `seed` at counter (query, key, head, sequence),
+    /// indices counted within the sequence, so the backward regenerates it and the result
+    /// does not depend on paths or threads (see [`Dropout`]). The log-sum-exp is the
+    /// softmax's, before dropout. `p` must be in `[0, 1)` (0 is no dropout at all);
+    /// [`attention_weights`] and cached attention reject `p > 0`. Calls with dropout run
+    /// on the block kernel (the careful path for scores out of range), its mask applied
+    /// pair by pair (a scalar Philox per weight: slower than no dropout).
+    ///
+    /// [`attention_weights`]: crate::attention_weights
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::from_fn(4, 3, |i, j| (i + j) as f64 * 0.1);
+    /// let v = DMatrix::from_fn(4, 2, |i, j| (i * 2 + j) as f64);
+    /// let options = AttentionOptions::new().with_dropout(0.5, 42);
+    /// let a = scaled_dot_product_attention(&q, &q, &v, &options)?;
+    /// // The same seed gives the same mask; p = 0 is no dropout at all.
+    /// assert_eq!(a, scaled_dot_product_attention(&q, &q, &v, &options)?);
+    /// let plain = scaled_dot_product_attention(&q, &q, &v, &AttentionOptions::new())?;
+    /// let p0 = AttentionOptions::new().with_dropout(0.0, 42);
+    /// assert_eq!(plain, scaled_dot_product_attention(&q, &q, &v, &p0)?);
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    #[must_use]
+    pub fn with_dropout(mut self, p: f64, seed: u64) -> Self {
+        self.dropout = Some(Dropout { p, seed });
         self
     }
 

@@ -74,7 +74,7 @@ impl<T: Element> Spec<'_, T> {
     #[inline]
     pub(crate) fn needs_value_scaling(&self) -> bool {
         // Divided first: for f64 the product could overflow.
-        self.v_max_abs.to_f64() / T::MAX.to_f64() * 2.0 * (self.n_kv as f64 + 1.0) > 1.0
+        self.out_max.to_f64() / T::MAX.to_f64() * 2.0 * (self.n_kv as f64 + 1.0) > 1.0
     }
 
     /// Per value column, powers of two `(scale, unscale)`: summing `p_j·(v_j·scale)`

@@ -3,6 +3,7 @@
 
 use crate::Element;
 use crate::columns::for_each_column;
+use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::heads::HeadLayout;
 use crate::options::{AttentionOptions, Causal, MatRef, Parallelism};
@@ -39,6 +40,11 @@ pub(crate) struct Spec<'a, T: Element> {
     pub bias: Option<MatRef<'a, T>>,
     pub softcap: Option<T>,
     pub alibi_slope: Option<T>,
+    /// Dropout on the weights (see `dropout.rs`), with this block's stream.
+    pub dropout: Option<DropoutMask<T>>,
+    /// The bound on every output entry: `max|v|`, times `1/(1 − p)` with dropout (a
+    /// convex combination of values, scaled).
+    pub out_max: T,
 }
 
 /// The first NaN or infinity of `m`, in column-major order, as an error; else the largest
@@ -263,6 +269,7 @@ impl<'a, T: Element> Spec<'a, T> {
         check_sequence_mask(options, 0, n_q, n_kv)?;
         check_key_mask(options, n_kv)?;
         let bias_range = check_sequence_bias(options, 0, n_q, n_kv)?;
+        check_dropout(options, (n_q, n_kv), max_abs.v)?;
         let block = block_options(options, 0, 0, 0..n_kv);
         Ok(Spec::assemble(q, k, v, max_abs, scale, bias_range, &block))
     }
@@ -278,6 +285,10 @@ impl<'a, T: Element> Spec<'a, T> {
         v: MatRef<'a, T>,
         options: &AttentionOptions<'a, T>,
     ) -> Option<Deferred<'a, T>> {
+        // Dropout's checks need max|V|, and its calls never take the decoding kernel.
+        if options.dropout.is_some_and(|d| d.p > 0.0) {
+            return None;
+        }
         check_qkv_shapes(&q, &k, &v).ok()?;
         let q_max = check_finite(Operand::Query, &q).ok()?;
         let (n_q, d_k) = q.shape();
@@ -318,6 +329,19 @@ impl<'a, T: Element> Spec<'a, T> {
             _ => n_kv as i64 - n_q as i64,
         };
         let band = Band::new(diag_offset, options.causal.is_some(), options.window);
+        let (seq, head) = options.dropout_stream;
+        // p = 0 is no dropout at all (the same route, hence the same bits).
+        let dropout = options
+            .dropout
+            .filter(|d| d.p > 0.0)
+            .map(|d| DropoutMask::<T>::new(d, seq, head));
+        // max|v|/(1 − p), rounded up by 4 ulp (at most MAX/4: `check_dropout`).
+        let out_max = match dropout {
+            Some(d) => T::from_f64_rounded(
+                max_abs.v.to_f64() * d.scale.to_f64() * (1.0 + 4.0 * T::EPSILON.to_f64()),
+            ),
+            None => max_abs.v,
+        };
         let scores_in_range = scores_in_range::<T>(ScoreBound {
             d_k,
             q_max: max_abs.q.to_f64(),
@@ -349,6 +373,8 @@ impl<'a, T: Element> Spec<'a, T> {
             bias: options.bias,
             softcap: options.softcap,
             alibi_slope: options.alibi_slope,
+            dropout,
+            out_max,
         }
     }
 }
@@ -415,6 +441,7 @@ pub(crate) fn block_options<'a, T: Element>(
         block.bias = Some(biases[seq]);
     }
     block.key_mask = options.key_mask.map(|m| &m[keys]);
+    block.dropout_stream = (seq, head);
     block.alibi_slopes = None;
     block.sequence_masks = None;
     block.sequence_biases = None;
@@ -517,7 +544,42 @@ pub(crate) fn check_scalars<T: Element>(
     if let Some(m) = slopes.into_iter().find(|m| !m.finite()) {
         return Err(AttentionError::InvalidAlibiSlope { value: m.to_f64() });
     }
+    if let Some(d) = options.dropout
+        && !(0.0..1.0).contains(&d.p)
+    {
+        return Err(AttentionError::InvalidOption {
+            option: "dropout",
+            rule: "the probability p is in [0, 1)",
+        });
+    }
     Ok(scale)
+}
+
+/// With dropout: indices that fit the generator's 32-bit counter words, and values whose
+/// sums, scaled by `1/(1 − p)`, cannot overflow (so that no value scaling is needed and
+/// every output is within `out_max`).
+pub(crate) fn check_dropout<T: Element>(
+    options: &AttentionOptions<'_, T>,
+    (n_q, n_kv): (usize, usize),
+    v_max: T,
+) -> Result<(), AttentionError> {
+    let Some(d) = options.dropout.filter(|d| d.p > 0.0) else {
+        return Ok(());
+    };
+    if n_q.max(n_kv) as u64 > u64::from(u32::MAX) {
+        return Err(AttentionError::InvalidOption {
+            option: "dropout",
+            rule: "at most 2^32 - 1 queries and keys per sequence",
+        });
+    }
+    let bound = v_max.to_f64() / (1.0 - d.p) / T::MAX.to_f64() * 2.0 * (n_kv as f64 + 1.0);
+    if bound > 1.0 {
+        return Err(AttentionError::InvalidOption {
+            option: "dropout",
+            rule: "values times 2(n_kv + 1)/(1 - p) must stay below the type's maximum",
+        });
+    }
+    Ok(())
 }
 
 /// The key mask has one entry per key (of the whole packed batch).
@@ -780,6 +842,7 @@ impl<'a, T: Element> Batch<'a, T> {
                     k: k_max[ikv],
                     v: v_max[ikv],
                 };
+                check_dropout(options, (seq.n_q, seq.n_kv), max_abs.v)?;
                 let keys = seq.kv_start..seq.kv_start + seq.n_kv;
                 let block = block_options(options, s, h, keys);
                 specs.push(Spec::assemble(

@@ -30,7 +30,8 @@ use crate::{AttentionError, Element};
 /// # Errors
 /// Those of [`scaled_dot_product_attention`](crate::scaled_dot_product_attention), with
 /// [`AttentionError::TooLarge`] naming [`Operand::Weights`](crate::Operand::Weights) when
-/// the `n_q × n_kv` matrix cannot be allocated (n = 200 000 in f32 is 160 GB).
+/// the `n_q × n_kv` matrix cannot be allocated (n = 200 000 in f32 is 160 GB);
+/// [`AttentionError::InvalidOption`] with dropout (these are the softmax's weights).
 ///
 /// # Example
 /// ```
@@ -57,6 +58,12 @@ pub fn attention_weights<'q, 'k, 'v, T: Element>(
         value.into_mat_ref(),
     );
     let spec = Spec::new(q, k, v, options)?;
+    if spec.dropout.is_some() {
+        return Err(AttentionError::InvalidOption {
+            option: "dropout",
+            rule: "the weights are the softmax's; dropout applies to the output only",
+        });
+    }
     let (n_q, n_kv) = (spec.n_q, spec.n_kv);
     let mut w = try_matrix(n_q, n_kv, T::zero(), Operand::Weights)?;
     if !spec.scores_in_range {

@@ -900,6 +900,7 @@ fn hostile_holds<T: Element>(c: &HostileCase) {
         window: c.window,
         softcap: c.softcap.map(|s| s.value::<T>().to_f64()),
         alibi_slope: c.alibi.map(|a| a.value::<T>().to_f64()),
+        dropout: None,
     };
     let (qf, kf, vf) = (wide(&q), wide(&k), wide(&v));
     let want = attention_reference::attention(&qf, &kf, &vf, &r_opts);

@@ -125,6 +125,8 @@ struct Case {
     window: Option<(usize, usize)>,
     softcap: Option<f64>,
     alibi: Option<f64>,
+    /// Dropout `(p, seed)`.
+    dropout: Option<(f64, u64)>,
 }
 
 fn case(max_n: usize) -> impl Strategy<Value = Case> {
@@ -143,6 +145,7 @@ fn case(max_n: usize) -> impl Strategy<Value = Case> {
                 prop::option::of((0..8usize, 0..8usize)),
                 prop::option::of(prop::sample::select(vec![0.5, 2.0, 20.0])),
                 prop::option::of(prop::sample::select(vec![-0.3, 0.02, 0.25])),
+                prop::option::of((prop::sample::select(vec![0.1, 0.5]), any::<u64>())),
             )
         })
         .prop_map(
@@ -156,6 +159,7 @@ fn case(max_n: usize) -> impl Strategy<Value = Case> {
                 window,
                 softcap,
                 alibi,
+                dropout,
             )| {
                 let g = |r, c, s| gaussian(r, c, 1.0, seed.wrapping_add(s));
                 let coin = |r: usize, c: usize, s: u64, p: f64| g(r, c, s).map(|x| x > p);
@@ -175,6 +179,7 @@ fn case(max_n: usize) -> impl Strategy<Value = Case> {
                     window,
                     softcap,
                     alibi,
+                    dropout,
                 }
             },
         )
@@ -209,6 +214,7 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         window: c.window,
         softcap: c.softcap.map(T::from_f64_rounded),
         alibi: c.alibi.map(T::from_f64_rounded),
+        dropout: c.dropout,
     };
     let options = parts.core();
     let (out, lse) = match scaled_dot_product_attention_with_lse(&q, &k, &v, &options) {
@@ -221,6 +227,8 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     let ro = parts.reference();
     let want = attention_reference::attention_backward(&qw, &kw, &vw, &dw, &ro);
     let p = attention_reference::attention(&qw, &kw, &vw, &ro).weights;
+    // Dropout multiplies kept weights (hence every term below) by at most 1/(1 − p).
+    let f_max = c.dropout.map_or(1.0, |(p, _)| 1.0 / (1.0 - p));
     let (n_q, d_k) = q.shape();
     let (n_kv, d_v) = v.shape();
     let scale = ro.scale.unwrap_or(1.0 / (d_k as f64).sqrt());
@@ -258,7 +266,7 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     let abs_dt = DMatrix::from_fn(n_q, n_kv, |i, j| {
         let dp: f64 = (0..d_v).map(|c| (dw[(i, c)] * vw[(j, c)]).abs()).sum();
         let dd: f64 = (0..d_v).map(|c| dw[(i, c)].abs() * vmax[c]).sum();
-        p[(i, j)] * (dp + dd)
+        p[(i, j)] * (dp + dd) * f_max
     });
     let bound_dq = DMatrix::from_fn(n_q, d_k, |i, c| {
         4.0 * rho[i]
@@ -275,7 +283,7 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     });
     let bound_dv = DMatrix::from_fn(n_kv, d_v, |j, c| {
         4.0 * (0..n_q)
-            .map(|i| rho[i] * p[(i, j)] * dw[(i, c)].abs())
+            .map(|i| rho[i] * p[(i, j)] * f_max * dw[(i, c)].abs())
             .sum::<f64>()
     });
     for (name, got, want, bound) in [
@@ -338,6 +346,7 @@ fn chunks_and_rounds_match_the_reference() {
         window: None,
         softcap: None,
         alibi: None,
+        dropout: None,
     };
     let causal = Case {
         causal: Some(Causal::BottomRight),

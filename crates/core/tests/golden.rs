@@ -73,6 +73,7 @@ impl<T: Element> Typed<T> {
             window: c.window,
             softcap: self.softcap,
             alibi: self.alibi,
+            dropout: None,
         }
     }
 

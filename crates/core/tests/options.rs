@@ -104,6 +104,7 @@ impl Opts {
             window: self.window,
             softcap: self.softcap,
             alibi: self.alibi,
+            dropout: None,
         }
     }
 
@@ -270,6 +271,7 @@ impl<T: Element> Typed<T> {
             window: o.window,
             softcap: o.softcap.map(T::from_f64_rounded),
             alibi: o.alibi.map(T::from_f64_rounded),
+            dropout: None,
         }
         .core()
     }

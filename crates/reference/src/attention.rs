@@ -167,8 +167,17 @@ pub fn attention<T: Copy + Into<f64>>(
         for (j, &e_j) in e.iter().enumerate() {
             weights[(i, j)] = e_j / z;
         }
+        // Dropout acts on the weights that multiply the values only.
+        let kept: Vec<f64> = match &options.dropout {
+            Some(d) => e
+                .iter()
+                .enumerate()
+                .map(|(j, &e_j)| e_j * d.factor(i, j))
+                .collect(),
+            None => e.clone(),
+        };
         for (c, v_c) in v.iter().enumerate() {
-            output[(i, c)] = dot2(&e, v_c) / z;
+            output[(i, c)] = dot2(&kept, v_c) / z;
         }
         lse[i] = m + z.ln();
     }

@@ -90,15 +90,20 @@ pub fn attention_backward<T: Copy + Into<f64>>(
     let row = |m: &DMatrix<f64>, r: usize| m.row(r).iter().copied().collect::<Vec<f64>>();
     let col = |m: &DMatrix<f64>, c: usize| m.column(c).iter().copied().collect::<Vec<f64>>();
 
-    // dV = Pᵀ·dO.
-    let dv = DMatrix::from_fn(n_kv, d_v, |j, c| dot2(&col(p, j), &col(&d_o, c)));
+    // With dropout, the output takes the kept weights P'_ij = P_ij·f_ij (f the dropout
+    // factor, 1 without): dV = P'ᵀ·dO, and ∂L/∂P_ij = f_ij·(dO_i·v_j).
+    let f = |i: usize, j: usize| options.dropout.map_or(1.0, |d| d.factor(i, j));
+    let kept = DMatrix::from_fn(n_q, n_kv, |i, j| p[(i, j)] * f(i, j));
+    let dv = DMatrix::from_fn(n_kv, d_v, |j, c| dot2(&col(&kept, j), &col(&d_o, c)));
 
     // dZ (= ∂L/∂bias), then dT through softcap.
     let mut d_bias = DMatrix::zeros(n_q, n_kv);
     let mut d_t = DMatrix::zeros(n_q, n_kv);
     for i in 0..n_q {
         let d_o_i = row(&d_o, i);
-        let d_p: Vec<f64> = (0..n_kv).map(|j| dot2(&d_o_i, &row(&v, j))).collect();
+        let d_p: Vec<f64> = (0..n_kv)
+            .map(|j| f(i, j) * dot2(&d_o_i, &row(&v, j)))
+            .collect();
         let d_i = neumaier_sum((0..n_kv).map(|j| p[(i, j)] * d_p[j]));
         for j in 0..n_kv {
             if p[(i, j)] == 0.0 {

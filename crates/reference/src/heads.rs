@@ -4,7 +4,7 @@
 
 use nalgebra::DMatrix;
 
-use crate::{Options, attention, attention_backward};
+use crate::{Dropout, Options, attention, attention_backward};
 
 /// How a packed batch splits into heads (columns) and sequences (rows).
 ///
@@ -210,6 +210,11 @@ fn head_options(
     opts.key_mask = options.key_mask.as_ref().map(|m| m[keys].to_vec());
     opts.mask = options.masks.as_ref().map(|m| m[s].clone());
     opts.bias = options.biases.as_ref().map(|b| b[s].clone());
+    opts.dropout = opts.dropout.map(|d| Dropout {
+        head: h as u32,
+        sequence: s as u32,
+        ..d
+    });
     opts
 }
 

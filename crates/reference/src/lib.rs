@@ -126,6 +126,66 @@ pub struct Options {
     pub softcap: Option<f64>,
     /// ALiBi slope `m` (finite): `s ← s − m·|diag_i − j|`, after softcap, before bias.
     pub alibi_slope: Option<f64>,
+    /// Attention dropout on the weights: see [`Dropout`].
+    pub dropout: Option<Dropout>,
+}
+
+/// Attention dropout by definition: the weight `P_ij` of query `i` on key `j` becomes
+/// `P_ij·M_ij/(1 − p)`, with `M_ij = 1` when the first 32-bit word of Philox4x32-10 at
+/// counter `(i, j, head, sequence)` with key `(seed mod 2³², seed / 2³²)` is below
+/// `round((1 − p)·2³²)`, else 0. The softmax's weights and log-sum-exp are unchanged;
+/// the output and the gradients use the kept weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// The probability of dropping, in `[0, 1)`.
+    pub p: f64,
+    /// The generator's key.
+    pub seed: u64,
+    /// The counter's third word: the query head (0 for a single-head call).
+    pub head: u32,
+    /// The counter's fourth word: the sequence (0 for a single-head call).
+    pub sequence: u32,
+}
+
+impl Dropout {
+    /// `M_ij/(1 − p)`: what weight `(i, j)` is multiplied by.
+    #[must_use]
+    pub fn factor(&self, i: usize, j: usize) -> f64 {
+        let word = philox4x32_10(
+            [i as u32, j as u32, self.head, self.sequence],
+            [self.seed as u32, (self.seed >> 32) as u32],
+        )[0];
+        let threshold = ((1.0 - self.p) * 2f64.powi(32)).round();
+        if f64::from(word) < threshold {
+            1.0 / (1.0 - self.p)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Philox4x32-10 (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2,
+/// 3", SC'11), written from its definition: ten rounds, each replacing the counter
+/// `(c0, c1, c2, c3)` by `(hi(M1·c2) ⊕ c1 ⊕ k0, lo(M1·c2), hi(M0·c0) ⊕ c3 ⊕ k1,
+/// lo(M0·c0))`, the key `(k0, k1)` advanced by the Weyl constants after each round.
+#[must_use]
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut c, mut k) = (counter, key);
+    for _ in 0..10 {
+        let a = 0xD251_1F53u64 * u64::from(c[0]);
+        let b = 0xCD9E_8D57u64 * u64::from(c[2]);
+        c = [
+            ((b >> 32) as u32) ^ c[1] ^ k[0],
+            b as u32,
+            ((a >> 32) as u32) ^ c[3] ^ k[1],
+            a as u32,
+        ];
+        k = [
+            k[0].wrapping_add(0x9E37_79B9),
+            k[1].wrapping_add(0xBB67_AE85),
+        ];
+    }
+    c
 }
 
 /// Result of [`attention()`].
@@ -139,4 +199,29 @@ pub struct Attention {
     /// Length n_q: `lse_i = ln Σ_j exp(s_ij)` over the allowed keys of row `i`, the
     /// quantity [`merge()`] needs; −∞ for rows with no allowed key.
     pub lse: Vec<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random123's known answers for `philox4x32 10` (its `kat_vectors` file).
+    #[test]
+    fn philox_known_answers() {
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
 }

@@ -41,6 +41,7 @@ fn options(c: &GoldenCase) -> Options {
         window: c.window,
         softcap: c.softcap,
         alibi_slope: c.alibi_slope,
+        dropout: None,
     }
 }
 

@@ -277,6 +277,12 @@ fn check_options_and_heads<T: Element>(
             "cached attention attends one sequence; call it once per sequence",
         );
     }
+    if options.dropout.is_some_and(|d| d.p > 0.0) {
+        return reject(
+            "dropout",
+            "cached attention is for inference: it takes no dropout",
+        );
+    }
     let no_mask = "cached attention takes no mask or bias: truncate the cache instead";
     for (set, option) in [
         (options.mask.is_some(), "with_mask"),

@@ -268,7 +268,7 @@ fn finish_block<T: Element>(
     for r in 0..rows {
         lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
     }
-    let v_max = job.spec.v_max_abs;
+    let v_max = job.spec.out_max;
     for c in 0..job.spec.d_v {
         let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
         let src = &acc[c * bq..c * bq + rows];
@@ -316,6 +316,15 @@ fn tile<T: Element, MK: MicroKernels<T>>(
         prefetch_options(spec, cur, j0 + jn..(j0 + jn + MK::BK).min(cur.j_end));
     }
     MK::softmax_step(features, s, step, sums, factors);
+    if let Some(dropout) = &spec.dropout {
+        // The weights are in `s`, their sum `l` already taken: drop or scale each one
+        // before `P·V`.
+        for (c, column) in s.chunks_exact_mut(bq).enumerate().take(jn) {
+            for (r, w) in column.iter_mut().enumerate().take(cur.rows) {
+                *w *= dropout.factor(cur.i0 + r, j0 + c);
+            }
+        }
+    }
     let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
     let (alpha, beta) = (&*factors.alpha, &*factors.beta);
     MK::pv(

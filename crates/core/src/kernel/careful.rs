@@ -144,6 +144,11 @@ pub(crate) fn attention<T: Element>(
         if let Some(lse) = lse.as_deref_mut() {
             lse[i] = T::from_f64_rounded(row_lse(m, l));
         }
+        if let Some(dropout) = &spec.dropout {
+            for (j, w) in s.iter_mut().enumerate() {
+                *w *= dropout.factor(i, j).to_f64();
+            }
+        }
         // Weights normalised first and values halved: Σ_j (w_j/l)·(v_j/2) ≤ max|v|/2·(1 +
         // n_kv·u) cannot overflow. That sum is already divided by l, so it is finished with
         // l = 1 (0 for a row with no allowed key) and unscale 2.
@@ -155,7 +160,7 @@ pub(crate) fn attention<T: Element>(
                 .filter(|&(_, &w)| w != 0.0)
                 .map(|(j, &w)| w / l * (spec.v[(j, c)].to_f64() * 0.5))
                 .sum();
-            out[(i, c)] = row_output(half, l_done, 2.0, spec.v_max_abs);
+            out[(i, c)] = row_output(half, l_done, 2.0, spec.out_max);
         }
     }
     Ok(())

@@ -504,8 +504,9 @@ fn tile_in<T: Element, MK: GradKernels<T>>(
     );
     let (i0, j0) = (qb * BLOCK, kb * BLOCK);
     let rows = BLOCK.min(spec.n_q - i0);
-    // Every pair allowed and only scaled: the vector pass.
+    // Every pair allowed and only scaled, no dropout: the vector pass.
     let plain = !spec.has_elementwise()
+        && spec.dropout.is_none()
         && (0..rows).all(|r| {
             let (lo, hi) = spec.key_range(i0 + r);
             lo <= j0 as i64 && (j0 + keys) as i64 - 1 <= hi
@@ -580,13 +581,17 @@ fn weights<T: Element>(
                 } else {
                     let x = if x > T::zero() { T::zero() } else { x };
                     let p = x.exp_nonpos::<false>();
-                    let dz = p * (ds[r] - of.d[r]);
+                    // With dropout, dV takes the kept weights `P·M/(1 − p)` and
+                    // `∂L/∂P = dP'·M/(1 − p)` (dP' = dO·v_j, in `ds`).
+                    let f = spec.dropout.map(|d| d.factor(i, j));
+                    let dp = f.map_or(ds[r], |f| ds[r] * f);
+                    let dz = p * (dp - of.d[r]);
                     let dt = if chain && spec.softcap.is_some() {
                         dz * spec.modify_derivative(t)
                     } else {
                         dz
                     };
-                    (p, dt)
+                    (f.map_or(p, |f| p * f), dt)
                 }
             };
             (s[r], ds[r]) = (p, dt);

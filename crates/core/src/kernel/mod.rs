@@ -494,6 +494,9 @@ pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool, with_lse: bool
         Route::Careful
     } else if d_v == 0 && !with_lse {
         Route::Nothing
+    } else if spec.dropout.is_some() {
+        // Dropout is applied by the block kernel (and the careful path) only.
+        Route::Block
     } else if !forced && n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
         Route::RowStack
     } else if n_q <= DIRECT_MAX_QUERIES && decode::fits(spec) {

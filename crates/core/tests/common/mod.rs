@@ -169,6 +169,8 @@ pub struct OptionParts<'a, T> {
     pub window: Option<(usize, usize)>,
     pub softcap: Option<T>,
     pub alibi: Option<T>,
+    /// Dropout `(p, seed)`.
+    pub dropout: Option<(f64, u64)>,
 }
 
 impl<'a, T: Element> OptionParts<'a, T> {
@@ -199,6 +201,9 @@ impl<'a, T: Element> OptionParts<'a, T> {
         if let Some(m) = self.alibi {
             o = o.with_alibi_slope(m);
         }
+        if let Some((p, seed)) = self.dropout {
+            o = o.with_dropout(p, seed);
+        }
         o
     }
 
@@ -216,6 +221,12 @@ impl<'a, T: Element> OptionParts<'a, T> {
             window: self.window,
             softcap: self.softcap.map(Element::to_f64),
             alibi_slope: self.alibi.map(Element::to_f64),
+            dropout: self.dropout.map(|(p, seed)| attention_reference::Dropout {
+                p,
+                seed,
+                head: 0,
+                sequence: 0,
+            }),
         }
     }
 }
