@@ -251,16 +251,32 @@ fn single_head<T: Element>(
 ) -> Result<AttentionGradients<T>, AttentionError> {
     let spec = problem.ops.spec;
     let (dq, dk, dv) = problem.gradients()?;
-    let ((dq, dk), dv) = join(
+    all_rounded(
         problem.parallel,
+        [
+            (&dq, (spec.n_q, spec.d_k)),
+            (&dk, (spec.n_kv, spec.d_k)),
+            (&dv, (spec.n_kv, spec.d_v)),
+        ],
+    )
+}
+
+/// dQ, dK and dV (row-major f64 of the given shapes) rounded to T, on threads if
+/// `parallel`; the first error in the order dQ, dK, dV.
+fn all_rounded<T: Element>(
+    parallel: bool,
+    [(dq, q), (dk, k), (dv, v)]: [(&[f64], (usize, usize)); 3],
+) -> Result<AttentionGradients<T>, AttentionError> {
+    let ((dq, dk), dv) = join(
+        parallel,
         || {
             join(
-                problem.parallel,
-                || rounded(&dq, (spec.n_q, spec.d_k), Operand::Query),
-                || rounded(&dk, (spec.n_kv, spec.d_k), Operand::Key),
+                parallel,
+                || rounded(dq, q, Operand::Query),
+                || rounded(dk, k, Operand::Key),
             )
         },
-        || rounded(&dv, (spec.n_kv, spec.d_v), Operand::Value),
+        || rounded(dv, v, Operand::Value),
     );
     Ok(AttentionGradients {
         dq: dq?,
@@ -411,11 +427,10 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
             true,
         );
     }
-    Ok(AttentionGradients {
-        dq: rounded(&dq, (q.nrows(), q.ncols()), Operand::Query)?,
-        dk: rounded(&dk, (k.nrows(), k.ncols()), Operand::Key)?,
-        dv: rounded(&dv, (v.nrows(), v.ncols()), Operand::Value)?,
-    })
+    all_rounded(
+        parallel,
+        [(&dq, q.shape()), (&dk, k.shape()), (&dv, v.shape())],
+    )
 }
 
 /// The gradients of [`compute_qkv_backward`], each the shape of its input.

@@ -179,10 +179,15 @@ fn by_panels<T: Element>(
     // Block by block, so that the block's destination stays in cache.
     for (b, dst) in buf.chunks_exact_mut(BLOCK * cols.max(1)).enumerate() {
         let r0 = b * BLOCK;
+        let n = BLOCK.min(rows - r0);
         for c in 0..cols {
             let col = m.column(c);
-            for r in 0..BLOCK.min(rows - r0) {
-                dst[(r / mr * cols + c) * mr + r % mr] = col[r0 + r];
+            // Panel by panel (no division per element).
+            for (panel, r) in (0..n).step_by(mr).enumerate() {
+                let at = (panel * cols + c) * mr;
+                for w in 0..mr.min(n - r) {
+                    dst[at + w] = col[r0 + r + w];
+                }
             }
         }
     }
