@@ -353,11 +353,18 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
     let d_k = q.ncols() / h_q;
     check_packed_operands(&batch, &output, lse, &d_output)?;
     let group = h_q / batch.heads_kv;
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0; q.nrows() * q.ncols()],
-        vec![0.0; k.nrows() * k.ncols()],
-        vec![0.0; v.nrows() * v.ncols()],
-    );
+    // dQ's blocks, and dK's and dV's without GQA, are rounded straight into the results;
+    // with GQA, dK and dV are summed over each group in f64 first.
+    let mut dq = RoundedInto::new(q.shape(), Operand::Query)?;
+    let (mut dk_sum, mut dv_sum) = (Vec::new(), Vec::new());
+    let (mut dk_t, mut dv_t) = (None, None);
+    if group > 1 {
+        try_resize(&mut dk_sum, k.nrows() * k.ncols(), 0.0, Operand::Key)?;
+        try_resize(&mut dv_sum, v.nrows() * v.ncols(), 0.0, Operand::Value)?;
+    } else {
+        dk_t = Some(RoundedInto::new(k.shape(), Operand::Key)?);
+        dv_t = Some(RoundedInto::new(v.shape(), Operand::Value)?);
+    }
     let (path, _) = CpuPath::for_call(options.cpu_path)?;
     let parallel = options.parallelism == Parallelism::Rayon;
     // Many blocks: threads over blocks, each block on one thread; few: blocks in turn,
@@ -406,31 +413,79 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'o, 'g, T: Element>(
         let (s, h) = (b / h_q, b % h_q);
         let seq = batch.sequences[s];
         let j = h / group;
-        // Scatter into the packed row-major buffers: dQ's block is this head's alone,
-        // dK/dV's are summed over the group's heads in head order.
-        place(
-            &mut dq,
-            &dq_h,
-            (seq.q_start, h * d_k, d_k, q.ncols()),
-            false,
-        );
-        place(
-            &mut dk,
-            &dk_h,
-            (seq.kv_start, j * d_k, d_k, k.ncols()),
-            true,
-        );
-        place(
-            &mut dv,
-            &dv_h,
-            (seq.kv_start, j * d_v, d_v, v.ncols()),
-            true,
-        );
+        // dQ's block is this head's alone; dK's and dV's are summed over the group's
+        // heads in head order (or, without GQA, this head's alone too).
+        dq.write(&dq_h, (seq.q_start, h * d_k, d_k));
+        match (&mut dk_t, &mut dv_t) {
+            (Some(dk_t), Some(dv_t)) => {
+                dk_t.write(&dk_h, (seq.kv_start, j * d_k, d_k));
+                dv_t.write(&dv_h, (seq.kv_start, j * d_v, d_v));
+            }
+            _ => {
+                place(&mut dk_sum, &dk_h, (seq.kv_start, j * d_k, d_k, k.ncols()));
+                place(&mut dv_sum, &dv_h, (seq.kv_start, j * d_v, d_v, v.ncols()));
+            }
+        }
     }
-    all_rounded(
-        parallel,
-        [(&dq, q.shape()), (&dk, k.shape()), (&dv, v.shape())],
-    )
+    // The first error in the order dQ, dK, dV, as the single-head call's.
+    let dq = dq.finish()?;
+    let (dk, dv) = match (dk_t, dv_t) {
+        (Some(dk_t), Some(dv_t)) => (dk_t.finish()?, dv_t.finish()?),
+        _ => {
+            let (dk, dv) = join(
+                parallel,
+                || rounded(&dk_sum, k.shape(), Operand::Key),
+                || rounded(&dv_sum, v.shape(), Operand::Value),
+            );
+            (dk?, dv?)
+        }
+    };
+    Ok(AttentionGradients { dq, dk, dv })
+}
+
+/// A gradient rounded to T block by block as the blocks arrive, keeping its first
+/// overflowing entry in row-major order (as [`rounded`] reports it).
+struct RoundedInto<T: Element> {
+    m: DMatrix<T>,
+    operand: Operand,
+    first: Option<(usize, usize)>,
+}
+
+impl<T: Element> RoundedInto<T> {
+    fn new((rows, columns): (usize, usize), operand: Operand) -> Result<Self, AttentionError> {
+        Ok(RoundedInto {
+            m: try_matrix(rows, columns, T::zero(), operand)?,
+            operand,
+            first: None,
+        })
+    }
+
+    /// Writes the row-major f64 block `src` (`d` columns) at row `r0`, column `c0`,
+    /// rounded to T.
+    fn write(&mut self, src: &[f64], (r0, c0, d): (usize, usize, usize)) {
+        let rows = src.len().checked_div(d).unwrap_or(0);
+        for c in 0..d {
+            let mut column = self.m.column_mut(c0 + c);
+            for r in 0..rows {
+                let g = T::from_f64_rounded(src[r * d + c]);
+                if !g.finite() && self.first.is_none_or(|f| (r0 + r, c0 + c) < f) {
+                    self.first = Some((r0 + r, c0 + c));
+                }
+                column[r0 + r] = g;
+            }
+        }
+    }
+
+    fn finish(self) -> Result<DMatrix<T>, AttentionError> {
+        match self.first {
+            Some((row, column)) => Err(AttentionError::ProductOverflow {
+                operand: self.operand,
+                row,
+                column,
+            }),
+            None => Ok(self.m),
+        }
+    }
 }
 
 /// The gradients of [`compute_qkv_backward`], each the shape of its input.
@@ -614,18 +669,13 @@ pub(crate) fn projections_backward<T: Element>(
 /// One (sequence, head) block's dQ, dK, dV (row-major, f64).
 type BlockGradients = (Vec<f64>, Vec<f64>, Vec<f64>);
 
-/// Writes (or, with `add`, adds) the row-major `src` (`d` columns) into the row-major
-/// `dst` (`width` columns) at row `r0`, column `c0`.
-fn place(
-    dst: &mut [f64],
-    src: &[f64],
-    (r0, c0, d, width): (usize, usize, usize, usize),
-    add: bool,
-) {
+/// Adds the row-major `src` (`d` columns) into the row-major `dst` (`width` columns) at
+/// row `r0`, column `c0`.
+fn place(dst: &mut [f64], src: &[f64], (r0, c0, d, width): (usize, usize, usize, usize)) {
     for r in 0..src.len().checked_div(d).unwrap_or(0) {
         let at = (r0 + r) * width + c0;
         for (x, y) in dst[at..at + d].iter_mut().zip(&src[r * d..(r + 1) * d]) {
-            *x = if add { *x + y } else { *y };
+            *x += y;
         }
     }
 }

@@ -1033,3 +1033,35 @@ fn bias_gradient_against_the_reference_and_errors() {
             && unchanged(&short)
     );
 }
+
+/// A gradient past f32's range is `ProductOverflow` at its first entry in row-major
+/// order, with or without GQA (the two ways the packed call assembles dK and dV). With
+/// Q = K = 0 every weight of a row is 1/n_kv, and with V = 0 the output, `D` and dQ, dK
+/// are 0, while dV_j sums dO_i/n_kv over the queries (and query heads) that read it: the
+/// 8 queries of dO = 3.4e38 over 4 keys give 6.8e38 or more in sequence 1 (packed rows
+/// 4..8), the one query of sequence 0 at most 1.7e38.
+#[test]
+fn packed_gradient_overflow_names_the_first_entry() {
+    use attention_core::{
+        HeadLayout, multi_head_attention_backward, multi_head_attention_with_lse,
+    };
+    for heads_kv in [2, 1] {
+        let layout = HeadLayout::new(2, heads_kv).with_seqlens(&[1, 8], &[4, 4]);
+        let q = DMatrix::<f32>::zeros(9, 4);
+        let k = DMatrix::<f32>::zeros(8, 2 * heads_kv);
+        let v = DMatrix::<f32>::zeros(8, 2 * heads_kv);
+        let d_out = DMatrix::<f32>::from_element(9, 4, 3.4e38);
+        let options = AttentionOptions::new();
+        let (out, lse) = multi_head_attention_with_lse(&q, &k, &v, &layout, &options).unwrap();
+        let r = multi_head_attention_backward(&q, &k, &v, &out, &lse, &d_out, &layout, &options);
+        assert_eq!(
+            r,
+            Err(AttentionError::ProductOverflow {
+                operand: Operand::Value,
+                row: 4,
+                column: 0
+            }),
+            "h_kv = {heads_kv}"
+        );
+    }
+}

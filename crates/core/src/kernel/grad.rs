@@ -9,6 +9,8 @@
 //! dP  = dO_I·V_Jᵀ               dT = P∘(dP − D)·∂z/∂t
 //! dV_J += Pᵀ·dO_I               dK_J += dTᵀ·Q_I              dQ_I += dT·K_J
 //! ```
+//! With dropout (`dropout.rs`) the weights pass regenerates the forward's mask `M` pair
+//! by pair: `dV` takes `P∘M/(1 − p)` and `dP` becomes `dP∘M/(1 − p)` before `dT`.
 //! (`dK` and `dQ` are multiplied by the scale once, at the end.) That is the
 //! `10·n_q·n_kv·d` FLOPs the issue counts, where the two-pass scheme (dK/dV over key
 //! blocks, then dQ over query blocks) recomputes `S` and `dP`: 14.
