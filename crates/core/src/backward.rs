@@ -16,7 +16,9 @@ use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
 use crate::kernel::careful;
-use crate::kernel::grad::{BLOCK, Chunk, MAX_CHUNKS, Operands, TileScratch, join, keep_first};
+use crate::kernel::grad::{
+    BLOCK, Chunk, MAX_CHUNKS, Operands, ROUND_BLOCKS, TileScratch, join, keep_first,
+};
 use crate::memory::{try_matrix, try_resize};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Batch, Sequence, Spec, check_finite};
@@ -464,14 +466,17 @@ impl<T: Element> RoundedInto<T> {
     /// rounded to T.
     fn write(&mut self, src: &[f64], (r0, c0, d): (usize, usize, usize)) {
         let rows = src.len().checked_div(d).unwrap_or(0);
-        for c in 0..d {
-            let mut column = self.m.column_mut(c0 + c);
-            for r in 0..rows {
-                let g = T::from_f64_rounded(src[r * d + c]);
-                if !g.finite() && self.first.is_none_or(|f| (r0 + r, c0 + c) < f) {
-                    self.first = Some((r0 + r, c0 + c));
+        // Rows in blocks of 64, so that the block's source rows stay in cache.
+        for b in (0..rows).step_by(64) {
+            for c in 0..d {
+                let mut column = self.m.column_mut(c0 + c);
+                for r in b..(b + 64).min(rows) {
+                    let g = T::from_f64_rounded(src[r * d + c]);
+                    if !g.finite() && self.first.is_none_or(|f| (r0 + r, c0 + c) < f) {
+                        self.first = Some((r0 + r, c0 + c));
+                    }
+                    column[r0 + r] = g;
                 }
-                column[r0 + r] = g;
             }
         }
     }
@@ -852,13 +857,12 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
             careful::attention(spec, &mut (&mut scratch).into_mat_mut(), None)?;
         }
         let count = ops.key_blocks().min(MAX_CHUNKS);
-        let per_round = ops.round_blocks();
         T::with_grad_chunks(|chunks| {
             chunks.resize_with(count, Chunk::default);
             for (c, chunk) in chunks.iter_mut().enumerate() {
-                chunk.reset(ops, (c, count), per_round)?;
+                chunk.reset(ops, (c, count))?;
             }
-            self.run_chunks(chunks, per_round)
+            self.run_chunks(chunks)
         })
     }
 
@@ -867,7 +871,6 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
     fn run_chunks(
         &self,
         chunks: &mut [Chunk<T>],
-        per_round: usize,
     ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), AttentionError> {
         let ops = &self.ops;
         let spec = ops.spec;
@@ -880,8 +883,8 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         try_resize(&mut dk, n_kv * d_k, 0.0, Operand::Key)?;
         try_resize(&mut dv, n_kv * d_v, 0.0, Operand::Value)?;
         let blocks = ops.query_blocks();
-        for start in (0..blocks).step_by(per_round) {
-            let round = start..(start + per_round).min(blocks);
+        for start in (0..blocks).step_by(ROUND_BLOCKS) {
+            let round = start..(start + ROUND_BLOCKS).min(blocks);
             let run = |chunk: &mut Chunk<T>| (kernel.round)(ops, round.clone(), chunk);
             if self.parallel {
                 chunks.par_iter_mut().for_each(run);
@@ -965,23 +968,7 @@ fn rounded<T: Element>(
     operand: Operand,
 ) -> Result<DMatrix<T>, AttentionError> {
     debug_assert_eq!(x.len(), rows * columns);
-    let mut m = try_matrix(rows, columns, T::zero(), operand)?;
-    // Rows in blocks of 64, so that the block's source rows stay in cache.
-    for r0 in (0..rows).step_by(64) {
-        for c in 0..columns {
-            let mut col = m.column_mut(c);
-            for r in r0..(r0 + 64).min(rows) {
-                col[r] = T::from_f64_rounded(x[r * columns + c]);
-            }
-        }
-    }
-    // The first overflow in row-major order.
-    match x.iter().position(|g| !T::from_f64_rounded(*g).finite()) {
-        Some(at) => Err(AttentionError::ProductOverflow {
-            operand,
-            row: at / columns,
-            column: at % columns,
-        }),
-        None => Ok(m),
-    }
+    let mut m = RoundedInto::new((rows, columns), operand)?;
+    m.write(x, (0, 0, columns));
+    m.finish()
 }

@@ -58,13 +58,8 @@ pub(crate) fn join<A: Send, B: Send>(
 pub(crate) const BLOCK: usize = 64;
 /// Key chunks at most (see the module documentation).
 pub(crate) const MAX_CHUNKS: usize = 8;
-/// Query blocks whose tiles with one key block are computed before their products into
-/// dK and dV, which then sum `SPAN·BLOCK` rows in T before adding into f64. 1: spans of 4
-/// measured no faster at n = 4096 (the f64 epilogue is not what bounds the products) and
-/// slower at n = 1024 (`docs/PERFORMANCE.md`).
-pub(crate) const SPAN: usize = 1;
 /// Query blocks per round (1024 rows): each chunk's dQ share is `1024 × d_k` f64.
-const ROUND_BLOCKS: usize = 16;
+pub(crate) const ROUND_BLOCKS: usize = 16;
 
 /// Where a register tile's results go: `out[n·stride + m]`.
 pub(crate) enum Out<'a, T> {
@@ -99,14 +94,14 @@ pub(crate) trait GradKernels<T: Element> {
         out: Out<'_, T>,
     );
 
-    /// A tile `(s, ds, stride)` (key `j`'s `BLOCK` lanes at `j·stride`) whose pairs are all
-    /// allowed and only scaled: if no recomputed weight exceeds 1 beyond the rows' slack, `s ← P = exp(min(scale·s − lse, 0))` and
-    /// `ds ← P·(ds − D)` for keys `< keys`, both 0 for keys `keys .. n`; returns true.
-    /// Otherwise returns false with `s` and `ds` untouched.
-    #[allow(clippy::too_many_arguments)]
+    /// A tile `s`, `ds` (key `j`'s `BLOCK` lanes at `j·BLOCK`) whose pairs are all allowed
+    /// and only scaled: if no recomputed weight exceeds 1 beyond the rows' slack,
+    /// `s ← P = exp(min(scale·s − lse, 0))` and `ds ← P·(ds − D)` for keys `< keys`, both
+    /// 0 for keys `keys .. n`; returns true. Otherwise returns false with `s` and `ds`
+    /// untouched.
     fn plain_weights(
         features: Self::Features,
-        tile: (&mut [T], &mut [T], usize),
+        tile: (&mut [T], &mut [T]),
         sizes: (usize, usize),
         rows: RowsOf<'_, T>,
         scale: T,
@@ -148,29 +143,8 @@ pub(crate) struct Operands<'s, 'a, T: Element> {
     slack: Vec<T>,
 }
 
-/// `m` by blocks of `BLOCK` rows and columns: `[b][c][r]`.
-fn by_blocks<T: Element>(
-    m: &MatRef<'_, T>,
-    operand: Operand,
-) -> Result<LineAligned<T>, AttentionError> {
-    let (rows, cols) = m.shape();
-    let blocks = rows.div_ceil(BLOCK);
-    let mut buf = LineAligned::try_zeroed(blocks * BLOCK * cols, T::zero(), operand)?;
-    for b in 0..blocks {
-        let r0 = b * BLOCK;
-        for c in 0..cols {
-            let col = m.column(c);
-            let dst = &mut buf[(b * cols + c) * BLOCK..][..BLOCK];
-            for (r, x) in dst.iter_mut().enumerate().take(rows - r0) {
-                *x = col[r0 + r];
-            }
-        }
-    }
-    Ok(buf)
-}
-
 /// `m` by blocks of `BLOCK` rows, each in panels of `mr` rows by column: `[b][panel][c][r]`
-/// (a register tile's keys for one column side by side).
+/// (a register tile's keys for one column side by side; with `mr = BLOCK`, `[b][c][r]`).
 fn by_panels<T: Element>(
     m: &MatRef<'_, T>,
     mr: usize,
@@ -276,8 +250,8 @@ impl<'s, 'a, T: Element> Operands<'s, 'a, T> {
         lse_pad[..n_q].copy_from_slice(lse);
         // The seven layouts, on threads if asked.
         let layout = |which: usize| match which {
-            0 => by_blocks(&spec.q, Operand::Query),
-            1 => by_blocks(d_output, Operand::OutputGradient),
+            0 => by_panels(&spec.q, BLOCK, Operand::Query),
+            1 => by_panels(d_output, BLOCK, Operand::OutputGradient),
             2 => by_rows(&spec.q, d_kp, Operand::Query),
             3 => by_rows(d_output, d_vp, Operand::OutputGradient),
             4 => by_panels(&spec.k, mr, Operand::Key),
@@ -334,11 +308,6 @@ impl<'s, 'a, T: Element> Operands<'s, 'a, T> {
         }
     }
 
-    /// Query blocks per round.
-    pub(crate) fn round_blocks(&self) -> usize {
-        ROUND_BLOCKS
-    }
-
     /// dQ's row-major padded width.
     pub(crate) fn d_kp(&self) -> usize {
         self.d_kp
@@ -350,8 +319,7 @@ impl<'s, 'a, T: Element> Operands<'s, 'a, T> {
     }
 }
 
-/// The `S`/`P` and `dP`/`dT` of up to `SPAN` tiles of one key block (`[j][r]`, `SPAN·BLOCK`
-/// lanes per key: tile `g`'s rows from `g·BLOCK`).
+/// A tile's `S`/`P` and `dP`/`dT` (`[j][r]`, `BLOCK` lanes per key).
 pub(crate) struct TileScratch<T> {
     pub s: LineAligned<T>,
     pub ds: LineAligned<T>,
@@ -360,8 +328,8 @@ pub(crate) struct TileScratch<T> {
 impl<T: Element> TileScratch<T> {
     pub(crate) fn new() -> Result<Self, AttentionError> {
         Ok(TileScratch {
-            s: LineAligned::try_zeroed(BLOCK * SPAN * BLOCK, T::zero(), Operand::Query)?,
-            ds: LineAligned::try_zeroed(BLOCK * SPAN * BLOCK, T::zero(), Operand::Query)?,
+            s: LineAligned::try_zeroed(BLOCK * BLOCK, T::zero(), Operand::Query)?,
+            ds: LineAligned::try_zeroed(BLOCK * BLOCK, T::zero(), Operand::Query)?,
         })
     }
 }
@@ -395,13 +363,12 @@ pub struct Chunk<T> {
 }
 
 impl<T: Element> Chunk<T> {
-    /// Makes this chunk chunk `c` of `chunks` for `ops`, with room for rounds of
-    /// `round_blocks` query blocks and dK and dV zero (reusing its buffers).
+    /// Makes this chunk chunk `c` of `chunks` for `ops`, with room for a round's dQ share
+    /// and dK and dV zero (reusing its buffers).
     pub(crate) fn reset(
         &mut self,
         ops: &Operands<'_, '_, T>,
         (c, chunks): (usize, usize),
-        round_blocks: usize,
     ) -> Result<(), AttentionError> {
         self.blocks.clear();
         self.blocks.extend((c..ops.key_blocks()).step_by(chunks));
@@ -413,10 +380,10 @@ impl<T: Element> Chunk<T> {
             buf.clear();
             try_resize(buf, len, 0.0, operand)?;
         }
-        let rows = round_blocks.min(ops.query_blocks()) * BLOCK;
+        let rows = ROUND_BLOCKS.min(ops.query_blocks()) * BLOCK;
         try_resize(&mut self.dq, rows * ops.d_kp, 0.0, Operand::Query)?;
         self.first = None;
-        if self.scratch.s.len() < BLOCK * SPAN * BLOCK {
+        if self.scratch.s.len() < BLOCK * BLOCK {
             self.scratch = TileScratch::new()?;
         }
         Ok(())
@@ -461,36 +428,21 @@ impl<T: Element> Clone for GradKernel<T> {
 }
 impl<T: Element> Copy for GradKernel<T> {}
 
-/// Tile `(qb, kb)` into the scratch (keys `BLOCK` lanes apart): see [`GradKernel::tile`].
+/// Tile `(qb, kb)`: its scores and `dO·Vᵀ` as products, then the weights, into the
+/// scratch (see [`GradKernel::tile`]). Err with the tile's smallest failing pair.
 #[inline(always)]
 pub(crate) fn tile<T: Element, MK: GradKernels<T>>(
     f: MK::Features,
     ops: &Operands<'_, '_, T>,
-    at: (usize, usize),
-    scratch: &mut TileScratch<T>,
-    chain: bool,
-) -> Result<(), Failure> {
-    let (s, ds) = (&mut scratch.s[..], &mut scratch.ds[..]);
-    tile_in::<T, MK>(f, ops, at, (s, ds, BLOCK), chain)
-}
-
-/// Tile `(qb, kb)`: its scores and `dO·Vᵀ` as products, then the weights, into `s` and
-/// `ds` with key `j`'s lanes at `j·stride` (see [`GradKernel::tile`]). Err with the
-/// tile's smallest failing pair.
-#[inline(always)]
-fn tile_in<T: Element, MK: GradKernels<T>>(
-    f: MK::Features,
-    ops: &Operands<'_, '_, T>,
     (qb, kb): (usize, usize),
-    (s, ds, stride): (&mut [T], &mut [T], usize),
+    scratch: &mut TileScratch<T>,
     chain: bool,
 ) -> Result<(), Failure> {
     let spec = ops.spec;
     let (d_k, d_v) = (spec.d_k, spec.d_v);
     let keys = BLOCK.min(spec.n_kv - kb * BLOCK);
     let n = keys.next_multiple_of(MK::MR);
-    let len = (n - 1) * stride + BLOCK;
-    let (s, ds) = (&mut s[..len], &mut ds[..len]);
+    let (s, ds) = (&mut scratch.s[..n * BLOCK], &mut scratch.ds[..n * BLOCK]);
     MK::product(
         f,
         &ops.q_cols[qb * d_k * BLOCK..][..d_k * BLOCK],
@@ -498,7 +450,7 @@ fn tile_in<T: Element, MK: GradKernels<T>>(
         &ops.k_panels[kb * d_k * BLOCK..][..d_k * BLOCK],
         (MK::MR, 1, MK::MR * d_k),
         (d_k, BLOCK, n),
-        Out::Store(s, stride),
+        Out::Store(s, BLOCK),
     );
     MK::product(
         f,
@@ -507,7 +459,7 @@ fn tile_in<T: Element, MK: GradKernels<T>>(
         &ops.v_panels[kb * d_v * BLOCK..][..d_v * BLOCK],
         (MK::MR, 1, MK::MR * d_v),
         (d_v, BLOCK, n),
-        Out::Store(ds, stride),
+        Out::Store(ds, BLOCK),
     );
     let (i0, j0) = (qb * BLOCK, kb * BLOCK);
     let rows = BLOCK.min(spec.n_q - i0);
@@ -523,18 +475,10 @@ fn tile_in<T: Element, MK: GradKernels<T>>(
         slack: &ops.slack[i0..i0 + BLOCK],
         d: &ops.d[i0..i0 + BLOCK],
     };
-    if plain && MK::plain_weights(f, (s, ds, stride), (keys, n), of, spec.scale) {
+    if plain && MK::plain_weights(f, (s, ds), (keys, n), of, spec.scale) {
         return Ok(());
     }
-    weights(
-        spec,
-        (i0, j0),
-        (rows, keys),
-        (s, ds, stride),
-        of,
-        plain,
-        chain,
-    )
+    weights(spec, (i0, j0), (rows, keys), (s, ds), of, plain, chain)
 }
 
 /// The weights and score gradients of a tile pair by pair, for every option (see
@@ -545,18 +489,18 @@ fn weights<T: Element>(
     spec: &Spec<'_, T>,
     (i0, j0): (usize, usize),
     (rows, keys): (usize, usize),
-    (s, ds, stride): (&mut [T], &mut [T], usize),
+    (s, ds): (&mut [T], &mut [T]),
     of: RowsOf<'_, T>,
     plain: bool,
     chain: bool,
 ) -> Result<(), Failure> {
     let four_u = T::EPSILON * T::from_count(4);
     let mut first: Option<Failure> = None;
-    for c in 0..s.len().div_ceil(stride) {
-        let (s, ds) = (
-            &mut s[c * stride..][..BLOCK],
-            &mut ds[c * stride..][..BLOCK],
-        );
+    for (c, (s, ds)) in s
+        .chunks_exact_mut(BLOCK)
+        .zip(ds.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
         let j = j0 + c;
         for r in 0..BLOCK {
             if c >= keys || r >= rows {
@@ -622,64 +566,50 @@ pub(crate) fn round<T: Element, MK: GradKernels<T>>(
 ) {
     let (d_kp, d_vp) = (ops.d_kp, ops.d_vp);
     chunk.dq.fill(0.0);
-    let stride = SPAN * BLOCK;
     for (slot, &kb) in chunk.blocks.iter().enumerate() {
         let seen = ops.query_blocks_of(kb);
         let keys = BLOCK.min(ops.spec.n_kv - kb * BLOCK);
         let n = keys.next_multiple_of(MK::MR);
-        let blocks = seen.start.max(round.start)..seen.end.min(round.end);
-        for first in blocks.clone().step_by(SPAN) {
-            let group = first..(first + SPAN).min(blocks.end);
-            let mut ok = true;
-            for (g, qb) in group.clone().enumerate() {
-                let (s, ds) = (
-                    &mut chunk.scratch.s[g * BLOCK..],
-                    &mut chunk.scratch.ds[g * BLOCK..],
-                );
-                if let Err(e) = tile_in::<T, MK>(f, ops, (qb, kb), (s, ds, stride), true) {
-                    keep_first(&mut chunk.first, e);
-                    ok = false;
-                }
-            }
-            if !ok {
+        for qb in seen.start.max(round.start)..seen.end.min(round.end) {
+            if let Err(e) = tile::<T, MK>(f, ops, (qb, kb), &mut chunk.scratch, true) {
+                keep_first(&mut chunk.first, e);
                 continue;
             }
-            let rows = group.len() * BLOCK;
-            let len = (n - 1) * stride + rows;
-            let (s, ds) = (&chunk.scratch.s[..len], &chunk.scratch.ds[..len]);
-            // dV_J += Pᵀ·dO: n = keys, m = value columns, k = the group's rows.
+            let (s, ds) = (
+                &chunk.scratch.s[..n * BLOCK],
+                &chunk.scratch.ds[..n * BLOCK],
+            );
+            // dV_J += Pᵀ·dO_I: n = keys, m = value columns, k = the block's rows.
             MK::product(
                 f,
-                &ops.do_rows[first * BLOCK * d_vp..][..rows * d_vp],
+                &ops.do_rows[qb * BLOCK * d_vp..][..BLOCK * d_vp],
                 d_vp,
                 s,
-                (1, stride, MK::MR * stride),
-                (rows, d_vp, n),
+                (1, BLOCK, MK::MR * BLOCK),
+                (BLOCK, d_vp, n),
                 Out::Add(&mut chunk.dv[slot * BLOCK * d_vp..][..n * d_vp], d_vp),
             );
-            // dK_J += dTᵀ·Q.
+            // dK_J += dTᵀ·Q_I.
             MK::product(
                 f,
-                &ops.q_rows[first * BLOCK * d_kp..][..rows * d_kp],
+                &ops.q_rows[qb * BLOCK * d_kp..][..BLOCK * d_kp],
                 d_kp,
                 ds,
-                (1, stride, MK::MR * stride),
-                (rows, d_kp, n),
+                (1, BLOCK, MK::MR * BLOCK),
+                (BLOCK, d_kp, n),
                 Out::Add(&mut chunk.dk[slot * BLOCK * d_kp..][..n * d_kp], d_kp),
             );
-            // dQ_I += dT·K_J per query block: n = the block's rows, k = keys.
-            for (g, qb) in group.enumerate() {
-                let local = (qb - round.start) * BLOCK;
-                MK::product(
-                    f,
-                    &ops.k_rows[kb * BLOCK * d_kp..][..n * d_kp],
-                    d_kp,
-                    &ds[g * BLOCK..],
-                    (stride, 1, MK::MR),
-                    (n, d_kp, BLOCK),
-                    Out::Add(&mut chunk.dq[local * d_kp..][..BLOCK * d_kp], d_kp),
-                );
-            }
+            // dQ_I += dT·K_J: n = the block's rows, k = keys.
+            let local = (qb - round.start) * BLOCK;
+            MK::product(
+                f,
+                &ops.k_rows[kb * BLOCK * d_kp..][..n * d_kp],
+                d_kp,
+                ds,
+                (BLOCK, 1, MK::MR),
+                (n, d_kp, BLOCK),
+                Out::Add(&mut chunk.dq[local * d_kp..][..BLOCK * d_kp], d_kp),
+            );
         }
     }
 }

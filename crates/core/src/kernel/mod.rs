@@ -132,20 +132,30 @@ impl<T> Default for LineAligned<T> {
 }
 
 impl<T: Copy> LineAligned<T> {
+    /// Elements allocated beyond `len` so that some start is on a line boundary.
+    const SPARE: usize = LINE
+        / if size_of::<T>() == 0 {
+            1
+        } else {
+            size_of::<T>()
+        };
+
+    /// `len` elements of `buf` (which has `SPARE` more) from its first line boundary:
+    /// below `SPARE` for f32/f64 (their memory reaches a line boundary within 16 or 8
+    /// elements); 0, unaligned but correct, for a type that could not.
+    fn aligned(buf: Vec<T>, len: usize) -> Self {
+        let start = Some(buf.as_ptr().align_offset(LINE))
+            .filter(|&s| s < Self::SPARE)
+            .unwrap_or(0);
+        LineAligned { buf, start, len }
+    }
+
     /// At least `len` elements (new ones `zero`; contents are not kept when the buffer
     /// grows: every user writes before it reads).
     fn fit(&mut self, len: usize, zero: T) {
-        if len <= self.len {
-            return;
+        if len > self.len {
+            *self = Self::aligned(vec![zero; len + Self::SPARE], len);
         }
-        let spare = LINE / size_of::<T>().max(1);
-        let buf = vec![zero; len + spare];
-        // Below `spare` for f32/f64 (their memory reaches a line boundary within 16 or 8
-        // elements); 0, unaligned but correct, for a type that could not.
-        let start = Some(buf.as_ptr().align_offset(LINE))
-            .filter(|&s| s < spare)
-            .unwrap_or(0);
-        *self = LineAligned { buf, start, len };
     }
 
     /// `len` elements `zero`, or `TooLarge` for `operand` if they cannot be allocated.
@@ -154,13 +164,9 @@ impl<T: Copy> LineAligned<T> {
         zero: T,
         operand: Operand,
     ) -> Result<Self, AttentionError> {
-        let spare = LINE / size_of::<T>().max(1);
         let mut buf = Vec::new();
-        try_resize(&mut buf, len.saturating_add(spare), zero, operand)?;
-        let start = Some(buf.as_ptr().align_offset(LINE))
-            .filter(|&s| s < spare)
-            .unwrap_or(0);
-        Ok(LineAligned { buf, start, len })
+        try_resize(&mut buf, len.saturating_add(Self::SPARE), zero, operand)?;
+        Ok(Self::aligned(buf, len))
     }
 }
 

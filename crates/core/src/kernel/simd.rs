@@ -855,17 +855,15 @@ impl<L: Lanes, const MR: usize, const NV: usize> GradKernels<L::T> for GradSimd<
     #[inline(always)]
     fn plain_weights(
         _: L::Features,
-        (s, ds, stride): (&mut [L::T], &mut [L::T], usize),
+        (s, ds): (&mut [L::T], &mut [L::T]),
         (keys, n): (usize, usize),
         rows: RowsOf<'_, L::T>,
         scale: L::T,
     ) -> bool {
         assert!(
             keys <= n
-                && n > 0
-                && stride >= BLOCK
-                && s.len() >= (n - 1) * stride + BLOCK
-                && ds.len() >= (n - 1) * stride + BLOCK
+                && s.len() >= n * BLOCK
+                && ds.len() >= n * BLOCK
                 && rows.lse.len() >= BLOCK
                 && rows.slack.len() >= BLOCK
                 && rows.d.len() >= BLOCK
@@ -876,7 +874,7 @@ impl<L: Lanes, const MR: usize, const NV: usize> GradKernels<L::T> for GradSimd<
         let mut worst = [L::T::zero(); 16];
         // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from
         // the assert: vectors at rt < BLOCK (rt + N ≤ BLOCK) of the rows' values, and at
-        // j·stride + rt with j < n of `s` and `ds`; `worst` holds N ≤ 16 lanes.
+        // j·BLOCK + rt with j < n of `s` and `ds`; `worst` holds N ≤ 16 lanes.
         unsafe {
             let zero = L::splat(L::T::zero());
             let sc = L::splat(scale);
@@ -886,7 +884,7 @@ impl<L: Lanes, const MR: usize, const NV: usize> GradKernels<L::T> for GradSimd<
             for rt in (0..BLOCK).step_by(L::N) {
                 let (l, sl) = (L::load(lse.add(rt)), L::load(slack.add(rt)));
                 for j in 0..keys {
-                    let z = L::mul(L::load(sp.add(j * stride + rt)), sc);
+                    let z = L::mul(L::load(sp.add(j * BLOCK + rt)), sc);
                     let abs = L::max(z, L::sub(zero, z));
                     let excess = L::sub(L::sub(L::sub(z, l), sl), L::mul(four_u, abs));
                     w = L::max(w, excess);
@@ -899,7 +897,7 @@ impl<L: Lanes, const MR: usize, const NV: usize> GradKernels<L::T> for GradSimd<
             for rt in (0..BLOCK).step_by(L::N) {
                 let (l, dv) = (L::load(lse.add(rt)), L::load(d.add(rt)));
                 for j in 0..keys {
-                    let at = j * stride + rt;
+                    let at = j * BLOCK + rt;
                     let x = L::sub(L::mul(L::load(sp.add(at)), sc), l);
                     // min(x, 0): a weight within the slack above 1 is 1.
                     let x = L::sub(zero, L::max(L::sub(zero, x), zero));
@@ -908,8 +906,8 @@ impl<L: Lanes, const MR: usize, const NV: usize> GradKernels<L::T> for GradSimd<
                     L::store(dsp.add(at), L::mul(p, L::sub(L::load(dsp.add(at)), dv)));
                 }
                 for j in keys..n {
-                    L::store(sp.add(j * stride + rt), zero);
-                    L::store(dsp.add(j * stride + rt), zero);
+                    L::store(sp.add(j * BLOCK + rt), zero);
+                    L::store(dsp.add(j * BLOCK + rt), zero);
                 }
             }
         }
