@@ -40,17 +40,21 @@ pub(crate) struct DropoutMask<T> {
     key: [u32; 2],
     /// The counter's last two words: head and sequence.
     stream: [u32; 2],
+    /// The row of the call's first query (`with_query_rows`), added to each query index.
+    first_row: usize,
 }
 
 impl<T: Element> DropoutMask<T> {
-    /// The mask of `dropout` for head `head` of sequence `seq` (`p` already checked).
-    pub(crate) fn new(dropout: Dropout, seq: usize, head: usize) -> Self {
+    /// The mask of `dropout` for head `head` of sequence `seq` whose first query is row
+    /// `first_row` (`p` already checked).
+    pub(crate) fn new(dropout: Dropout, seq: usize, head: usize, first_row: usize) -> Self {
         let threshold = ((1.0 - dropout.p) * 4_294_967_296.0).round() as u64;
         DropoutMask {
             threshold,
             scale: T::from_f64_rounded(1.0 / (1.0 - dropout.p)),
             key: [dropout.seed as u32, (dropout.seed >> 32) as u32],
             stream: [head as u32, seq as u32],
+            first_row,
         }
     }
 
@@ -59,7 +63,12 @@ impl<T: Element> DropoutMask<T> {
     #[inline]
     pub(crate) fn factor(&self, i: usize, j: usize) -> T {
         let draw = philox(
-            [i as u32, j as u32, self.stream[0], self.stream[1]],
+            [
+                (self.first_row + i) as u32,
+                j as u32,
+                self.stream[0],
+                self.stream[1],
+            ],
             self.key,
         )[0];
         if u64::from(draw) < self.threshold {
@@ -119,9 +128,9 @@ mod tests {
 
     #[test]
     fn keeps_everything_at_p_0_and_the_stated_fraction_otherwise() {
-        let all = DropoutMask::<f64>::new(Dropout { p: 0.0, seed: 7 }, 0, 0);
+        let all = DropoutMask::<f64>::new(Dropout { p: 0.0, seed: 7 }, 0, 0, 0);
         assert!((0..1000).all(|j| all.factor(3, j) == 1.0));
-        let half = DropoutMask::<f32>::new(Dropout { p: 0.25, seed: 7 }, 1, 2);
+        let half = DropoutMask::<f32>::new(Dropout { p: 0.25, seed: 7 }, 1, 2, 0);
         assert_eq!(half.scale, 1.0 / 0.75);
         let kept = (0..200_000)
             .filter(|&j| half.factor(j % 400, j / 400) != 0.0)

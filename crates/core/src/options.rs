@@ -122,6 +122,8 @@ pub struct AttentionOptions<'a, T: Element> {
     pub(crate) parallelism: Parallelism,
     pub(crate) cpu_path: Option<CpuPath>,
     pub(crate) dropout: Option<Dropout>,
+    /// `(first, total)`: the queries are rows `first .. first + n_q` of `total`.
+    pub(crate) query_rows: Option<(usize, usize)>,
     /// The (sequence, query head) of a block of a multi-head call: the dropout stream.
     pub(crate) dropout_stream: (usize, usize),
 }
@@ -143,6 +145,7 @@ impl<T: Element> Default for AttentionOptions<'_, T> {
             parallelism: Parallelism::default(),
             cpu_path: None,
             dropout: None,
+            query_rows: None,
             dropout_stream: (0, 0),
         }
     }
@@ -402,6 +405,43 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
         self
     }
 
+    /// Says that the call's queries are rows `first .. first + n_q` of a query matrix of
+    /// `total` rows, so that it returns exactly those rows of the call with all `total`:
+    /// `diag(i) = first + i` with [`Causal::TopLeft`] and `first + i + n_kv − total`
+    /// otherwise, for causal, window and ALiBi alike, and dropout draws at row
+    /// `first + i`. A mask or bias covers only the given rows (`n_q × n_kv`: pass
+    /// `mask.rows(first, n_q)`). Computing a long query matrix in row chunks this way
+    /// (e.g. to report progress) gives the rows of one call within the error bound, and
+    /// the same bits when each chunk starts at a multiple of 64 rows (the kernels' query
+    /// blocks) and takes the same kernel route as the whole call (more than 8 rows and
+    /// more than 64 keys in both, scores in range in both). Without this option
+    /// `first = 0` and `total = n_q`.
+    ///
+    /// Errors ([`InvalidOption`](crate::AttentionError::InvalidOption)): `first + n_q >
+    /// total`; a packed batch of several sequences (each counts rows from its own start);
+    /// cached attention (the cache positions its queries).
+    ///
+    /// ```
+    /// use attention_core::{scaled_dot_product_attention, AttentionOptions, Causal};
+    /// use nalgebra::DMatrix;
+    /// let q = DMatrix::<f64>::from_fn(6, 4, |i, j| ((3 * i + j) as f64).sin());
+    /// let causal = AttentionOptions::new().with_causal(Causal::BottomRight);
+    /// let all = scaled_dot_product_attention(&q, &q, &q, &causal)?;
+    /// // Rows 2..5 alone, placed where they are in the whole call.
+    /// let rows = scaled_dot_product_attention(q.rows(2, 3), &q, &q, &causal.clone().with_query_rows(2, 6))?;
+    /// for i in 0..3 {
+    ///     for c in 0..4 {
+    ///         assert!((rows[(i, c)] - all[(2 + i, c)]).abs() < 1e-15);
+    ///     }
+    /// }
+    /// # Ok::<(), attention_core::AttentionError>(())
+    /// ```
+    #[must_use]
+    pub fn with_query_rows(mut self, first: usize, total: usize) -> Self {
+        self.query_rows = Some((first, total));
+        self
+    }
+
     /// Chooses between all of rayon's threads (the default) and the calling thread only.
     #[must_use]
     pub fn with_parallelism(mut self, parallelism: Parallelism) -> Self {
@@ -467,6 +507,11 @@ impl<'a, T: Element> AttentionOptions<'a, T> {
     pub fn sequence_biases(&self) -> Option<&'a [MatRef<'a, T>]> {
         self.sequence_biases
     }
+    /// `(first, total)` of [`with_query_rows`](Self::with_query_rows).
+    pub fn query_rows(&self) -> Option<(usize, usize)> {
+        self.query_rows
+    }
+
     /// The threading mode.
     pub fn parallelism(&self) -> Parallelism {
         self.parallelism

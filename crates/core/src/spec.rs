@@ -266,6 +266,7 @@ impl<'a, T: Element> Spec<'a, T> {
         let n_kv = k.nrows();
         let scale = check_scalars(options, d_k)?;
         check_lists(options, 1, 1)?;
+        check_query_rows(options, 1, n_q)?;
         check_sequence_mask(options, 0, n_q, n_kv)?;
         check_key_mask(options, n_kv)?;
         let bias_range = check_sequence_bias(options, 0, n_q, n_kv)?;
@@ -295,6 +296,7 @@ impl<'a, T: Element> Spec<'a, T> {
         let n_kv = k.nrows();
         let scale = check_scalars(options, d_k).ok()?;
         check_lists(options, 1, 1).ok()?;
+        check_query_rows(options, 1, n_q).ok()?;
         check_sequence_mask(options, 0, n_q, n_kv).ok()?;
         check_key_mask(options, n_kv).ok()?;
         let bias_range = check_sequence_bias(options, 0, n_q, n_kv).ok()?;
@@ -324,9 +326,10 @@ impl<'a, T: Element> Spec<'a, T> {
         let (n_q, d_k) = q.shape();
         let (n_kv, d_v) = (k.nrows(), v.ncols());
         // Shapes are bounded by memory, far below 2^62, so this cast is exact.
+        let (first, total) = options.query_rows.unwrap_or((0, n_q));
         let diag_offset = match options.causal {
-            Some(Causal::TopLeft) => 0,
-            _ => n_kv as i64 - n_q as i64,
+            Some(Causal::TopLeft) => first as i64,
+            _ => first as i64 + n_kv as i64 - total as i64,
         };
         let band = Band::new(diag_offset, options.causal.is_some(), options.window);
         let (seq, head) = options.dropout_stream;
@@ -334,7 +337,7 @@ impl<'a, T: Element> Spec<'a, T> {
         let dropout = options
             .dropout
             .filter(|d| d.p > 0.0)
-            .map(|d| DropoutMask::<T>::new(d, seq, head));
+            .map(|d| DropoutMask::<T>::new(d, seq, head, first));
         // max|v|/(1 − p), rounded up by 4 ulp (at most MAX/4: `check_dropout`).
         let out_max = match dropout {
             Some(d) => T::from_f64_rounded(
@@ -566,7 +569,9 @@ pub(crate) fn check_dropout<T: Element>(
     let Some(d) = options.dropout.filter(|d| d.p > 0.0) else {
         return Ok(());
     };
-    if n_q.max(n_kv) as u64 > u64::from(u32::MAX) {
+    // Dropout draws at row `first + i` of `total` (`with_query_rows`).
+    let rows = options.query_rows.map_or(n_q, |(_, total)| total);
+    if rows.max(n_kv) as u64 > u64::from(u32::MAX) {
         return Err(AttentionError::InvalidOption {
             option: "dropout",
             rule: "at most 2^32 - 1 queries and keys per sequence",
@@ -596,6 +601,33 @@ pub(crate) fn check_key_mask<T: Element>(
             Operand::Key,
             "one key-mask entry per key",
         )?;
+    }
+    Ok(())
+}
+
+/// `with_query_rows(first, total)`: the call's `n_q` queries lie within the `total` rows,
+/// and it has one sequence (a packed batch counts each sequence's rows from its start).
+pub(crate) fn check_query_rows<T: Element>(
+    options: &AttentionOptions<'_, T>,
+    sequences: usize,
+    n_q: usize,
+) -> Result<(), AttentionError> {
+    let Some((first, total)) = options.query_rows else {
+        return Ok(());
+    };
+    let reject = |rule| {
+        Err(AttentionError::InvalidOption {
+            option: "with_query_rows",
+            rule,
+        })
+    };
+    if sequences > 1 {
+        return reject(
+            "query rows place the queries of one sequence; a packed batch counts each sequence's rows from its start",
+        );
+    }
+    if first.checked_add(n_q).is_none_or(|end| end > total) {
+        return reject("the queries are rows first..first + n_q of total: first + n_q <= total");
     }
     Ok(())
 }
@@ -829,6 +861,7 @@ impl<'a, T: Element> Batch<'a, T> {
         let scale = check_scalars(options, d_k)?;
         check_lists(options, heads_q, sequences.len())?;
         for (s, seq) in sequences.iter().enumerate() {
+            check_query_rows(options, sequences.len(), seq.n_q)?;
             check_sequence_mask(options, s, seq.n_q, seq.n_kv)?;
         }
         check_key_mask(options, k.nrows())?;

@@ -283,6 +283,12 @@ fn check_options_and_heads<T: Element>(
             "cached attention is for inference: it takes no dropout",
         );
     }
+    if options.query_rows.is_some() {
+        return reject(
+            "with_query_rows",
+            "the cache places its queries: the last n_q positions of the sequence",
+        );
+    }
     let no_mask = "cached attention takes no mask or bias: truncate the cache instead";
     for (set, option) in [
         (options.mask.is_some(), "with_mask"),
