@@ -1,0 +1,177 @@
+//! A worker's view of the run ([`Peer`]) and the one exchange pattern every distributed
+//! call uses ([`Channel`]): messages addressed to workers, routed by timely's `Exchange`
+//! pact, kept in an inbox until the worker asks for them, every wait under the watchdog.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use timely::ExchangeData;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::{Exchange, Input, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::worker::Worker;
+
+use crate::cluster::network_failure;
+use crate::error::DistributedError;
+
+/// One worker of a run, as [`Cluster::run`](crate::Cluster::run) hands it to the closure:
+/// its index among all workers, their number, and the distributed calls.
+pub struct Peer<'w> {
+    worker: &'w mut Worker,
+    timeout: Duration,
+}
+
+impl<'w> Peer<'w> {
+    pub(crate) fn new(worker: &'w mut Worker, timeout: Duration) -> Self {
+        Self { worker, timeout }
+    }
+
+    /// This worker's index, `0 .. workers()`.
+    #[must_use]
+    pub fn index(&self) -> usize {
+        self.worker.index()
+    }
+
+    /// The number of workers in the run (all processes).
+    #[must_use]
+    pub fn workers(&self) -> usize {
+        self.worker.peers()
+    }
+
+    /// Waits until every worker has reached its own call of `barrier` (e.g. to start a
+    /// timing together: processes connect and start at different moments).
+    ///
+    /// # Errors
+    /// [`DistributedError::Timeout`] / [`DistributedError::PeerLost`] from the watchdog.
+    pub fn barrier(&mut self) -> Result<(), DistributedError> {
+        let mut channel = self.channel::<usize>();
+        let me = channel.index();
+        for to in 0..channel.workers() {
+            channel.send(to, me);
+        }
+        channel.flush();
+        for other in 0..channel.workers() {
+            channel.receive(
+                |&from| from == other,
+                || format!("worker {other} at the barrier"),
+            )?;
+        }
+        channel.close()
+    }
+
+    /// A new exchange of messages of type `M` among all workers. Every worker must open
+    /// its channels in the same order (timely builds one dataflow per channel).
+    pub(crate) fn channel<M: ExchangeData + Clone>(&mut self) -> Channel<'_, M> {
+        let mut input = InputHandleVec::<u64, (u64, M)>::new();
+        let probe = ProbeHandle::new();
+        let inbox = Rc::new(RefCell::new(Vec::new()));
+        let sink = Rc::clone(&inbox);
+        self.worker.dataflow::<u64, _, _>(|scope| {
+            scope
+                .input_from(&mut input)
+                .exchange(|(to, _): &(u64, M)| *to)
+                .probe_with(&probe)
+                .sink(Pipeline, "Inbox", move |(input, _)| {
+                    input.for_each(|_, data: &mut Vec<(u64, M)>| {
+                        sink.borrow_mut().extend(data.drain(..).map(|(_, m)| m));
+                    });
+                });
+        });
+        Channel {
+            worker: self.worker,
+            input: Some(input),
+            probe,
+            inbox,
+            round: 0,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// Messages of type `M` to any worker; see [`Peer::channel`].
+pub(crate) struct Channel<'a, M: ExchangeData + Clone> {
+    worker: &'a mut Worker,
+    input: Option<InputHandleVec<u64, (u64, M)>>,
+    probe: ProbeHandle<u64>,
+    inbox: Rc<RefCell<Vec<M>>>,
+    round: u64,
+    timeout: Duration,
+}
+
+impl<M: ExchangeData + Clone> Channel<'_, M> {
+    /// This worker's index.
+    pub(crate) fn index(&self) -> usize {
+        self.worker.index()
+    }
+
+    /// The number of workers.
+    pub(crate) fn workers(&self) -> usize {
+        self.worker.peers()
+    }
+
+    /// Queues `message` for worker `to` (sent at the next [`flush`](Self::flush)).
+    pub(crate) fn send(&mut self, to: usize, message: M) {
+        if let Some(input) = &mut self.input {
+            input.send((to as u64, message));
+        }
+    }
+
+    /// Hands every queued message to the engine and lets it start sending them: the
+    /// network threads then move the bytes while this worker computes.
+    pub(crate) fn flush(&mut self) {
+        self.round += 1;
+        if let Some(input) = &mut self.input {
+            input.advance_to(self.round);
+        }
+        self.worker.step();
+    }
+
+    /// Waits for the first message in the inbox that `wanted` accepts, removes and returns
+    /// it. `what` describes it for the watchdog's error.
+    pub(crate) fn receive(
+        &mut self,
+        mut wanted: impl FnMut(&M) -> bool,
+        what: impl Fn() -> String,
+    ) -> Result<M, DistributedError> {
+        let start = Instant::now();
+        loop {
+            {
+                let mut inbox = self.inbox.borrow_mut();
+                if let Some(i) = inbox.iter().position(&mut wanted) {
+                    return Ok(inbox.remove(i));
+                }
+            }
+            self.check(start, &what)?;
+            self.worker.step_or_park(Some(Duration::from_millis(10)));
+        }
+    }
+
+    /// Closes this worker's side and waits until every worker has closed theirs and every
+    /// message has been delivered: after this, no peer needs anything from this worker.
+    pub(crate) fn close(mut self) -> Result<(), DistributedError> {
+        self.input = None;
+        let start = Instant::now();
+        while !self.probe.done() {
+            self.check(start, &|| "the other workers to finish".to_owned())?;
+            self.worker.step_or_park(Some(Duration::from_millis(10)));
+        }
+        Ok(())
+    }
+
+    /// The watchdog: a broken connection, or nothing for longer than the timeout.
+    fn check(&self, start: Instant, what: &dyn Fn() -> String) -> Result<(), DistributedError> {
+        if let Some(message) = network_failure() {
+            return Err(DistributedError::PeerLost { message });
+        }
+        let waited = start.elapsed();
+        if waited > self.timeout {
+            return Err(DistributedError::Timeout {
+                waiting_for: what(),
+                waited,
+            });
+        }
+        Ok(())
+    }
+}

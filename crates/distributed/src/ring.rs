@@ -1,0 +1,485 @@
+//! Ring attention: each worker keeps its query rows, the K/V blocks travel around the
+//! ring, and each worker folds every block into its running (output, lse) with the exact
+//! merge.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use attention_core::{
+    AsMatRef, AttentionOptions, Causal, Element, HeadLayout, Operand, multi_head_attention_with_lse,
+};
+use nalgebra::DMatrix;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DistributedError, config};
+use crate::exchange::Peer;
+use crate::handshake::check_finite;
+use crate::merge::{Partial, empty, fold, stack};
+use crate::plan::Plan;
+use crate::wire::{Values, Wire};
+
+/// The options of a distributed attention call: the score rules that do not depend on a
+/// token's position, and causal masking (handled by the plan's chunk order).
+///
+/// Masks, biases, windows and ALiBi are not offered: they need each block's key
+/// positions, which the single-machine calls take only for queries
+/// (`AttentionOptions::with_query_rows`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RingOptions<T> {
+    causal: bool,
+    scale: Option<T>,
+    softcap: Option<T>,
+}
+
+impl<T: Element> RingOptions<T> {
+    /// No causal mask, scale `1/√d_k`, no softcap.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            causal: false,
+            scale: None,
+            softcap: None,
+        }
+    }
+
+    /// Causal self-attention over the whole sequence: token `i` sees tokens `0..=i`.
+    #[must_use]
+    pub fn with_causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// The score scale (default `1/√d_k`), as `AttentionOptions::with_scale`.
+    #[must_use]
+    pub fn with_scale(mut self, scale: T) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// The softcap `c·tanh(s/c)`, as `AttentionOptions::with_softcap`.
+    #[must_use]
+    pub fn with_softcap(mut self, cap: T) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// Whether the call is causal.
+    #[must_use]
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// The single-machine options of one block (causal added per block).
+    pub(crate) fn local(&self) -> AttentionOptions<'static, T> {
+        let mut o = AttentionOptions::new();
+        if let Some(s) = self.scale {
+            o = o.with_scale(s);
+        }
+        if let Some(c) = self.softcap {
+            o = o.with_softcap(c);
+        }
+        o
+    }
+
+    /// What every worker must agree on, as text for the handshake.
+    pub(crate) fn describe(&self) -> [(&'static str, String); 3] {
+        let bits = |x: Option<T>| x.map_or("default".to_owned(), |x| format!("{:e}", x.to_f64()));
+        [
+            ("causal", self.causal.to_string()),
+            ("scale", bits(self.scale)),
+            ("softcap", bits(self.softcap)),
+        ]
+    }
+}
+
+/// A worker's result of [`Peer::ring_attention`]: the output and log-sum-exp of its rows
+/// (those [`Plan::rows`] gives it, in that order), and what it did.
+#[derive(Clone, Debug)]
+pub struct RingOutput<T: Element> {
+    /// `rows × h_q·d_v`.
+    pub output: DMatrix<T>,
+    /// `rows × h_q` (−∞ for a row with no allowed key, which causal self-attention never has).
+    pub lse: DMatrix<T>,
+    /// Counters of this worker's part.
+    pub stats: RingStats,
+}
+
+/// What one worker did in a ring call.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RingStats {
+    /// The allowed (query, key) pairs whose scores it computed, per head: its share of the
+    /// work ([`Plan::causal_pairs`] or [`Plan::pairs`]).
+    pub pairs: u64,
+    /// Time in local attention calls.
+    pub compute: Duration,
+    /// Time folding partials into the running result (the exact merge).
+    pub merge: Duration,
+    /// Time handing blocks to the engine (encoding them for the network, if any).
+    pub send: Duration,
+    /// Time waiting for the next block after its own compute was done.
+    pub wait: Duration,
+    /// Bytes of K and V it sent.
+    pub bytes_sent: u64,
+}
+
+/// A block of keys and values on its way around the ring: the rows of worker `origin`'s
+/// two chunks, column-major `rows × h_kv·d_k` and `rows × h_kv·d_v`.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "T: Wire")]
+struct KvBlock<T> {
+    origin: usize,
+    rows: usize,
+    key: Values<T>,
+    value: Values<T>,
+}
+
+/// The message of a ring call: the block a worker holds at `step`, to the next worker.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(bound = "T: Wire")]
+struct Message<T> {
+    step: usize,
+    block: Arc<KvBlock<T>>,
+}
+
+impl Peer<'_> {
+    /// Ring attention over one sequence of `plan.len()` tokens spread over all workers:
+    /// `out = softmax(scale·Q·Kᵀ [+ causal mask])·V` per head, for this worker's rows.
+    ///
+    /// Every worker calls it with the same plan, layout and options, and its own rows:
+    /// `query` is `rows × h_q·d_k`, `key` `rows × h_kv·d_k`, `value` `rows × h_kv·d_v`,
+    /// holding the tokens of [`Plan::rows`] for [`Peer::index`] in that order (heads side
+    /// by side in columns, as `multi_head_attention`; grouped-query when `h_q = g·h_kv`).
+    ///
+    /// The algorithm, on `P` workers: worker `w` starts with its own K/V block; at step
+    /// `s = 0 .. P − 1` it holds the block of worker `(w − s) mod P`, first sends it on to
+    /// worker `w + 1` (so the engine's network threads move it while this worker computes),
+    /// then attends its two query chunks to the block's chunks they may see, and folds each
+    /// partial `(O_b, lse_b)` into its running result:
+    ///
+    /// ```text
+    /// M = max(lse, lse_b),  lse' = M + ln(e^(lse − M) + e^(lse_b − M)),
+    /// O' = (e^(lse − M)·O + e^(lse_b − M)·O_b) / e^(lse' − M)
+    /// ```
+    ///
+    /// Under a causal mask a key chunk `j` is wholly visible to a query chunk `i > j`,
+    /// invisible to `i < j`, and causal within itself for `i = j`; the two visible chunks of
+    /// a block are contiguous, so each (query chunk, block) is one call, bottom-right
+    /// aligned when it includes the diagonal chunk. The order of every sum depends only on
+    /// the plan, so a run gives the same bits every time with the same worker count.
+    ///
+    /// # Errors
+    /// [`DistributedError::Config`] when the plan is not for this run's worker count or
+    /// the layout is packed (several sequences); [`DistributedError::Shape`] when this
+    /// worker's matrices do not have its rows and the layout's columns;
+    /// [`DistributedError::Mismatch`] when workers disagree on the problem (checked before
+    /// any work); [`DistributedError::Timeout`] / [`DistributedError::PeerLost`] from the
+    /// watchdog; [`DistributedError::Attention`] from a local call or merge (NaN in an
+    /// input, …).
+    ///
+    /// # Example
+    /// ```
+    /// use attention_core::{multi_head_attention, AttentionOptions, Causal, HeadLayout};
+    /// use attention_distributed::{Cluster, Plan, RingOptions};
+    /// use nalgebra::DMatrix;
+    ///
+    /// // 10 tokens, 2 query heads sharing 1 K/V head of width 4; 3 workers in this process.
+    /// let x = DMatrix::<f64>::from_fn(10, 8, |i, j| ((3 * i + j) as f64 * 0.37).sin());
+    /// let (q, kv) = (x.clone(), x.columns(0, 4).into_owned());
+    /// let layout = HeadLayout::new(2, 1);
+    /// let (q2, kv2) = (q.clone(), kv.clone());
+    /// let parts = Cluster::local(3)?.run(move |peer| {
+    ///     let plan = Plan::zigzag(10, peer.workers())?;
+    ///     let mine = |m: &DMatrix<f64>| {
+    ///         let [a, b] = plan.rows(peer.index());
+    ///         let rows: Vec<usize> = a.chain(b).collect();
+    ///         m.select_rows(&rows)
+    ///     };
+    ///     let (q, k) = (mine(&q2), mine(&kv2));
+    ///     let layout = HeadLayout::new(2, 1);
+    ///     let opts = RingOptions::new().with_causal(true);
+    ///     Ok((plan.rows(peer.index()), peer.ring_attention(&plan, &q, &k, &k, &layout, &opts)?))
+    /// })?;
+    /// let full = multi_head_attention(&q, &kv, &kv, &layout,
+    ///     &AttentionOptions::new().with_causal(Causal::TopLeft))?;
+    /// for (rows, part) in parts {
+    ///     for (r, i) in rows.into_iter().flatten().enumerate() {
+    ///         assert!((part.output.row(r) - full.row(i)).amax() < 1e-14);
+    ///     }
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn ring_attention<'q, 'k, 'v, T: Wire>(
+        &mut self,
+        plan: &Plan,
+        query: impl AsMatRef<'q, T>,
+        key: impl AsMatRef<'k, T>,
+        value: impl AsMatRef<'v, T>,
+        layout: &HeadLayout<'_>,
+        options: &RingOptions<T>,
+    ) -> Result<RingOutput<T>, DistributedError> {
+        let (q, k, v) = (
+            query.into_mat_ref(),
+            key.into_mat_ref(),
+            value.into_mat_ref(),
+        );
+        let me = self.index();
+        let workers = self.workers();
+        // This worker's rule checks; a failure is reported to every worker in the
+        // handshake, so that none waits for a block that will never come.
+        let checked = if plan.workers() == workers {
+            Shape::check(plan.row_count(me), q.shape(), k.shape(), v.shape(), layout)
+        } else {
+            Err(config(
+                "plan",
+                format!(
+                    "a plan for {} workers in a run of {workers}",
+                    plan.workers()
+                ),
+            ))
+        }
+        .and_then(|shape| {
+            check_finite(Operand::Query, q)?;
+            check_finite(Operand::Key, k)?;
+            check_finite(Operand::Value, v)?;
+            Ok(shape)
+        });
+        let mut problem = vec![
+            (
+                "element type".to_owned(),
+                std::any::type_name::<T>().to_owned(),
+            ),
+            ("sequence length".to_owned(), plan.len().to_string()),
+            ("workers in the plan".to_owned(), plan.workers().to_string()),
+        ];
+        if let Ok(shape) = &checked {
+            problem.extend(shape.describe());
+        }
+        problem.extend(options.describe().map(|(f, v)| (f.to_owned(), v)));
+        let failure = checked.as_ref().err().cloned();
+        self.handshake(&problem, q.nrows(), failure)?;
+        let shape = checked?;
+
+        let mut channel = self.channel::<Message<T>>();
+        let mut held = Arc::new(KvBlock {
+            origin: me,
+            rows: k.nrows(),
+            key: Values(k.iter().copied().collect()),
+            value: Values(v.iter().copied().collect()),
+        });
+        let mut stats = RingStats::default();
+        let mut state: [Option<Partial<T>>; 2] = [None, None];
+        let local = options.local();
+        let heads = HeadLayout::new(layout.heads_q(), layout.heads_kv());
+        for step in 0..workers {
+            if step + 1 < workers {
+                let start = Instant::now();
+                stats.bytes_sent +=
+                    ((held.key.0.len() + held.value.0.len()) * std::mem::size_of::<T>()) as u64;
+                channel.send(
+                    (me + 1) % workers,
+                    Message {
+                        step,
+                        block: Arc::clone(&held),
+                    },
+                );
+                channel.flush();
+                stats.send += start.elapsed();
+            }
+            let block_chunks = plan.chunks(held.origin);
+            let kmat = nalgebra::DMatrixView::from_slice(&held.key.0, held.rows, k.ncols());
+            let vmat = nalgebra::DMatrixView::from_slice(&held.value.0, held.rows, v.ncols());
+            let mut first_row = 0;
+            for (slot, qc) in plan.chunks(me).into_iter().enumerate() {
+                let q_rows = plan.chunk(qc).len();
+                let q_chunk = q.rows(first_row, q_rows);
+                first_row += q_rows;
+                // The block's chunks this query chunk may see: a prefix (chunk ids rise).
+                let visible: Vec<usize> = block_chunks
+                    .into_iter()
+                    .filter(|&kc| !options.causal || kc <= qc)
+                    .collect();
+                let keys: usize = visible.iter().map(|&kc| plan.chunk(kc).len()).sum();
+                if q_rows == 0 || keys == 0 {
+                    continue;
+                }
+                let diagonal = options.causal && visible.last() == Some(&qc);
+                let opts = if diagonal {
+                    local.clone().with_causal(Causal::BottomRight)
+                } else {
+                    local.clone()
+                };
+                let start = Instant::now();
+                let part = multi_head_attention_with_lse(
+                    q_chunk,
+                    kmat.rows(0, keys),
+                    vmat.rows(0, keys),
+                    &heads,
+                    &opts,
+                )?;
+                stats.pairs += if diagonal {
+                    let (q_rows, keys) = (q_rows as u64, keys as u64);
+                    q_rows * (keys - q_rows) + q_rows * (q_rows + 1) / 2
+                } else {
+                    (q_rows * keys) as u64
+                };
+                stats.compute += start.elapsed();
+                let start = Instant::now();
+                fold(&mut state[slot], part, layout.heads_q(), shape.d_v)?;
+                stats.merge += start.elapsed();
+            }
+            if step + 1 < workers {
+                let start = Instant::now();
+                let from = (me + workers - 1) % workers;
+                let Message { block, .. } = channel.receive(
+                    |m| m.step == step,
+                    || format!("the K/V block of ring step {step} from worker {from}"),
+                )?;
+                let want = (block.origin < workers).then(|| plan.row_count(block.origin));
+                if want != Some(block.rows)
+                    || block.key.0.len() != block.rows * k.ncols()
+                    || block.value.0.len() != block.rows * v.ncols()
+                {
+                    return Err(DistributedError::Shape {
+                        operand: "K/V block",
+                        rule: format!(
+                            "worker {from} sent {} rows ({} and {} values) for worker {}'s \
+                             {} rows of {} and {} columns",
+                            block.rows,
+                            block.key.0.len(),
+                            block.value.0.len(),
+                            block.origin,
+                            want.unwrap_or(0),
+                            k.ncols(),
+                            v.ncols()
+                        ),
+                    });
+                }
+                held = block;
+                stats.wait += start.elapsed();
+            }
+        }
+        drop(held);
+        channel.close()?;
+
+        let [a, b] = state.map(|s| s.unwrap_or_else(|| empty(0, layout.heads_q(), shape.d_v)));
+        let (output, lse) = stack(a, b);
+        Ok(RingOutput { output, lse, stats })
+    }
+}
+
+/// The widths of a multi-head call, checked against one worker's matrices.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shape {
+    pub(crate) heads_q: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) d_k: usize,
+    pub(crate) d_v: usize,
+}
+
+impl Shape {
+    /// Checks `q`, `k`, `v` (`(rows, columns)`) against `rows` and the layout.
+    pub(crate) fn check(
+        rows: usize,
+        q: (usize, usize),
+        k: (usize, usize),
+        v: (usize, usize),
+        layout: &HeadLayout<'_>,
+    ) -> Result<Self, DistributedError> {
+        let (heads_q, heads_kv) = (layout.heads_q(), layout.heads_kv());
+        if layout.seqlens().is_some() {
+            return Err(config(
+                "layout",
+                "one sequence per call (a packed batch is not supported)",
+            ));
+        }
+        if heads_q == 0 || heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
+            return Err(config(
+                "layout",
+                format!(
+                    "h_q must be a positive multiple of h_kv; found h_q = {heads_q}, h_kv = {heads_kv}"
+                ),
+            ));
+        }
+        let shape = |operand, found: (usize, usize), heads: usize, name| {
+            if found.0 != rows || !found.1.is_multiple_of(heads) || found.1 == 0 {
+                return Err(DistributedError::Shape {
+                    operand,
+                    rule: format!(
+                        "this worker's part is {rows} rows × a positive multiple of {heads} \
+                         columns ({name} heads); found {} × {}",
+                        found.0, found.1
+                    ),
+                });
+            }
+            Ok(found.1 / heads)
+        };
+        let d_k = shape("query", q, heads_q, "h_q")?;
+        let d_v = shape("value", v, heads_kv, "h_kv")?;
+        if shape("key", k, heads_kv, "h_kv")? != d_k {
+            return Err(DistributedError::Shape {
+                operand: "key",
+                rule: format!(
+                    "h_kv·d_k = {heads_kv}·{d_k} columns, as the query's head width; found {}",
+                    k.1
+                ),
+            });
+        }
+        Ok(Self {
+            heads_q,
+            heads_kv,
+            d_k,
+            d_v,
+        })
+    }
+
+    pub(crate) fn describe(&self) -> [(String, String); 4] {
+        [
+            ("heads_q".to_owned(), self.heads_q.to_string()),
+            ("heads_kv".to_owned(), self.heads_kv.to_string()),
+            ("d_k".to_owned(), self.d_k.to_string()),
+            ("d_v".to_owned(), self.d_v.to_string()),
+        ]
+    }
+}
+
+/// A bound on how far [`Peer::ring_attention`]'s output may lie from the single-machine
+/// `multi_head_attention` over the whole sequence, relative to the largest `|v_jc|` of the
+/// output column's value column: `|ring − single| ≤ bound · max_j |v_jc|`.
+///
+/// Both approximate the exact result. With `ε = T::EPSILON`, `A` a bound on the scaled
+/// scores' magnitude (`score_bound`, e.g. `scale · max_i ‖q_i‖ · max_j ‖k_j‖` per head),
+/// `L` a bound on `|lse|` (`lse_bound`), and `n` keys:
+/// - a single-machine call is within `(2Δ + S)` of the exact output, with
+///   `Δ = (d_k + 4)·ε·A` (the scores' rounding) and `S = 111ε + 6⌈n/480 + 1⌉·2⁻⁵²`
+///   (the softmax sums; the worst case of the core's blocked summation);
+/// - each block's partial is within the same, and its lse within `δ = Δ + S + ε·L`;
+/// - each of the at most `P` merges adds at most `2δ' + 7ε`: its weights' relative error
+///   is twice the lse error `δ' = δ + P·(2εL + 2ε)` (the running lse picks up rounding
+///   with every merge), and its exp, division and sums round a few times.
+///
+/// So `bound = 1.01·(2·(2Δ + S) + P·(2δ' + 7ε))`, the factor 1.01 covering second-order
+/// terms.
+///
+/// # Example
+/// ```
+/// use attention_distributed::ring_deviation_bound;
+///
+/// // f32, 2 workers, 4096 keys of width 128, |scores| ≤ 10, |lse| ≤ 20: 0.14% of max |v|.
+/// let b = ring_deviation_bound::<f32>(2, 4096, 128, 10.0, 20.0);
+/// assert!((b - 1.4e-3).abs() < 1e-4, "{b}");
+/// ```
+#[must_use]
+pub fn ring_deviation_bound<T: Element>(
+    workers: usize,
+    n: usize,
+    d_k: usize,
+    score_bound: f64,
+    lse_bound: f64,
+) -> f64 {
+    let eps = T::EPSILON.to_f64();
+    let p = workers as f64;
+    let delta = (d_k as f64 + 4.0) * eps * score_bound;
+    let sums = 111.0 * eps + 6.0 * ((n / 480) as f64 + 1.0) * f64::EPSILON;
+    let lse_error = delta + sums + eps * lse_bound + p * (2.0 * eps * lse_bound + 2.0 * eps);
+    1.01 * (2.0 * (2.0 * delta + sums) + p * (2.0 * lse_error + 7.0 * eps))
+}
