@@ -261,7 +261,8 @@ impl Cluster {
     /// (they may be blocked on the network): return from `main` to end the process.
     ///
     /// # Errors
-    /// The first worker's error; [`DistributedError::Timeout`] when the peers cannot be
+    /// The error of the first of this process's workers (in worker order) that failed;
+    /// [`DistributedError::Timeout`] when the peers cannot be
     /// reached; [`DistributedError::Engine`] when timely cannot start (e.g. the address
     /// is taken) or a worker panicked.
     pub fn run<R, F>(&self, work: F) -> Result<Vec<R>, DistributedError>
@@ -318,7 +319,8 @@ impl Cluster {
                 });
             }
         }
-        let mut results: Vec<Option<R>> = (0..threads).map(|_| None).collect();
+        let mut results: Vec<Option<Result<R, DistributedError>>> =
+            (0..threads).map(|_| None).collect();
         let first = self.process * threads;
         let mut done = 0;
         while done < threads {
@@ -326,7 +328,7 @@ impl Cluster {
             match rx.recv() {
                 Ok(Event::Started) => {}
                 Ok(Event::Done(index, result)) => {
-                    results[index - first] = Some(result?);
+                    results[index - first] = Some(result);
                     done += 1;
                 }
                 Ok(Event::Failed(message)) => return Err(DistributedError::Engine { message }),
@@ -337,10 +339,15 @@ impl Cluster {
                 }
             }
         }
+        // The first error in worker order, so that the outcome does not depend on timing.
+        let results: Vec<R> = results
+            .into_iter()
+            .map(|r| r.expect("every worker reported"))
+            .collect::<Result<_, _>>()?;
         // Every worker closed its exchanges, so every message has been delivered; wait a
         // little for the engine's orderly shutdown (it flushes and closes the connections).
         let _ = rx.recv_timeout(timeout);
-        Ok(results.into_iter().map(|r| r.expect("counted")).collect())
+        Ok(results)
     }
 }
 
