@@ -17,6 +17,9 @@ use attention_distributed::verify::{deviation, synthetic_qkv};
 use attention_distributed::{Cluster, DistributedError, Plan, RingOptions, RingOutput, Wire};
 use nalgebra::DMatrix;
 
+/// An output and its lse.
+type Pair<T> = (DMatrix<T>, DMatrix<T>);
+
 #[derive(Clone, Copy, Debug)]
 struct Case {
     workers: usize,
@@ -57,7 +60,7 @@ impl Case {
     }
 
     /// The whole problem's inputs and the single-process result.
-    fn single<T: Wire>(&self) -> ([DMatrix<T>; 3], (DMatrix<T>, DMatrix<T>)) {
+    fn single<T: Wire>(&self) -> ([DMatrix<T>; 3], Pair<T>) {
         let all: Vec<usize> = (0..self.n).collect();
         let qkv = synthetic_qkv::<T>(self.seed, &all, &self.layout(), self.d);
         let mut o = AttentionOptions::new();
@@ -197,7 +200,7 @@ fn decode<T: Wire>(
     n0: usize,
     steps: usize,
     bad_step: Option<usize>,
-) -> Vec<(Vec<(DMatrix<T>, DMatrix<T>)>, Vec<usize>)> {
+) -> Vec<(Vec<Pair<T>>, Vec<usize>)> {
     let layout = || HeadLayout::new(4, 2);
     Cluster::local(workers)
         .unwrap()
@@ -249,7 +252,7 @@ fn sharded_decoding_matches_the_single_process_call() {
                 let (lo, hi) = (lengths.iter().min().unwrap(), lengths.iter().max().unwrap());
                 assert!(hi - lo <= 1, "shards {lengths:?}");
                 for (s, out) in outs.iter().enumerate() {
-                    let bits = |(o, l): &(DMatrix<f64>, DMatrix<f64>)| {
+                    let bits = |(o, l): &Pair<f64>| {
                         o.iter()
                             .chain(l.iter())
                             .map(|x| x.to_bits())
