@@ -331,10 +331,21 @@ impl Cluster {
                     results[index - first] = Some(result);
                     done += 1;
                 }
-                Ok(Event::Failed(message)) => return Err(DistributedError::Engine { message }),
+                // A worker thread panicked: timely's own worker panics when a network
+                // thread has (a peer vanished) and the worker steps before its watchdog
+                // looks. Report the network failure if there was one.
+                Ok(Event::Failed(message)) => {
+                    return Err(match network_failure() {
+                        Some(message) => DistributedError::PeerLost { message },
+                        None => DistributedError::Engine { message },
+                    });
+                }
                 Ok(Event::Finished) | Err(_) => {
-                    return Err(DistributedError::Engine {
-                        message: "a worker ended without a result (it panicked)".into(),
+                    return Err(match network_failure() {
+                        Some(message) => DistributedError::PeerLost { message },
+                        None => DistributedError::Engine {
+                            message: "a worker ended without a result (it panicked)".into(),
+                        },
                     });
                 }
             }
@@ -417,7 +428,14 @@ fn watch_network_panics() {
             if let Some(m) = message.filter(|m| m.starts_with("timely communication error"))
                 && let Ok(mut slot) = NETWORK_FAILURE.lock()
             {
-                slot.get_or_insert_with(|| m.to_owned());
+                // timely names its network threads after the peer process they serve.
+                let peer = std::thread::current()
+                    .name()
+                    .and_then(|n| n.rsplit_once('-'))
+                    .map_or(String::new(), |(_, p)| {
+                        format!("the connection to process {p}: ")
+                    });
+                slot.get_or_insert_with(|| format!("{peer}{m}"));
             }
             previous(info);
         }));
