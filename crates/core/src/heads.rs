@@ -4,7 +4,7 @@
 use nalgebra::DMatrix;
 
 use crate::cpu::CpuPath;
-use crate::error::Operand;
+use crate::error::{Axis, Operand, check_dim};
 use crate::kernel;
 use crate::memory::try_matrix;
 use crate::options::Parallelism;
@@ -237,6 +237,68 @@ pub fn multi_head_attention_with_lse<'q, 'k, 'v, T: Element>(
     let mut lse = try_matrix(q.nrows(), layout.heads_q, T::zero(), Operand::Lse)?;
     run(batch, options, (&mut out).into_mat_mut(), Some(&mut lse))?;
     Ok((out, lse))
+}
+
+/// [`multi_head_attention_with_lse`] writing into a caller's output (`Σn_q × h_q·d_v`,
+/// any matrix or mutable view) and lse (`Σn_q × h_q`): a loop of calls of one shape (a
+/// ring of key blocks, a decoding loop) then reuses its buffers instead of allocating
+/// and faulting in fresh pages every call.
+///
+/// # Errors
+/// Those of [`multi_head_attention_into`], and [`AttentionError::DimensionMismatch`] with
+/// [`Operand::Lse`] when `lse` has the wrong shape. On every error of the inputs or of a
+/// score, `output` and `lse` keep their old contents.
+///
+/// # Example
+/// ```
+/// use attention_core::{multi_head_attention_with_lse, multi_head_attention_with_lse_into, AttentionOptions, HeadLayout};
+/// use nalgebra::DMatrix;
+///
+/// let x = DMatrix::<f64>::from_fn(4, 6, |i, j| ((i * 6 + j) as f64 * 0.3).sin());
+/// let layout = HeadLayout::new(2, 1);
+/// let (mut out, mut lse) = (DMatrix::from_element(4, 6, f64::NAN), DMatrix::from_element(4, 2, f64::NAN));
+/// multi_head_attention_with_lse_into(&x, x.columns(0, 3), x.columns(3, 3), &layout,
+///     &AttentionOptions::new(), &mut out, &mut lse)?;
+/// let want = multi_head_attention_with_lse(&x, x.columns(0, 3), x.columns(3, 3), &layout, &AttentionOptions::new())?;
+/// assert_eq!((out, lse), want);
+/// # Ok::<(), attention_core::AttentionError>(())
+/// ```
+pub fn multi_head_attention_with_lse_into<'q, 'k, 'v, 'o, T: Element>(
+    query: impl AsMatRef<'q, T>,
+    key: impl AsMatRef<'k, T>,
+    value: impl AsMatRef<'v, T>,
+    layout: &HeadLayout<'_>,
+    options: &AttentionOptions<'_, T>,
+    output: impl AsMatMut<'o, T>,
+    lse: &mut DMatrix<T>,
+) -> Result<(), AttentionError> {
+    let (q, k, v) = (
+        query.into_mat_ref(),
+        key.into_mat_ref(),
+        value.into_mat_ref(),
+    );
+    let output = output.into_mat_mut();
+    let batch = Batch::new(q, k, v, layout, options)?;
+    check_output(
+        &output,
+        q.nrows(),
+        batch.out_columns(),
+        "the output is sum(n_q) x h_q*d_v",
+    )?;
+    for (axis, found, expected) in [
+        (Axis::Rows, lse.nrows(), q.nrows()),
+        (Axis::Columns, lse.ncols(), layout.heads_q),
+    ] {
+        check_dim(
+            Operand::Lse,
+            axis,
+            found,
+            expected,
+            Operand::Query,
+            "the lse is sum(n_q) x h_q",
+        )?;
+    }
+    run(batch, options, output, Some(lse))
 }
 
 /// Picks the CPU path and runs the batch.

@@ -108,7 +108,7 @@ pub use element::Element;
 pub use error::{AttentionError, Axis, GradientOf, Operand};
 pub use heads::{
     HeadLayout, alibi_slopes, multi_head_attention, multi_head_attention_into,
-    multi_head_attention_with_lse,
+    multi_head_attention_with_lse, multi_head_attention_with_lse_into,
 };
 #[doc(hidden)]
 pub use kernel::{KernelRun, last_kernel_run};

@@ -16,7 +16,8 @@ mod common;
 use attention_core::{
     AttentionError, AttentionOptions, Axis, Causal, CpuPath, Element, HeadLayout, MatRef, Operand,
     Parallelism, alibi_slopes, multi_head_attention, multi_head_attention_into,
-    multi_head_attention_with_lse, scaled_dot_product_attention_with_lse,
+    multi_head_attention_with_lse, multi_head_attention_with_lse_into,
+    scaled_dot_product_attention_with_lse,
 };
 use attention_testdata::{CausalAlign, MhaCase, gaussian, mha_cases, seeded_rng};
 use common::{narrow, pools};
@@ -103,6 +104,23 @@ fn golden_cases_on_every_path() {
             let mut into = DMatrix::from_element(out.nrows(), out.ncols(), f64::NAN);
             multi_head_attention_into(&c.q, &c.k, &c.v, &layout, &options, &mut into).unwrap();
             assert_eq!(into, out, "{label}: _into and _with_lse differ");
+            let mut into_lse = DMatrix::from_element(lse.nrows(), lse.ncols(), f64::NAN);
+            into.fill(f64::NAN);
+            multi_head_attention_with_lse_into(
+                &c.q,
+                &c.k,
+                &c.v,
+                &layout,
+                &options,
+                &mut into,
+                &mut into_lse,
+            )
+            .unwrap();
+            assert_eq!(
+                (&into, &into_lse),
+                (&out, &lse),
+                "{label}: _with_lse_into differs"
+            );
         }
     }
 }
@@ -693,6 +711,40 @@ fn layout_errors_are_typed_and_leave_the_output_alone() {
             }
         ),
         "{e}"
+    );
+    // The lse's shape, and nothing written on an error of the inputs.
+    let mut out = DMatrix::from_element(6, 8, 7.0);
+    for (shape, axis, found, expected) in
+        [((5, 4), Axis::Rows, 5, 6), ((6, 2), Axis::Columns, 2, 4)]
+    {
+        let mut lse = DMatrix::from_element(shape.0, shape.1, 7.0);
+        let e =
+            multi_head_attention_with_lse_into(&q, &kv, &kv, &hl(4, 2), &none, &mut out, &mut lse)
+                .unwrap_err();
+        assert!(
+            matches!(e, AttentionError::DimensionMismatch { operand: Operand::Lse, axis: a, found: f, expected: x, .. }
+                if a == axis && f == found && x == expected),
+            "{e}"
+        );
+    }
+    let mut bad = kv.clone();
+    bad[(3, 1)] = f64::NAN;
+    let mut lse = DMatrix::from_element(6, 4, 7.0);
+    let e = multi_head_attention_with_lse_into(&q, &bad, &kv, &hl(4, 2), &none, &mut out, &mut lse)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AttentionError::NonFinite {
+                operand: Operand::Key,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        out.iter().chain(lse.iter()).all(|&x| x == 7.0),
+        "written on an error"
     );
     // The output's shape.
     let mut small = DMatrix::<f64>::zeros(6, 7);
