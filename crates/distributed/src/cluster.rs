@@ -350,15 +350,15 @@ impl Cluster {
                 }
             }
         }
+        // Let the engine shut down in order, on success and on error alike: it flushes and
+        // closes the connections, so that a peer still reading sees a clean end, not a
+        // broken connection (bounded: a peer that vanished cannot hold this up for long).
+        let _ = rx.recv_timeout(timeout);
         // The first error in worker order, so that the outcome does not depend on timing.
-        let results: Vec<R> = results
+        results
             .into_iter()
             .map(|r| r.expect("every worker reported"))
-            .collect::<Result<_, _>>()?;
-        // Every worker closed its exchanges, so every message has been delivered; wait a
-        // little for the engine's orderly shutdown (it flushes and closes the connections).
-        let _ = rx.recv_timeout(timeout);
-        Ok(results)
+            .collect()
     }
 }
 

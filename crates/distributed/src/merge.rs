@@ -37,29 +37,34 @@ pub(crate) fn merge<T: Element>(
     Ok((out, lse))
 }
 
-/// Folds `part` into the running result `state` (which starts empty).
-pub(crate) fn fold<T: Element>(
-    state: &mut Option<Partial<T>>,
-    part: Partial<T>,
-    heads: usize,
-    d_v: usize,
+/// Folds `part` into rows `first .. first + part rows` of the running result
+/// `(out, lse)`: the merge of the two, head by head, written in place (`start`: those rows
+/// hold nothing yet, and take `part` as it is).
+pub(crate) fn fold_into<T: Element>(
+    (out, lse): (&mut DMatrix<T>, &mut DMatrix<T>),
+    first: usize,
+    part: &Partial<T>,
+    (heads, d_v): (usize, usize),
+    start: bool,
 ) -> Result<(), AttentionError> {
-    *state = Some(match state.take() {
-        None => part,
-        Some(running) => merge(&[running, part], heads, d_v)?,
-    });
+    let (rows, n) = (part.0.nrows(), out.nrows());
+    if start {
+        out.rows_mut(first, rows).copy_from(&part.0);
+        lse.rows_mut(first, rows).copy_from(&part.1);
+        return Ok(());
+    }
+    for h in 0..heads {
+        let span = h * n + first..h * n + first + rows;
+        let part_lse = &part.1.as_slice()[h * rows..(h + 1) * rows];
+        let (o, l) = merge_partial_attention([
+            (
+                out.view((first, h * d_v), (rows, d_v)),
+                &lse.as_slice()[span.clone()],
+            ),
+            (part.0.columns(h * d_v, d_v), part_lse),
+        ])?;
+        out.view_mut((first, h * d_v), (rows, d_v)).copy_from(&o);
+        lse.as_mut_slice()[span].copy_from_slice(l.as_slice());
+    }
     Ok(())
-}
-
-/// The rows of `a` above the rows of `b`.
-pub(crate) fn stack<T: Element>(a: Partial<T>, b: Partial<T>) -> Partial<T> {
-    let stack = |x: DMatrix<T>, y: DMatrix<T>| {
-        let (ra, rb, c) = (x.nrows(), y.nrows(), x.ncols().max(y.ncols()));
-        DMatrix::from_fn(
-            ra + rb,
-            c,
-            |i, j| if i < ra { x[(i, j)] } else { y[(i - ra, j)] },
-        )
-    };
-    (stack(a.0, b.0), stack(a.1, b.1))
 }

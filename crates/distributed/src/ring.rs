@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use attention_core::{
-    AsMatRef, AttentionOptions, Causal, Element, HeadLayout, Operand, multi_head_attention_with_lse,
+    AsMatRef, AttentionError, AttentionOptions, Causal, Element, HeadLayout, Operand,
+    multi_head_attention_with_lse_into,
 };
 use nalgebra::DMatrix;
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DistributedError, config};
 use crate::exchange::Peer;
 use crate::handshake::check_finite;
-use crate::merge::{Partial, empty, fold, stack};
+use crate::merge::fold_into;
 use crate::plan::Plan;
 use crate::wire::{Values, Wire};
 
@@ -114,10 +115,14 @@ pub struct RingStats {
     pub compute: Duration,
     /// Time folding partials into the running result (the exact merge).
     pub merge: Duration,
-    /// Time handing blocks to the engine (encoding them for the network, if any).
+    /// Time handing blocks to the engine (encoding them for the network, if any), on
+    /// timely's worker thread while another thread computes.
     pub send: Duration,
-    /// Time waiting for the next block after its own compute was done.
-    pub wait: Duration,
+    /// Time receiving the next block (waiting, decoding), likewise beside the compute.
+    pub receive: Duration,
+    /// Time the ring spent beyond the compute and merges: the communication that did
+    /// not hide behind them.
+    pub stalled: Duration,
     /// Bytes of K and V it sent.
     pub bytes_sent: u64,
 }
@@ -259,6 +264,27 @@ impl Peer<'_> {
         self.handshake(&problem, q.nrows(), failure)?;
         let shape = checked?;
 
+        let rows = q.nrows();
+        let columns = layout.heads_q() * shape.d_v;
+        let mut fold = Fold {
+            plan,
+            me,
+            q,
+            key_columns: k.ncols(),
+            value_columns: v.ncols(),
+            causal: options.causal,
+            local: options.local(),
+            heads: HeadLayout::new(layout.heads_q(), layout.heads_kv()),
+            dims: (layout.heads_q(), shape.d_v),
+            output: try_zeros(rows, columns)?,
+            lse: try_zeros(rows, layout.heads_q())?,
+            parts: plan.chunks(me).map(|c| {
+                let len = plan.chunk(c).len();
+                try_zeros(len, columns).and_then(|o| Ok((o, try_zeros(len, layout.heads_q())?)))
+            }),
+            started: [false; 2],
+            stats: RingStats::default(),
+        };
         let mut channel = self.channel::<Message<T>>();
         let mut held = Arc::new(KvBlock {
             origin: me,
@@ -266,105 +292,199 @@ impl Peer<'_> {
             key: Values(k.iter().copied().collect()),
             value: Values(v.iter().copied().collect()),
         });
-        let mut stats = RingStats::default();
-        let mut state: [Option<Partial<T>>; 2] = [None, None];
-        let local = options.local();
-        let heads = HeadLayout::new(layout.heads_q(), layout.heads_kv());
+        let mut stalled = Duration::ZERO;
+        let (mut sent, mut send, mut receive) = (0, Duration::ZERO, Duration::ZERO);
         for step in 0..workers {
-            if step + 1 < workers {
-                let start = Instant::now();
-                stats.bytes_sent +=
-                    ((held.key.0.len() + held.value.0.len()) * std::mem::size_of::<T>()) as u64;
-                channel.send(
-                    (me + 1) % workers,
-                    Message {
-                        step,
-                        block: Arc::clone(&held),
-                    },
-                );
-                channel.flush();
-                stats.send += start.elapsed();
+            let start = Instant::now();
+            if step + 1 == workers {
+                let busy = fold.block(&held)?;
+                stalled += start.elapsed().saturating_sub(busy);
+                break;
             }
-            let block_chunks = plan.chunks(held.origin);
-            let kmat = nalgebra::DMatrixView::from_slice(&held.key.0, held.rows, k.ncols());
-            let vmat = nalgebra::DMatrixView::from_slice(&held.value.0, held.rows, v.ncols());
-            let mut first_row = 0;
-            for (slot, qc) in plan.chunks(me).into_iter().enumerate() {
-                let q_rows = plan.chunk(qc).len();
-                let q_chunk = q.rows(first_row, q_rows);
-                first_row += q_rows;
-                // The block's chunks this query chunk may see: a prefix (chunk ids rise).
-                let visible: Vec<usize> = block_chunks
-                    .into_iter()
-                    .filter(|&kc| !options.causal || kc <= qc)
-                    .collect();
-                let keys: usize = visible.iter().map(|&kc| plan.chunk(kc).len()).sum();
-                if q_rows == 0 || keys == 0 {
-                    continue;
-                }
-                let diagonal = options.causal && visible.last() == Some(&qc);
-                let opts = if diagonal {
-                    local.clone().with_causal(Causal::BottomRight)
-                } else {
-                    local.clone()
-                };
-                let start = Instant::now();
-                let part = multi_head_attention_with_lse(
-                    q_chunk,
-                    kmat.rows(0, keys),
-                    vmat.rows(0, keys),
-                    &heads,
-                    &opts,
-                )?;
-                stats.pairs += if diagonal {
-                    let (q_rows, keys) = (q_rows as u64, keys as u64);
-                    q_rows * (keys - q_rows) + q_rows * (q_rows + 1) / 2
-                } else {
-                    (q_rows * keys) as u64
-                };
-                stats.compute += start.elapsed();
-                let start = Instant::now();
-                fold(&mut state[slot], part, layout.heads_q(), shape.d_v)?;
-                stats.merge += start.elapsed();
-            }
-            if step + 1 < workers {
-                let start = Instant::now();
-                let from = (me + workers - 1) % workers;
-                let Message { block, .. } = channel.receive(
-                    |m| m.step == step,
-                    || format!("the K/V block of ring step {step} from worker {from}"),
-                )?;
-                let want = (block.origin < workers).then(|| plan.row_count(block.origin));
-                if want != Some(block.rows)
-                    || block.key.0.len() != block.rows * k.ncols()
-                    || block.value.0.len() != block.rows * v.ncols()
-                {
-                    return Err(DistributedError::Shape {
-                        operand: "K/V block",
-                        rule: format!(
-                            "worker {from} sent {} rows ({} and {} values) for worker {}'s \
-                             {} rows of {} and {} columns",
-                            block.rows,
-                            block.key.0.len(),
-                            block.value.0.len(),
-                            block.origin,
-                            want.unwrap_or(0),
-                            k.ncols(),
-                            v.ncols()
-                        ),
-                    });
-                }
-                held = block;
-                stats.wait += start.elapsed();
-            }
+            // This block is folded on another thread while this one (timely's worker,
+            // which must drive the engine) sends it on and receives the next.
+            let (computed, next) = std::thread::scope(|scope| {
+                let compute = scope.spawn(|| fold.block(&held));
+                let next = (|| {
+                    let t = Instant::now();
+                    let to = (me + 1) % workers;
+                    let block = Arc::clone(&held);
+                    sent += block.bytes();
+                    channel.send(to, Message { step, block });
+                    channel.flush();
+                    send += t.elapsed();
+                    let t = Instant::now();
+                    let from = (me + workers - 1) % workers;
+                    let Message { block, .. } = channel.receive(
+                        |m| m.step == step,
+                        || format!("the K/V block of ring step {step} from worker {from}"),
+                    )?;
+                    block.check(plan, from, workers, (k.ncols(), v.ncols()))?;
+                    receive += t.elapsed();
+                    Ok::<_, DistributedError>(block)
+                })();
+                let computed = compute
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (computed, next)
+            });
+            let busy = computed?;
+            held = next?;
+            stalled += start.elapsed().saturating_sub(busy);
         }
         drop(held);
         channel.close()?;
-
-        let [a, b] = state.map(|s| s.unwrap_or_else(|| empty(0, layout.heads_q(), shape.d_v)));
-        let (output, lse) = stack(a, b);
+        let Fold {
+            output,
+            lse,
+            mut stats,
+            ..
+        } = fold;
+        stats.bytes_sent = sent;
+        stats.send = send;
+        stats.receive = receive;
+        stats.stalled = stalled;
         Ok(RingOutput { output, lse, stats })
     }
+}
+
+/// One worker's running result and how it folds a block into it.
+struct Fold<'a, T: Wire> {
+    plan: &'a Plan,
+    me: usize,
+    q: attention_core::MatRef<'a, T>,
+    key_columns: usize,
+    value_columns: usize,
+    causal: bool,
+    local: AttentionOptions<'static, T>,
+    heads: HeadLayout<'static>,
+    /// (h_q, d_v).
+    dims: (usize, usize),
+    output: DMatrix<T>,
+    lse: DMatrix<T>,
+    /// Each query chunk's partial, computed into the same buffers every step.
+    parts: [Result<(DMatrix<T>, DMatrix<T>), DistributedError>; 2],
+    /// Whether a query chunk's rows of the result hold a partial yet.
+    started: [bool; 2],
+    stats: RingStats,
+}
+
+impl<T: Wire> Fold<'_, T> {
+    /// Attends each query chunk to the chunks of `block` it may see and folds the partial
+    /// into the result. Returns the time it took.
+    fn block(&mut self, block: &KvBlock<T>) -> Result<Duration, DistributedError> {
+        let begin = Instant::now();
+        let (plan, me) = (self.plan, self.me);
+        let block_chunks = plan.chunks(block.origin);
+        let kmat = nalgebra::DMatrixView::from_slice(&block.key.0, block.rows, self.key_columns);
+        let vmat =
+            nalgebra::DMatrixView::from_slice(&block.value.0, block.rows, self.value_columns);
+        let mut first = 0;
+        for (slot, qc) in plan.chunks(me).into_iter().enumerate() {
+            let q_rows = plan.chunk(qc).len();
+            let q_chunk = self.q.rows(first, q_rows);
+            let chunk_first = first;
+            first += q_rows;
+            // The block's chunks this query chunk may see: a prefix (chunk ids rise).
+            let visible: Vec<usize> = block_chunks
+                .into_iter()
+                .filter(|&kc| !self.causal || kc <= qc)
+                .collect();
+            let keys: usize = visible.iter().map(|&kc| plan.chunk(kc).len()).sum();
+            if q_rows == 0 || keys == 0 {
+                continue;
+            }
+            let diagonal = self.causal && visible.last() == Some(&qc);
+            let opts = if diagonal {
+                self.local.clone().with_causal(Causal::BottomRight)
+            } else {
+                self.local.clone()
+            };
+            let start = Instant::now();
+            let part = self.parts[slot].as_mut().map_err(|e| e.clone())?;
+            multi_head_attention_with_lse_into(
+                q_chunk,
+                kmat.rows(0, keys),
+                vmat.rows(0, keys),
+                &self.heads,
+                &opts,
+                &mut part.0,
+                &mut part.1,
+            )?;
+            self.stats.pairs += if diagonal {
+                let (q_rows, keys) = (q_rows as u64, keys as u64);
+                q_rows * (keys - q_rows) + q_rows * (q_rows + 1) / 2
+            } else {
+                (q_rows * keys) as u64
+            };
+            self.stats.compute += start.elapsed();
+            let start = Instant::now();
+            let result = (&mut self.output, &mut self.lse);
+            fold_into(result, chunk_first, part, self.dims, !self.started[slot])?;
+            self.started[slot] = true;
+            self.stats.merge += start.elapsed();
+        }
+        Ok(begin.elapsed())
+    }
+}
+
+impl<T: Wire> KvBlock<T> {
+    /// The bytes of K and V it carries.
+    fn bytes(&self) -> u64 {
+        ((self.key.0.len() + self.value.0.len()) * size_of::<T>()) as u64
+    }
+
+    /// Checks a block received from worker `from` against the plan: its origin, rows
+    /// and widths (`(h_kv·d_k, h_kv·d_v)`).
+    fn check(
+        &self,
+        plan: &Plan,
+        from: usize,
+        workers: usize,
+        (key_columns, value_columns): (usize, usize),
+    ) -> Result<(), DistributedError> {
+        let want = (self.origin < workers).then(|| plan.row_count(self.origin));
+        if want == Some(self.rows)
+            && self.key.0.len() == self.rows * key_columns
+            && self.value.0.len() == self.rows * value_columns
+        {
+            return Ok(());
+        }
+        Err(DistributedError::Shape {
+            operand: "K/V block",
+            rule: format!(
+                "worker {from} sent {} rows ({} and {} values) for worker {}'s {} rows of {} \
+                 and {} columns",
+                self.rows,
+                self.key.0.len(),
+                self.value.0.len(),
+                self.origin,
+                want.unwrap_or(0),
+                key_columns,
+                value_columns
+            ),
+        })
+    }
+}
+
+/// A `rows × columns` matrix of zeros, or a typed error if it cannot be allocated.
+fn try_zeros<T: Element>(rows: usize, columns: usize) -> Result<DMatrix<T>, DistributedError> {
+    let len = rows
+        .checked_mul(columns)
+        .ok_or_else(|| too_large(rows, columns))?;
+    let mut data = Vec::new();
+    data.try_reserve_exact(len)
+        .map_err(|_| too_large(rows, columns))?;
+    data.resize(len, T::zero());
+    Ok(DMatrix::from_vec(rows, columns, data))
+}
+
+fn too_large(rows: usize, columns: usize) -> DistributedError {
+    DistributedError::Attention(AttentionError::TooLarge {
+        operand: Operand::Output,
+        rows,
+        columns,
+    })
 }
 
 /// The widths of a multi-head call, checked against one worker's matrices.

@@ -254,14 +254,15 @@ fn worker<T: Wire>(peer: &mut Peer<'_>, a: &Args) -> Result<bool, DistributedErr
     let s = &ring.stats;
     println!(
         "worker {me}/{workers}: {} rows, {} pairs per head; compute {:.4} s, merge {:.4} s, \
-         send {:.4} s, wait {:.4} s, sent {:.1} MiB; ring {t:.4} s (median of {}), \
+         send {:.4} s, receive {:.4} s (beside the compute), stalled {:.4} s, sent {:.1} MiB; ring {t:.4} s (median of {}), \
          {:.1} GFLOP/s for the whole problem",
         rows.len(),
         s.pairs,
         s.compute.as_secs_f64(),
         s.merge.as_secs_f64(),
         s.send.as_secs_f64(),
-        s.wait.as_secs_f64(),
+        s.receive.as_secs_f64(),
+        s.stalled.as_secs_f64(),
         s.bytes_sent as f64 / (1 << 20) as f64,
         a.repeat,
         flops(a) / t / 1e9
