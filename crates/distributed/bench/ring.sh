@@ -26,7 +26,7 @@ ring() {
     done
     wait
     grep -o '[0-9.]* GFLOP/s for the whole' /tmp/ring-bench-0.log | cut -d' ' -f1
-    grep -o 'compute [0-9.]* s, merge [0-9.]* s, send [0-9.]* s, wait [0-9.]* s' /tmp/ring-bench-*.log >&2
+    grep -ho 'compute .* stalled [0-9.]* s' /tmp/ring-bench-*.log >&2 || true
 }
 single() { "$bin" --single --compute-threads "$procs" "${flags[@]}" | grep -o '[0-9.]* GFLOP/s' | cut -d' ' -f1; }
 grep -m1 'model name' /proc/cpuinfo

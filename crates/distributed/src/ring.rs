@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DistributedError, config};
 use crate::exchange::Peer;
 use crate::handshake::check_finite;
-use crate::merge::fold_into;
+use crate::merge::{Partial, fold_into};
 use crate::plan::Plan;
 use crate::wire::{Values, Wire};
 
@@ -266,6 +266,11 @@ impl Peer<'_> {
 
         let rows = q.nrows();
         let columns = layout.heads_q() * shape.d_v;
+        let [a, b] = plan.chunks(me).map(|c| plan.chunk(c).len());
+        let [a, b] = [a, b].map(|len| -> Result<Partial<T>, DistributedError> {
+            Ok((try_zeros(len, columns)?, try_zeros(len, layout.heads_q())?))
+        });
+        let (a, b) = (a?, b?);
         let mut fold = Fold {
             plan,
             me,
@@ -278,10 +283,7 @@ impl Peer<'_> {
             dims: (layout.heads_q(), shape.d_v),
             output: try_zeros(rows, columns)?,
             lse: try_zeros(rows, layout.heads_q())?,
-            parts: plan.chunks(me).map(|c| {
-                let len = plan.chunk(c).len();
-                try_zeros(len, columns).and_then(|o| Ok((o, try_zeros(len, layout.heads_q())?)))
-            }),
+            parts: [a, b],
             started: [false; 2],
             stats: RingStats::default(),
         };
@@ -363,7 +365,7 @@ struct Fold<'a, T: Wire> {
     output: DMatrix<T>,
     lse: DMatrix<T>,
     /// Each query chunk's partial, computed into the same buffers every step.
-    parts: [Result<(DMatrix<T>, DMatrix<T>), DistributedError>; 2],
+    parts: [Partial<T>; 2],
     /// Whether a query chunk's rows of the result hold a partial yet.
     started: [bool; 2],
     stats: RingStats,
@@ -401,7 +403,7 @@ impl<T: Wire> Fold<'_, T> {
                 self.local.clone()
             };
             let start = Instant::now();
-            let part = self.parts[slot].as_mut().map_err(|e| e.clone())?;
+            let part = &mut self.parts[slot];
             multi_head_attention_with_lse_into(
                 q_chunk,
                 kmat.rows(0, keys),
