@@ -144,7 +144,7 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
                 }
             }
             self.check(start, &what)?;
-            self.worker.step_or_park(Some(Duration::from_millis(10)));
+            self.worker.step_or_park(Some(pause(start)));
         }
     }
 
@@ -155,7 +155,7 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
         let start = Instant::now();
         while !self.probe.done() {
             self.check(start, &|| "the other workers to finish".to_owned())?;
-            self.worker.step_or_park(Some(Duration::from_millis(10)));
+            self.worker.step_or_park(Some(pause(start)));
         }
         Ok(())
     }
@@ -173,5 +173,15 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
             });
         }
         Ok(())
+    }
+}
+
+/// How long a waiting worker may park between steps: not at all for the first
+/// millisecond (a decoding step's round trip is a fraction of one), then 1 ms.
+fn pause(since: Instant) -> Duration {
+    if since.elapsed() < Duration::from_millis(1) {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(1)
     }
 }
