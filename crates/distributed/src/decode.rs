@@ -2,14 +2,14 @@
 //! per worker for each new token, one all-gather and merge.
 
 use attention_core::{
-    AsMatRef, AttentionError, AttentionOptions, HeadLayout, KvCache, Operand, SeqId,
-    cached_attention_with_lse,
+    AsMatRef, AttentionOptions, HeadLayout, KvCache, Operand, SeqId, cached_attention_with_lse,
 };
 use nalgebra::DMatrix;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DistributedError;
 use crate::exchange::{Channel, Peer};
+use crate::handshake::check_finite;
 use crate::merge::{Partial, empty, merge};
 use crate::ring::{RingOptions, Shape};
 use crate::wire::{Values, Wire};
@@ -188,21 +188,9 @@ impl<T: Wire> Decoder<'_, T> {
                 });
             }
         }
-        for (operand, m) in [
-            (Operand::Query, q),
-            (Operand::NewKeys, k),
-            (Operand::NewValues, v),
-        ] {
-            if let Some(i) = m.iter().position(|x| !x.finite()) {
-                return Err(AttentionError::NonFinite {
-                    operand,
-                    row: 0,
-                    column: i,
-                    value: m[i].to_f64(),
-                }
-                .into());
-            }
-        }
+        check_finite(Operand::Query, q)?;
+        check_finite(Operand::NewKeys, k)?;
+        check_finite(Operand::NewValues, v)?;
         let me = self.channel.index();
         let owner = self.next_owner();
         if owner == me {
@@ -217,28 +205,20 @@ impl<T: Wire> Decoder<'_, T> {
         };
         let step = self.step;
         self.step += 1;
-        for to in 0..self.channel.workers() {
-            self.channel.send(
-                to,
-                Message {
-                    step,
-                    from: me,
-                    output: Values(output.as_slice().to_vec()),
-                    lse: Values(lse.as_slice().to_vec()),
-                },
-            );
-        }
-        self.channel.flush();
-        let mut parts = Vec::with_capacity(self.lengths.len());
-        for other in 0..self.channel.workers() {
-            let Message {
-                output: Values(output),
-                lse: Values(lse),
-                ..
-            } = self.channel.receive(
-                |m| m.step == step && m.from == other,
-                || format!("the partial result of decoding step {step} from worker {other}"),
-            )?;
+        let message = Message {
+            step,
+            from: me,
+            output: Values(output.as_slice().to_vec()),
+            lse: Values(lse.as_slice().to_vec()),
+        };
+        let all = self.channel.all_gather(
+            message,
+            |m, other| m.step == step && m.from == other,
+            |other| format!("the partial result of decoding step {step} from worker {other}"),
+        )?;
+        let mut parts = Vec::with_capacity(all.len());
+        for (other, m) in all.into_iter().enumerate() {
+            let (Values(output), Values(lse)) = (m.output, m.lse);
             if (output.len(), lse.len()) != (s.heads_q * s.d_v, s.heads_q) {
                 return Err(DistributedError::Shape {
                     operand: "partial result",

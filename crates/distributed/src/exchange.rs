@@ -48,16 +48,11 @@ impl<'w> Peer<'w> {
     pub fn barrier(&mut self) -> Result<(), DistributedError> {
         let mut channel = self.channel::<usize>();
         let me = channel.index();
-        for to in 0..channel.workers() {
-            channel.send(to, me);
-        }
-        channel.flush();
-        for other in 0..channel.workers() {
-            channel.receive(
-                |&from| from == other,
-                || format!("worker {other} at the barrier"),
-            )?;
-        }
+        channel.all_gather(
+            me,
+            |&from, other| from == other,
+            |other| format!("worker {other} at the barrier"),
+        )?;
         channel.close()
     }
 
@@ -146,6 +141,24 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
             self.check(start, &what)?;
             self.worker.step_or_park(Some(pause(start)));
         }
+    }
+
+    /// Sends `message` to every worker (this one included) and returns what every worker
+    /// sent, in worker order: the message `is_from(m, w)` accepts for each worker `w`.
+    /// `what(w)` describes worker `w`'s message for the watchdog's error.
+    pub(crate) fn all_gather(
+        &mut self,
+        message: M,
+        is_from: impl Fn(&M, usize) -> bool,
+        what: impl Fn(usize) -> String,
+    ) -> Result<Vec<M>, DistributedError> {
+        for to in 0..self.workers() {
+            self.send(to, message.clone());
+        }
+        self.flush();
+        (0..self.workers())
+            .map(|other| self.receive(|m| is_from(m, other), || what(other)))
+            .collect()
     }
 
     /// Closes this worker's side and waits until every worker has closed theirs and every

@@ -39,17 +39,11 @@ impl Peer<'_> {
             rows,
             failure: failure.as_ref().map(ToString::to_string),
         };
-        for to in 0..channel.workers() {
-            channel.send(to, hello.clone());
-        }
-        channel.flush();
-        let mut all = Vec::with_capacity(channel.workers());
-        for other in 0..channel.workers() {
-            all.push(channel.receive(
-                |h| h.from == other,
-                || format!("the problem description of worker {other}"),
-            )?);
-        }
+        let all = channel.all_gather(
+            hello,
+            |h, other| h.from == other,
+            |other| format!("the problem description of worker {other}"),
+        )?;
         channel.close()?;
         if let Some(e) = failure {
             return Err(e);
