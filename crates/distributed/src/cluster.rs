@@ -282,7 +282,7 @@ impl Cluster {
                 let guards = timely::execute(config, move |worker| {
                     let index = worker.index();
                     let _ = tx.send(Event::Started);
-                    let mut peer = Peer::new(worker, timeout);
+                    let mut peer = Peer::new(worker, timeout, threads);
                     let result = work(&mut peer);
                     let _ = tx.send(Event::Done(index, result));
                 });

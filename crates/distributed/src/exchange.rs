@@ -21,11 +21,23 @@ use crate::error::DistributedError;
 pub struct Peer<'w> {
     worker: &'w mut Worker,
     timeout: Duration,
+    /// Workers per process: process `p` runs workers `p·threads .. (p + 1)·threads`.
+    threads: usize,
 }
 
 impl<'w> Peer<'w> {
-    pub(crate) fn new(worker: &'w mut Worker, timeout: Duration) -> Self {
-        Self { worker, timeout }
+    pub(crate) fn new(worker: &'w mut Worker, timeout: Duration, threads: usize) -> Self {
+        Self {
+            worker,
+            timeout,
+            threads: threads.max(1),
+        }
+    }
+
+    /// Whether worker `other` runs in this process (its messages then move between
+    /// threads as they are, without being encoded).
+    pub(crate) fn same_process(&self, other: usize) -> bool {
+        other / self.threads == self.index() / self.threads
     }
 
     /// This worker's index, `0 .. workers()`.
@@ -113,6 +125,15 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
         }
     }
 
+    /// Sends `message` to worker `to` as a network message of its own (the engine batches
+    /// the records of one round into one message, and its receiving side grows a buffer
+    /// to the size of the largest message: large payloads go in pieces, each alone), and
+    /// lets the engine start moving it.
+    pub(crate) fn send_alone(&mut self, to: usize, message: M) {
+        self.send(to, message);
+        self.flush();
+    }
+
     /// Hands every queued message to the engine and lets it start sending them: the
     /// network threads then move the bytes while this worker computes.
     pub(crate) fn flush(&mut self) {
@@ -124,9 +145,13 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
     }
 
     /// Waits for the first message in the inbox that `wanted` accepts, removes and returns
-    /// it. `what` describes it for the watchdog's error.
+    /// it. `what` describes it for the watchdog's error, whose timeout counts from this
+    /// call. `waiting_since` is when the caller began to wait for what it needs (the
+    /// pieces of one block share it): the worker spins only in the millisecond after it,
+    /// then parks between steps.
     pub(crate) fn receive(
         &mut self,
+        waiting_since: Instant,
         mut wanted: impl FnMut(&M) -> bool,
         what: impl Fn() -> String,
     ) -> Result<M, DistributedError> {
@@ -139,7 +164,7 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
                 }
             }
             self.check(start, &what)?;
-            self.worker.step_or_park(Some(pause(start)));
+            self.worker.step_or_park(Some(pause(waiting_since)));
         }
     }
 
@@ -156,8 +181,9 @@ impl<M: ExchangeData + Clone> Channel<'_, M> {
             self.send(to, message.clone());
         }
         self.flush();
+        let start = Instant::now();
         (0..self.workers())
-            .map(|other| self.receive(|m| is_from(m, other), || what(other)))
+            .map(|other| self.receive(start, |m| is_from(m, other), || what(other)))
             .collect()
     }
 

@@ -38,21 +38,14 @@ pub(crate) fn merge<T: Element>(
 }
 
 /// Folds `part` into rows `first .. first + part rows` of the running result
-/// `(out, lse)`: the merge of the two, head by head, written in place (`start`: those rows
-/// hold nothing yet, and take `part` as it is).
+/// `(out, lse)`: the merge of the two, head by head, written in place.
 pub(crate) fn fold_into<T: Element>(
     (out, lse): (&mut DMatrix<T>, &mut DMatrix<T>),
     first: usize,
     part: &Partial<T>,
     (heads, d_v): (usize, usize),
-    start: bool,
 ) -> Result<(), AttentionError> {
     let (rows, n) = (part.0.nrows(), out.nrows());
-    if start {
-        out.rows_mut(first, rows).copy_from(&part.0);
-        lse.rows_mut(first, rows).copy_from(&part.1);
-        return Ok(());
-    }
     for h in 0..heads {
         let span = h * n + first..h * n + first + rows;
         let part_lse = &part.1.as_slice()[h * rows..(h + 1) * rows];

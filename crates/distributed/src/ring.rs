@@ -5,15 +5,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::ops::Range;
+
 use attention_core::{
-    AsMatRef, AttentionError, AttentionOptions, Causal, Element, HeadLayout, Operand,
+    AsMatRef, AttentionError, AttentionOptions, Causal, Element, HeadLayout, MatRef, Operand,
     multi_head_attention_with_lse_into,
 };
-use nalgebra::DMatrix;
+use nalgebra::{DMatrix, DMatrixView, Dyn, U1};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DistributedError, config};
-use crate::exchange::Peer;
+use crate::exchange::{Channel, Peer};
 use crate::handshake::check_finite;
 use crate::merge::{Partial, fold_into};
 use crate::plan::Plan;
@@ -128,22 +130,56 @@ pub struct RingStats {
 }
 
 /// A block of keys and values on its way around the ring: the rows of worker `origin`'s
-/// two chunks, column-major `rows × h_kv·d_k` and `rows × h_kv·d_v`.
+/// two chunks, K (`rows × h_kv·d_k`) then V (`rows × h_kv·d_v`), each column-major, in
+/// one vector.
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "T: Wire")]
 struct KvBlock<T> {
     origin: usize,
     rows: usize,
-    key: Values<T>,
-    value: Values<T>,
+    data: Values<T>,
 }
 
-/// The message of a ring call: the block a worker holds at `step`, to the next worker.
+/// The K and V rows a worker folds in one step: its own (the caller's matrices) or a
+/// block received from its neighbour.
+#[derive(Clone, Copy)]
+struct BlockRef<'a, T: Element> {
+    origin: usize,
+    key: MatRef<'a, T>,
+    value: MatRef<'a, T>,
+}
+
+/// The values in one piece of a block sent to another process: 256 KiB, well within the
+/// 1 MiB buffers timely's receiving thread starts with (a whole 128 MiB block in one
+/// message made it grow its buffer by doubling, page-faulting and copying 512 MiB).
+fn piece_len<T>() -> usize {
+    (256 << 10) / size_of::<T>()
+}
+
+/// The message of a ring call, for the next worker: the block a worker holds at `step`,
+/// whole (shared, to a worker of the same process) or one piece of it (to another
+/// process: values `index·piece_len ..` of the block's K-then-V vector).
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(bound = "T: Wire")]
-struct Message<T> {
-    step: usize,
-    block: Arc<KvBlock<T>>,
+enum Message<T> {
+    Whole {
+        step: usize,
+        block: Arc<KvBlock<T>>,
+    },
+    Piece {
+        step: usize,
+        origin: usize,
+        index: usize,
+        values: Values<T>,
+    },
+}
+
+impl<T> Message<T> {
+    fn step(&self) -> usize {
+        match self {
+            Self::Whole { step, .. } | Self::Piece { step, .. } => *step,
+        }
+    }
 }
 
 impl Peer<'_> {
@@ -275,8 +311,6 @@ impl Peer<'_> {
             plan,
             me,
             q,
-            key_columns: k.ncols(),
-            value_columns: v.ncols(),
             causal: options.causal,
             local: options.local(),
             heads: HeadLayout::new(layout.heads_q(), layout.heads_kv()),
@@ -287,41 +321,46 @@ impl Peer<'_> {
             started: [false; 2],
             stats: RingStats::default(),
         };
+        let to = (me + 1) % workers;
+        let from = (me + workers - 1) % workers;
+        let shared = self.same_process(to);
+        let columns = (k.ncols(), v.ncols());
         let mut channel = self.channel::<Message<T>>();
-        let mut held = Arc::new(KvBlock {
+        // The block folded at each step: first this worker's own rows, read in place.
+        let own = BlockRef {
             origin: me,
-            rows: k.nrows(),
-            key: Values(k.iter().copied().collect()),
-            value: Values(v.iter().copied().collect()),
-        });
+            key: k,
+            value: v,
+        };
+        let mut held: Option<Arc<KvBlock<T>>> = None;
         let mut stalled = Duration::ZERO;
         let (mut sent, mut send, mut receive) = (0, Duration::ZERO, Duration::ZERO);
         for step in 0..workers {
             let start = Instant::now();
+            let block = held.as_ref().map_or(own, |b| b.view(columns));
             if step + 1 == workers {
-                let busy = fold.block(&held)?;
+                let busy = fold.block(block)?;
                 stalled += start.elapsed().saturating_sub(busy);
                 break;
             }
             // This block is folded on another thread while this one (timely's worker,
             // which must drive the engine) sends it on and receives the next.
             let (computed, next) = std::thread::scope(|scope| {
-                let compute = scope.spawn(|| fold.block(&held));
+                let compute = scope.spawn(|| fold.block(block));
                 let next = (|| {
                     let t = Instant::now();
-                    let to = (me + 1) % workers;
-                    let block = Arc::clone(&held);
+                    if shared {
+                        let whole = held.clone().map_or_else(|| KvBlock::copy(own), Ok)?;
+                        channel.send_alone(to, Message::Whole { step, block: whole });
+                    } else {
+                        send_pieces(&mut channel, to, step, block);
+                    }
                     sent += block.bytes();
-                    channel.send(to, Message { step, block });
-                    channel.flush();
                     send += t.elapsed();
                     let t = Instant::now();
-                    let from = (me + workers - 1) % workers;
-                    let Message { block, .. } = channel.receive(
-                        |m| m.step == step,
-                        || format!("the K/V block of ring step {step} from worker {from}"),
-                    )?;
-                    block.check(plan, from, workers, (k.ncols(), v.ncols()))?;
+                    let origin = (me + 2 * workers - step - 1) % workers;
+                    let expected = (origin, plan.row_count(origin));
+                    let block = receive_block(&mut channel, step, from, expected, columns)?;
                     receive += t.elapsed();
                     Ok::<_, DistributedError>(block)
                 })();
@@ -331,7 +370,7 @@ impl Peer<'_> {
                 (computed, next)
             });
             let busy = computed?;
-            held = next?;
+            held = Some(next?);
             stalled += start.elapsed().saturating_sub(busy);
         }
         drop(held);
@@ -355,8 +394,6 @@ struct Fold<'a, T: Wire> {
     plan: &'a Plan,
     me: usize,
     q: attention_core::MatRef<'a, T>,
-    key_columns: usize,
-    value_columns: usize,
     causal: bool,
     local: AttentionOptions<'static, T>,
     heads: HeadLayout<'static>,
@@ -374,13 +411,10 @@ struct Fold<'a, T: Wire> {
 impl<T: Wire> Fold<'_, T> {
     /// Attends each query chunk to the chunks of `block` it may see and folds the partial
     /// into the result. Returns the time it took.
-    fn block(&mut self, block: &KvBlock<T>) -> Result<Duration, DistributedError> {
+    fn block(&mut self, block: BlockRef<'_, T>) -> Result<Duration, DistributedError> {
         let begin = Instant::now();
         let (plan, me) = (self.plan, self.me);
         let block_chunks = plan.chunks(block.origin);
-        let kmat = nalgebra::DMatrixView::from_slice(&block.key.0, block.rows, self.key_columns);
-        let vmat =
-            nalgebra::DMatrixView::from_slice(&block.value.0, block.rows, self.value_columns);
         let mut first = 0;
         for (slot, qc) in plan.chunks(me).into_iter().enumerate() {
             let q_rows = plan.chunk(qc).len();
@@ -404,13 +438,20 @@ impl<T: Wire> Fold<'_, T> {
             };
             let start = Instant::now();
             let part = &mut self.parts[slot];
+            // A query chunk's first partial is its result so far: computed in place.
+            let started = self.started[slot];
+            let output = if started {
+                part.0.rows_mut(0, q_rows)
+            } else {
+                self.output.rows_mut(chunk_first, q_rows)
+            };
             multi_head_attention_with_lse_into(
                 q_chunk,
-                kmat.rows(0, keys),
-                vmat.rows(0, keys),
+                block.key.rows(0, keys),
+                block.value.rows(0, keys),
                 &self.heads,
                 &opts,
-                &mut part.0,
+                output,
                 &mut part.1,
             )?;
             self.stats.pairs += if diagonal {
@@ -421,63 +462,192 @@ impl<T: Wire> Fold<'_, T> {
             };
             self.stats.compute += start.elapsed();
             let start = Instant::now();
-            let result = (&mut self.output, &mut self.lse);
-            fold_into(result, chunk_first, part, self.dims, !self.started[slot])?;
-            self.started[slot] = true;
+            if started {
+                fold_into(
+                    (&mut self.output, &mut self.lse),
+                    chunk_first,
+                    part,
+                    self.dims,
+                )?;
+            } else {
+                self.lse.rows_mut(chunk_first, q_rows).copy_from(&part.1);
+                self.started[slot] = true;
+            }
             self.stats.merge += start.elapsed();
         }
         Ok(begin.elapsed())
     }
 }
 
-impl<T: Wire> KvBlock<T> {
-    /// The bytes of K and V it carries.
+impl<T: Element> BlockRef<'_, T> {
+    /// The bytes of K and V it holds.
     fn bytes(&self) -> u64 {
-        ((self.key.0.len() + self.value.0.len()) * size_of::<T>()) as u64
+        ((self.key.len() + self.value.len()) * size_of::<T>()) as u64
     }
 
-    /// Checks a block received from worker `from` against the plan: its origin, rows
-    /// and widths (`(h_kv·d_k, h_kv·d_v)`).
-    fn check(
-        &self,
-        plan: &Plan,
-        from: usize,
-        workers: usize,
-        (key_columns, value_columns): (usize, usize),
-    ) -> Result<(), DistributedError> {
-        let want = (self.origin < workers).then(|| plan.row_count(self.origin));
-        if want == Some(self.rows)
-            && self.key.0.len() == self.rows * key_columns
-            && self.value.0.len() == self.rows * value_columns
-        {
-            return Ok(());
+    /// Values `range` of its K-then-V vector (each matrix column-major), appended to `out`.
+    fn values_into(&self, range: Range<usize>, out: &mut Vec<T>) {
+        let mut offset = 0;
+        for m in [self.key, self.value] {
+            let rows = m.nrows();
+            let (from, to) = (range.start.max(offset), range.end.min(offset + m.len()));
+            let mut at = from;
+            while at < to {
+                let (c, r) = ((at - offset) / rows, (at - offset) % rows);
+                let take = (rows - r).min(to - at);
+                if m.strides().0 == 1 {
+                    let unit = m.as_view::<Dyn, Dyn, U1, Dyn>();
+                    out.extend_from_slice(&unit.column(c).as_slice()[r..r + take]);
+                } else {
+                    out.extend(m.column(c).rows(r, take).iter().copied());
+                }
+                at += take;
+            }
+            offset += m.len();
         }
-        Err(DistributedError::Shape {
-            operand: "K/V block",
-            rule: format!(
-                "worker {from} sent {} rows ({} and {} values) for worker {}'s {} rows of {} \
-                 and {} columns",
-                self.rows,
-                self.key.0.len(),
-                self.value.0.len(),
-                self.origin,
-                want.unwrap_or(0),
-                key_columns,
-                value_columns
-            ),
-        })
     }
 }
 
-/// A `rows × columns` matrix of zeros, or a typed error if it cannot be allocated.
-fn try_zeros<T: Element>(rows: usize, columns: usize) -> Result<DMatrix<T>, DistributedError> {
+impl<T: Wire> KvBlock<T> {
+    /// A shared copy of `block`, or a typed error if it cannot be allocated.
+    fn copy(block: BlockRef<'_, T>) -> Result<Arc<Self>, DistributedError> {
+        let len = block.key.len() + block.value.len();
+        let mut data = Vec::new();
+        data.try_reserve_exact(len)
+            .map_err(|_| too_large(block.key.nrows(), len))?;
+        block.values_into(0..len, &mut data);
+        Ok(Arc::new(Self {
+            origin: block.origin,
+            rows: block.key.nrows(),
+            data: Values(data),
+        }))
+    }
+
+    /// Its K and V as matrices of `(h_kv·d_k, h_kv·d_v)` columns.
+    fn view(&self, (key_columns, value_columns): (usize, usize)) -> BlockRef<'_, T> {
+        let (key, value) = self.data.0.split_at(self.rows * key_columns);
+        BlockRef {
+            origin: self.origin,
+            key: DMatrixView::from_slice(key, self.rows, key_columns).into_mat_ref(),
+            value: DMatrixView::from_slice(value, self.rows, value_columns).into_mat_ref(),
+        }
+    }
+}
+
+/// Sends `block` to worker `to` (in another process) in pieces of [`piece_len`] values,
+/// each a network message of its own; an empty block is one empty piece.
+fn send_pieces<T: Wire>(
+    channel: &mut Channel<'_, Message<T>>,
+    to: usize,
+    step: usize,
+    block: BlockRef<'_, T>,
+) {
+    let len = block.key.len() + block.value.len();
+    let piece = piece_len::<T>();
+    for index in 0..len.div_ceil(piece).max(1) {
+        let range = index * piece..len.min((index + 1) * piece);
+        let mut values = Vec::with_capacity(range.len());
+        block.values_into(range, &mut values);
+        let origin = block.origin;
+        let values = Values(values);
+        channel.send_alone(
+            to,
+            Message::Piece {
+                step,
+                origin,
+                index,
+                values,
+            },
+        );
+    }
+}
+
+/// Receives the block of ring step `step` from worker `from`: `expected` is its (origin,
+/// rows), `columns` its (K, V) widths. Whole, or in pieces in any order; each piece is
+/// checked against the plan before it is placed, and the block is complete when every
+/// piece has arrived once.
+fn receive_block<T: Wire>(
+    channel: &mut Channel<'_, Message<T>>,
+    step: usize,
+    from: usize,
+    (origin, rows): (usize, usize),
+    (key_columns, value_columns): (usize, usize),
+) -> Result<Arc<KvBlock<T>>, DistributedError> {
+    let what = || format!("the K/V block of ring step {step} from worker {from}");
+    let len = rows * (key_columns + value_columns);
+    let piece = piece_len::<T>();
+    let count = len.div_ceil(piece).max(1);
+    let bad = |found: String| DistributedError::Shape {
+        operand: "K/V block",
+        rule: format!(
+            "at ring step {step} worker {from} sends worker {origin}'s {rows} rows of \
+             {key_columns} + {value_columns} columns, whole or in {count} pieces of {piece} \
+             values; it sent {found}"
+        ),
+    };
+    let mut data: Option<Vec<T>> = None;
+    let mut seen = vec![false; count];
+    let start = Instant::now();
+    for _ in 0..count {
+        match channel.receive(start, |m| m.step() == step, what)? {
+            Message::Whole { block, .. } => {
+                let fits = block.origin == origin && block.rows == rows;
+                if data.is_some() || !fits || block.data.0.len() != len {
+                    return Err(bad(format!(
+                        "a whole block of worker {}'s {} rows ({} values){}",
+                        block.origin,
+                        block.rows,
+                        block.data.0.len(),
+                        if data.is_some() { " after pieces" } else { "" }
+                    )));
+                }
+                return Ok(block);
+            }
+            Message::Piece {
+                origin: o,
+                index,
+                values,
+                ..
+            } => {
+                let start = index.saturating_mul(piece).min(len);
+                let range = start..len.min(start.saturating_add(piece));
+                let twice = seen.get(index) == Some(&true);
+                if o != origin || index >= count || twice || values.0.len() != range.len() {
+                    return Err(bad(format!(
+                        "piece {index} of worker {o}'s block with {} values{}",
+                        values.0.len(),
+                        if twice { ", twice" } else { "" }
+                    )));
+                }
+                seen[index] = true;
+                let data = match &mut data {
+                    Some(data) => data,
+                    None => data.insert(try_zeroed(len).ok_or_else(|| too_large(rows, len))?),
+                };
+                data[range].copy_from_slice(&values.0);
+            }
+        }
+    }
+    Ok(Arc::new(KvBlock {
+        origin,
+        rows,
+        data: Values(data.unwrap_or_default()),
+    }))
+}
+
+/// `len` zeros from the allocator's zeroed memory (pages the system zeroes when they are
+/// first touched, not a pass here), or `None` if they cannot be allocated.
+fn try_zeroed<T: Wire>(len: usize) -> Option<Vec<T>> {
+    bytemuck::allocation::try_zeroed_vec(len).ok()
+}
+
+/// A `rows × columns` matrix of zeros, or a typed error if it cannot be allocated (from
+/// zeroed memory: a buffer the call never uses costs nothing).
+fn try_zeros<T: Wire>(rows: usize, columns: usize) -> Result<DMatrix<T>, DistributedError> {
     let len = rows
         .checked_mul(columns)
         .ok_or_else(|| too_large(rows, columns))?;
-    let mut data = Vec::new();
-    data.try_reserve_exact(len)
-        .map_err(|_| too_large(rows, columns))?;
-    data.resize(len, T::zero());
+    let data = try_zeroed(len).ok_or_else(|| too_large(rows, columns))?;
     Ok(DMatrix::from_vec(rows, columns, data))
 }
 
@@ -604,4 +774,155 @@ pub fn ring_deviation_bound<T: Element>(
     let sums = 111.0 * eps + 6.0 * ((n / 480) as f64 + 1.0) * f64::EPSILON;
     let lse_error = delta + sums + eps * lse_bound + p * (2.0 * eps * lse_bound + 2.0 * eps);
     1.01 * (2.0 * (2.0 * delta + sums) + p * (2.0 * lse_error + 7.0 * eps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cluster;
+
+    /// A block of 1000 rows × (80 + 60) columns: 140 000 f32 values, three pieces.
+    const ROWS: usize = 1000;
+    const COLUMNS: (usize, usize) = (80, 60);
+    const LEN: usize = ROWS * (COLUMNS.0 + COLUMNS.1);
+
+    fn values() -> Vec<f32> {
+        (0..LEN).map(|i| (i as f32 * 0.37).sin()).collect()
+    }
+
+    /// Piece `index` of worker `origin`'s block, its last `short` values left out.
+    fn piece(index: usize, origin: usize, short: usize) -> Message<f32> {
+        let p = piece_len::<f32>();
+        let all = values();
+        let range = (index * p).min(LEN)..LEN.min((index + 1) * p);
+        let end = range.end - short.min(range.len());
+        Message::Piece {
+            step: 0,
+            origin,
+            index,
+            values: Values(all[range.start..end].to_vec()),
+        }
+    }
+
+    /// What worker 0 sends in one case.
+    type Sends = fn() -> Vec<Message<f32>>;
+
+    fn whole() -> Message<f32> {
+        Message::Whole {
+            step: 0,
+            block: Arc::new(KvBlock {
+                origin: 0,
+                rows: ROWS,
+                data: Values(values()),
+            }),
+        }
+    }
+
+    /// Worker 0 sends `messages()`, each alone; worker 1 receives worker 0's block of
+    /// ring step 0 and returns its values or the error's text.
+    fn deliver(messages: Sends) -> Result<Vec<f32>, String> {
+        let cluster = Cluster::local(2)
+            .unwrap()
+            .with_timeout(Duration::from_secs(20));
+        let mut results = cluster
+            .run(move |peer| {
+                let me = peer.index();
+                let mut channel = peer.channel::<Message<f32>>();
+                let got = if me == 0 {
+                    for m in messages() {
+                        channel.send_alone(1, m);
+                    }
+                    None
+                } else {
+                    let block = receive_block(&mut channel, 0, 0, (0, ROWS), COLUMNS);
+                    Some(block.map(|b| b.data.0.clone()).map_err(|e| e.to_string()))
+                };
+                channel.close()?;
+                Ok(got)
+            })
+            .unwrap();
+        results.pop().unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_block_arrives_whole_or_in_pieces_in_any_order() {
+        assert_eq!(LEN.div_ceil(piece_len::<f32>()), 3);
+        let want = values();
+        assert_eq!(
+            deliver(|| (0..3).map(|i| piece(i, 0, 0)).collect()),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            deliver(|| [2, 0, 1].map(|i| piece(i, 0, 0)).to_vec()),
+            Ok(want.clone())
+        );
+        assert_eq!(deliver(|| vec![whole()]), Ok(want));
+    }
+
+    #[test]
+    fn a_wrong_piece_is_a_typed_error() {
+        let cases: [(Sends, &str); 5] = [
+            (
+                || vec![piece(0, 0, 0), piece(0, 0, 0)],
+                "piece 0 of worker 0's block with 65536 values, twice",
+            ),
+            (|| vec![piece(1, 1, 0)], "piece 1 of worker 1's block"),
+            (
+                || vec![piece(2, 0, 1)],
+                "piece 2 of worker 0's block with 8927 values",
+            ),
+            (
+                || vec![piece(3, 0, 0)],
+                "piece 3 of worker 0's block with 0 values",
+            ),
+            (
+                || vec![piece(0, 0, 0), whole()],
+                "a whole block of worker 0's 1000 rows (140000 values) after pieces",
+            ),
+        ];
+        for (messages, found) in cases {
+            let error = deliver(messages).unwrap_err();
+            assert!(
+                error.contains("K/V block") && error.contains(found),
+                "{error}\nshould say: {found}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_into_reads_any_range_of_a_strided_block() {
+        // K and V as row blocks of larger matrices: column strides differ from the rows.
+        let big = DMatrix::<f32>::from_fn(1200, 80, |i, j| (i * 80 + j) as f32);
+        let (k, v) = (big.rows(7, 1000), big.view((100, 10), (1000, 60)));
+        let block = BlockRef {
+            origin: 0,
+            key: k.into_mat_ref(),
+            value: v.into_mat_ref(),
+        };
+        let mut want: Vec<f32> = k.iter().copied().collect();
+        want.extend(v.iter().copied());
+        for range in [
+            0..LEN,
+            0..1,
+            999..1001,
+            79_990..80_010,
+            65_536..131_072,
+            LEN..LEN,
+        ] {
+            let mut got = Vec::new();
+            block.values_into(range.clone(), &mut got);
+            assert_eq!(got, want[range]);
+        }
+        // K whose rows are not adjacent in memory (row stride 2): the general path.
+        let every_other = DMatrix::<f32>::from_fn(2000, 80, |i, j| (i * 80 + j) as f32);
+        let k = MatRef::from_slice_with_strides(every_other.as_slice(), 1000, 80, 2, 2000);
+        let block = BlockRef { key: k, ..block };
+        let mut want: Vec<f32> = k.iter().copied().collect();
+        want.extend(v.iter().copied());
+        for range in [0..LEN, 3..2500, 79_990..80_010, 65_536..131_072] {
+            let mut got = Vec::new();
+            block.values_into(range.clone(), &mut got);
+            assert_eq!(got, want[range]);
+        }
+    }
 }

@@ -118,7 +118,8 @@ fn bits(m: &DMatrix<f32>) -> Vec<u32> {
 #[test]
 fn two_and_three_processes_match_the_single_process_call_and_repeat_bit_for_bit() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (n, d, seed) = (300, 16, 1);
+    // Blocks of 800–1200 rows × (2 + 2)·32 columns: 2 or 3 pieces each across processes.
+    let (n, d, seed) = (2400, 32, 1);
     let layout = HeadLayout::new(4, 2);
     let all: Vec<usize> = (0..n).collect();
     let [q, k, v] = synthetic_qkv::<f32>(seed, &all, &layout, d);
@@ -132,13 +133,13 @@ fn two_and_three_processes_match_the_single_process_call_and_repeat_bit_for_bit(
                 processes,
                 &[
                     "--tokens",
-                    "300",
+                    "2400",
                     "--heads",
                     "4",
                     "--kv-heads",
                     "2",
                     "--d",
-                    "16",
+                    "32",
                     "--causal",
                 ],
                 |_| {
