@@ -1210,6 +1210,44 @@ select!(decode_f64: PartFn<f64>, DECODE_AVX512_F64, DECODE_AVX2_F64, DECODE_PORT
 select!(grad_f32: GradKernel<f32>, GRAD_AVX512_F32, GRAD_AVX2_F32, GRAD_PORTABLE_F32);
 select!(grad_f64: GradKernel<f64>, GRAD_AVX512_F64, GRAD_AVX2_F64, GRAD_PORTABLE_F64);
 
+/// Calls `f` from a function compiled for `path`'s instruction set (the portable path, or
+/// a path this CPU lacks: the target's baseline), so that the loops `f` inlines are
+/// vectorised for it: for plain-Rust scans over an operand (the bias check, `spec.rs`)
+/// that would otherwise run on SSE2's 128-bit registers. Only code inlined into `f` gets
+/// the features: keep what `f` calls `#[inline(always)]`. `f` must compute the same
+/// result on every path (exact operations), which is what makes the choice free.
+pub(crate) fn with_path_features<R>(path: CpuPath, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn avx512<R>(_: Avx512, f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(_: Avx2, f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match path {
+            CpuPath::Avx512 => {
+                if let Some(token) = Avx512::detect() {
+                    // SAFETY: the token proves the CPU has the function's features.
+                    return unsafe { avx512(token, f) };
+                }
+            }
+            CpuPath::Avx2 => {
+                if let Some(token) = Avx2::detect() {
+                    // SAFETY: as above.
+                    return unsafe { avx2(token, f) };
+                }
+            }
+            CpuPath::Portable => {}
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = path;
+    f()
+}
+
 /// Asks the CPU to bring the cache line holding `x` into its level-2 cache (x86-64's
 /// `prefetcht1`; nothing elsewhere): a hint that reads and changes nothing. The decoding
 /// kernel issues it for each line of the next chunk while it computes the current one,
