@@ -64,6 +64,7 @@ pub(crate) fn owned_for_left_product<T: Element>(
 
 /// Calls `f(c, column)` for every column `c` of `m`, restricted to `rows`. `buf` is only
 /// used (and grown) for matrices whose row stride is not 1.
+#[inline(always)] // into `with_path_features`' callers, to be compiled for their path
 pub(crate) fn for_each_column<T: Element>(
     m: &MatRef<'_, T>,
     rows: Range<usize>,

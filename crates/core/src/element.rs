@@ -52,11 +52,6 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     /// The value whose `abs_bits` is `bits` (non-negative).
     #[doc(hidden)]
     fn from_abs_bits(bits: u64) -> Self;
-    /// The largest `abs_bits` of `xs` (0 if empty) when every entry is finite, else some
-    /// value `≥ Self::INFINITY_BITS`; computed in 16 independent lanes so that the
-    /// compiler vectorises it even for the baseline target.
-    #[doc(hidden)]
-    fn max_abs_bits(xs: &[Self]) -> u64;
     /// `abs_bits` in the type's own width as a signed integer (the sign bit is clear, so
     /// it is non-negative and ordered alike): a maximum over them vectorises as a signed
     /// integer max wherever the CPU has one (AVX2, AVX-512).
@@ -68,41 +63,6 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     /// Widens [`Element::Bits`] to the `u64` of [`Element::abs_bits`].
     #[doc(hidden)]
     fn bits_to_u64(bits: Self::Bits) -> u64;
-}
-
-/// `max_abs_bits` for one element type, in 16 lanes of floats so that it vectorises even
-/// for baseline x86-64 (SSE2 has a float max and multiply, but no 32- or 64-bit integer
-/// max): the largest `|x|` by float comparison, exact for finite values (non-negative
-/// floats order as their bits), and `Σ x·0`, which is NaN exactly when some `x` is ±∞ or
-/// NaN (finite `x` give ±0, and sums of zeros are never NaN); then any non-finite entry
-/// gives `INFINITY_BITS`.
-fn max_abs_bits_of<T: Element>(xs: &[T]) -> u64 {
-    if xs.len() < 16 {
-        // Short columns (one new token of a KV cache is 1-row columns): no lanes to set up.
-        return xs.iter().fold(0, |m, x| m.max(x.abs_bits()));
-    }
-    let mut max = [T::zero(); 16];
-    let mut poison = [T::zero(); 16];
-    let chunks = xs.chunks_exact(16);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for t in 0..16 {
-            let a = chunk[t].abs();
-            max[t] = if a > max[t] { a } else { max[t] };
-            poison[t] += chunk[t] * T::zero();
-        }
-    }
-    for (t, &x) in rest.iter().enumerate() {
-        let a = x.abs();
-        max[t] = if a > max[t] { a } else { max[t] };
-        poison[t] += x * T::zero();
-    }
-    if poison.iter().any(|p| !p.finite()) {
-        return T::INFINITY_BITS;
-    }
-    max.iter()
-        .fold(T::zero(), |m, &x| if x > m { x } else { m })
-        .abs_bits()
 }
 
 impl Element for f32 {
@@ -137,9 +97,6 @@ impl Element for f32 {
     #[inline(always)]
     fn from_abs_bits(bits: u64) -> Self {
         f32::from_bits(bits as u32)
-    }
-    fn max_abs_bits(xs: &[Self]) -> u64 {
-        max_abs_bits_of(xs)
     }
     type Bits = i32;
     #[inline(always)]
@@ -185,9 +142,6 @@ impl Element for f64 {
     fn from_abs_bits(bits: u64) -> Self {
         f64::from_bits(bits)
     }
-    fn max_abs_bits(xs: &[Self]) -> u64 {
-        max_abs_bits_of(xs)
-    }
     type Bits = i64;
     #[inline(always)]
     fn abs_bits_native(self) -> i64 {
@@ -196,45 +150,5 @@ impl Element for f64 {
     #[inline(always)]
     fn bits_to_u64(bits: i64) -> u64 {
         bits as u64
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The lane-chunked maximum equals the plain one, and ±∞/NaN anywhere (chunk or
-    /// remainder) lift it to at least `INFINITY_BITS`.
-    fn max_abs_bits_is_exact<T: Element>() {
-        for len in 0..40 {
-            let xs: Vec<T> = (0..len)
-                .map(|i| T::from_f64_rounded(((i * 7919) % 23) as f64 - 11.5))
-                .collect();
-            let want = xs
-                .iter()
-                .map(|x| x.abs())
-                .fold(T::zero(), |a, b| if b > a { b } else { a });
-            assert_eq!(T::from_abs_bits(T::max_abs_bits(&xs)), want, "len {len}");
-            for at in 0..len {
-                for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
-                    let mut ys = xs.clone();
-                    ys[at] = T::from_f64_rounded(bad);
-                    assert!(
-                        T::max_abs_bits(&ys) >= T::INFINITY_BITS,
-                        "len {len}, at {at}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn max_abs_bits_f32() {
-        max_abs_bits_is_exact::<f32>();
-    }
-
-    #[test]
-    fn max_abs_bits_f64() {
-        max_abs_bits_is_exact::<f64>();
     }
 }

@@ -250,6 +250,9 @@ pub trait ElementKernels: Sized + 'static {
     fn grad(path: CpuPath) -> grad::GradKernel<Self>
     where
         Self: Element;
+    /// `spec::check_finite`'s scan compiled for `path` (`simd.rs`, `abs_max_bits`).
+    #[doc(hidden)]
+    fn abs_max_scan(path: CpuPath) -> simd::AbsMaxFn<Self>;
     /// Runs `f` with this thread's cached backward chunks (see [`with_cached`]): their
     /// buffers are reused from call to call instead of freshly mapped each time.
     #[doc(hidden)]
@@ -259,8 +262,12 @@ pub trait ElementKernels: Sized + 'static {
 /// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
 /// thread-local caches.
 macro_rules! element_kernels {
-    ($t:ty, $select:path, $decode:path, $grad:path) => {
+    ($t:ty, $select:path, $decode:path, $grad:path, $abs_max:path) => {
         impl ElementKernels for $t {
+            #[inline]
+            fn abs_max_scan(path: CpuPath) -> simd::AbsMaxFn<$t> {
+                $abs_max(path)
+            }
             #[inline]
             fn grad(path: CpuPath) -> grad::GradKernel<$t> {
                 $grad(path)
@@ -302,8 +309,20 @@ macro_rules! element_kernels {
         }
     };
 }
-element_kernels!(f32, simd::kernel_f32, simd::decode_f32, simd::grad_f32);
-element_kernels!(f64, simd::kernel_f64, simd::decode_f64, simd::grad_f64);
+element_kernels!(
+    f32,
+    simd::kernel_f32,
+    simd::decode_f32,
+    simd::grad_f32,
+    simd::abs_max_f32
+);
+element_kernels!(
+    f64,
+    simd::kernel_f64,
+    simd::decode_f64,
+    simd::grad_f64,
+    simd::abs_max_f64
+);
 
 /// Runs `f` with this thread's cached `X` from `cell` (a fresh one if it is already in
 /// use, e.g. by a call that rayon nested on the same thread).

@@ -28,7 +28,9 @@ use super::grad::{
     self, BLOCK, Chunk, Failure, GradKernel, GradKernels, Operands, Out, RowsOf, TileScratch,
 };
 use super::{Job, Scratch};
+use crate::columns::for_each_column;
 use crate::cpu::CpuPath;
+use crate::options::MatRef;
 use crate::{AttentionError, Element};
 use std::ops::Range;
 
@@ -1173,6 +1175,152 @@ macro_rules! select {
 select!(kernel_f32: Kernel<f32>, AVX512_F32, AVX2_F32, PORTABLE_F32);
 select!(kernel_f64: Kernel<f64>, AVX512_F64, AVX2_F64, PORTABLE_F64);
 
+/// `spec::check_finite`'s scan of an operand: the largest `|x|` of `m` as its bits
+/// ([`Element::abs_bits`]), or [`Element::INFINITY_BITS`] if an entry is NaN or ±∞.
+pub(crate) type AbsMaxFn<T> = fn(&MatRef<'_, T>) -> u64;
+
+/// The body of every path's [`AbsMaxFn`], over the vector operations `L`, four vectors of
+/// accumulators kept across the columns (reduced once at the end: reducing per column
+/// cost as much as the scan for columns of 64, and the compiler's own vectorisation of a
+/// plain loop came out with gathers under AVX-512). `|x| = max(x, 0 − x)` and the poison
+/// sum `Σ x·0` (NaN exactly when some `x` is NaN or ±∞) are exact, so every path gives
+/// the same result.
+///
+/// # Safety
+/// The CPU must have `L`'s features.
+#[inline(always)]
+unsafe fn abs_max_bits<L: Lanes>(m: &MatRef<'_, L::T>) -> u64 {
+    // SAFETY: the caller guarantees the features; every load reads N elements of a chunk
+    // of exactly N, and every store writes N lanes into a buffer of 16 ≥ N.
+    unsafe {
+        let zero = L::splat(L::T::zero());
+        let mut acc = AbsMaxAcc::<L> {
+            max: [zero; 4],
+            poison: [zero; 4],
+            max_s: L::T::zero(),
+            poison_s: L::T::zero(),
+        };
+        let (rows, cols) = m.shape();
+        if m.strides() == (1, rows) {
+            // Columns back to back (a whole matrix, or a block of whole columns): one run,
+            // so no per-column setup (which cost as much as the scan for columns of 64).
+            // SAFETY: with these strides the view's entries are exactly the `rows · cols`
+            // elements from its first one, all valid for reads while `m` is borrowed.
+            let all = std::slice::from_raw_parts(m.as_ptr(), rows * cols);
+            abs_max_run::<L>(all, &mut acc);
+        } else {
+            for_each_column(
+                m,
+                0..rows,
+                &mut Vec::new(),
+                #[inline(always)]
+                |_, col| abs_max_run::<L>(col, &mut acc),
+            );
+        }
+        let AbsMaxAcc {
+            max,
+            poison,
+            mut max_s,
+            mut poison_s,
+        } = acc;
+        let (mut lanes, mut poisons) = ([L::T::zero(); 16], [L::T::zero(); 16]);
+        for (mx, po) in max.into_iter().zip(poison) {
+            L::store(lanes.as_mut_ptr(), mx);
+            L::store(poisons.as_mut_ptr(), po);
+            max_s = lanes[..L::N]
+                .iter()
+                .fold(max_s, |a, &b| if b > a { b } else { a });
+            poison_s = poisons[..L::N].iter().fold(poison_s, |a, &b| a + b);
+        }
+        if poison_s.finite() {
+            max_s.abs_bits()
+        } else {
+            L::T::INFINITY_BITS
+        }
+    }
+}
+
+/// [`abs_max_bits`]' accumulators: four vectors of `|x|` maxima and of poison sums, and
+/// scalar ones for the elements past the last whole vector of a run.
+struct AbsMaxAcc<L: Lanes> {
+    max: [L::V; 4],
+    poison: [L::V; 4],
+    max_s: L::T,
+    poison_s: L::T,
+}
+
+/// Takes the run `col` into `acc` (a function, not a closure: a closure does not inherit
+/// its caller's target features, and its intrinsics became calls).
+///
+/// # Safety
+/// The CPU must have `L`'s features.
+#[inline(always)]
+unsafe fn abs_max_run<L: Lanes>(col: &[L::T], acc: &mut AbsMaxAcc<L>) {
+    // SAFETY: the caller guarantees the features; every load reads N elements of a chunk
+    // of exactly 4N or N.
+    unsafe {
+        let zero = L::splat(L::T::zero());
+        let quads = col.chunks_exact(4 * L::N);
+        let singles = quads.remainder().chunks_exact(L::N);
+        let rest = singles.remainder();
+        for quad in quads {
+            for (u, (mx, po)) in acc.max.iter_mut().zip(&mut acc.poison).enumerate() {
+                let x = L::load(quad.as_ptr().add(u * L::N));
+                *mx = L::max(*mx, L::max(x, L::sub(zero, x)));
+                *po = L::add(*po, L::mul(x, zero));
+            }
+        }
+        for single in singles {
+            let x = L::load(single.as_ptr());
+            acc.max[0] = L::max(acc.max[0], L::max(x, L::sub(zero, x)));
+            acc.poison[0] = L::add(acc.poison[0], L::mul(x, zero));
+        }
+        for &x in rest {
+            let a = if x < L::T::zero() { -x } else { x };
+            acc.max_s = if a > acc.max_s { a } else { acc.max_s };
+            acc.poison_s += x * L::T::zero();
+        }
+    }
+}
+
+/// Declares one path's [`AbsMaxFn`] as a `static`: [`abs_max_bits`] compiled by a
+/// `#[target_feature]` function, called through a safe entry point.
+macro_rules! abs_max_scan {
+    ($scan:ident: $t:ty, $lanes:ty, $features:literal, $token:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        static $scan: AbsMaxFn<$t> = {
+            #[target_feature(enable = $features)]
+            fn compiled(_: $token, m: &MatRef<'_, $t>) -> u64 {
+                // SAFETY: the token proves the CPU has `$features`, `$lanes`' features.
+                unsafe { abs_max_bits::<$lanes>(m) }
+            }
+            fn entry(m: &MatRef<'_, $t>) -> u64 {
+                // `abs_max_f32` / `abs_max_f64` hand out this scan only for a supported
+                // path, so detection succeeds here.
+                let token = $token::detect().expect("the scan of a path this CPU supports");
+                // SAFETY: `token` exists, so the CPU has `$features`.
+                unsafe { compiled(token, m) }
+            }
+            entry
+        };
+    };
+}
+
+abs_max_scan!(ABS_MAX_AVX512_F32: f32, Avx512F32, "avx512f,avx2,fma", Avx512);
+abs_max_scan!(ABS_MAX_AVX512_F64: f64, Avx512F64, "avx512f,avx2,fma", Avx512);
+abs_max_scan!(ABS_MAX_AVX2_F32: f32, Avx2F32, "avx2,fma", Avx2);
+abs_max_scan!(ABS_MAX_AVX2_F64: f64, Avx2F64, "avx2,fma", Avx2);
+static ABS_MAX_PORTABLE_F32: AbsMaxFn<f32> = |m| {
+    // SAFETY: the portable lanes need no CPU feature.
+    unsafe { abs_max_bits::<PortableF32>(m) }
+};
+static ABS_MAX_PORTABLE_F64: AbsMaxFn<f64> = |m| {
+    // SAFETY: as above.
+    unsafe { abs_max_bits::<PortableF64>(m) }
+};
+select!(abs_max_f32: AbsMaxFn<f32>, ABS_MAX_AVX512_F32, ABS_MAX_AVX2_F32, ABS_MAX_PORTABLE_F32);
+select!(abs_max_f64: AbsMaxFn<f64>, ABS_MAX_AVX512_F64, ABS_MAX_AVX2_F64, ABS_MAX_PORTABLE_F64);
+
 /// Declares one path's decoding kernel as a `static`: the body (`decode::part`, with FMA)
 /// compiled by a `#[target_feature]` function, called through a safe entry point. The
 /// vector code is what the compiler makes of the body's loops over keys under the path's
@@ -1396,6 +1544,68 @@ mod tests {
             let (w32, w64) = unsafe { avx2_worst() };
             println!("AVX2 exp: worst {w32} / {w64} ulp");
             assert!(w32 <= 2 && w64 <= 2, "AVX2 exp: {w32} / {w64} ulp");
+        }
+    }
+
+    /// Every path's `check_finite` scan equals the plain maximum of `|x|` over matrices
+    /// whose columns end in every position of a vector of four vectors (lengths 0..70,
+    /// one to three columns, contiguous and with a row stride), and ±∞ or NaN at any entry
+    /// (vector body or scalar rest) lifts it to `INFINITY_BITS`.
+    fn check_abs_max<T: Element>(scan: AbsMaxFn<T>, path: CpuPath) {
+        use nalgebra::DMatrix;
+        for rows in 0..70 {
+            for cols in 1..4 {
+                let m = DMatrix::<T>::from_fn(rows, cols, |i, j| {
+                    T::from_f64_rounded(((i * 7919 + j * 31) % 23) as f64 - 11.5)
+                });
+                let want = m.iter().fold(T::zero(), |a, &b| {
+                    let b = if b < T::zero() { -b } else { b };
+                    if b > a { b } else { a }
+                });
+                let view: MatRef<'_, T> = m.view_with_steps((0, 0), (rows, cols), (0, 0));
+                assert_eq!(scan(&view), want.abs_bits(), "{path:?}: {rows} x {cols}");
+                // Every other row: a row stride of 2 (the columns copied out).
+                let wide = DMatrix::<T>::from_fn(2 * rows, cols, |i, j| {
+                    if i % 2 == 0 {
+                        m[(i / 2, j)]
+                    } else {
+                        T::from_f64_rounded(1e6)
+                    }
+                });
+                let strided: MatRef<'_, T> = wide.view_with_steps((0, 0), (rows, cols), (1, 0));
+                assert_eq!(
+                    scan(&strided),
+                    want.abs_bits(),
+                    "{path:?}: strided {rows} x {cols}"
+                );
+                for at in 0..rows * cols {
+                    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                        let mut bad_m = m.clone();
+                        bad_m[at] = T::from_f64_rounded(bad);
+                        let view: MatRef<'_, T> =
+                            bad_m.view_with_steps((0, 0), (rows, cols), (0, 0));
+                        assert_eq!(scan(&view), T::INFINITY_BITS, "{path:?}: {bad} at {at}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn abs_max_scan_exact_on_every_path() {
+        let mut paths = vec![CpuPath::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if must_test(CpuPath::Avx2, "avx2") {
+                paths.push(CpuPath::Avx2);
+            }
+            if must_test(CpuPath::Avx512, "avx512") {
+                paths.push(CpuPath::Avx512);
+            }
+        }
+        for path in paths {
+            check_abs_max::<f32>(abs_max_f32(path), path);
+            check_abs_max::<f64>(abs_max_f64(path), path);
         }
     }
 
