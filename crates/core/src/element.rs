@@ -49,6 +49,10 @@ pub trait Element: RealField + Copy + Send + Sync + sealed::Sealed + 'static {
     /// The bits of +∞ (see [`Element::abs_bits`]).
     #[doc(hidden)]
     const INFINITY_BITS: u64;
+    /// Whether an output is its f64 numerator divided by the row sum (f64) or multiplied
+    /// by the sum's reciprocal (f32: see `score::row_output`).
+    #[doc(hidden)]
+    const DIVIDE_OUTPUTS: bool;
     /// The value whose `abs_bits` is `bits` (non-negative).
     #[doc(hidden)]
     fn from_abs_bits(bits: u64) -> Self;
@@ -90,6 +94,7 @@ impl Element for f32 {
         self.is_finite()
     }
     const INFINITY_BITS: u64 = 0x7f80_0000;
+    const DIVIDE_OUTPUTS: bool = false;
     #[inline(always)]
     fn abs_bits(self) -> u64 {
         u64::from(self.to_bits() & 0x7fff_ffff)
@@ -134,6 +139,7 @@ impl Element for f64 {
         self.is_finite()
     }
     const INFINITY_BITS: u64 = 0x7ff0_0000_0000_0000;
+    const DIVIDE_OUTPUTS: bool = true;
     #[inline(always)]
     fn abs_bits(self) -> u64 {
         self.to_bits() & 0x7fff_ffff_ffff_ffff

@@ -283,19 +283,32 @@ pub(crate) fn row_lse(m: f64, l: f64) -> f64 {
     }
 }
 
-/// One output entry from its numerator `acc = Σ_j p_j·(v_j·scale)`, the row sum `l` and
-/// the column's power-of-two `unscale` (1 for ordinary values, see
-/// [`Spec::value_scales`]): `acc / l · unscale` rounded once, or 0 for a row with no
-/// allowed key; clamped to `±v_max` (the exact value, a convex combination of values, lies
-/// there; rounding could push it just past, even to +∞ when V holds MAX, and clamping only
-/// moves it closer).
+/// One output entry from its numerator `acc = Σ_j p_j·(v_j·scale)`, the row sum `l` (0
+/// for a row with no allowed key, otherwise `l ≥ 1`, as the row's largest weight is 1),
+/// its reciprocal `inv_l = 1/l` and the column's power-of-two `unscale` (1 for ordinary
+/// values, see [`Spec::value_scales`]): the quotient `acc / l · unscale` in f64, rounded
+/// once to T, or 0 for a row with no allowed key; clamped to `±v_max` (the exact value, a
+/// convex combination of values, lies there; rounding could push it just past, even to +∞
+/// when V holds MAX, and clamping only moves it closer).
+///
+/// For f32 outputs the quotient is `acc · inv_l` (the reciprocal computed once per row):
+/// f64 division issues every few cycles at best, and it was a sixth of the block kernel's
+/// time at n = 64 (d 64, Zen 5). The product is within 1 f64 ulp of the quotient, which
+/// the rounding to f32 hides but for ties it would have to land exactly between. For
+/// f64 outputs that ulp would show (with V ≡ 1 the output would no longer be exactly 1),
+/// so f64 keeps the division (`Element::DIVIDE_OUTPUTS`).
 ///
 /// Written as selects (the clamp by comparisons, the empty row chosen last), so that a
 /// row of outputs vectorises: the block kernel writes a block's 64 × d_v outputs with
 /// it. For `l = 0` the quotient is NaN or ±∞ and is discarded by the last select.
 #[inline(always)]
-pub(crate) fn row_output<T: Element>(acc: f64, l: f64, unscale: f64, v_max: T) -> T {
-    let x = T::from_f64_rounded(acc / l * unscale);
+pub(crate) fn row_output<T: Element>(acc: f64, l: f64, inv_l: f64, unscale: f64, v_max: T) -> T {
+    let q = if T::DIVIDE_OUTPUTS {
+        acc / l
+    } else {
+        acc * inv_l
+    };
+    let x = T::from_f64_rounded(q * unscale);
     let x = if x < -v_max { -v_max } else { x };
     let x = if x > v_max { v_max } else { x };
     if l == 0.0 { empty_row_output() } else { x }

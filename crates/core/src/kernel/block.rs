@@ -269,12 +269,22 @@ fn finish_block<T: Element>(
         lse[r] = T::from_f64_rounded(row_lse(m[r].to_f64(), l[r]));
     }
     let v_max = job.spec.out_max;
-    for c in 0..job.spec.d_v {
-        let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
-        let src = &acc[c * bq..c * bq + rows];
-        let dst = &mut out[c * bq..c * bq + rows];
-        for r in 0..rows {
-            dst[r] = row_output(src[r], l[r], unscale, v_max);
+    // The reciprocals of the row sums (for `row_output`), 64 rows at a time (every path's
+    // `BQ` is at most 64, so once per block).
+    for r0 in (0..rows).step_by(64) {
+        let n = 64.min(rows - r0);
+        let mut inv = [0.0f64; 64];
+        for (inv, &l) in inv.iter_mut().zip(&l[r0..r0 + n]) {
+            *inv = 1.0 / l;
+        }
+        let l = &l[r0..r0 + n];
+        for c in 0..job.spec.d_v {
+            let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
+            let src = &acc[c * bq + r0..c * bq + r0 + n];
+            let dst = &mut out[c * bq + r0..c * bq + r0 + n];
+            for (((dst, &src), &l), &inv) in dst.iter_mut().zip(src).zip(l).zip(&inv) {
+                *dst = row_output(src, l, inv, unscale, v_max);
+            }
         }
     }
 }

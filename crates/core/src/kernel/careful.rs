@@ -160,7 +160,7 @@ pub(crate) fn attention<T: Element>(
                 .filter(|&(_, &w)| w != 0.0)
                 .map(|(j, &w)| w / l * (spec.v[(j, c)].to_f64() * 0.5))
                 .sum();
-            out[(i, c)] = row_output(half, l_done, 2.0, spec.out_max);
+            out[(i, c)] = row_output(half, l_done, 1.0 / l_done, 2.0, spec.out_max);
         }
     }
     Ok(())

@@ -1134,8 +1134,9 @@ pub(crate) fn finish<T: Element>(
             if let Some(lse) = lses[h].as_deref_mut() {
                 lse[i] = T::from_f64_rounded(row_lse(m.to_f64(), l));
             }
+            let inv_l = 1.0 / l;
             for c in 0..d_v {
-                outs[h][(i, c)] = row_output(total.acc[r * d_v + c], l, 1.0, spec.v_max_abs);
+                outs[h][(i, c)] = row_output(total.acc[r * d_v + c], l, inv_l, 1.0, spec.v_max_abs);
             }
         }
     }

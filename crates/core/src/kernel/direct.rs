@@ -137,11 +137,11 @@ pub(super) fn attention<T: Element>(
         if let Some(lse) = lse.as_deref_mut() {
             lse[i] = T::from_f64_rounded(row_lse(m.to_f64(), l));
         }
-        let s = &*s;
+        let (s, inv_l) = (&*s, 1.0 / l);
         for_each_column(v, 0..n_kv, &mut gather, |c, col| {
             let (scale, unscale) = scales.get(c).copied().unwrap_or((T::one(), T::one()));
             let total = weighted_sum(s, Some(col), scale);
-            out[(i, c)] = row_output(total, l, unscale.to_f64(), v_max);
+            out[(i, c)] = row_output(total, l, inv_l, unscale.to_f64(), v_max);
         });
     }
     Ok(())
