@@ -1223,8 +1223,12 @@ unsafe fn abs_max_bits<L: Lanes>(m: &MatRef<'_, L::T>) -> u64 {
             mut max_s,
             mut poison_s,
         } = acc;
-        let (mut lanes, mut poisons) = ([L::T::zero(); 16], [L::T::zero(); 16]);
-        for (mx, po) in max.into_iter().zip(poison) {
+        if rows * cols >= L::N {
+            // The four vectors into one, then its lanes (skipped when no whole vector was
+            // read: for a 2 × 2 call this reduction was most of the scan).
+            let mx = L::max(L::max(max[0], max[1]), L::max(max[2], max[3]));
+            let po = L::add(L::add(poison[0], poison[1]), L::add(poison[2], poison[3]));
+            let (mut lanes, mut poisons) = ([L::T::zero(); 16], [L::T::zero(); 16]);
             L::store(lanes.as_mut_ptr(), mx);
             L::store(poisons.as_mut_ptr(), po);
             max_s = lanes[..L::N]
