@@ -929,29 +929,51 @@ impl<L: Lanes, const MR: usize, const NV: usize> GradKernels<L::T> for GradSimd<
             let zero = L::splat(L::T::zero());
             let sc = L::splat(scale);
             let four_u = L::splat(L::T::EPSILON * L::T::from_count(4));
-            // The check first, on the scores alone: an lse of −∞ gives +∞ here.
-            let mut w = L::splat(L::T::NEG_INFINITY);
+            // The check first, on the scores alone: an lse of −∞ gives +∞ here. Four
+            // maxima in flight (one is a chain of dependent `max`es; `max` is exact).
+            let mut w = [L::splat(L::T::NEG_INFINITY); 4];
             for rt in (0..BLOCK).step_by(L::N) {
                 let (l, sl) = (L::load(lse.add(rt)), L::load(slack.add(rt)));
-                for j in 0..keys {
-                    let z = L::mul(L::load(sp.add(j * BLOCK + rt)), sc);
-                    let abs = L::max(z, L::sub(zero, z));
-                    let excess = L::sub(L::sub(L::sub(z, l), sl), L::mul(four_u, abs));
-                    w = L::max(w, excess);
+                let mut j = 0;
+                while j < keys {
+                    for (u, w) in w.iter_mut().enumerate().take(keys - j) {
+                        let z = L::mul(L::load(sp.add((j + u) * BLOCK + rt)), sc);
+                        let abs = L::max(z, L::sub(zero, z));
+                        let excess = L::sub(L::sub(L::sub(z, l), sl), L::mul(four_u, abs));
+                        *w = L::max(*w, excess);
+                    }
+                    j += 4;
                 }
             }
+            let w = L::max(L::max(w[0], w[1]), L::max(w[2], w[3]));
             L::store(worst.as_mut_ptr(), w);
             if worst[..L::N].iter().any(|&x| x > L::T::zero()) {
                 return false;
             }
             for rt in (0..BLOCK).step_by(L::N) {
                 let (l, dv) = (L::load(lse.add(rt)), L::load(d.add(rt)));
-                for j in 0..keys {
+                // Four keys per pass, side by side, so that their exponentials' chains of
+                // dependent FMAs overlap (as in the forward `softmax_step`). No closures:
+                // they would not inherit the target features.
+                let mut j = 0;
+                while j + 4 <= keys {
+                    let mut p = [zero; 4];
+                    for (u, p) in p.iter_mut().enumerate() {
+                        let x = L::sub(L::mul(L::load(sp.add((j + u) * BLOCK + rt)), sc), l);
+                        // min(x, 0): a weight within the slack above 1 is 1.
+                        *p = exp_v::<L>(L::sub(zero, L::max(L::sub(zero, x), zero)));
+                    }
+                    for (u, &p) in p.iter().enumerate() {
+                        let at = (j + u) * BLOCK + rt;
+                        L::store(sp.add(at), p);
+                        L::store(dsp.add(at), L::mul(p, L::sub(L::load(dsp.add(at)), dv)));
+                    }
+                    j += 4;
+                }
+                for j in j..keys {
                     let at = j * BLOCK + rt;
                     let x = L::sub(L::mul(L::load(sp.add(at)), sc), l);
-                    // min(x, 0): a weight within the slack above 1 is 1.
-                    let x = L::sub(zero, L::max(L::sub(zero, x), zero));
-                    let p = exp_v::<L>(x);
+                    let p = exp_v::<L>(L::sub(zero, L::max(L::sub(zero, x), zero)));
                     L::store(sp.add(at), p);
                     L::store(dsp.add(at), L::mul(p, L::sub(L::load(dsp.add(at)), dv)));
                 }
