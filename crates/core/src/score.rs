@@ -156,10 +156,13 @@ impl<T: Element> Spec<'_, T> {
         s
     }
 
-    /// [`modify`](Spec::modify) for key `j` and queries `i0 .. i0 + xs.len()` (`xs[r]` the
-    /// scaled score of query `i0 + r`): the same operations on every entry, one option at
-    /// a time over the whole run, so that each pass vectorises (the block kernel's tiles
-    /// hold a key's queries contiguously). Same results as `modify`, bit for bit.
+    /// [`modify`](Spec::modify) but for the softcap, for key `j` and queries `i0 .. i0 +
+    /// xs.len()` (`xs[r]` the scaled score of query `i0 + r`, already softcapped): the same
+    /// operations on every entry, one option at a time over the whole run, so that each
+    /// pass vectorises (the block kernel's tiles hold a key's queries contiguously). The
+    /// block kernel applies the softcap before, to its whole tile, with the vector `tanh`
+    /// of its CPU path (`MicroKernels::softcap`); with that the results are `modify`'s up
+    /// to the rounding of the two `tanh` forms.
     #[inline(always)]
     pub(crate) fn modify_column(&self, j: usize, i0: usize, xs: &mut [T]) {
         let n = xs.len();
@@ -174,11 +177,6 @@ impl<T: Element> Spec<'_, T> {
         xs[..r_lo].fill(T::NEG_INFINITY);
         xs[r_hi..].fill(T::NEG_INFINITY);
         let (xs, i0) = (&mut xs[r_lo..r_hi], i0 + r_lo);
-        if let Some(c) = self.softcap {
-            for x in xs.iter_mut() {
-                *x = c * (*x / c).softcap_tanh();
-            }
-        }
         if let Some(m) = self.alibi_slope {
             // |diag(i) − j| with diag(i) = i + diag_offset: shapes fit in memory, so these
             // i64 sums cannot overflow.

@@ -321,7 +321,7 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     {
         return Err(err);
     }
-    mask_tile(spec, cur, j0, jn, bq, s);
+    mask_tile::<T, MK>(features, spec, cur, j0, jn, s);
     if spec.bias.is_some() || spec.mask.is_some() {
         prefetch_options(spec, cur, j0 + jn..(j0 + jn + MK::BK).min(cur.j_end));
     }
@@ -359,16 +359,22 @@ fn tile<T: Element, MK: MicroKernels<T>>(
 /// tile. Keys past `jn` (padding to the panel size) and query lanes past the block's rows
 /// become −∞ where the options run.
 #[inline(always)]
-fn mask_tile<T: Element>(
+fn mask_tile<T: Element, MK: MicroKernels<T>>(
+    features: MK::Features,
     spec: &crate::spec::Spec<'_, T>,
     cur: &Cursor,
     j0: usize,
     jn: usize,
-    bq: usize,
     s: &mut [T],
 ) {
-    let (i0, rows) = (cur.i0, cur.rows);
+    let (i0, rows, bq) = (cur.i0, cur.rows, MK::BQ);
     if spec.has_elementwise() {
+        // The softcap first, on the whole tile at once with the path's vector `tanh`
+        // (per score, the scalar form was most of a softcapped call's extra time); the
+        // other options after it, as `Spec::modify` orders them.
+        if let Some(c) = spec.softcap {
+            MK::softcap(features, &mut s[..jn * bq], c);
+        }
         for j in 0..jn {
             spec.modify_column(j0 + j, i0, &mut s[j * bq..j * bq + rows]);
             s[j * bq + rows..(j + 1) * bq].fill(T::NEG_INFINITY);
@@ -492,6 +498,10 @@ pub(super) trait MicroKernels<T: Element> {
         s: &mut [T],
         probe: &mut [T],
     ) -> bool;
+    /// The softcap `c·tanh(x/c)` of every entry of `s` (a multiple of `BQ` entries), in
+    /// place: `simd.rs`'s vector `tanh_v`, with fused operations where the path has them
+    /// (the scalar `Spec::modify_column` form serves the other kernels).
+    fn softcap(features: Self::Features, s: &mut [T], c: T);
     fn softmax_step(
         features: Self::Features,
         s: &mut [T],

@@ -129,6 +129,7 @@ unsafe trait Lanes {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
     /// `a·b + c`: fused on the SIMD paths, a multiplication then an addition on the
     /// portable one (the baseline has no FMA instruction).
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
@@ -140,6 +141,8 @@ unsafe trait Lanes {
     unsafe fn pow2_table(t: Self::V) -> Self::V;
     /// `y` where `x ≥ cutoff`, 0 elsewhere.
     unsafe fn zero_below(x: Self::V, cutoff: Self::V, y: Self::V) -> Self::V;
+    /// `x` where `a < b`, `y` elsewhere (ordered: `y` where either is NaN).
+    unsafe fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
 }
 
 /// `exp` lane by lane for arguments ≤ 0 or −∞, on every path (see `exp.rs` for the
@@ -163,6 +166,39 @@ unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
         // e^r − 1 = r·p; 2^(k/N)·e^r = scale + scale·(e^r − 1), rounded once.
         let scale = L::pow2_table(t);
         L::zero_below(x, cutoff, L::fma(scale, L::mul(p, r), scale))
+    }
+}
+
+/// `tanh` lane by lane, for finite `x`: the method of `exp.rs`'s scalar [`tanh`]
+/// (`x + x·z·P(z)` below 0.625, `±(1 − e)/(1 + e)` with `e = exp(−2|x|)` above), with fused
+/// multiply-adds and the block kernel's [`exp_v`]: the softcap of the block kernel
+/// (`MicroKernels::softcap`). The scalar form, without fused operations, serves the other
+/// callers (decoding, the careful path, the backward pass); the two differ by rounding
+/// only (`vector_tanh_within_3_ulp_on_every_path`). ±0 gives +0.
+///
+/// # Safety
+/// The CPU must have `L`'s features.
+///
+/// [`tanh`]: super::exp::tanh
+#[inline(always)]
+unsafe fn tanh_v<L: Lanes>(x: L::V) -> L::V {
+    // SAFETY: the caller guarantees the CPU features of `L`.
+    unsafe {
+        let zero = L::splat(L::T::zero());
+        let a = L::max(x, L::sub(zero, x));
+        let z = L::mul(a, a);
+        let c = L::T::TANH_COEFFS;
+        let mut p = L::splat(c[0]);
+        for &ci in &c[1..] {
+            p = L::fma(p, z, L::splat(ci));
+        }
+        let small = L::fma(a, L::mul(z, p), a);
+        let one = L::splat(<L::T as num_traits::One>::one());
+        let e = exp_v::<L>(L::sub(zero, L::add(a, a)));
+        let large = L::div(L::sub(one, e), L::add(one, e));
+        let t = L::select_lt(a, L::splat(L::T::TANH_SMALL), small, large);
+        // The sign of x: −t where x < 0.
+        L::select_lt(x, zero, L::sub(zero, t), t)
     }
 }
 
@@ -256,8 +292,9 @@ unsafe fn span_update_tile<L: Lanes, const NV: usize, const BQ: usize, const MRV
 macro_rules! lanes {
     ($name:ident, $t:ty, $v:ty, $n:literal, $features:literal, $token:ty,
      set1 = $set1:ident, loadu = $loadu:ident, storeu = $storeu:ident, add = $add:ident,
-     sub = $sub:ident, mul = $mul:ident, fmadd = $fmadd:ident, max = $max:ident,
+     sub = $sub:ident, mul = $mul:ident, div = $div:ident, fmadd = $fmadd:ident, max = $max:ident,
      pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr,
+     select_lt = |$sa:ident, $sb:ident, $sx:ident, $sy:ident| $sel:expr,
      wide = $w:ty, parts = $parts:literal, widen = |$wv:ident, $wk:ident| $widen:expr) => {
         #[cfg(target_arch = "x86_64")]
         struct $name;
@@ -308,6 +345,11 @@ macro_rules! lanes {
                 unsafe { $mul(a, b) }
             }
             #[inline(always)]
+            unsafe fn div(a: $v, b: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $div(a, b) }
+            }
+            #[inline(always)]
             unsafe fn fma(a: $v, b: $v, c: $v) -> $v {
                 // SAFETY: the trait's contract: the CPU has `$features`.
                 unsafe { $fmadd(a, b, c) }
@@ -327,6 +369,11 @@ macro_rules! lanes {
                 // SAFETY: the trait's contract: the CPU has `$features`.
                 unsafe { $zb }
             }
+            #[inline(always)]
+            unsafe fn select_lt($sa: $v, $sb: $v, $sx: $v, $sy: $v) -> $v {
+                // SAFETY: the trait's contract: the CPU has `$features`.
+                unsafe { $sel }
+            }
         }
     };
 }
@@ -344,6 +391,7 @@ lanes!(
     add = _mm512_add_ps,
     sub = _mm512_sub_ps,
     mul = _mm512_mul_ps,
+    div = _mm512_div_ps,
     fmadd = _mm512_fmadd_ps,
     max = _mm512_max_ps,
     pow2 = |t| {
@@ -353,6 +401,7 @@ lanes!(
         _mm512_castsi512_ps(_mm512_add_epi32(frac, _mm512_slli_epi32::<19>(b)))
     },
     zero_below = |x, c, y| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, c), y),
+    select_lt = |a, b, x, y| _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b), y, x),
     wide = Avx512F64,
     parts = 2,
     widen = |v, k| if k == 0 {
@@ -377,6 +426,7 @@ lanes!(
     add = _mm512_add_pd,
     sub = _mm512_sub_pd,
     mul = _mm512_mul_pd,
+    div = _mm512_div_pd,
     fmadd = _mm512_fmadd_pd,
     max = _mm512_max_pd,
     pow2 = |t| {
@@ -386,6 +436,7 @@ lanes!(
         _mm512_castsi512_pd(_mm512_add_epi64(frac, _mm512_slli_epi64::<49>(b)))
     },
     zero_below = |x, c, y| _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(x, c), y),
+    select_lt = |a, b, x, y| _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(a, b), y, x),
     wide = Avx512F64,
     parts = 1,
     widen = |v, _k| v
@@ -404,6 +455,7 @@ lanes!(
     add = _mm256_add_ps,
     sub = _mm256_sub_ps,
     mul = _mm256_mul_ps,
+    div = _mm256_div_ps,
     fmadd = _mm256_fmadd_ps,
     max = _mm256_max_ps,
     pow2 = |t| {
@@ -423,6 +475,7 @@ lanes!(
         ))
     },
     zero_below = |x, c, y| _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, c), y),
+    select_lt = |a, b, x, y| _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)),
     wide = Avx2F64,
     parts = 2,
     widen = |v, k| if k == 0 {
@@ -445,6 +498,7 @@ lanes!(
     add = _mm256_add_pd,
     sub = _mm256_sub_pd,
     mul = _mm256_mul_pd,
+    div = _mm256_div_pd,
     fmadd = _mm256_fmadd_pd,
     max = _mm256_max_pd,
     pow2 = |t| {
@@ -469,6 +523,7 @@ lanes!(
         ))
     },
     zero_below = |x, c, y| _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, c), y),
+    select_lt = |a, b, x, y| _mm256_blendv_pd(y, x, _mm256_cmp_pd::<_CMP_LT_OQ>(a, b)),
     wide = Avx2F64,
     parts = 1,
     widen = |v, _k| v
@@ -527,6 +582,10 @@ macro_rules! portable_lanes {
                 std::array::from_fn(|i| a[i] * b[i])
             }
             #[inline(always)]
+            unsafe fn div(a: [$t; $n], b: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| a[i] / b[i])
+            }
+            #[inline(always)]
             unsafe fn fma(a: [$t; $n], b: [$t; $n], c: [$t; $n]) -> [$t; $n] {
                 std::array::from_fn(|i| a[i] * b[i] + c[i])
             }
@@ -541,6 +600,10 @@ macro_rules! portable_lanes {
             #[inline(always)]
             unsafe fn zero_below(x: [$t; $n], c: [$t; $n], y: [$t; $n]) -> [$t; $n] {
                 std::array::from_fn(|i| if x[i] >= c[i] { y[i] } else { 0.0 })
+            }
+            #[inline(always)]
+            unsafe fn select_lt(a: [$t; $n], b: [$t; $n], x: [$t; $n], y: [$t; $n]) -> [$t; $n] {
+                std::array::from_fn(|i| if a[i] < b[i] { x[i] } else { y[i] })
             }
         }
     };
@@ -628,6 +691,21 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
             L::store(probe.as_mut_ptr(), pr);
         }
         probe[..L::N].iter().all(|&p| p == L::T::zero())
+    }
+
+    #[inline(always)]
+    fn softcap(_: L::Features, s: &mut [L::T], c: L::T) {
+        assert!(s.len().is_multiple_of(L::N));
+        let p = s.as_mut_ptr();
+        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds: the
+        // vectors at multiples of N below `s.len()`, a multiple of N.
+        unsafe {
+            let cv = L::splat(c);
+            for at in (0..s.len()).step_by(L::N) {
+                let x = L::load(p.add(at));
+                L::store(p.add(at), L::mul(cv, tanh_v::<L>(L::div(x, cv))));
+            }
+        }
     }
 
     #[inline(always)]
@@ -1570,6 +1648,109 @@ mod tests {
             let (w32, w64) = unsafe { avx2_worst() };
             println!("AVX2 exp: worst {w32} / {w64} ulp");
             assert!(w32 <= 2 && w64 <= 2, "AVX2 exp: {w32} / {w64} ulp");
+        }
+    }
+
+    /// Worst error in ulps (of T) of `tanh_v::<L>` against `f64::tanh` (rounded to T) over
+    /// `xs` (length a multiple of N).
+    ///
+    /// # Safety
+    /// The CPU must have `L`'s features.
+    unsafe fn worst_tanh_ulps<L: Lanes>(xs: &[L::T]) -> u64
+    where
+        L::T: Into<f64> + Copy,
+    {
+        let mut out = vec![L::T::zero(); xs.len()];
+        for i in (0..xs.len()).step_by(L::N) {
+            // SAFETY: i + N ≤ len for both buffers; features per the caller.
+            unsafe {
+                L::store(
+                    out.as_mut_ptr().add(i),
+                    tanh_v::<L>(L::load(xs.as_ptr().add(i))),
+                )
+            };
+        }
+        xs.iter()
+            .zip(&out)
+            .map(|(&x, &y)| {
+                let want = L::T::from_f64_rounded(Into::<f64>::into(x).tanh());
+                let (a, b) = (Into::<f64>::into(y), Into::<f64>::into(want));
+                if a == b {
+                    return 0;
+                }
+                let ulp = (b.abs() * L::T::EPSILON.to_f64()).max(f64::MIN_POSITIVE);
+                ((a - b).abs() / ulp).ceil() as u64
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Arguments for the vector `tanh`: both signs, every 5·10⁻⁵ up to 20 (across the
+    /// switch at 0.625 and out to where tanh rounds to 1), tiny and huge ones, ±0.
+    fn tanh_grid<T: Element>() -> Vec<T> {
+        let mut xs: Vec<T> = (0..400_000)
+            .flat_map(|i| {
+                let x = i as f64 * 5e-5;
+                [x, -x]
+            })
+            .map(T::from_f64_rounded)
+            .collect();
+        for x in [1e-30, 1e-6, 0.625, 30.0, 1e30, T::MAX.to_f64()] {
+            xs.extend([T::from_f64_rounded(x), T::from_f64_rounded(-x)]);
+        }
+        xs.resize(xs.len().next_multiple_of(16), T::zero());
+        xs
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn avx512_tanh_worst() -> (u64, u64) {
+        // SAFETY: this function is only called after the features were detected.
+        unsafe {
+            (
+                worst_tanh_ulps::<Avx512F32>(&tanh_grid::<f32>()),
+                worst_tanh_ulps::<Avx512F64>(&tanh_grid::<f64>()),
+            )
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2_tanh_worst() -> (u64, u64) {
+        // SAFETY: this function is only called after the features were detected.
+        unsafe {
+            (
+                worst_tanh_ulps::<Avx2F32>(&tanh_grid::<f32>()),
+                worst_tanh_ulps::<Avx2F64>(&tanh_grid::<f64>()),
+            )
+        }
+    }
+
+    /// The block kernel's softcap `tanh` on every path: within 3 ulp of `f64::tanh`
+    /// rounded to the type (the scalar form's bound, `exp.rs`; `f64::tanh` is itself within
+    /// 1 ulp for f64), exact at 0 and where tanh rounds to ±1.
+    #[test]
+    fn vector_tanh_within_3_ulp_on_every_path() {
+        // SAFETY: the portable lanes need no CPU feature.
+        let mut worst = vec![("portable", unsafe {
+            (
+                worst_tanh_ulps::<PortableF32>(&tanh_grid::<f32>()),
+                worst_tanh_ulps::<PortableF64>(&tanh_grid::<f64>()),
+            )
+        })];
+        #[cfg(target_arch = "x86_64")]
+        if must_test(CpuPath::Avx512, "avx512") {
+            // SAFETY: AVX-512F, AVX2 and FMA were detected (`is_supported`) just above.
+            worst.push(("AVX-512", unsafe { avx512_tanh_worst() }));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if must_test(CpuPath::Avx2, "avx2") {
+            // SAFETY: AVX2 and FMA were detected (`is_supported`) just above.
+            worst.push(("AVX2", unsafe { avx2_tanh_worst() }));
+        }
+        for (path, (w32, w64)) in worst {
+            println!("{path} tanh: worst {w32} / {w64} ulp");
+            assert!(w32 <= 3 && w64 <= 3, "{path} tanh: {w32} / {w64} ulp");
         }
     }
 
