@@ -129,7 +129,8 @@ impl ExpConsts for f32 {
     const LOG2E_N: f32 = Self::LOG2E * 16.0;
     const LN2_HI_N: f32 = Self::LN2_HI / 16.0;
     const LN2_LO_N: f32 = Self::LN2_LO / 16.0;
-    const TABLE_COEFFS: &'static [f32] = &[1.0 / 6.0, 0.5, 1.0];
+    // 1/3!, 1/2!, 1/1!: `COEFFS` without its four highest terms and its constant.
+    const TABLE_COEFFS: &'static [f32] = Self::COEFFS.split_at(4).1.split_at(3).0;
     #[inline(always)]
     fn pow2_table(t: f32) -> f32 {
         let b = t.to_bits();
@@ -182,16 +183,8 @@ impl ExpConsts for f64 {
     const LOG2E_N: f64 = Self::LOG2E * 8.0;
     const LN2_HI_N: f64 = Self::LN2_HI / 8.0;
     const LN2_LO_N: f64 = Self::LN2_LO / 8.0;
-    const TABLE_COEFFS: &'static [f64] = &[
-        1.0 / 40320.0,
-        1.0 / 5040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-    ];
+    // 1/8! .. 1/1!: `COEFFS` without its five highest terms and its constant.
+    const TABLE_COEFFS: &'static [f64] = Self::COEFFS.split_at(5).1.split_at(8).0;
     #[inline(always)]
     fn pow2_table(t: f64) -> f64 {
         let b = t.to_bits();

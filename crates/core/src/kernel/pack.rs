@@ -130,10 +130,11 @@ pub(super) fn pack_values<T: Element>(
                 // On the stack, not collected: a warm call allocates nothing.
                 let columns: [_; 16] = std::array::from_fn(|t| unit.column(c0 + t.min(width - 1)));
                 let runs: [&[T]; 16] = std::array::from_fn(|t| &columns[t].as_slice()[j0..j0 + jn]);
-                if scale.is_empty() && width == 16 {
-                    // Blocks of 8 rows × 16 columns, read as 16 runs of 8 and written as 8
-                    // runs of 16 (element by element, with a branch per element, this was a
-                    // quarter of an f32 n 64 d 64 call on Zen 5).
+                // Blocks of 8 rows × 16 columns, read as 16 runs of 8 and written as 8
+                // runs of 16 (element by element, with a branch per element, this was a
+                // quarter of an f32 n 64 d 64 call on Zen 5); the rows after them, and
+                // every row of narrower or scaled column groups, one at a time below.
+                let blocked = if scale.is_empty() && width == 16 {
                     let whole = jn / 8 * 8;
                     for dj in (0..whole).step_by(8) {
                         let block: [[T; 8]; 16] = std::array::from_fn(|t| {
@@ -146,24 +147,20 @@ pub(super) fn pack_values<T: Element>(
                             *row = std::array::from_fn(|t| block[t][r]);
                         }
                     }
-                    for (dj, row) in chunk[..jn * dvp]
-                        .chunks_exact_mut(dvp)
-                        .enumerate()
-                        .skip(whole)
-                    {
-                        for (x, run) in row[c0..c0 + width].iter_mut().zip(&runs) {
-                            *x = run[dj];
-                        }
-                    }
-                } else if scale.is_empty() {
-                    for (dj, row) in chunk[..jn * dvp].chunks_exact_mut(dvp).enumerate() {
+                    whole
+                } else {
+                    0
+                };
+                let rows = chunk[..jn * dvp].chunks_exact_mut(dvp).enumerate();
+                if scale.is_empty() {
+                    for (dj, row) in rows.skip(blocked) {
                         for (x, run) in row[c0..c0 + width].iter_mut().zip(&runs) {
                             *x = run[dj];
                         }
                     }
                 } else {
                     let sc = &scale[c0..c0 + width];
-                    for (dj, row) in chunk[..jn * dvp].chunks_exact_mut(dvp).enumerate() {
+                    for (dj, row) in rows {
                         for ((x, run), &sc) in row[c0..c0 + width].iter_mut().zip(&runs).zip(sc) {
                             *x = run[dj] * sc;
                         }

@@ -135,7 +135,7 @@ unsafe trait Lanes {
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `a` where `a > b`, else `b`.
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
-    /// Lane-wise 2^(k/N) from `t = k + SHIFT`, N = `ExpConsts::TABLE_N`: the table entry
+    /// Lane-wise 2^(k/N) from `t = k + SHIFT` (N = 16 for f32, 8 for f64): the table entry
     /// for `k mod N` picked by a permutation across the register, plus `k`'s bits shifted
     /// into place (see `exp.rs`, `ExpConsts::pow2_table`).
     unsafe fn pow2_table(t: Self::V) -> Self::V;
