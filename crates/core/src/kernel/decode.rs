@@ -22,9 +22,9 @@
 //! Otherwise the part is read chunk by chunk ([`CHUNK`] keys: for each chunk all `d`
 //! columns, [`chunk_scores`] with the rows' sums in registers), each chunk in place when K
 //! and V have the contiguous runs the kernel reads (K's columns; V's columns, or its
-//! rows), else copied first, the next chunk's cache lines prefetched while one is
-//! computed. Both orders take the same operations in the same order for every sum, so the
-//! bits do not depend on which one ran (`tests/decode_order.rs`).
+//! rows), else copied first, the next chunk's cache lines requested as the loops over the
+//! current one go ([`Ahead`]). Both orders take the same operations in the same order for
+//! every sum, so the bits do not depend on which one ran (`tests/decode_order.rs`).
 //!
 //! # Values by columns or by rows
 //! The weighted sums are computed one of two ways, decided once per group from V's layout
@@ -272,9 +272,13 @@ pub(crate) fn part<T: Element, const FMA: bool>(
     } else {
         let mut bits = T::Bits::default();
         for (i, chunk) in chunks.iter().enumerate() {
-            if let Some((((k, _), at), n)) = next_in_place(&chunks, i) {
-                prefetch_keys(&k.as_view(), at, n);
-            }
+            // The next chunk's keys, requested a column at a time as this chunk's columns
+            // are read (see [`Ahead`]).
+            let next = next_in_place(&chunks, i).map(|(((k, _), at), n)| (k, at, n));
+            let next_view = next
+                .as_ref()
+                .map(|(k, at, n)| (k.as_view::<Dyn, Dyn, U1, Dyn>(), *at, *n));
+            let ahead = next_view.as_ref().map(|(k, at, n)| (k, *at, *n));
             let (k, at) = match chunk.place {
                 Some(((k, _), at)) => (k, at),
                 None => {
@@ -284,7 +288,7 @@ pub(crate) fn part<T: Element, const FMA: bool>(
             };
             let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
             let at = (at, chunk.off, chunk.len);
-            bits = bits.max(chunk_scores::<T, FMA>(group, &k, at, len, &mut s));
+            bits = bits.max(chunk_scores::<T, FMA>(group, &k, at, len, ahead, &mut s));
         }
         bits
     };
@@ -304,8 +308,15 @@ pub(crate) fn part<T: Element, const FMA: bool>(
             }
         }
         for (i, chunk) in chunks.iter().enumerate() {
-            if let Some((((_, v), at), n)) = next_in_place(&chunks, i) {
-                prefetch_values(group.by_rows, &v.as_view(), at, n);
+            let next = next_in_place(&chunks, i).map(|(((_, v), at), n)| (v, at, n));
+            let next_view = next
+                .as_ref()
+                .map(|(v, at, n)| (v.as_view::<Dyn, Dyn, U1, Dyn>(), *at, *n));
+            let ahead = next_view.as_ref().map(|(v, at, n)| (v, *at, *n));
+            if !group.by_rows
+                && let Some((v, at, n)) = ahead
+            {
+                prefetch_values(false, v, at, n);
             }
             let (v, at) = match chunk.place {
                 Some(((_, v), at)) => (v, at),
@@ -317,7 +328,7 @@ pub(crate) fn part<T: Element, const FMA: bool>(
             let v = v.as_view::<Dyn, Dyn, U1, Dyn>();
             let at = (at, chunk.off, chunk.len);
             if group.by_rows {
-                value_rows::<T, FMA>(&v, at, len, &s, &active, rows, &mut state);
+                value_rows::<T, FMA>((&v, at, len), ahead, &s, &active, rows, &mut state);
             } else {
                 value_lanes::<T, FMA>(&v, at, len, &s, &active, rows, &mut state);
             }
@@ -503,17 +514,38 @@ fn prefetch_run<T>(run: &[T]) {
     }
 }
 
-/// Requests every cache line of a chunk's `n` keys (row `at` of `k`), to arrive while the
-/// chunk before it is computed: all at once, since spreading the requests over the loops
-/// measured slower.
+/// Requests the cache lines of `run`, a piece of the next chunk: unrolled for a whole
+/// chunk's column (4 lines in f32, 8 in f64).
 #[inline(always)]
-fn prefetch_keys<T: Element>(k: ColumnView<'_, '_, T>, at: usize, n: usize) {
-    for p in 0..k.ncols() {
-        prefetch_run(&k.column(p).as_slice()[at..at + n]);
+fn prefetch_next<T>(run: &[T]) {
+    let per = LINE / size_of::<T>();
+    match run.first_chunk::<CHUNK>() {
+        Some(full) => {
+            for i in 0..CHUNK.div_ceil(per) {
+                prefetch(&full[i * per]);
+            }
+        }
+        None => prefetch_run(run),
     }
 }
 
-/// As [`prefetch_keys`], a chunk's values (`v` as [`in_place`] gives them).
+/// The next chunk, read in place, whose cache lines the loops over the current chunk
+/// request as they go: `(view, at, n)`, its `n` keys at row `at` of K, or at column `at`
+/// of V transposed. The score loop, reading column `p` of this chunk's keys, requests
+/// column `p` of the next chunk's; the weighted sums by rows, reading value row `j` of
+/// this chunk, request row `j` of the next: each request one chunk ahead of its use. A
+/// chunk of the KV cache is one page's block of one head (32 KiB for 64 keys of width 128
+/// in f32), a run the hardware prefetchers must pick up anew at every page; requested
+/// this way, the next page's lines arrive while this one is computed (Zen 5, 32 query
+/// heads over 8 KV heads, 32768 cached tokens, 2 threads: 1.64–1.76 → 1.43–1.52 times
+/// the memory floor, with the loops' loads hoisted, see [`block_scores`]). Requesting a
+/// whole chunk at once at its start filled the core's miss buffers and stalled the loop
+/// behind them (no faster than no requests at all); requesting two chunks ahead, or one
+/// line of each column's four, was no faster or slower.
+type Ahead<'r, 'a, T> = Option<(ColumnView<'r, 'a, T>, usize, usize)>;
+
+/// Requests every cache line of a chunk's values (`v` as [`in_place`] gives them) at
+/// once: for values stored by columns, read chunk by chunk ([`value_lanes`]).
 #[inline(always)]
 fn prefetch_values<T: Element>(by_rows: bool, v: ColumnView<'_, '_, T>, at: usize, n: usize) {
     if by_rows {
@@ -615,6 +647,7 @@ fn chunk_scores<T: Element, const FMA: bool>(
     k: ColumnView<'_, '_, T>,
     (at, off, n): ChunkAt,
     stride: usize,
+    ahead: Ahead<'_, '_, T>,
     s: &mut [T],
 ) -> T::Bits {
     let (rows, d_k) = (group.rows(), k.ncols());
@@ -624,20 +657,25 @@ fn chunk_scores<T: Element, const FMA: bool>(
     if n == CHUNK {
         // The first block also scans K when the group scans (K is the same for every
         // block).
+        // The first block also requests the next chunk's keys.
         while r + ROW_BLOCK <= rows {
+            let ahead = if r == 0 { ahead } else { None };
             if group.scan && r == 0 {
-                scanned = Some(block_scores::<T, FMA, ROW_BLOCK, true>(group, k, out, r, s));
+                scanned = Some(block_scores::<T, FMA, ROW_BLOCK, true>(
+                    group, k, out, r, ahead, s,
+                ));
             } else {
-                block_scores::<T, FMA, ROW_BLOCK, false>(group, k, out, r, s);
+                block_scores::<T, FMA, ROW_BLOCK, false>(group, k, out, r, ahead, s);
             }
             r += ROW_BLOCK;
         }
         // The remaining rows one at a time, their 64 sums in registers as well.
         while r < rows {
+            let ahead = if r == 0 { ahead } else { None };
             if group.scan && r == 0 {
-                scanned = Some(block_scores::<T, FMA, 1, true>(group, k, out, r, s));
+                scanned = Some(block_scores::<T, FMA, 1, true>(group, k, out, r, ahead, s));
             } else {
-                block_scores::<T, FMA, 1, false>(group, k, out, r, s);
+                block_scores::<T, FMA, 1, false>(group, k, out, r, ahead, s);
             }
             r += 1;
         }
@@ -674,18 +712,24 @@ fn block_scores<T: Element, const FMA: bool, const B: usize, const SCAN: bool>(
     k: ColumnView<'_, '_, T>,
     (at, off, stride): (usize, usize, usize),
     r: usize,
+    ahead: Ahead<'_, '_, T>,
     s: &mut [T],
 ) -> T::Bits {
     let d_k = k.ncols();
+    // The rows' queries as slices of exactly `d_k`, so that indexing them by `p` needs no
+    // check in the loop.
+    let q: [&[T]; B] = std::array::from_fn(|b| &group.q[(r + b) * d_k..][..d_k]);
     let mut acc = [[T::zero(); CHUNK]; B];
     let mut bits = [T::Bits::default(); CHUNK];
-    for p in 0..d_k {
-        let column = k.column(p);
-        let kc: &[T; CHUNK] = column.as_slice()[at..at + CHUNK]
-            .try_into()
-            .expect("a full chunk");
-        for (b, acc_b) in acc.iter_mut().enumerate() {
-            let q = group.q[(r + b) * d_k + p];
+    for (p, column) in k.column_iter().enumerate() {
+        if let Some((next, at, n)) = ahead {
+            prefetch_next(&next.column(p).as_slice()[at..at + n]);
+        }
+        // Copied to a local: loaded once for the `B` rows (as a reference, each row's
+        // multiply-adds loaded it again).
+        let kc: [T; CHUNK] = *column.as_slice()[at..].first_chunk().expect("a full chunk");
+        for (acc_b, q_b) in acc.iter_mut().zip(q) {
+            let q = q_b[p];
             for j in 0..CHUNK {
                 acc_b[j] = madd::<T, FMA>(q, kc[j], acc_b[j]);
             }
@@ -941,21 +985,23 @@ fn value_lanes<T: Element, const FMA: bool>(
 /// once per block; then added in f64. The weights of inactive rows must be 0.
 #[inline(always)]
 fn value_rows<T: Element, const FMA: bool>(
-    vt: ColumnView<'_, '_, T>,
-    at: ChunkAt,
-    stride: usize,
+    value: Values<'_, '_, T>,
+    ahead: Ahead<'_, '_, T>,
     s: &[T],
     active: &[bool; MAX_ROWS],
     rows: usize,
     state: &mut State<T>,
 ) {
+    // The first block also requests the next chunk's values.
     let mut r = 0;
     while r + ROW_BLOCK <= rows {
-        value_block::<T, FMA, ROW_BLOCK>((vt, at, stride), r, s, active, state);
+        let ahead = if r == 0 { ahead } else { None };
+        value_block::<T, FMA, ROW_BLOCK>(value, r, ahead, s, active, state);
         r += ROW_BLOCK;
     }
     while r < rows {
-        value_block::<T, FMA, 1>((vt, at, stride), r, s, active, state);
+        let ahead = if r == 0 { ahead } else { None };
+        value_block::<T, FMA, 1>(value, r, ahead, s, active, state);
         r += 1;
     }
 }
@@ -970,6 +1016,7 @@ type Values<'r, 'a, T> = (ColumnView<'r, 'a, T>, ChunkAt, usize);
 fn value_block<T: Element, const FMA: bool, const B: usize>(
     value: Values<'_, '_, T>,
     r: usize,
+    ahead: Ahead<'_, '_, T>,
     s: &[T],
     active: &[bool; MAX_ROWS],
     state: &mut State<T>,
@@ -978,21 +1025,21 @@ fn value_block<T: Element, const FMA: bool, const B: usize>(
     let mut c = 0;
     if size_of::<T>() == 4 {
         while c + 64 <= d_v {
-            value_tile::<T, FMA, B, 64>(value, (r, c), s, active, state);
+            value_tile::<T, FMA, B, 64>(value, (r, c), ahead, s, active, state);
             c += 64;
         }
     } else {
         while c + 32 <= d_v {
-            value_tile::<T, FMA, B, 32>(value, (r, c), s, active, state);
+            value_tile::<T, FMA, B, 32>(value, (r, c), ahead, s, active, state);
             c += 32;
         }
     }
     while c + 8 <= d_v {
-        value_tile::<T, FMA, B, 8>(value, (r, c), s, active, state);
+        value_tile::<T, FMA, B, 8>(value, (r, c), ahead, s, active, state);
         c += 8;
     }
     while c < d_v {
-        value_tile::<T, FMA, B, 1>(value, (r, c), s, active, state);
+        value_tile::<T, FMA, B, 1>(value, (r, c), ahead, s, active, state);
         c += 1;
     }
 }
@@ -1003,17 +1050,30 @@ fn value_block<T: Element, const FMA: bool, const B: usize>(
 fn value_tile<T: Element, const FMA: bool, const B: usize, const C: usize>(
     (vt, (at, off, n), stride): Values<'_, '_, T>,
     (r, c): (usize, usize),
+    ahead: Ahead<'_, '_, T>,
     s: &[T],
     active: &[bool; MAX_ROWS],
     state: &mut State<T>,
 ) {
     let d_v = state.acc.len() / state.m.len();
+    // The rows' weights as slices of exactly `n`, so that indexing them by `j` needs no
+    // check in the loop.
+    let w: [&[T]; B] = std::array::from_fn(|b| &s[(r + b) * stride + off..][..n]);
     let mut acc = [[T::zero(); C]; B];
-    for j in 0..n {
-        let column = vt.column(at + j);
-        let v: &[T; C] = column.as_slice()[c..c + C].try_into().expect("a full tile");
-        for (b, acc_b) in acc.iter_mut().enumerate() {
-            let p = s[(r + b) * stride + off + j];
+    for (j, column) in vt.columns_range(at..at + n).column_iter().enumerate() {
+        if let Some((next, at, n)) = ahead
+            && j < n
+        {
+            let next = next.column(at + j);
+            let run: &[T; C] = next.as_slice()[c..].first_chunk().expect("a full tile");
+            for i in (0..C).step_by(LINE / size_of::<T>()) {
+                prefetch(&run[i]);
+            }
+        }
+        // Copied to a local: loaded once for the `B` rows.
+        let v: [T; C] = *column.as_slice()[c..].first_chunk().expect("a full tile");
+        for (acc_b, w_b) in acc.iter_mut().zip(w) {
+            let p = w_b[j];
             for t in 0..C {
                 acc_b[t] = madd::<T, FMA>(p, v[t], acc_b[t]);
             }
