@@ -177,9 +177,238 @@ pub(crate) fn check(path: CpuPath, features: CpuFeatures) -> Result<CpuPath, Att
     }
 }
 
+/// Who made a CPU, from `cpuid` leaf 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Vendor {
+    /// "AuthenticAMD".
+    Amd,
+    /// "GenuineIntel".
+    Intel,
+    /// Anything else, or not x86-64.
+    Other,
+}
+
+/// A CPU's vendor, family and model as `cpuid` reports them (family and model with their
+/// extended fields added in, as the vendors' manuals define them): what the tuning table
+/// is keyed by, since the number of FMA units or the behaviour of the memory system are
+/// not CPU features a program can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CpuModel {
+    pub vendor: Vendor,
+    pub family: u32,
+    pub model: u32,
+}
+
+impl CpuModel {
+    /// This CPU's (`Other`, 0, 0 on a target other than x86-64).
+    pub(crate) fn detect() -> CpuModel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            let id = __cpuid(0);
+            let vendor = match (id.ebx, id.edx, id.ecx) {
+                // "Auth" "enti" "cAMD" and "Genu" "ineI" "ntel", little-endian.
+                (0x6874_7541, 0x6974_6e65, 0x444d_4163) => Vendor::Amd,
+                (0x756e_6547, 0x4965_6e69, 0x6c65_746e) => Vendor::Intel,
+                _ => Vendor::Other,
+            };
+            let eax = __cpuid(1).eax;
+            let (base_family, base_model) = ((eax >> 8) & 0xf, (eax >> 4) & 0xf);
+            let family = if base_family == 0xf {
+                base_family + ((eax >> 20) & 0xff)
+            } else {
+                base_family
+            };
+            let model = if base_family == 0x6 || base_family == 0xf {
+                (((eax >> 16) & 0xf) << 4) | base_model
+            } else {
+                base_model
+            };
+            CpuModel {
+                vendor,
+                family,
+                model,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            CpuModel {
+                vendor: Vendor::Other,
+                family: 0,
+                model: 0,
+            }
+        }
+    }
+}
+
+/// How the decoding kernel asks for the next chunk of K and V while it computes one
+/// (`kernel/decode.rs`, [`Ahead`](crate::kernel::decode)): a choice that depends on the
+/// memory system, not on the instructions a CPU has, and that was measured the other way
+/// round on two CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DecodePrefetch {
+    /// Every cache line of the next chunk at the start of the current one: on the
+    /// Sapphire Rapids Xeon, 1.5–1.6× the memory floor against 1.8× for requests spread
+    /// over the score loop (`docs/ARCHITECTURE.md`, decisions).
+    AtStart,
+    /// Each column or value row of the next chunk as the loops read the same one of the
+    /// current chunk: on Zen 5, 1.43–1.52× the floor against 1.64–1.76× at the start
+    /// (`docs/PERFORMANCE.md`, "A Zen 5 core").
+    AsRead,
+}
+
+/// The settings chosen by CPU model ([`tuning`]): one entry of [`TUNINGS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tuning {
+    /// The entry's name, as `ATTENTION_TUNING` takes it.
+    pub name: &'static str,
+    pub decode_prefetch: DecodePrefetch,
+}
+
+/// The tuning table: the entries measured, and `default` for every other CPU (the
+/// settings measured on the Xeon, the first CPU this library was tuned on). Tile shapes
+/// are not in it: the same register tiles were the best measured and modelled on every
+/// AVX-512 core (Zen 4, Zen 5, Sapphire Rapids; `docs/PERFORMANCE.md`, "Register tiles"),
+/// so they follow the CPU path alone.
+pub(crate) const TUNINGS: [Tuning; 2] = [
+    Tuning {
+        name: "default",
+        decode_prefetch: DecodePrefetch::AtStart,
+    },
+    Tuning {
+        name: "zen5",
+        decode_prefetch: DecodePrefetch::AsRead,
+    },
+];
+
+/// The environment variable that forces an entry of [`TUNINGS`] by name (any case),
+/// whatever the CPU: so that tests run each entry on one machine. An unknown name is
+/// ignored. Read once per process.
+pub(crate) const TUNING_ENV: &str = "ATTENTION_TUNING";
+
+/// The entry of [`TUNINGS`] for `model`, or the one `env` names: a pure function, so the
+/// choice for every CPU is unit-tested on any machine. Zen 5 is AMD family 26 (0x1A).
+pub(crate) fn tuning_for(model: CpuModel, env: Option<&str>) -> Tuning {
+    if let Some(forced) = env.and_then(|name| {
+        TUNINGS
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name.trim()))
+    }) {
+        return *forced;
+    }
+    let name = match model {
+        CpuModel {
+            vendor: Vendor::Amd,
+            family: 26,
+            ..
+        } => "zen5",
+        _ => "default",
+    };
+    *TUNINGS
+        .iter()
+        .find(|t| t.name == name)
+        .expect("every name chosen is in the table")
+}
+
+/// This CPU's tuning ([`tuning_for`] of its model and `ATTENTION_TUNING`), decided once
+/// per process: results never depend on it (it changes only the order of memory
+/// requests, never an operation on a value), and it is never chosen by timing.
+pub(crate) fn tuning() -> Tuning {
+    #[cfg(test)]
+    if let Some(i) = forced_tuning::get() {
+        return TUNINGS[i];
+    }
+    detected_tuning()
+}
+
+/// [`tuning`] as this CPU and the environment decide it.
+fn detected_tuning() -> Tuning {
+    static TUNING: OnceLock<Tuning> = OnceLock::new();
+    *TUNING.get_or_init(|| {
+        let env = std::env::var(TUNING_ENV).ok();
+        tuning_for(CpuModel::detect(), env.as_deref())
+    })
+}
+
+/// A unit test's choice of [`TUNINGS`] entry for the whole process (the environment
+/// variable is read once): safe to set while other tests run, since the tuning never
+/// changes a result.
+#[cfg(test)]
+pub(crate) mod forced_tuning {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static FORCED: AtomicUsize = AtomicUsize::new(usize::MAX);
+    /// Forces entry `i` (`None`: back to this CPU's).
+    pub(crate) fn set(i: Option<usize>) {
+        FORCED.store(i.unwrap_or(usize::MAX), Ordering::SeqCst);
+    }
+    pub(super) fn get() -> Option<usize> {
+        let i = FORCED.load(Ordering::SeqCst);
+        (i != usize::MAX).then_some(i)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ZEN5: CpuModel = CpuModel {
+        vendor: Vendor::Amd,
+        family: 26,
+        model: 2,
+    };
+    const ZEN4: CpuModel = CpuModel {
+        vendor: Vendor::Amd,
+        family: 25,
+        model: 17,
+    };
+    const SAPPHIRE_RAPIDS: CpuModel = CpuModel {
+        vendor: Vendor::Intel,
+        family: 6,
+        model: 143,
+    };
+
+    #[test]
+    fn tuning_follows_the_model_and_the_environment() {
+        let name = |m, env| tuning_for(m, env).name;
+        assert_eq!(name(ZEN5, None), "zen5");
+        assert_eq!(
+            tuning_for(ZEN5, None).decode_prefetch,
+            DecodePrefetch::AsRead
+        );
+        for m in [ZEN4, SAPPHIRE_RAPIDS, CpuModel::detect()] {
+            if m != ZEN5 {
+                assert_eq!(name(m, None), "default", "{m:?}");
+            }
+        }
+        assert_eq!(
+            tuning_for(SAPPHIRE_RAPIDS, None).decode_prefetch,
+            DecodePrefetch::AtStart
+        );
+        // Forced by name, any case; unknown names ignored.
+        assert_eq!(name(SAPPHIRE_RAPIDS, Some("ZEN5")), "zen5");
+        assert_eq!(name(ZEN5, Some("default")), "default");
+        assert_eq!(name(ZEN5, Some("zen9")), "zen5");
+        assert_eq!(name(ZEN4, Some("")), "default");
+        // Every entry can be forced, and names are distinct.
+        for t in TUNINGS {
+            assert_eq!(tuning_for(ZEN4, Some(t.name)), t);
+        }
+        let env = std::env::var(TUNING_ENV).ok();
+        // (Not `tuning()`: another test may be forcing an entry meanwhile.)
+        assert_eq!(
+            detected_tuning(),
+            tuning_for(CpuModel::detect(), env.as_deref())
+        );
+    }
+
+    #[test]
+    fn this_cpu_model_is_read() {
+        let m = CpuModel::detect();
+        if cfg!(target_arch = "x86_64") && m.vendor != Vendor::Other {
+            // Every x86-64 CPU of these vendors has family 6 or more (AMD 0xF + extended).
+            assert!(m.family >= 6, "{m:?}");
+        }
+    }
 
     const BASELINE: CpuFeatures = CpuFeatures {
         avx2: false,

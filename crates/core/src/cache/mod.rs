@@ -903,6 +903,64 @@ mod tests {
         })
     }
 
+    /// Every entry of the tuning table (`cpu::TUNINGS`: how the decoding kernel requests
+    /// the next page while it reads one) gives the same bits, and the result is the
+    /// attention of the gathered K and V: both request orders run here, on any CPU.
+    /// Pages of 64 (whole chunks read in place) and 16 (chunks copied), 4 query heads per
+    /// key/value head (values read by rows), f32 and one query, and two queries.
+    #[test]
+    fn every_tuning_gives_the_same_bits() {
+        use crate::cpu::{TUNINGS, forced_tuning};
+        use crate::{AttentionOptions, HeadLayout, cached_attention, multi_head_attention};
+        let (h_kv, h_q, d, n) = (2, 8, 32, 300);
+        let layout = HeadLayout::new(h_q, h_kv);
+        let options = AttentionOptions::new();
+        for page in [64, 16] {
+            let mut cache = KvCache::<f32>::new(h_kv, d, d)
+                .unwrap()
+                .with_page_size(page)
+                .unwrap();
+            let seq = cache.add_sequence();
+            cache
+                .append(seq, &rows(n, h_kv * d, 1), &rows(n, h_kv * d, 2))
+                .unwrap();
+            let (k, v) = cache.gather(seq).unwrap();
+            for n_q in [1, 2] {
+                let q = rows(n_q, h_q * d, 3);
+                let want = multi_head_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &layout,
+                    &options.clone().with_causal(crate::Causal::BottomRight),
+                )
+                .unwrap();
+                let mut first: Option<DMatrix<f32>> = None;
+                for (i, tuning) in TUNINGS.iter().enumerate() {
+                    forced_tuning::set(Some(i));
+                    let got = cached_attention(&q, &cache, seq, &layout, &options).unwrap();
+                    forced_tuning::set(None);
+                    let err = (&got - &want).abs().max();
+                    assert!(
+                        err < 1e-5,
+                        "{}: page {page} n_q {n_q}: {err}",
+                        TUNINGS[i].name
+                    );
+                    match &first {
+                        None => first = Some(got),
+                        Some(f) => assert!(
+                            f.iter()
+                                .zip(got.iter())
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{}: page {page} n_q {n_q}: bits differ",
+                            tuning.name
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
     /// A failed page allocation in the middle of an append (the pool too small, several
     /// fresh pages needed, window eviction planned) leaves every bit of the cache as it
     /// was; the same append then succeeds and holds the right tokens.

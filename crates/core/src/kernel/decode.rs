@@ -59,6 +59,7 @@
 //! the maxima equal those of a scan before the call.
 
 use crate::Element;
+use crate::cpu::DecodePrefetch;
 use crate::kernel::ElementKernels;
 use crate::kernel::LINE;
 use crate::kernel::exp::madd;
@@ -174,6 +175,9 @@ pub struct Group<'s, 'a, T: Element> {
     /// them: for a call whose K and V were not scanned before (see [`checked_on_the_way`]).
     /// Every key and value is folded in, whether its weight is used or not.
     pub(crate) scan: bool,
+    /// How the next chunk is requested while one is computed: by CPU model
+    /// ([`crate::cpu::tuning`]).
+    pub(crate) prefetch: DecodePrefetch,
 }
 
 /// Whether the values of `segments` are all stored token by token (see [`Group`]). A
@@ -204,6 +208,7 @@ impl<'s, 'a, T: Element> Group<'s, 'a, T> {
             by_rows: values_by_rows(&segments),
             segments,
             scan: false,
+            prefetch: crate::cpu::tuning().decode_prefetch,
         }
     }
 
@@ -272,13 +277,18 @@ pub(crate) fn part<T: Element, const FMA: bool>(
     } else {
         let mut bits = T::Bits::default();
         for (i, chunk) in chunks.iter().enumerate() {
-            // The next chunk's keys, requested a column at a time as this chunk's columns
-            // are read (see [`Ahead`]).
+            // The next chunk's keys: requested all at once now, or a column at a time as
+            // this chunk's columns are read (see [`Ahead`]).
             let next = next_in_place(&chunks, i).map(|(((k, _), at), n)| (k, at, n));
             let next_view = next
                 .as_ref()
                 .map(|(k, at, n)| (k.as_view::<Dyn, Dyn, U1, Dyn>(), *at, *n));
-            let ahead = next_view.as_ref().map(|(k, at, n)| (k, *at, *n));
+            let mut ahead = next_view.as_ref().map(|(k, at, n)| (k, *at, *n));
+            if group.prefetch == DecodePrefetch::AtStart
+                && let Some((k, at, n)) = ahead.take()
+            {
+                prefetch_keys(k, at, n);
+            }
             let (k, at) = match chunk.place {
                 Some(((k, _), at)) => (k, at),
                 None => {
@@ -312,11 +322,12 @@ pub(crate) fn part<T: Element, const FMA: bool>(
             let next_view = next
                 .as_ref()
                 .map(|(v, at, n)| (v.as_view::<Dyn, Dyn, U1, Dyn>(), *at, *n));
-            let ahead = next_view.as_ref().map(|(v, at, n)| (v, *at, *n));
-            if !group.by_rows
-                && let Some((v, at, n)) = ahead
+            let mut ahead = next_view.as_ref().map(|(v, at, n)| (v, *at, *n));
+            // Values by rows may be requested as read; by columns they always are at once.
+            if !(group.by_rows && group.prefetch == DecodePrefetch::AsRead)
+                && let Some((v, at, n)) = ahead.take()
             {
-                prefetch_values(false, v, at, n);
+                prefetch_values(group.by_rows, v, at, n);
             }
             let (v, at) = match chunk.place {
                 Some(((_, v), at)) => (v, at),
@@ -530,7 +541,7 @@ fn prefetch_next<T>(run: &[T]) {
 }
 
 /// The next chunk, read in place, whose cache lines the loops over the current chunk
-/// request as they go: `(view, at, n)`, its `n` keys at row `at` of K, or at column `at`
+/// request as they go under [`DecodePrefetch::AsRead`] (the CPU's tuning, `cpu.rs`): `(view, at, n)`, its `n` keys at row `at` of K, or at column `at`
 /// of V transposed. The score loop, reading column `p` of this chunk's keys, requests
 /// column `p` of the next chunk's; the weighted sums by rows, reading value row `j` of
 /// this chunk, request row `j` of the next: each request one chunk ahead of its use. A
@@ -541,11 +552,23 @@ fn prefetch_next<T>(run: &[T]) {
 /// the memory floor, with the loops' loads hoisted, see [`block_scores`]). Requesting a
 /// whole chunk at once at its start filled the core's miss buffers and stalled the loop
 /// behind them (no faster than no requests at all); requesting two chunks ahead, or one
-/// line of each column's four, was no faster or slower.
+/// line of each column's four, was no faster or slower. On the Xeon, requests spread
+/// over the score loop measured slower than at the start (before the loads were
+/// hoisted), so CPUs other than Zen 5 keep [`DecodePrefetch::AtStart`].
 type Ahead<'r, 'a, T> = Option<(ColumnView<'r, 'a, T>, usize, usize)>;
 
-/// Requests every cache line of a chunk's values (`v` as [`in_place`] gives them) at
-/// once: for values stored by columns, read chunk by chunk ([`value_lanes`]).
+/// Requests every cache line of a chunk's `n` keys (row `at` of `k`) at once, to arrive
+/// while the chunk before it is computed ([`DecodePrefetch::AtStart`]).
+#[inline(always)]
+fn prefetch_keys<T: Element>(k: ColumnView<'_, '_, T>, at: usize, n: usize) {
+    for p in 0..k.ncols() {
+        prefetch_run(&k.column(p).as_slice()[at..at + n]);
+    }
+}
+
+/// As [`prefetch_keys`], a chunk's values (`v` as [`in_place`] gives them): for values
+/// stored by columns (read chunk by chunk, [`value_lanes`]) and under
+/// [`DecodePrefetch::AtStart`].
 #[inline(always)]
 fn prefetch_values<T: Element>(by_rows: bool, v: ColumnView<'_, '_, T>, at: usize, n: usize) {
     if by_rows {
@@ -1229,6 +1252,7 @@ pub(crate) fn attention<T: Element>(
                 segments: group.segments.clone(),
                 by_rows: group.by_rows,
                 scan: group.scan,
+                prefetch: group.prefetch,
             };
             attention(&sub, path, parallel, outs, lses);
         }

@@ -478,6 +478,7 @@ pub(crate) fn attention_deferred<T: Element>(
         segments: group.segments,
         by_rows: group.by_rows,
         scan: false,
+        prefetch: group.prefetch,
     };
     decode::finish(&group, states, &mut [out], &mut [lse]);
     Some(())
