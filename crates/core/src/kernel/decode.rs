@@ -172,8 +172,9 @@ pub struct Group<'s, 'a, T: Element> {
     /// group from the layout alone, so every chunk of a call sums the same way.
     pub(crate) by_rows: bool,
     /// Whether to find the largest magnitudes of K and V (and any NaN/∞) while reading
-    /// them: for a call whose K and V were not scanned before (see [`checked_on_the_way`]).
-    /// Every key and value is folded in, whether its weight is used or not.
+    /// them: for a call whose K and V were not scanned before (see
+    /// [`attention_deferred`](crate::kernel::attention_deferred)). Every key and value is
+    /// folded in, whether its weight is used or not.
     pub(crate) scan: bool,
     /// How the next chunk is requested while one is computed: by CPU model
     /// ([`crate::cpu::tuning`]).
