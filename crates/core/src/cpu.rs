@@ -270,16 +270,19 @@ pub(crate) struct Tuning {
 /// are not in it: the same register tiles were the best measured and modelled on every
 /// AVX-512 core (Zen 4, Zen 5, Sapphire Rapids; `docs/PERFORMANCE.md`, "Register tiles"),
 /// so they follow the CPU path alone.
-pub(crate) const TUNINGS: [Tuning; 2] = [
-    Tuning {
-        name: "default",
-        decode_prefetch: DecodePrefetch::AtStart,
-    },
-    Tuning {
-        name: "zen5",
-        decode_prefetch: DecodePrefetch::AsRead,
-    },
-];
+pub(crate) const TUNINGS: [Tuning; 2] = [DEFAULT, ZEN5];
+
+/// Every CPU not named in the table.
+const DEFAULT: Tuning = Tuning {
+    name: "default",
+    decode_prefetch: DecodePrefetch::AtStart,
+};
+
+/// AMD Zen 5.
+const ZEN5: Tuning = Tuning {
+    name: "zen5",
+    decode_prefetch: DecodePrefetch::AsRead,
+};
 
 /// The environment variable that forces an entry of [`TUNINGS`] by name (any case),
 /// whatever the CPU: so that tests run each entry on one machine. An unknown name is
@@ -296,18 +299,14 @@ pub(crate) fn tuning_for(model: CpuModel, env: Option<&str>) -> Tuning {
     }) {
         return *forced;
     }
-    let name = match model {
+    match model {
         CpuModel {
             vendor: Vendor::Amd,
             family: 26,
             ..
-        } => "zen5",
-        _ => "default",
-    };
-    *TUNINGS
-        .iter()
-        .find(|t| t.name == name)
-        .expect("every name chosen is in the table")
+        } => ZEN5,
+        _ => DEFAULT,
+    }
 }
 
 /// This CPU's tuning ([`tuning_for`] of its model and `ATTENTION_TUNING`), decided once
@@ -351,12 +350,12 @@ pub(crate) mod forced_tuning {
 mod tests {
     use super::*;
 
-    const ZEN5: CpuModel = CpuModel {
+    const ZEN5_CPU: CpuModel = CpuModel {
         vendor: Vendor::Amd,
         family: 26,
         model: 2,
     };
-    const ZEN4: CpuModel = CpuModel {
+    const ZEN4_CPU: CpuModel = CpuModel {
         vendor: Vendor::Amd,
         family: 25,
         model: 17,
@@ -370,13 +369,13 @@ mod tests {
     #[test]
     fn tuning_follows_the_model_and_the_environment() {
         let name = |m, env| tuning_for(m, env).name;
-        assert_eq!(name(ZEN5, None), "zen5");
+        assert_eq!(name(ZEN5_CPU, None), "zen5");
         assert_eq!(
-            tuning_for(ZEN5, None).decode_prefetch,
+            tuning_for(ZEN5_CPU, None).decode_prefetch,
             DecodePrefetch::AsRead
         );
-        for m in [ZEN4, SAPPHIRE_RAPIDS, CpuModel::detect()] {
-            if m != ZEN5 {
+        for m in [ZEN4_CPU, SAPPHIRE_RAPIDS, CpuModel::detect()] {
+            if m != ZEN5_CPU {
                 assert_eq!(name(m, None), "default", "{m:?}");
             }
         }
@@ -386,12 +385,12 @@ mod tests {
         );
         // Forced by name, any case; unknown names ignored.
         assert_eq!(name(SAPPHIRE_RAPIDS, Some("ZEN5")), "zen5");
-        assert_eq!(name(ZEN5, Some("default")), "default");
-        assert_eq!(name(ZEN5, Some("zen9")), "zen5");
-        assert_eq!(name(ZEN4, Some("")), "default");
+        assert_eq!(name(ZEN5_CPU, Some("default")), "default");
+        assert_eq!(name(ZEN5_CPU, Some("zen9")), "zen5");
+        assert_eq!(name(ZEN4_CPU, Some("")), "default");
         // Every entry can be forced, and names are distinct.
         for t in TUNINGS {
-            assert_eq!(tuning_for(ZEN4, Some(t.name)), t);
+            assert_eq!(tuning_for(ZEN4_CPU, Some(t.name)), t);
         }
         let env = std::env::var(TUNING_ENV).ok();
         // (Not `tuning()`: another test may be forcing an entry meanwhile.)

@@ -1523,6 +1523,19 @@ pub(crate) fn prefetch<T>(x: &T) {
 mod tests {
     use super::*;
 
+    /// `f` applied to `xs` (length a multiple of N), N lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU must have `L`'s features (`f` runs them on each vector).
+    unsafe fn map_lanes<L: Lanes>(xs: &[L::T], f: impl Fn(L::V) -> L::V) -> Vec<L::T> {
+        let mut out = vec![L::T::zero(); xs.len()];
+        for i in (0..xs.len()).step_by(L::N) {
+            // SAFETY: i + N ≤ len for both buffers; features per the caller.
+            unsafe { L::store(out.as_mut_ptr().add(i), f(L::load(xs.as_ptr().add(i)))) };
+        }
+        out
+    }
+
     /// Worst error in ulps of `exp_v::<L>` against `f64::exp` over `xs` (lengths a multiple
     /// of the lane count).
     ///
@@ -1547,16 +1560,8 @@ mod tests {
             };
             assert!(y.iter().all(|&e| e == want), "exp({x:?}) = {y:?}");
         }
-        let mut out = vec![L::T::zero(); xs.len()];
-        for i in (0..xs.len()).step_by(L::N) {
-            // SAFETY: i + N ≤ len for both buffers; features per the caller.
-            unsafe {
-                L::store(
-                    out.as_mut_ptr().add(i),
-                    exp_v::<L>(L::load(xs.as_ptr().add(i))),
-                )
-            };
-        }
+        // SAFETY: features per the caller.
+        let out = unsafe { map_lanes::<L>(xs, |v| exp_v::<L>(v)) };
         xs.iter()
             .zip(&out)
             .map(|(&x, &y)| {
@@ -1660,16 +1665,8 @@ mod tests {
     where
         L::T: Into<f64> + Copy,
     {
-        let mut out = vec![L::T::zero(); xs.len()];
-        for i in (0..xs.len()).step_by(L::N) {
-            // SAFETY: i + N ≤ len for both buffers; features per the caller.
-            unsafe {
-                L::store(
-                    out.as_mut_ptr().add(i),
-                    tanh_v::<L>(L::load(xs.as_ptr().add(i))),
-                )
-            };
-        }
+        // SAFETY: features per the caller.
+        let out = unsafe { map_lanes::<L>(xs, |v| tanh_v::<L>(v)) };
         xs.iter()
             .zip(&out)
             .map(|(&x, &y)| {
