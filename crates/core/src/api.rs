@@ -312,5 +312,5 @@ fn run<T: Element>(
     }
     let spec = Spec::new(q, k, v, options)?;
     let (path, forced) = CpuPath::for_call(options.cpu_path)?;
-    kernel::attention(spec, path, forced, parallel, out, lse)
+    kernel::attention(&spec, path, forced, parallel, out, lse)
 }

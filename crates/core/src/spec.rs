@@ -49,6 +49,9 @@ pub(crate) struct Spec<'a, T: Element> {
     pub out_max: T,
 }
 
+/// Entries up to which [`check_finite`] scans without vectors (the 2 × 2 seed's 4).
+const TINY_SCAN_ENTRIES: usize = 16;
+
 /// The first NaN or infinity of `m`, in column-major order, as an error; else the largest
 /// magnitude in `m`.
 pub(crate) fn check_finite<T: Element>(
@@ -59,7 +62,24 @@ pub(crate) fn check_finite<T: Element>(
     // first such entry. The scan of the default CPU path (`simd.rs`, `abs_max_bits`): exact, the same result
     // on every path. (Compiled for SSE2 as a plain loop, it was a seventh of an f32 n 64
     // d 64 call on Zen 5.)
-    let max_bits = T::abs_max_scan(CpuPath::detect())(m);
+    let max_bits = if m.len() <= TINY_SCAN_ENTRIES {
+        // The largest bits, entry by entry: exact, so the same result; for a handful of
+        // entries dispatching to a vector scan cost more than the scan.
+        let (mut max, mut finite) = (T::zero(), true);
+        for_each_column(m, 0..m.nrows(), &mut Vec::new(), |_, col| {
+            for x in col {
+                finite &= x.finite();
+                max = if x.abs() > max { x.abs() } else { max };
+            }
+        });
+        if finite {
+            max.abs_bits()
+        } else {
+            T::INFINITY_BITS
+        }
+    } else {
+        T::abs_max_scan(CpuPath::detect())(m)
+    };
     if max_bits < T::INFINITY_BITS {
         return Ok(T::from_abs_bits(max_bits));
     }
@@ -254,6 +274,7 @@ fn scores_in_range<T: Element>(b: ScoreBound) -> bool {
 
 impl<'a, T: Element> Spec<'a, T> {
     /// Validates Q, K, V and the options of a single-head call (one sequence, one head).
+    #[inline]
     pub(crate) fn new(
         q: MatRef<'a, T>,
         k: MatRef<'a, T>,
@@ -314,6 +335,7 @@ impl<'a, T: Element> Spec<'a, T> {
     /// The spec of checked inputs: `options` are those of one block (see
     /// [`block_options`]), `scale` and `bias_range` what [`check_scalars`] and
     /// [`check_sequence_bias`] returned.
+    #[inline(always)]
     pub(crate) fn assemble(
         q: MatRef<'a, T>,
         k: MatRef<'a, T>,

@@ -98,7 +98,7 @@ fn careful_first<T: Element>(
         let mut out = try_matrix(spec.n_q, spec.d_v, T::zero(), Operand::Output)?;
         let mut lse = try_vector(spec.n_q, T::zero(), Operand::Lse)?;
         let r = single(
-            spec.clone(),
+            spec,
             path,
             forced,
             parallel,
@@ -207,7 +207,7 @@ fn run_item<T: Element>(
         }
         return Ok(());
     }
-    single(spec.clone(), path, forced, parallel, &mut out, lse).map_err(|e| in_batch(e, head, seq))
+    single(spec, path, forced, parallel, &mut out, lse).map_err(|e| in_batch(e, head, seq))
 }
 
 /// A block's error in the batch's terms: a score overflow names the head and the packed

@@ -41,13 +41,32 @@ const LANES: usize = 8;
 /// module documentation: per block of [`BLOCK`] keys, the lane sums of [`block_lanes`];
 /// each lane's block sums added into its f64 accumulator; the accumulators added
 /// pairwise. The order depends only on `e.len()`.
+///
+/// Up to [`LANES`] keys (one partial chunk of one block) are summed right here, as
+/// [`block_lanes`] would: its call per output entry was a fifth of the seed's 2×2 call.
 fn weighted_sum<T: Element>(e: &[T], x: Option<&[T]>, scale: T) -> f64 {
     let mut wide = [0.0f64; LANES];
-    for (b, eb) in e.chunks(BLOCK).enumerate() {
-        let xb = x.map(|x| &x[b * BLOCK..b * BLOCK + eb.len()]);
-        let lanes = block_lanes(eb, xb, scale);
-        for t in 0..LANES {
-            wide[t] += lanes[t].to_f64();
+    if e.len() <= LANES {
+        // `block_lanes`' lane from zero, then `wide`'s from zero: the same bits.
+        match x {
+            Some(x) => {
+                for ((w, &ej), &xj) in wide.iter_mut().zip(e).zip(x) {
+                    *w = (T::zero() + ej * (xj * scale)).to_f64();
+                }
+            }
+            None => {
+                for (w, &ej) in wide.iter_mut().zip(e) {
+                    *w = (T::zero() + ej).to_f64();
+                }
+            }
+        }
+    } else {
+        for (b, eb) in e.chunks(BLOCK).enumerate() {
+            let xb = x.map(|x| &x[b * BLOCK..b * BLOCK + eb.len()]);
+            let lanes = block_lanes(eb, xb, scale);
+            for t in 0..LANES {
+                wide[t] += lanes[t].to_f64();
+            }
         }
     }
     let [w0, w1, w2, w3, w4, w5, w6, w7] = wide;
@@ -106,13 +125,26 @@ pub(super) fn attention<T: Element>(
     // Values near the type's maximum are summed scaled down by a power of two, per column.
     let scales = spec.value_scales();
     for i in 0..n_q {
-        s.fill(T::zero());
-        for_each_column(k, 0..n_kv, &mut gather, |p, col| {
-            let qp = q[(i, p)];
-            for (sj, &kj) in s.iter_mut().zip(col) {
-                *sj += qp * kj;
+        // `s_j = Σ_p q_ip·k_jp`, p ascending from zero either way (the same bits): few
+        // keys key by key, the sum in a register; many keys column by column of K, which
+        // is contiguous over keys and vectorises.
+        if n_kv <= STACK_KEYS {
+            for (j, sj) in s.iter_mut().enumerate() {
+                let mut dot = T::zero();
+                for p in 0..spec.d_k {
+                    dot += q[(i, p)] * k[(j, p)];
+                }
+                *sj = dot;
             }
-        });
+        } else {
+            s.fill(T::zero());
+            for_each_column(k, 0..n_kv, &mut gather, |p, col| {
+                let qp = q[(i, p)];
+                for (sj, &kj) in s.iter_mut().zip(col) {
+                    *sj += qp * kj;
+                }
+            });
+        }
         let mut m = T::NEG_INFINITY;
         for (j, sj) in s.iter_mut().enumerate() {
             let scaled = *sj * spec.scale;

@@ -392,7 +392,7 @@ pub fn last_kernel_run() -> Option<KernelRun> {
 /// a non-finite score (which `Spec::scores_in_range` rules out) hands the call to the
 /// careful path.
 pub(crate) fn attention<T: Element>(
-    spec: Spec<'_, T>,
+    spec: &Spec<'_, T>,
     path: CpuPath,
     forced: bool,
     parallel: bool,
@@ -402,7 +402,7 @@ pub(crate) fn attention<T: Element>(
     let (n_q, d_v) = (spec.n_q, spec.d_v);
     debug_assert_eq!(out.shape(), (n_q, d_v));
     debug_assert!(lse.as_ref().is_none_or(|l| l.len() == n_q));
-    match route(&spec, forced, lse.is_some()) {
+    match route(spec, forced, lse.is_some()) {
         Route::Empty => {
             // Every query attends to nothing.
             record_run(KernelRun::Trivial);
@@ -414,7 +414,7 @@ pub(crate) fn attention<T: Element>(
         }
         Route::Careful => {
             record_run(KernelRun::Careful);
-            careful::attention(&spec, out, lse)
+            careful::attention(spec, out, lse)
         }
         Route::Nothing => {
             // No output to compute, and (scores in range) no error to report.
@@ -422,10 +422,10 @@ pub(crate) fn attention<T: Element>(
             Ok(())
         }
         route => {
-            let result = fast(route, &spec, path, parallel, out, lse.as_deref_mut());
+            let result = fast(route, spec, path, parallel, out, lse.as_deref_mut());
             if let Err(AttentionError::ScoreOverflow { .. }) = result {
                 record_run(KernelRun::Careful);
-                return careful::attention(&spec, out, lse);
+                return careful::attention(spec, out, lse);
             }
             result
         }
