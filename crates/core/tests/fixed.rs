@@ -568,3 +568,49 @@ fn row_strided_left_operands_of_products() {
         );
     }
 }
+
+/// A single-head call may give its ALiBi slope, mask and bias as one-entry lists (the
+/// multi-head forms): the same call, so the same bits, on every route (row path,
+/// decoding kernel, block kernel) and CPU path.
+fn one_entry_lists_equal_single_forms<T: Element>() {
+    for (n_q, n_kv) in [(2, 3), (5, 100), (70, 90)] {
+        let m = |r: usize, c: usize, s: f64| {
+            DMatrix::<T>::from_fn(r, c, |i, j| {
+                T::from_f64_rounded(((i * c + j) as f64 * 0.37 + s).sin())
+            })
+        };
+        let (q, k, v) = (m(n_q, 8, 0.1), m(n_kv, 8, 0.2), m(n_kv, 6, 0.3));
+        let mask = DMatrix::from_fn(n_q, n_kv, |i, j| (i + 2 * j) % 5 != 0);
+        let bias = m(n_q, n_kv, 0.4);
+        let slope = [T::from_f64_rounded(0.25)];
+        let masks = [(&mask).into()];
+        let biases = [(&bias).into()];
+        let paths = std::iter::once(None).chain(CpuPath::supported().into_iter().map(Some));
+        for path in paths {
+            let mut single = AttentionOptions::new()
+                .with_alibi_slope(slope[0])
+                .with_mask(&mask)
+                .with_bias(&bias);
+            let mut lists = AttentionOptions::new()
+                .with_alibi_slopes(&slope)
+                .with_sequence_masks(&masks)
+                .with_sequence_biases(&biases);
+            if let Some(p) = path {
+                (single, lists) = (single.with_cpu_path(p), lists.with_cpu_path(p));
+            }
+            let want = scaled_dot_product_attention(&q, &k, &v, &single).unwrap();
+            let got = scaled_dot_product_attention(&q, &k, &v, &lists).unwrap();
+            assert_eq!(got, want, "{n_q}x{n_kv} {path:?}");
+        }
+    }
+}
+
+#[test]
+fn one_entry_lists_equal_single_forms_f32() {
+    one_entry_lists_equal_single_forms::<f32>();
+}
+
+#[test]
+fn one_entry_lists_equal_single_forms_f64() {
+    one_entry_lists_equal_single_forms::<f64>();
+}
