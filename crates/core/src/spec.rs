@@ -1,6 +1,8 @@
 //! Validation: the public functions check every shape, value and option once, here, and
 //! hand a [`Spec`] to the kernels, which then trust their inputs.
 
+use std::borrow::Cow;
+
 use crate::Element;
 use crate::columns::for_each_column;
 use crate::cpu::CpuPath;
@@ -292,10 +294,6 @@ impl<'a, T: Element> Spec<'a, T> {
         check_key_mask(options, n_kv)?;
         let bias_range = check_sequence_bias(options, 0, n_q, n_kv)?;
         check_dropout(options, (n_q, n_kv), max_abs.v)?;
-        if is_first_block(options) {
-            // `block_options` would return a copy (a tenth of the 2×2 seed call).
-            return Ok(Spec::assemble(q, k, v, max_abs, scale, bias_range, options));
-        }
         let block = block_options(options, 0, 0, 0..n_kv);
         Ok(Spec::assemble(q, k, v, max_abs, scale, bias_range, &block))
     }
@@ -332,7 +330,7 @@ impl<'a, T: Element> Spec<'a, T> {
             q_max,
             scale,
             bias_range,
-            options: block_options(options, 0, 0, 0..n_kv),
+            options: block_options(options, 0, 0, 0..n_kv).into_owned(),
         })
     }
 
@@ -453,12 +451,24 @@ impl<'a, T: Element> Deferred<'a, T> {
 /// sequence are rows `keys` of K: the per-head slope and the sequence's mask, bias and
 /// key-mask entries in the single-head fields. A single-head call is block (0, 0) of a
 /// batch of one sequence. The lists' lengths have been checked ([`check_lists`]).
-pub(crate) fn block_options<'a, T: Element>(
-    options: &AttentionOptions<'a, T>,
+///
+/// `options` themselves, borrowed, when they already are the block's (no list to pick
+/// from, the block's dropout stream, the key mask whole): a single-head call's usual
+/// case, where the copy was a tenth of the 2×2 seed call.
+pub(crate) fn block_options<'o, 'a, T: Element>(
+    options: &'o AttentionOptions<'a, T>,
     seq: usize,
     head: usize,
     keys: std::ops::Range<usize>,
-) -> AttentionOptions<'a, T> {
+) -> Cow<'o, AttentionOptions<'a, T>> {
+    let unchanged = options.alibi_slopes.is_none()
+        && options.sequence_masks.is_none()
+        && options.sequence_biases.is_none()
+        && options.dropout_stream == (seq, head)
+        && options.key_mask.is_none_or(|m| keys == (0..m.len()));
+    if unchanged {
+        return Cow::Borrowed(options);
+    }
     let mut block = options.clone();
     if let Some(slopes) = options.alibi_slopes {
         block.alibi_slope = Some(slopes[head]);
@@ -474,17 +484,7 @@ pub(crate) fn block_options<'a, T: Element>(
     block.alibi_slopes = None;
     block.sequence_masks = None;
     block.sequence_biases = None;
-    block
-}
-
-/// Whether `options` already are [`block_options`]`(options, 0, 0, 0..n_kv)` for a call of
-/// one sequence whose key mask (if any) has been checked to have `n_kv` entries: no
-/// per-head or per-sequence list to pick from, and the dropout stream of block (0, 0).
-fn is_first_block<T: Element>(options: &AttentionOptions<'_, T>) -> bool {
-    options.alibi_slopes.is_none()
-        && options.sequence_masks.is_none()
-        && options.sequence_biases.is_none()
-        && options.dropout_stream == (0, 0)
+    Cow::Owned(block)
 }
 
 /// The per-head and per-sequence lists have one entry per query head / sequence and do
