@@ -17,7 +17,7 @@ use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
 use crate::kernel::careful;
 use crate::kernel::grad::{
-    BLOCK, Chunk, MAX_CHUNKS, Operands, ROUND_BLOCKS, TileScratch, join, keep_first,
+    BLOCK, Chunk, MAX_CHUNKS, Operands, ROUND_BLOCKS, TileScratch, join, keep_first, owner,
 };
 use crate::memory::{try_matrix, try_resize};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
@@ -823,6 +823,9 @@ struct Problem<'s, 'a, T: Element> {
     parallel: bool,
 }
 
+/// Which of a chunk's accumulators (its dK or its dV).
+type Of<T> = fn(&Chunk<T>) -> &[f64];
+
 impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
     /// The problem laid out for `path`, to run on threads if `threads` and it is large.
     fn new(
@@ -901,32 +904,60 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
                 return Err(e);
             }
             // dQ_i = scale·Σ_chunks share_i, chunk after chunk (the same order for every
-            // entry: ((0 + share_0) + share_1) + …).
+            // entry: ((0 + share_0) + share_1) + …), the round's query blocks over the
+            // threads.
             let rows = start * BLOCK..(round.end * BLOCK).min(n_q);
-            let dq_rows = &mut dq[rows.start * d_k..rows.end * d_k];
-            dq_rows.fill(0.0);
-            for chunk in chunks.iter() {
-                for (r, dq_i) in dq_rows.chunks_exact_mut(d_k.max(1)).enumerate() {
-                    for (x, y) in dq_i.iter_mut().zip(&chunk.dq[r * d_kp..]) {
-                        *x += y;
+            let shares = &*chunks;
+            let add = |(b, block): (usize, &mut [f64])| {
+                block.fill(0.0);
+                for chunk in shares {
+                    let share = &chunk.dq[b * BLOCK * d_kp..];
+                    for (r, dq_i) in block.chunks_exact_mut(d_k).enumerate() {
+                        for (x, y) in dq_i.iter_mut().zip(&share[r * d_kp..]) {
+                            *x += y;
+                        }
                     }
                 }
-            }
-            for x in dq_rows {
-                *x *= scale;
-            }
-        }
-        for chunk in chunks.iter() {
-            for (slot, &kb) in chunk.blocks.iter().enumerate() {
-                for r in 0..BLOCK.min(n_kv - kb * BLOCK) {
-                    let (j, at) = (kb * BLOCK + r, slot * BLOCK + r);
-                    for c in 0..d_k {
-                        dk[j * d_k + c] = chunk.dk[at * d_kp + c] * scale;
-                    }
-                    dv[j * d_v..(j + 1) * d_v].copy_from_slice(&chunk.dv[at * d_vp..][..d_v]);
+                for x in block {
+                    *x *= scale;
+                }
+            };
+            if d_k > 0 {
+                let dq_rows = &mut dq[rows.start * d_k..rows.end * d_k];
+                if self.parallel {
+                    dq_rows
+                        .par_chunks_mut(BLOCK * d_k)
+                        .enumerate()
+                        .for_each(add);
+                } else {
+                    dq_rows.chunks_mut(BLOCK * d_k).enumerate().for_each(add);
                 }
             }
         }
+        // dK = scale·(the owning chunk's dK), dV as it is, key block by key block over
+        // the threads.
+        let chunks = &*chunks;
+        let place = |out: &mut [f64], width: usize, padded: usize, of: Of<T>, factor: f64| {
+            if width == 0 {
+                return;
+            }
+            let each = |(kb, block): (usize, &mut [f64])| {
+                let (c, slot) = owner(kb, chunks.len());
+                let from = &of(&chunks[c])[slot * BLOCK * padded..];
+                for (r, row) in block.chunks_exact_mut(width).enumerate() {
+                    for (x, y) in row.iter_mut().zip(&from[r * padded..]) {
+                        *x = y * factor;
+                    }
+                }
+            };
+            if self.parallel {
+                out.par_chunks_mut(BLOCK * width).enumerate().for_each(each);
+            } else {
+                out.chunks_mut(BLOCK * width).enumerate().for_each(each);
+            }
+        };
+        place(&mut dk, d_k, d_kp, |c| &c.dk, scale);
+        place(&mut dv, d_v, d_vp, |c| &c.dv, 1.0);
         Ok((dq, dk, dv))
     }
 

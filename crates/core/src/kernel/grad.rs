@@ -16,8 +16,10 @@
 //! blocks, then dQ over query blocks) recomputes `S` and `dP`: 14.
 //!
 //! # Determinism without atomics
-//! Key blocks are dealt to `C = min(8, key blocks)` chunks, chunk `c` taking blocks
-//! `c, c + C, c + 2C, …` (interleaved, so that causal work is balanced). A chunk owns the
+//! Key blocks are dealt to `C = min(8, key blocks)` chunks back and forth, chunk `c`
+//! taking blocks `c, 2C − 1 − c, 2C + c, 4C − 1 − c, …` ([`owner`]): under a causal band
+//! a round's work falls with the key block, so each chunk gets one block from each end
+//! and the chunks' shares of every round are equal. A chunk owns the
 //! dK and dV rows of its key blocks, and its own dQ buffer: query rows go in rounds
 //! (`ROUND_BLOCKS`), each chunk adding its keys' share of dQ for the round's rows, and
 //! after the round the chunks' shares are added into dQ in chunk order. Chunks run on
@@ -347,6 +349,18 @@ pub(crate) fn keep_first(first: &mut Option<Failure>, f: Failure) {
     }
 }
 
+/// The chunk that owns key block `kb` of `chunks`, and the block's slot in that chunk's
+/// list: blocks are dealt back and forth (`0, 1, …, C − 1, C − 1, …, 1, 0, 0, 1, …`), so
+/// that each chunk's share of a causal band's work is the same in every round.
+pub(crate) fn owner(kb: usize, chunks: usize) -> (usize, usize) {
+    let (lap, at) = (kb / (2 * chunks), kb % (2 * chunks));
+    if at < chunks {
+        (at, 2 * lap)
+    } else {
+        (2 * chunks - 1 - at, 2 * lap + 1)
+    }
+}
+
 /// One chunk of key blocks (see the module documentation) and what it accumulates.
 pub struct Chunk<T> {
     /// Its key blocks, in order.
@@ -371,7 +385,8 @@ impl<T: Element> Chunk<T> {
         (c, chunks): (usize, usize),
     ) -> Result<(), AttentionError> {
         self.blocks.clear();
-        self.blocks.extend((c..ops.key_blocks()).step_by(chunks));
+        self.blocks
+            .extend((0..ops.key_blocks()).filter(|&kb| owner(kb, chunks).0 == c));
         let per_block = self.blocks.len() * BLOCK;
         for (buf, len, operand) in [
             (&mut self.dk, per_block * ops.d_kp, Operand::Key),
