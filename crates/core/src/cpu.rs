@@ -270,7 +270,7 @@ pub(crate) struct Tuning {
 /// are not in it: the same register tiles were the best measured and modelled on every
 /// AVX-512 core (Zen 4, Zen 5, Sapphire Rapids; `docs/PERFORMANCE.md`, "Register tiles"),
 /// so they follow the CPU path alone.
-pub(crate) const TUNINGS: [Tuning; 2] = [DEFAULT, ZEN5];
+pub(crate) const TUNINGS: [Tuning; 2] = [DEFAULT, ZEN];
 
 /// Every CPU not named in the table.
 const DEFAULT: Tuning = Tuning {
@@ -278,9 +278,9 @@ const DEFAULT: Tuning = Tuning {
     decode_prefetch: DecodePrefetch::AtStart,
 };
 
-/// AMD Zen 5.
-const ZEN5: Tuning = Tuning {
-    name: "zen5",
+/// AMD Zen 4 and Zen 5 (measured on both: `docs/PERFORMANCE.md`).
+const ZEN: Tuning = Tuning {
+    name: "zen",
     decode_prefetch: DecodePrefetch::AsRead,
 };
 
@@ -290,7 +290,10 @@ const ZEN5: Tuning = Tuning {
 pub(crate) const TUNING_ENV: &str = "ATTENTION_TUNING";
 
 /// The entry of [`TUNINGS`] for `model`, or the one `env` names: a pure function, so the
-/// choice for every CPU is unit-tested on any machine. Zen 5 is AMD family 26 (0x1A).
+/// choice for every CPU is unit-tested on any machine. Zen 5 is AMD family 26 (0x1A); Zen 4
+/// is family 25 (0x19) with models 0x10–0x1F (Genoa), 0x60–0x7F (Raphael, Phoenix) and
+/// 0xA0–0xAF (Bergamo, Siena), the other models of family 25 being Zen 3 (not measured:
+/// the default).
 pub(crate) fn tuning_for(model: CpuModel, env: Option<&str>) -> Tuning {
     if let Some(forced) = env.and_then(|name| {
         TUNINGS
@@ -304,7 +307,12 @@ pub(crate) fn tuning_for(model: CpuModel, env: Option<&str>) -> Tuning {
             vendor: Vendor::Amd,
             family: 26,
             ..
-        } => ZEN5,
+        } => ZEN,
+        CpuModel {
+            vendor: Vendor::Amd,
+            family: 25,
+            model: 0x10..=0x1F | 0x60..=0x7F | 0xA0..=0xAF,
+        } => ZEN,
         _ => DEFAULT,
     }
 }
@@ -369,28 +377,45 @@ mod tests {
     #[test]
     fn tuning_follows_the_model_and_the_environment() {
         let name = |m, env| tuning_for(m, env).name;
-        assert_eq!(name(ZEN5_CPU, None), "zen5");
-        assert_eq!(
-            tuning_for(ZEN5_CPU, None).decode_prefetch,
-            DecodePrefetch::AsRead
-        );
-        for m in [ZEN4_CPU, SAPPHIRE_RAPIDS, CpuModel::detect()] {
-            if m != ZEN5_CPU {
-                assert_eq!(name(m, None), "default", "{m:?}");
-            }
+        let amd = |family, model| CpuModel {
+            vendor: Vendor::Amd,
+            family,
+            model,
+        };
+        // Zen 5, and Zen 4's model ranges at both ends; Zen 3's models in between and
+        // around them, and an Intel core, get the default.
+        for m in [
+            ZEN5_CPU,
+            ZEN4_CPU,
+            amd(25, 0x10),
+            amd(25, 0x1F),
+            amd(25, 0x61),
+        ]
+        .into_iter()
+        .chain([amd(25, 0x74), amd(25, 0xA0), amd(25, 0xAF)])
+        {
+            assert_eq!(name(m, None), "zen", "{m:?}");
+            assert_eq!(tuning_for(m, None).decode_prefetch, DecodePrefetch::AsRead);
+        }
+        for m in [SAPPHIRE_RAPIDS, amd(25, 0x01), amd(25, 0x21), amd(25, 0x50)]
+            .into_iter()
+            .chain([amd(25, 0x0F), amd(25, 0x20), amd(25, 0x80), amd(25, 0xB0)])
+            .chain([amd(23, 0x31)])
+        {
+            assert_eq!(name(m, None), "default", "{m:?}");
         }
         assert_eq!(
             tuning_for(SAPPHIRE_RAPIDS, None).decode_prefetch,
             DecodePrefetch::AtStart
         );
         // Forced by name, any case; unknown names ignored.
-        assert_eq!(name(SAPPHIRE_RAPIDS, Some("ZEN5")), "zen5");
+        assert_eq!(name(SAPPHIRE_RAPIDS, Some("ZEN")), "zen");
         assert_eq!(name(ZEN5_CPU, Some("default")), "default");
-        assert_eq!(name(ZEN5_CPU, Some("zen9")), "zen5");
-        assert_eq!(name(ZEN4_CPU, Some("")), "default");
+        assert_eq!(name(ZEN5_CPU, Some("zen9")), "zen");
+        assert_eq!(name(SAPPHIRE_RAPIDS, Some("")), "default");
         // Every entry can be forced, and names are distinct.
         for t in TUNINGS {
-            assert_eq!(tuning_for(ZEN4_CPU, Some(t.name)), t);
+            assert_eq!(tuning_for(SAPPHIRE_RAPIDS, Some(t.name)), t);
         }
         let env = std::env::var(TUNING_ENV).ok();
         // (Not `tuning()`: another test may be forcing an entry meanwhile.)
