@@ -17,7 +17,7 @@ use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
 use crate::kernel::careful;
 use crate::kernel::grad::{
-    BLOCK, Chunk, MAX_CHUNKS, Operands, ROUND_BLOCKS, TileScratch, join, keep_first, owner,
+    BLOCK, Buffers, Chunk, MAX_CHUNKS, Operands, ROUND_BLOCKS, TileScratch, join, keep_first, owner,
 };
 use crate::memory::{try_matrix, try_resize};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
@@ -253,14 +253,16 @@ fn single_head<T: Element>(
 ) -> Result<AttentionGradients<T>, AttentionError> {
     let spec = problem.ops.spec;
     let (dq, dk, dv) = problem.gradients()?;
-    all_rounded(
+    let rounded = all_rounded(
         problem.parallel,
         [
             (&dq, (spec.n_q, spec.d_k)),
             (&dk, (spec.n_kv, spec.d_k)),
             (&dv, (spec.n_kv, spec.d_v)),
         ],
-    )
+    );
+    Buffers::<T>::keep_results([dq, dk, dv]);
+    rounded
 }
 
 /// dQ, dK and dV (row-major f64 of the given shapes) rounded to T, on threads if
@@ -881,10 +883,16 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
         let (d_kp, d_vp) = (ops.d_kp(), ops.d_vp());
         let scale = spec.scale.to_f64();
-        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-        try_resize(&mut dq, n_q * d_k, 0.0, Operand::Query)?;
-        try_resize(&mut dk, n_kv * d_k, 0.0, Operand::Key)?;
-        try_resize(&mut dv, n_kv * d_v, 0.0, Operand::Value)?;
+        // In this thread's cached buffers (a single-head call gives them back).
+        let [mut dq, mut dk, mut dv] = T::with_grad_buffers(|b| std::mem::take(&mut b.results));
+        for (buf, len, operand) in [
+            (&mut dq, n_q * d_k, Operand::Query),
+            (&mut dk, n_kv * d_k, Operand::Key),
+            (&mut dv, n_kv * d_v, Operand::Value),
+        ] {
+            buf.clear();
+            try_resize(buf, len, 0.0, operand)?;
+        }
         let blocks = ops.query_blocks();
         for start in (0..blocks).step_by(ROUND_BLOCKS) {
             let round = start..(start + ROUND_BLOCKS).min(blocks);

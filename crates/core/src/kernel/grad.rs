@@ -150,14 +150,18 @@ pub(crate) struct Operands<'s, 'a, T: Element> {
 fn by_panels<T: Element>(
     m: &MatRef<'_, T>,
     mr: usize,
-    operand: Operand,
+    (buf, operand): (LineAligned<T>, Operand),
 ) -> Result<LineAligned<T>, AttentionError> {
     let (rows, cols) = m.shape();
-    let mut buf = LineAligned::try_zeroed(rows.div_ceil(BLOCK) * BLOCK * cols, T::zero(), operand)?;
+    let mut buf = buf.try_reuse(rows.div_ceil(BLOCK) * BLOCK * cols, T::zero(), operand)?;
     // Block by block, so that the block's destination stays in cache.
     for (b, dst) in buf.chunks_exact_mut(BLOCK * cols.max(1)).enumerate() {
         let r0 = b * BLOCK;
         let n = BLOCK.min(rows - r0);
+        if n < BLOCK || !BLOCK.is_multiple_of(mr) {
+            // Rows past the last are zero (the buffer may hold a previous call's).
+            dst.fill(T::zero());
+        }
         for c in 0..cols {
             let col = m.column(c);
             // Panel by panel (no division per element).
@@ -176,17 +180,22 @@ fn by_panels<T: Element>(
 fn by_rows<T: Element>(
     m: &MatRef<'_, T>,
     width: usize,
-    operand: Operand,
+    (buf, operand): (LineAligned<T>, Operand),
 ) -> Result<LineAligned<T>, AttentionError> {
     let (rows, cols) = m.shape();
-    let mut buf =
-        LineAligned::try_zeroed(rows.div_ceil(BLOCK) * BLOCK * width, T::zero(), operand)?;
+    let mut buf = buf.try_reuse(rows.div_ceil(BLOCK) * BLOCK * width, T::zero(), operand)?;
     // Block by block, so that the block's destination rows stay in cache.
     for (b, dst) in buf.chunks_exact_mut(BLOCK * width.max(1)).enumerate() {
         let r0 = b * BLOCK;
+        let n = BLOCK.min(rows - r0);
+        if n < BLOCK || width > cols {
+            // Rows past the last and columns past `cols` are zero (the buffer may hold a
+            // previous call's).
+            dst.fill(T::zero());
+        }
         for c in 0..cols {
             let col = m.column(c);
-            for r in 0..BLOCK.min(rows - r0) {
+            for r in 0..n {
                 dst[r * width + c] = col[r0 + r];
             }
         }
@@ -250,20 +259,21 @@ impl<'s, 'a, T: Element> Operands<'s, 'a, T> {
             Operand::Lse,
         )?;
         lse_pad[..n_q].copy_from_slice(lse);
-        // The seven layouts, on threads if asked.
-        let layout = |which: usize| match which {
-            0 => by_panels(&spec.q, BLOCK, Operand::Query),
-            1 => by_panels(d_output, BLOCK, Operand::OutputGradient),
-            2 => by_rows(&spec.q, d_kp, Operand::Query),
-            3 => by_rows(d_output, d_vp, Operand::OutputGradient),
-            4 => by_panels(&spec.k, mr, Operand::Key),
-            5 => by_panels(&spec.v, mr, Operand::Value),
-            _ => by_rows(&spec.k, d_kp, Operand::Key),
+        // The seven layouts, in this thread's cached buffers, on threads if asked.
+        let layout = |(which, buf): (usize, LineAligned<T>)| match which {
+            0 => by_panels(&spec.q, BLOCK, (buf, Operand::Query)),
+            1 => by_panels(d_output, BLOCK, (buf, Operand::OutputGradient)),
+            2 => by_rows(&spec.q, d_kp, (buf, Operand::Query)),
+            3 => by_rows(d_output, d_vp, (buf, Operand::OutputGradient)),
+            4 => by_panels(&spec.k, mr, (buf, Operand::Key)),
+            5 => by_panels(&spec.v, mr, (buf, Operand::Value)),
+            _ => by_rows(&spec.k, d_kp, (buf, Operand::Key)),
         };
+        let cached = Vec::from(T::with_grad_buffers(|b| std::mem::take(&mut b.layouts)));
         let layouts: Vec<_> = if parallel {
-            (0..7).into_par_iter().map(layout).collect()
+            cached.into_par_iter().enumerate().map(layout).collect()
         } else {
-            (0..7).map(layout).collect()
+            cached.into_iter().enumerate().map(layout).collect()
         };
         let mut layouts = layouts
             .into_iter()
@@ -318,6 +328,58 @@ impl<'s, 'a, T: Element> Operands<'s, 'a, T> {
     /// dV's row-major padded width.
     pub(crate) fn d_vp(&self) -> usize {
         self.d_vp
+    }
+}
+
+impl<T: Element> Drop for Operands<'_, '_, T> {
+    /// Gives the seven layouts back to this thread's cache, for the next call.
+    fn drop(&mut self) {
+        let layouts = [
+            &mut self.q_cols,
+            &mut self.do_cols,
+            &mut self.q_rows,
+            &mut self.do_rows,
+            &mut self.k_panels,
+            &mut self.v_panels,
+            &mut self.k_rows,
+        ]
+        .map(std::mem::take);
+        let bytes: usize = layouts.iter().map(|l| l.capacity_bytes()).sum();
+        if bytes <= Buffers::<T>::KEEP_BYTES {
+            T::with_grad_buffers(|b| b.layouts = layouts);
+        }
+    }
+}
+
+/// A thread's backward buffers, kept from call to call (as the forward's workspace is):
+/// the seven layouts of [`Operands`] (which take them and give them back when dropped),
+/// and the single-head call's f64 dQ, dK and dV ([`keep_results`](Self::keep_results)).
+/// Reused in place, they cost no page faults after the first call (freshly mapped, they
+/// were about 5% of an n = 4096 call). Each set is kept only up to
+/// [`KEEP_BYTES`](Self::KEEP_BYTES): a larger call's work grows as n², its page faults as
+/// n, so for it they are negligible, and a thread does not hold hundreds of MiB after one.
+#[derive(Default)]
+pub struct Buffers<T> {
+    layouts: [LineAligned<T>; 7],
+    /// dQ, dK, dV of the single-head call.
+    pub results: [Vec<f64>; 3],
+}
+
+impl<T: Element> Buffers<T> {
+    /// Bytes of layouts, and of results, that a thread keeps at most (n = 4096, d = 128,
+    /// f32 takes 14 and 12 MiB).
+    pub(crate) const KEEP_BYTES: usize = 32 << 20;
+
+    /// Gives dQ, dK, dV back to this thread's cache, for the next call, unless they are
+    /// larger than [`KEEP_BYTES`](Self::KEEP_BYTES).
+    pub(crate) fn keep_results(results: [Vec<f64>; 3]) {
+        let bytes: usize = results
+            .iter()
+            .map(|r| r.capacity() * size_of::<f64>())
+            .sum();
+        if bytes <= Self::KEEP_BYTES {
+            T::with_grad_buffers(|b| b.results = results);
+        }
     }
 }
 
@@ -625,6 +687,40 @@ pub(crate) fn round<T: Element, MK: GradKernels<T>>(
                 (n, d_kp, BLOCK),
                 Out::Add(&mut chunk.dq[local * d_kp..][..BLOCK * d_kp], d_kp),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::AsMatRef;
+    use nalgebra::DMatrix;
+
+    /// The layouts written into a buffer that holds a previous call's values: every entry
+    /// is the matrix's or zero (rows past the last, padding columns), as in a fresh one.
+    #[test]
+    fn layouts_in_reused_buffers_are_padded_with_zeros() {
+        let m = DMatrix::from_fn(70, 10, |r, c| (r * 10 + c + 1) as f32);
+        let view = (&m).into_mat_ref();
+        let dirty = || LineAligned::try_zeroed(4096, 7.0f32, Operand::Key).unwrap();
+        // By rows, width 16: element (r, c) at r·16 + c.
+        let rows = by_rows(&view, 16, (dirty(), Operand::Key)).unwrap();
+        assert_eq!(rows.len(), 128 * 16);
+        for (i, &x) in rows.iter().enumerate() {
+            let (r, c) = (i / 16, i % 16);
+            let want = if r < 70 && c < 10 { m[(r, c)] } else { 0.0 };
+            assert_eq!(x, want, "by rows ({r}, {c})");
+        }
+        // By panels of 4 rows: [block][panel][c][w].
+        let panels = by_panels(&view, 4, (dirty(), Operand::Key)).unwrap();
+        assert_eq!(panels.len(), 128 * 10);
+        for (i, &x) in panels.iter().enumerate() {
+            let (b, rest) = (i / (64 * 10), i % (64 * 10));
+            let (panel, c, w) = (rest / 40, rest % 40 / 4, rest % 4);
+            let r = b * 64 + panel * 4 + w;
+            let want = if r < 70 { m[(r, c)] } else { 0.0 };
+            assert_eq!(x, want, "by panels (row {r}, column {c})");
         }
     }
 }

@@ -158,6 +158,27 @@ impl<T: Copy> LineAligned<T> {
         }
     }
 
+    /// This buffer with `len` elements, in place when it has room (no new pages, so no
+    /// page faults; the elements then hold whatever they held: every user writes before
+    /// it reads), else a new one of `zero`s as [`try_zeroed`](Self::try_zeroed).
+    pub(crate) fn try_reuse(
+        mut self,
+        len: usize,
+        zero: T,
+        operand: Operand,
+    ) -> Result<Self, AttentionError> {
+        if self.start + len > self.buf.len() {
+            return Self::try_zeroed(len, zero, operand);
+        }
+        self.len = len;
+        Ok(self)
+    }
+
+    /// The bytes this buffer holds.
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.buf.capacity() * size_of::<T>()
+    }
+
     /// `len` elements `zero`, or `TooLarge` for `operand` if they cannot be allocated.
     pub(crate) fn try_zeroed(
         len: usize,
@@ -257,6 +278,10 @@ pub trait ElementKernels: Sized + 'static {
     /// buffers are reused from call to call instead of freshly mapped each time.
     #[doc(hidden)]
     fn with_grad_chunks<R>(f: impl FnOnce(&mut Vec<grad::Chunk<Self>>) -> R) -> R;
+    /// Runs `f` with this thread's cached backward layouts and f64 results (see
+    /// [`grad::Buffers`]).
+    #[doc(hidden)]
+    fn with_grad_buffers<R>(f: impl FnOnce(&mut grad::Buffers<Self>) -> R) -> R;
 }
 
 /// Implements [`ElementKernels`] for one type: its kernels from `simd.rs`, its own
@@ -291,6 +316,12 @@ macro_rules! element_kernels {
                     static CHUNKS: RefCell<Vec<grad::Chunk<$t>>> = RefCell::default();
                 }
                 with_cached(&CHUNKS, f)
+            }
+            fn with_grad_buffers<R>(f: impl FnOnce(&mut grad::Buffers<$t>) -> R) -> R {
+                thread_local! {
+                    static BUFFERS: RefCell<grad::Buffers<$t>> = RefCell::default();
+                }
+                with_cached(&BUFFERS, f)
             }
             fn with_scratch<R>(f: impl FnOnce(&mut Scratch<$t>) -> R) -> R {
                 thread_local! {
@@ -627,5 +658,23 @@ mod tests {
     fn line_aligned_buffers_start_a_cache_line() {
         check(0.0f32);
         check(0.0f64);
+    }
+
+    /// `try_reuse` keeps the buffer's memory when it has room (same address, still on a
+    /// line), with exactly `len` elements.
+    #[test]
+    fn reused_buffers_keep_their_memory() {
+        use crate::error::Operand;
+        let mut buf = LineAligned::try_zeroed(1000, 0.0f32, Operand::Key).unwrap();
+        let ptr = buf.as_ptr();
+        for len in [1000, 10, 0, 999] {
+            buf = buf.try_reuse(len, 0.0, Operand::Key).unwrap();
+            assert_eq!((buf.as_ptr(), buf.len()), (ptr, len));
+            buf.fill(7.0);
+        }
+        // Past its room: a new buffer, on a line, zero.
+        buf = buf.try_reuse(5000, 0.0, Operand::Key).unwrap();
+        assert_eq!((buf.len(), buf.as_ptr() as usize % LINE), (5000, 0));
+        assert!(buf.iter().all(|&x| x == 0.0));
     }
 }
