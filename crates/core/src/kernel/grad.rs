@@ -36,7 +36,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::LineAligned;
+use super::{KEEP_MAX_ELEMENTS, LineAligned};
 use crate::Element;
 use crate::error::{AttentionError, Operand};
 use crate::memory::try_resize;
@@ -343,21 +343,23 @@ impl<T: Element> Drop for Operands<'_, '_, T> {
             &mut self.v_panels,
             &mut self.k_rows,
         ]
-        .map(std::mem::take);
-        let bytes: usize = layouts.iter().map(|l| l.capacity_bytes()).sum();
-        if bytes <= Buffers::<T>::KEEP_BYTES {
-            T::with_grad_buffers(|b| b.layouts = layouts);
-        }
+        .map(|l| {
+            if l.capacity() <= KEEP_MAX_ELEMENTS {
+                std::mem::take(l)
+            } else {
+                LineAligned::default()
+            }
+        });
+        T::with_grad_buffers(|b| b.layouts = layouts);
     }
 }
 
-/// A thread's backward buffers, kept from call to call (as the forward's workspace is):
-/// the seven layouts of [`Operands`] (which take them and give them back when dropped),
-/// and the single-head call's f64 dQ, dK and dV ([`keep_results`](Self::keep_results)).
-/// Reused in place, they cost no page faults after the first call (freshly mapped, they
-/// were about 5% of an n = 4096 call). Each set is kept only up to
-/// [`KEEP_BYTES`](Self::KEEP_BYTES): a larger call's work grows as n², its page faults as
-/// n, so for it they are negligible, and a thread does not hold hundreds of MiB after one.
+/// A thread's backward buffers, kept from call to call as the forward's workspace is (each
+/// up to [`KEEP_MAX_ELEMENTS`], the same rule): the seven layouts of [`Operands`] (which
+/// take them and give them back when dropped), and the single-head call's f64 dQ, dK and
+/// dV ([`keep_results`](Self::keep_results)). Reused in place, they cost no page faults
+/// after the first call (freshly mapped, they were about 5% of a causal n = 4096 call on
+/// one thread, and two threads serialise on them).
 #[derive(Default)]
 pub struct Buffers<T> {
     layouts: [LineAligned<T>; 7],
@@ -366,20 +368,17 @@ pub struct Buffers<T> {
 }
 
 impl<T: Element> Buffers<T> {
-    /// Bytes of layouts, and of results, that a thread keeps at most (n = 4096, d = 128,
-    /// f32 takes 14 and 12 MiB).
-    pub(crate) const KEEP_BYTES: usize = 32 << 20;
-
-    /// Gives dQ, dK, dV back to this thread's cache, for the next call, unless they are
-    /// larger than [`KEEP_BYTES`](Self::KEEP_BYTES).
+    /// Gives dQ, dK, dV back to this thread's cache for the next call, each unless it is
+    /// larger than [`KEEP_MAX_ELEMENTS`].
     pub(crate) fn keep_results(results: [Vec<f64>; 3]) {
-        let bytes: usize = results
-            .iter()
-            .map(|r| r.capacity() * size_of::<f64>())
-            .sum();
-        if bytes <= Self::KEEP_BYTES {
-            T::with_grad_buffers(|b| b.results = results);
-        }
+        let results = results.map(|r| {
+            if r.capacity() <= KEEP_MAX_ELEMENTS {
+                r
+            } else {
+                Vec::new()
+            }
+        });
+        T::with_grad_buffers(|b| b.results = results);
     }
 }
 

@@ -174,9 +174,9 @@ impl<T: Copy> LineAligned<T> {
         Ok(self)
     }
 
-    /// The bytes this buffer holds.
-    pub(crate) fn capacity_bytes(&self) -> usize {
-        self.buf.capacity() * size_of::<T>()
+    /// The elements this buffer holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// `len` elements `zero`, or `TooLarge` for `operand` if they cannot be allocated.
