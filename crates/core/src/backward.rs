@@ -883,8 +883,7 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
         let (d_kp, d_vp) = (ops.d_kp(), ops.d_vp());
         let scale = spec.scale.to_f64();
-        // In this thread's cached buffers (a single-head call gives them back).
-        let [mut dq, mut dk, mut dv] = T::with_grad_buffers(|b| std::mem::take(&mut b.results));
+        let [mut dq, mut dk, mut dv] = Buffers::<T>::take_results();
         for (buf, len, operand) in [
             (&mut dq, n_q * d_k, Operand::Query),
             (&mut dk, n_kv * d_k, Operand::Key),

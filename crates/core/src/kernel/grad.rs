@@ -356,18 +356,24 @@ impl<T: Element> Drop for Operands<'_, '_, T> {
 
 /// A thread's backward buffers, kept from call to call as the forward's workspace is (each
 /// up to [`KEEP_MAX_ELEMENTS`], the same rule): the seven layouts of [`Operands`] (which
-/// take them and give them back when dropped), and the single-head call's f64 dQ, dK and
-/// dV ([`keep_results`](Self::keep_results)). Reused in place, they cost no page faults
+/// take them and give them back when dropped), and the f64 dQ, dK and dV
+/// ([`take_results`](Self::take_results), [`keep_results`](Self::keep_results)). Reused in place, they cost no page faults
 /// after the first call (freshly mapped, they were about 5% of a causal n = 4096 call on
 /// one thread, and two threads serialise on them).
 #[derive(Default)]
 pub struct Buffers<T> {
     layouts: [LineAligned<T>; 7],
-    /// dQ, dK, dV of the single-head call.
-    pub results: [Vec<f64>; 3],
+    results: [Vec<f64>; 3],
 }
 
 impl<T: Element> Buffers<T> {
+    /// This thread's cached dQ, dK, dV (empty the first time), for a call to fill; a
+    /// single-head call gives them back with [`keep_results`](Self::keep_results), a
+    /// multi-head call's blocks keep theirs as results.
+    pub(crate) fn take_results() -> [Vec<f64>; 3] {
+        T::with_grad_buffers(|b| std::mem::take(&mut b.results))
+    }
+
     /// Gives dQ, dK, dV back to this thread's cache for the next call, each unless it is
     /// larger than [`KEEP_MAX_ELEMENTS`].
     pub(crate) fn keep_results(results: [Vec<f64>; 3]) {
