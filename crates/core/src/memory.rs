@@ -2,7 +2,7 @@
 //! with `try_reserve`, so that an impossible size (`n = 200000` weights, a `2^62 × 0` view)
 //! is an [`AttentionError::TooLarge`], never an abort or a "capacity overflow" panic.
 
-use nalgebra::{DMatrix, DVector, Scalar};
+use nalgebra::{DMatrix, DVector, Dyn, Scalar, VecStorage};
 
 use crate::error::{AttentionError, Operand};
 
@@ -50,7 +50,13 @@ pub(crate) fn try_matrix<T: Scalar>(
     data.try_reserve_exact(len)
         .map_err(|_| too_large(operand, rows, columns))?;
     data.resize(len, fill);
-    Ok(DMatrix::from_vec(rows, columns, data))
+    // `from_data` takes the vector as it is (`from_vec` collects it again through an
+    // iterator: a call and checks that showed in the 2 × 2 seed call).
+    Ok(DMatrix::from_data(VecStorage::new(
+        Dyn(rows),
+        Dyn(columns),
+        data,
+    )))
 }
 
 /// A vector of `len` entries filled with `fill`, or `TooLarge`.

@@ -130,24 +130,71 @@ pub struct AttentionOptions<'a, T: Element> {
 
 impl<T: Element> Default for AttentionOptions<'_, T> {
     fn default() -> Self {
-        Self {
-            scale: None,
-            causal: None,
-            mask: None,
-            key_mask: None,
-            bias: None,
-            window: None,
-            softcap: None,
-            alibi_slope: None,
-            alibi_slopes: None,
-            sequence_masks: None,
-            sequence_biases: None,
-            parallelism: Parallelism::default(),
-            cpu_path: None,
-            dropout: None,
-            query_rows: None,
-            dropout_stream: (0, 0),
-        }
+        Self::DEFAULT
+    }
+}
+
+impl<T: Element> AttentionOptions<'_, T> {
+    /// The defaults as a constant: `&AttentionOptions::DEFAULT` is a reference to static
+    /// data, where `&AttentionOptions::default()` builds the struct (about 200 bytes) on
+    /// every call.
+    pub(crate) const DEFAULT: Self = Self {
+        scale: None,
+        causal: None,
+        mask: None,
+        key_mask: None,
+        bias: None,
+        window: None,
+        softcap: None,
+        alibi_slope: None,
+        alibi_slopes: None,
+        sequence_masks: None,
+        sequence_biases: None,
+        parallelism: Parallelism::Rayon,
+        cpu_path: None,
+        dropout: None,
+        query_rows: None,
+        dropout_stream: (0, 0),
+    };
+}
+
+impl<T: Element> AttentionOptions<'_, T> {
+    /// True if these options set nothing that acts on scores, positions or the CPU path:
+    /// at most a scale, the parallelism (which never changes a result) and dropout's
+    /// stream (unused without dropout). Such a call is plain attention with that scale.
+    /// Every field is named, so that a new option cannot be forgotten here.
+    pub(crate) fn sets_only_scale(&self) -> bool {
+        let AttentionOptions {
+            scale: _,
+            causal,
+            mask,
+            key_mask,
+            bias,
+            window,
+            softcap,
+            alibi_slope,
+            alibi_slopes,
+            sequence_masks,
+            sequence_biases,
+            parallelism: _,
+            cpu_path,
+            dropout,
+            query_rows,
+            dropout_stream: _,
+        } = self;
+        causal.is_none()
+            && mask.is_none()
+            && key_mask.is_none()
+            && bias.is_none()
+            && window.is_none()
+            && softcap.is_none()
+            && alibi_slope.is_none()
+            && alibi_slopes.is_none()
+            && sequence_masks.is_none()
+            && sequence_biases.is_none()
+            && cpu_path.is_none()
+            && dropout.is_none()
+            && query_rows.is_none()
     }
 }
 

@@ -73,8 +73,7 @@ impl<T: Element> Spec<'_, T> {
     /// could overflow: only for values within a factor `2(n_kv + 1)` of the type's maximum.
     #[inline]
     pub(crate) fn needs_value_scaling(&self) -> bool {
-        // Divided first: for f64 the product could overflow.
-        self.out_max.to_f64() / T::MAX.to_f64() * 2.0 * (self.n_kv as f64 + 1.0) > 1.0
+        values_need_scaling(self.out_max, self.n_kv)
     }
 
     /// Per value column, powers of two `(scale, unscale)`: summing `p_j·(v_j·scale)`
@@ -239,6 +238,15 @@ impl<T: Element> Spec<'_, T> {
             None => T::one(),
         }
     }
+}
+
+/// Whether output sums `Σ_j p_j·v_j` over `n_kv` keys with every `|v_j| ≤ out_max` (each
+/// `p_j ≤ 1`, so at most `n_kv·out_max`) could overflow: only for values within a factor
+/// `2(n_kv + 1)` of the type's maximum. The rule of [`Spec::needs_value_scaling`].
+#[inline]
+pub(crate) fn values_need_scaling<T: Element>(out_max: T, n_kv: usize) -> bool {
+    // Divided first: for f64 the product could overflow.
+    out_max.to_f64() / T::MAX.to_f64() * 2.0 * (n_kv as f64 + 1.0) > 1.0
 }
 
 /// What every entry of a row with no allowed key is: its output entries and attention

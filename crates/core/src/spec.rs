@@ -11,7 +11,7 @@ use crate::error::{AttentionError, Axis, Operand, check_dim};
 use crate::heads::HeadLayout;
 use crate::kernel::simd::with_path_features;
 use crate::options::{AttentionOptions, Causal, MatRef, Parallelism};
-use crate::score::Band;
+use crate::score::{Band, values_need_scaling};
 use crate::view::block;
 
 /// A checked attention problem: shapes, the resolved scale and the score modifiers.
@@ -56,45 +56,63 @@ const TINY_SCAN_ENTRIES: usize = 16;
 
 /// The first NaN or infinity of `m`, in column-major order, as an error; else the largest
 /// magnitude in `m`.
+///
+/// One branch-free pass; only if something is not finite, a second pass
+/// ([`first_non_finite`]) finds the first such entry. Up to [`TINY_SCAN_ENTRIES`]
+/// entries are scanned right here, entry by entry and by index (any strides), and this
+/// part is inlined: for a handful of entries, dispatching to the vector scan, making a
+/// column view per column or the call itself cost more than the scan (the 2 × 2 seed call
+/// scans three operands of four entries). Larger operands go to the scan of the default
+/// CPU path (`simd.rs`, `abs_max_bits`: one loop per path; compiled for SSE2 as a plain
+/// loop it was a seventh of an f32 n 64 d 64 call on Zen 5). Both are exact: the same
+/// result on every path.
+#[inline(always)]
 pub(crate) fn check_finite<T: Element>(
     operand: Operand,
     m: &MatRef<'_, T>,
 ) -> Result<T, AttentionError> {
-    // One branch-free pass; only if something is not finite, a second pass finds the
-    // first such entry. The scan of the default CPU path (`simd.rs`, `abs_max_bits`): exact, the same result
-    // on every path. (Compiled for SSE2 as a plain loop, it was a seventh of an f32 n 64
-    // d 64 call on Zen 5.)
-    let max_bits = if m.len() <= TINY_SCAN_ENTRIES {
-        // The largest bits, entry by entry: exact, so the same result; for a handful of
-        // entries dispatching to a vector scan cost more than the scan.
-        let (mut max, mut finite) = (T::zero(), true);
-        for_each_column(m, 0..m.nrows(), &mut Vec::new(), |_, col| {
-            for x in col {
-                finite &= x.finite();
-                max = if x.abs() > max { x.abs() } else { max };
-            }
-        });
-        if finite {
-            max.abs_bits()
-        } else {
-            T::INFINITY_BITS
-        }
-    } else {
-        T::abs_max_scan(CpuPath::detect())(m)
-    };
-    if max_bits < T::INFINITY_BITS {
-        return Ok(T::from_abs_bits(max_bits));
+    if m.len() > TINY_SCAN_ENTRIES {
+        return check_finite_scan(operand, m);
     }
+    let (mut max, mut finite) = (T::zero(), true);
+    for c in 0..m.ncols() {
+        for r in 0..m.nrows() {
+            let x = m[(r, c)];
+            finite &= x.finite();
+            max = if x.abs() > max { x.abs() } else { max };
+        }
+    }
+    if finite {
+        Ok(max)
+    } else {
+        Err(first_non_finite(operand, m))
+    }
+}
+
+/// [`check_finite`] of an operand of more than [`TINY_SCAN_ENTRIES`] entries.
+fn check_finite_scan<T: Element>(operand: Operand, m: &MatRef<'_, T>) -> Result<T, AttentionError> {
+    let max_bits = T::abs_max_scan(CpuPath::detect())(m);
+    if max_bits < T::INFINITY_BITS {
+        Ok(T::from_abs_bits(max_bits))
+    } else {
+        Err(first_non_finite(operand, m))
+    }
+}
+
+/// The error for the first NaN or infinity of `m` in column-major order, which the caller
+/// has seen.
+#[cold]
+fn first_non_finite<T: Element>(operand: Operand, m: &MatRef<'_, T>) -> AttentionError {
     for c in 0..m.ncols() {
         for r in 0..m.nrows() {
             let x = m[(r, c)];
             if !x.finite() {
-                return Err(AttentionError::NonFinite {
+                return AttentionError::NonFinite {
                     operand,
                     row: r,
                     column: c,
                     value: x.to_f64(),
-                });
+                };
             }
         }
     }
@@ -170,7 +188,9 @@ fn check_qkv_shapes<T>(
 const PARALLEL_SCAN_ENTRIES: usize = 1 << 18;
 
 /// Checks the shapes of Q, K, V against each other and their values for NaN/∞; returns
-/// their largest magnitudes.
+/// their largest magnitudes. Inlined: returned through memory, the three magnitudes were
+/// written one by one and read back together, a failed store forwarding in tiny calls.
+#[inline(always)]
 pub(crate) fn check_qkv<T: Element>(
     q: &MatRef<'_, T>,
     k: &MatRef<'_, T>,
@@ -181,25 +201,24 @@ pub(crate) fn check_qkv<T: Element>(
     // Large inputs are scanned in parallel (the scan is the only serial O(n·d) pass of a
     // call); errors are still reported in the order Q, K, V.
     let large = q.len() + k.len() + v.len() >= PARALLEL_SCAN_ENTRIES;
-    let (rq, (rk, rv)) = if parallel && large {
-        rayon::join(
-            || check_finite(Operand::Query, q),
-            || {
-                rayon::join(
-                    || check_finite(Operand::Key, k),
-                    || check_finite(Operand::Value, v),
-                )
-            },
-        )
-    } else {
-        (
-            check_finite(Operand::Query, q),
-            (
-                check_finite(Operand::Key, k),
-                check_finite(Operand::Value, v),
-            ),
-        )
-    };
+    if !(parallel && large) {
+        // One after the other, each result taken as it comes (a tuple of three results,
+        // each holding a possible error, was copied around: a tenth of the 2 × 2 call).
+        return Ok(MaxAbs {
+            q: check_finite(Operand::Query, q)?,
+            k: check_finite(Operand::Key, k)?,
+            v: check_finite(Operand::Value, v)?,
+        });
+    }
+    let (rq, (rk, rv)) = rayon::join(
+        || check_finite(Operand::Query, q),
+        || {
+            rayon::join(
+                || check_finite(Operand::Key, k),
+                || check_finite(Operand::Value, v),
+            )
+        },
+    );
     Ok(MaxAbs {
         q: rq?,
         k: rk?,
@@ -274,6 +293,74 @@ fn scores_in_range<T: Element>(b: ScoreBound) -> bool {
         && lowest_ok
 }
 
+/// The first checks of a single-head call, in [`Spec::new`]'s order: the shapes of Q, K
+/// and V, their values, then the options' scalars. Returns the largest magnitudes and the
+/// resolved scale.
+#[inline(always)]
+fn check_operands<T: Element>(
+    q: &MatRef<'_, T>,
+    k: &MatRef<'_, T>,
+    v: &MatRef<'_, T>,
+    options: &AttentionOptions<'_, T>,
+) -> Result<(MaxAbs<T>, T), AttentionError> {
+    let parallel = options.parallelism == Parallelism::Rayon;
+    let max_abs = check_qkv(q, k, v, parallel)?;
+    let scale = check_scalars(options, q.ncols())?;
+    Ok((max_abs, scale))
+}
+
+/// What a single-head call whose options set nothing but a scale, parallelism or
+/// dropout's stream ([`AttentionOptions::sets_only_scale`]) needs once checked, when its
+/// scores are provably in range and its values far from the type's maximum: the row
+/// path's entry for tiny calls (`kernel/direct.rs`, `tiny`) computes it from this and Q,
+/// K, V, without assembling a [`Spec`] (for such a call a [`Spec`] would hold the same
+/// scale and `v_max_abs`, no score modifier, `scores_in_range` and no value scaling).
+pub(crate) struct Plain<T> {
+    pub scale: T,
+    /// The largest |v|: bounds every output entry.
+    pub v_max_abs: T,
+}
+
+impl<T: Element> Plain<T> {
+    /// Validates as [`Spec::new`] does (the same checks in the same order, so the same
+    /// error), for options that set only a scale. `None` when the options set anything
+    /// else, or when the call needs the full route: scores not provably in range (the
+    /// careful path), values that need scaling. Nothing is written either way. Q, K and V
+    /// are taken by reference: copied into a callee, their fields written 8 bytes at a
+    /// time and read back 16 at a time stalled the 2 × 2 call (failed store forwarding).
+    #[inline]
+    pub(crate) fn new(
+        q: &MatRef<'_, T>,
+        k: &MatRef<'_, T>,
+        v: &MatRef<'_, T>,
+        options: &AttentionOptions<'_, T>,
+    ) -> Option<Result<Self, AttentionError>> {
+        if !options.sets_only_scale() {
+            return None;
+        }
+        let (max_abs, scale) = match check_operands(q, k, v, options) {
+            Ok(checked) => checked,
+            Err(e) => return Some(Err(e)),
+        };
+        let in_range = scores_in_range::<T>(ScoreBound {
+            d_k: q.ncols(),
+            q_max: max_abs.q.to_f64(),
+            k_max: max_abs.k.to_f64(),
+            scale: scale.to_f64(),
+            softcap: None,
+            alibi: None,
+            bias: (0.0, 0.0),
+        });
+        if !in_range || values_need_scaling(max_abs.v, k.nrows()) {
+            return None;
+        }
+        Some(Ok(Plain {
+            scale,
+            v_max_abs: max_abs.v,
+        }))
+    }
+}
+
 impl<'a, T: Element> Spec<'a, T> {
     /// Validates Q, K, V and the options of a single-head call (one sequence, one head).
     #[inline]
@@ -283,11 +370,8 @@ impl<'a, T: Element> Spec<'a, T> {
         v: MatRef<'a, T>,
         options: &AttentionOptions<'a, T>,
     ) -> Result<Self, AttentionError> {
-        let parallel = options.parallelism == Parallelism::Rayon;
-        let max_abs = check_qkv(&q, &k, &v, parallel)?;
-        let (n_q, d_k) = q.shape();
-        let n_kv = k.nrows();
-        let scale = check_scalars(options, d_k)?;
+        let (max_abs, scale) = check_operands(&q, &k, &v, options)?;
+        let (n_q, n_kv) = (q.nrows(), k.nrows());
         check_lists(options, 1, 1)?;
         check_query_rows(options, 1, n_q)?;
         check_sequence_mask(options, 0, n_q, n_kv)?;

@@ -23,9 +23,12 @@
 //! same way as each numerator (so `V ≡ 1` gives exactly 1); the division, `ln` and
 //! `m + ln l` are computed in f64 and rounded once to T.
 
+use nalgebra::{Dyn, U1};
+
 use crate::columns::for_each_column;
+use crate::options::MatRef;
 use crate::score::{row_lse, row_output, write_empty_row};
-use crate::spec::Spec;
+use crate::spec::{Plain, Spec};
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
 
@@ -45,30 +48,52 @@ const LANES: usize = 8;
 /// Up to [`LANES`] keys (one partial chunk of one block) are summed right here, as
 /// [`block_lanes`] would: its call per output entry was a fifth of the seed's 2×2 call.
 fn weighted_sum<T: Element>(e: &[T], x: Option<&[T]>, scale: T) -> f64 {
-    let mut wide = [0.0f64; LANES];
     if e.len() <= LANES {
-        // `block_lanes`' lane from zero, then `wide`'s from zero: the same bits.
-        match x {
-            Some(x) => {
-                for ((w, &ej), &xj) in wide.iter_mut().zip(e).zip(x) {
-                    *w = (T::zero() + ej * (xj * scale)).to_f64();
-                }
-            }
-            None => {
-                for (w, &ej) in wide.iter_mut().zip(e) {
-                    *w = (T::zero() + ej).to_f64();
-                }
-            }
-        }
-    } else {
-        for (b, eb) in e.chunks(BLOCK).enumerate() {
-            let xb = x.map(|x| &x[b * BLOCK..b * BLOCK + eb.len()]);
-            let lanes = block_lanes(eb, xb, scale);
-            for t in 0..LANES {
-                wide[t] += lanes[t].to_f64();
-            }
+        return short_sum(e, x, scale);
+    }
+    let mut wide = [0.0f64; LANES];
+    for (b, eb) in e.chunks(BLOCK).enumerate() {
+        let xb = x.map(|x| &x[b * BLOCK..b * BLOCK + eb.len()]);
+        let lanes = block_lanes(eb, xb, scale);
+        for t in 0..LANES {
+            wide[t] += lanes[t].to_f64();
         }
     }
+    lane_tree(wide)
+}
+
+/// [`weighted_sum`] of at most [`LANES`] keys: [`block_lanes`]' lane from zero (one term
+/// each), then `wide`'s from zero, then [`lane_tree`]: the same bits. Each lane is
+/// computed in a register: written to an array and read back in pairs (as the compiler
+/// vectorised the tree), each pair of scalar stores stalled the 16-byte load that
+/// followed (a failed store-to-load forwarding, about a fifth of the 2 × 2 seed call).
+#[inline(always)]
+fn short_sum<T: Element>(e: &[T], x: Option<&[T]>, scale: T) -> f64 {
+    debug_assert!(e.len() <= LANES);
+    // Lane t from zero: `0 + e_t·(x_t·scale)`, never −0, so the absent lanes' +0 terms
+    // change no partial sum.
+    let lane = |t: usize| -> f64 {
+        match (e.get(t), x) {
+            (Some(&et), Some(x)) => (T::zero() + et * (x[t] * scale)).to_f64(),
+            (Some(&et), None) => (T::zero() + et).to_f64(),
+            (None, _) => 0.0,
+        }
+    };
+    lane_tree([
+        lane(0),
+        lane(1),
+        lane(2),
+        lane(3),
+        lane(4),
+        lane(5),
+        lane(6),
+        lane(7),
+    ])
+}
+
+/// The [`LANES`] f64 accumulators added pairwise.
+#[inline(always)]
+fn lane_tree(wide: [f64; LANES]) -> f64 {
     let [w0, w1, w2, w3, w4, w5, w6, w7] = wide;
     ((w0 + w1) + (w2 + w3)) + ((w4 + w5) + (w6 + w7))
 }
@@ -177,4 +202,67 @@ pub(super) fn attention<T: Element>(
         });
     }
     Ok(())
+}
+
+/// Keys at most of a [`tiny`] call: its sums are [`short_sum`]s.
+pub(super) const TINY_KEYS: usize = LANES;
+/// Queries at most of a [`tiny`] call: its scores are on the stack.
+pub(super) const TINY_QUERIES: usize = 8;
+
+/// [`attention`] for a tiny call whose options set only a scale ([`Plain`]): the same
+/// operations in the same order, so the same bits, without a [`Spec`] (its assembly and
+/// the general loop were most of the 2 × 2 seed call). The scores of all rows first,
+/// `Σ_p q_ip·k_jp` (p ascending from zero, as the row path), then each row:
+/// `s_j = (Σ_p q_ip·k_jp)·scale`, `m = max_j s_j`, `e_j = exp(s_j − m)`, `l` and each
+/// output entry a [`short_sum`], finished by [`row_lse`] and [`row_output`]. No
+/// score can be non-finite and no value needs scaling ([`Plain::new`] checked both); the
+/// caller checks the sizes (`1 ≤ n_kv ≤ TINY_KEYS`, so every row has keys; `n_q ≤
+/// TINY_QUERIES`) and that Q, K and V have contiguous columns.
+pub(super) fn tiny<T: Element>(
+    q: &MatRef<'_, T>,
+    k: &MatRef<'_, T>,
+    v: &MatRef<'_, T>,
+    call: &Plain<T>,
+    out: &mut MatMut<'_, T>,
+    mut lse: Option<&mut [T]>,
+) {
+    let (n_q, n_kv) = (q.nrows(), k.nrows());
+    debug_assert!((1..=TINY_KEYS).contains(&n_kv) && n_q <= TINY_QUERIES);
+    let q = q.as_view::<Dyn, Dyn, U1, Dyn>();
+    let k = k.as_view::<Dyn, Dyn, U1, Dyn>();
+    let v = v.as_view::<Dyn, Dyn, U1, Dyn>();
+    // Row i's scores at s[i·TINY_KEYS ..][.. n_kv]: summed over the columns of Q and K,
+    // which are slices (indexing the views entry by entry cost more than the products).
+    let mut s = [T::zero(); TINY_QUERIES * TINY_KEYS];
+    for (q_p, k_p) in q.column_iter().zip(k.column_iter()) {
+        let (q_p, k_p) = (q_p.as_slice(), k_p.as_slice());
+        for (s_i, &q_ip) in s.chunks_exact_mut(TINY_KEYS).zip(q_p) {
+            for (s_ij, &k_jp) in s_i.iter_mut().zip(k_p) {
+                *s_ij += q_ip * k_jp;
+            }
+        }
+    }
+    for (i, s_i) in s.chunks_exact_mut(TINY_KEYS).take(n_q).enumerate() {
+        let s_i = &mut s_i[..n_kv];
+        let mut m = T::NEG_INFINITY;
+        for sj in s_i.iter_mut() {
+            *sj *= call.scale;
+            if *sj > m {
+                m = *sj;
+            }
+        }
+        for sj in s_i.iter_mut() {
+            *sj = (*sj - m).exp();
+        }
+        let e = &*s_i;
+        let l = short_sum(e, None, T::one());
+        if let Some(lse) = lse.as_deref_mut() {
+            lse[i] = T::from_f64_rounded(row_lse(m.to_f64(), l));
+        }
+        let inv_l = 1.0 / l;
+        for (c, v_c) in v.column_iter().enumerate() {
+            let total = short_sum(e, Some(v_c.as_slice()), T::one());
+            out[(i, c)] = row_output(total, l, inv_l, 1.0, call.v_max_abs);
+        }
+    }
 }

@@ -24,8 +24,9 @@ use pack::set_len;
 use crate::cpu::CpuPath;
 use crate::error::Operand;
 use crate::memory::try_resize;
+use crate::options::{AttentionOptions, MatRef};
 use crate::score::{empty_row_lse, empty_row_output};
-use crate::spec::{Deferred, Spec};
+use crate::spec::{Deferred, Plain, Spec};
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
 
@@ -461,6 +462,47 @@ pub(crate) fn attention<T: Element>(
             result
         }
     }
+}
+
+/// A single-head call that [`route`] would send to the row path with scores on the stack,
+/// computed without a [`Spec`]: options that set only a scale, 1 to 8 queries and keys, Q, K and V
+/// with contiguous columns (row stride 1), something to compute, work within the row path's, no forced CPU path,
+/// scores in range and values far from the type's maximum ([`Plain::new`] checks the
+/// last two). The 2 × 2 seed call is one: most of its time went to the general checks
+/// and loops. `None` (nothing written, nothing reported) for any other call: the caller
+/// then takes the general route, which gives it the same result. Errors are those of
+/// [`Spec::new`], in its order.
+pub(crate) fn tiny<T: Element>(
+    q: &MatRef<'_, T>,
+    k: &MatRef<'_, T>,
+    v: &MatRef<'_, T>,
+    options: &AttentionOptions<'_, T>,
+    out: &mut MatMut<'_, T>,
+    lse: Option<&mut [T]>,
+) -> Option<Result<(), AttentionError>> {
+    let (n_q, n_kv) = (q.nrows(), k.nrows());
+    let work = n_q
+        .saturating_mul(n_kv)
+        .saturating_mul(q.ncols().saturating_add(v.ncols()));
+    let fits = (1..=direct::TINY_QUERIES).contains(&n_q)
+        && (1..=direct::TINY_KEYS).contains(&n_kv)
+        && q.strides().0 == 1
+        && k.strides().0 == 1
+        && v.strides().0 == 1
+        && (v.ncols() >= 1 || lse.is_some())
+        && work <= DIRECT_MAX_WORK;
+    if !fits || CpuPath::forced_by_env() {
+        return None;
+    }
+    let call = match Plain::new(q, k, v, options)? {
+        Ok(call) => call,
+        Err(e) => return Some(Err(e)),
+    };
+    debug_assert_eq!(out.shape(), (n_q, v.ncols()));
+    debug_assert!(lse.as_ref().is_none_or(|l| l.len() == n_q));
+    record_run(KernelRun::Row);
+    direct::tiny(q, k, v, &call, out, lse);
+    Some(Ok(()))
 }
 
 /// Whether a single-head call of `n_q` queries and `n_kv` keys might reach the decoding
