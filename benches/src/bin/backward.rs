@@ -89,6 +89,16 @@ fn varlen(threads: usize) {
 }
 
 fn main() {
+    // No arguments: `--help` says so, anything else is an error rather than ignored.
+    if let Some(arg) = std::env::args().nth(1) {
+        let usage = "usage: backward (no arguments)";
+        if arg == "--help" || arg == "-h" {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        eprintln!("backward: unknown argument {arg}\n{usage}");
+        std::process::exit(2);
+    }
     let peaks: Vec<(bool, usize, f64)> = [false, true]
         .into_iter()
         .flat_map(|is_f64| [1, 2].map(|t| (is_f64, t)))

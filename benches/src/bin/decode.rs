@@ -39,6 +39,29 @@ struct Args {
     one_keys: Vec<usize>,
 }
 
+const USAGE: &str = "usage: decode [--threads N] [--tokens LIST] [--one-keys LIST] \
+[--rows decode,one,prefill,varlen] [--help]";
+
+/// The rows `--rows` accepts.
+const ROWS: [&str; 4] = ["decode", "one", "prefill", "varlen"];
+
+/// Exits with status 2 after saying what is wrong with the arguments.
+fn bad_argument(what: &str) -> ! {
+    eprintln!("decode: {what}\n{USAGE}");
+    std::process::exit(2);
+}
+
+/// A comma-separated list of positive counts for `flag`, at least one.
+fn counts(flag: &str, s: &str) -> Vec<usize> {
+    let items: Result<Vec<usize>, _> = s.split(',').map(|x| x.trim().parse()).collect();
+    match items {
+        Ok(items) if !items.is_empty() && !items.contains(&0) => items,
+        _ => bad_argument(&format!("{flag}: cannot read {s:?} as positive counts")),
+    }
+}
+
+/// The arguments; an unknown or malformed one is an error (exit status 2), as in
+/// `throughput`, so that a mistyped flag is not silently measured with the defaults.
 fn parse_args() -> Args {
     let mut a = Args {
         threads: 2,
@@ -49,24 +72,30 @@ fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
-        let next = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
-            "--threads" => (a.threads, i) = (next.parse().unwrap_or(2), i + 1),
-            "--tokens" => {
-                a.tokens = next.split(',').filter_map(|s| s.parse().ok()).collect();
-                i += 1;
-            }
-            "--one-keys" => {
-                a.one_keys = next.split(',').filter_map(|s| s.parse().ok()).collect();
-                i += 1;
-            }
+        let flag = argv[i].as_str();
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let Some(next) = argv.get(i + 1) else {
+            bad_argument(&format!("{flag}: needs a value, or is unknown"));
+        };
+        match flag {
+            "--threads" => match next.parse::<usize>() {
+                Ok(t) if t >= 1 => a.threads = t,
+                _ => bad_argument(&format!("--threads: {next:?} is not a count ≥ 1")),
+            },
+            "--tokens" => a.tokens = counts(flag, next),
+            "--one-keys" => a.one_keys = counts(flag, next),
             "--rows" => {
                 a.rows = next.split(',').map(str::to_owned).collect();
-                i += 1;
+                if let Some(r) = a.rows.iter().find(|r| !ROWS.contains(&r.as_str())) {
+                    bad_argument(&format!("--rows: unknown row {r} ({ROWS:?})"));
+                }
             }
-            other => eprintln!("ignoring unknown argument {other}"),
+            other => bad_argument(&format!("unknown argument {other}")),
         }
-        i += 1;
+        i += 2;
     }
     a
 }
