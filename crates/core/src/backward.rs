@@ -15,10 +15,10 @@ use crate::api::check_qkv;
 use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Axis, GradientOf, Operand, check_dim};
 use crate::heads::HeadLayout;
-use crate::kernel::careful;
 use crate::kernel::grad::{
     BLOCK, Buffers, Chunk, MAX_CHUNKS, Operands, ROUND_BLOCKS, TileScratch, join, keep_first, owner,
 };
+use crate::kernel::{careful, set_len};
 use crate::memory::{try_matrix, try_resize};
 use crate::options::{AttentionOptions, MatRef, Parallelism};
 use crate::spec::{Batch, Sequence, Spec, check_finite};
@@ -883,14 +883,15 @@ impl<'s, 'a, T: Element> Problem<'s, 'a, T> {
         let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
         let (d_kp, d_vp) = (ops.d_kp(), ops.d_vp());
         let scale = spec.scale.to_f64();
+        // Every entry is written below (dQ's rows round by round, dK's and dV's block by
+        // block), so the cached buffers are only sized, not cleared.
         let [mut dq, mut dk, mut dv] = Buffers::<T>::take_results();
         for (buf, len, operand) in [
             (&mut dq, n_q * d_k, Operand::Query),
             (&mut dk, n_kv * d_k, Operand::Key),
             (&mut dv, n_kv * d_v, Operand::Value),
         ] {
-            buf.clear();
-            try_resize(buf, len, 0.0, operand)?;
+            set_len(buf, len, operand)?;
         }
         let blocks = ops.query_blocks();
         for start in (0..blocks).step_by(ROUND_BLOCKS) {

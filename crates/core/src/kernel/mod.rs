@@ -19,7 +19,7 @@ pub(crate) mod simd;
 
 use std::cell::{Cell, RefCell};
 
-use pack::set_len;
+pub(crate) use pack::set_len;
 
 use crate::cpu::CpuPath;
 use crate::error::Operand;
@@ -464,11 +464,18 @@ pub(crate) fn attention<T: Element>(
     }
 }
 
+/// Multiply-adds of a call, `n_q·n_kv·(d_k + d_v)` (saturating): what the routing
+/// thresholds compare.
+fn work(n_q: usize, n_kv: usize, d_k: usize, d_v: usize) -> usize {
+    n_q.saturating_mul(n_kv)
+        .saturating_mul(d_k.saturating_add(d_v))
+}
+
 /// A single-head call that [`route`] would send to the row path with scores on the stack,
-/// computed without a [`Spec`]: options that set only a scale, 1 to 8 queries and keys, Q, K and V
-/// with contiguous columns (row stride 1), something to compute, work within the row path's, no forced CPU path,
-/// scores in range and values far from the type's maximum ([`Plain::new`] checks the
-/// last two). The 2 × 2 seed call is one: most of its time went to the general checks
+/// computed without a [`Spec`]: options that set only a scale, 1 to 8 queries and keys,
+/// Q, K and V with contiguous columns (row stride 1), something to compute, work within
+/// the row path's, no forced CPU path, scores in range and values far from the type's
+/// maximum ([`Plain::new`] checks the last two). The 2 × 2 seed call is one: most of its time went to the general checks
 /// and loops. `None` (nothing written, nothing reported) for any other call: the caller
 /// then takes the general route, which gives it the same result. Errors are those of
 /// [`Spec::new`], in its order.
@@ -481,16 +488,13 @@ pub(crate) fn tiny<T: Element>(
     lse: Option<&mut [T]>,
 ) -> Option<Result<(), AttentionError>> {
     let (n_q, n_kv) = (q.nrows(), k.nrows());
-    let work = n_q
-        .saturating_mul(n_kv)
-        .saturating_mul(q.ncols().saturating_add(v.ncols()));
     let fits = (1..=direct::TINY_QUERIES).contains(&n_q)
         && (1..=direct::TINY_KEYS).contains(&n_kv)
         && q.strides().0 == 1
         && k.strides().0 == 1
         && v.strides().0 == 1
         && (v.ncols() >= 1 || lse.is_some())
-        && work <= DIRECT_MAX_WORK;
+        && work(n_q, n_kv, q.ncols(), v.ncols()) <= DIRECT_MAX_WORK;
     if !fits || CpuPath::forced_by_env() {
         return None;
     }
@@ -584,9 +588,7 @@ pub(crate) enum Route {
 /// the block kernel. `with_lse`: whether the caller wants the log-sum-exp.
 pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool, with_lse: bool) -> Route {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
-    let work = n_q
-        .saturating_mul(n_kv)
-        .saturating_mul(d_k.saturating_add(d_v));
+    let work = work(n_q, n_kv, d_k, d_v);
     if n_q == 0 || n_kv == 0 {
         Route::Empty
     } else if !spec.scores_in_range {
@@ -618,9 +620,7 @@ fn fast<T: Element>(
     lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
-    let work = n_q
-        .saturating_mul(n_kv)
-        .saturating_mul(d_k.saturating_add(d_v));
+    let work = work(n_q, n_kv, d_k, d_v);
     match route {
         Route::RowStack => {
             record_run(KernelRun::Row);

@@ -14,7 +14,7 @@ use crate::{AttentionError, Element};
 /// Sets `buf`'s length to `len`, keeping old contents (growing with zeros): for buffers
 /// whose every used element is written before it is read.
 /// `TooLarge` (naming `operand`) if the memory cannot be had.
-pub(super) fn set_len<T: Element>(
+pub(crate) fn set_len<T: Element>(
     buf: &mut Vec<T>,
     len: usize,
     operand: Operand,
