@@ -11,6 +11,7 @@ use crate::Element;
 use crate::error::{AttentionError, Operand};
 use crate::memory::try_matrix;
 use crate::options::MatRef;
+use crate::view::MatMut;
 
 /// Whether `m` has a zero stride along an axis of more than one element (a broadcast row
 /// or column, numpy's `broadcast_to`). Element access by index reads such views correctly,
@@ -84,6 +85,34 @@ pub(crate) fn for_each_column<T: Element>(
             buf.clear();
             buf.extend(rows.clone().map(|r| m[(r, c)]));
             f(c, buf);
+        }
+    }
+}
+
+/// Calls `f(c, column)` for every column `c` of `m`, restricted to `rows`, to be written:
+/// in place when the row stride is 1, else through `buf` (grown as needed), whose contents
+/// are then copied into the column (`f` must write every element).
+#[inline(always)] // into the block kernel, to be compiled for its path
+pub(crate) fn for_each_column_mut<T: Element>(
+    m: &mut MatMut<'_, T>,
+    rows: Range<usize>,
+    buf: &mut Vec<T>,
+    mut f: impl FnMut(usize, &mut [T]),
+) {
+    if m.strides().0 == 1 {
+        let mut unit = m.as_view_mut::<Dyn, Dyn, U1, Dyn>();
+        for c in 0..unit.ncols() {
+            let mut column = unit.column_mut(c);
+            f(c, &mut column.as_mut_slice()[rows.clone()]);
+        }
+    } else {
+        for c in 0..m.ncols() {
+            buf.clear();
+            buf.resize(rows.len(), T::zero());
+            f(c, buf);
+            for (r, &x) in rows.clone().zip(buf.iter()) {
+                m[(r, c)] = x;
+            }
         }
     }
 }

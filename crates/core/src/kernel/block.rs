@@ -54,8 +54,9 @@
 //! run on AVX-512, AVX2+FMA or the baseline target.
 
 use super::{Job, Scratch};
-use crate::columns::for_each_column;
+use crate::columns::{for_each_column, for_each_column_mut};
 use crate::score::{row_lse, row_output};
+use crate::view::MatMut;
 use crate::{AttentionError, Element};
 
 /// Most query blocks a group processes together (see [`q_group`]).
@@ -92,8 +93,10 @@ struct Cursor {
 }
 
 /// Processes a group of consecutive query blocks from block `first_block` (`lse.len()`
-/// queries, `BQ` per block), writing each block's output to `out[b·len + c·BQ + r]`
-/// (`len = BQ·max(d_v, 1)`) and `lse[b·BQ + r]`.
+/// queries, `BQ` per block), writing query `b·BQ + r` of the group to row `b·BQ + r` of
+/// `out` (the group's rows of the caller's output, `lse.len() × d_v`, any strides) and
+/// to `lse[b·BQ + r]`. Nothing is written before every tile of the group is done, so a
+/// group that meets an overflow writes nothing.
 ///
 /// Each block runs the online softmax over its own sequence of key tiles
 /// (`BK` keys each, from the first key its band allows). The group walks the keys in
@@ -111,10 +114,11 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
     job: &Job<'_, T>,
     first_block: usize,
     scratch: &mut Scratch<T>,
-    out: &mut [T],
+    out: &mut MatMut<'_, T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (bq, d_k, dvp) = (MK::BQ, job.spec.d_k, job.dvp);
+    debug_assert_eq!(out.shape(), (lse.len(), job.spec.d_v));
     let blocks = lse.len().div_ceil(bq);
     debug_assert!(blocks <= MAX_GROUP && MK::BK.is_multiple_of(MK::MR));
     debug_assert!(dvp.is_multiple_of(MK::MRV));
@@ -149,16 +153,14 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         }
         sb = sb_end;
     }
-    let block_len = bq * job.spec.d_v.max(1);
     for (b, cur) in cursors.iter().enumerate() {
-        let out = &mut out[b * block_len..(b + 1) * block_len];
         let lse = &mut lse[b * bq..b * bq + cur.rows];
         finish_block(
             job,
             cur,
             bq,
             &block_of(scratch, b, bq, d_k, dvp).sums,
-            out,
+            (out, b * bq),
             lse,
         );
     }
@@ -253,14 +255,15 @@ fn start_block<T: Element, MK: MicroKernels<T>>(
 
 /// A block's rows after its last tile: their lse and `out = acc / l · unscale` (the
 /// fully-masked rule and the clamp to ±max|V| are in `score.rs`), lane by lane so that it
-/// vectorises. After the last flush the running sums are relative to `m_run`.
+/// vectorises, into rows `row0..row0 + cur.rows` of `out`. After the last flush the
+/// running sums are relative to `m_run`.
 #[inline(always)]
 fn finish_block<T: Element>(
     job: &Job<'_, T>,
     cur: &Cursor,
     bq: usize,
     sums: &Sums<'_, T>,
-    out: &mut [T],
+    (out, row0): (&mut MatMut<'_, T>, usize),
     lse: &mut [T],
 ) {
     let (m, l, acc) = (&*sums.m_run, &*sums.l, &*sums.acc);
@@ -278,14 +281,14 @@ fn finish_block<T: Element>(
             *inv = 1.0 / l;
         }
         let l = &l[r0..r0 + n];
-        for c in 0..job.spec.d_v {
+        let rows = row0 + r0..row0 + r0 + n;
+        for_each_column_mut(out, rows, &mut Vec::new(), |c, dst| {
             let unscale = job.v_unscale.get(c).map_or(1.0, |u| u.to_f64());
             let src = &acc[c * bq + r0..c * bq + r0 + n];
-            let dst = &mut out[c * bq + r0..c * bq + r0 + n];
             for (((dst, &src), &l), &inv) in dst.iter_mut().zip(src).zip(l).zip(&inv) {
                 *dst = row_output(src, l, inv, unscale, v_max);
             }
-        }
+        });
     }
 }
 

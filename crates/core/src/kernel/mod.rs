@@ -205,12 +205,14 @@ impl<T> std::ops::DerefMut for LineAligned<T> {
     }
 }
 
-/// Per-calling-thread buffers of a call: packed K and V, and the output staged block by
-/// block. Kept between calls so that a loop of calls allocates nothing.
+/// Per-calling-thread buffers of a call: packed K and V, and the row path's scores. Kept
+/// between calls so that a loop of calls allocates nothing. (The block kernel writes each
+/// query block's output straight into the caller's matrix: no output-sized buffer.)
 pub struct Workspace<T> {
     kp: Vec<T>,
     vp: Vec<T>,
-    staging: Vec<T>,
+    /// The row path's scores of one query (`n_kv`).
+    scores: Vec<T>,
     /// The log-sum-exp when the caller does not want it.
     lse: Vec<T>,
     /// Per value column scaling (only for values near the type's maximum).
@@ -223,7 +225,7 @@ impl<T> Default for Workspace<T> {
         Workspace {
             kp: Vec::new(),
             vp: Vec::new(),
-            staging: Vec::new(),
+            scores: Vec::new(),
             lse: Vec::new(),
             v_scale: Vec::new(),
             v_unscale: Vec::new(),
@@ -422,7 +424,10 @@ pub fn last_kernel_run() -> Option<KernelRun> {
 /// Routed by [`route`]; scores that may leave the type's range go to the careful path on
 /// every CPU path alike, so the outcome never depends on the path. A fast path that meets
 /// a non-finite score (which `Spec::scores_in_range` rules out) hands the call to the
-/// careful path.
+/// careful path. (The block kernel writes a group of query blocks' rows of `out` when the
+/// group is done, so such a call could have written other groups' rows by then: the
+/// careful path rewrites every row, or returns its error with those rows written. The
+/// range proof bounds every score, so neither happens for any input that reaches here.)
 pub(crate) fn attention<T: Element>(
     spec: &Spec<'_, T>,
     path: CpuPath,
@@ -638,10 +643,10 @@ fn fast<T: Element>(
             // A few queries against many keys: row by row, scores in the workspace.
             record_run(KernelRun::Row);
             return T::with_workspace(|ws| {
-                set_len(&mut ws.staging, n_kv, Operand::Key)?;
-                let result = direct::attention(spec, out, lse, &mut ws.staging);
-                if ws.staging.capacity() > KEEP_MAX_ELEMENTS {
-                    ws.staging = Vec::new();
+                set_len(&mut ws.scores, n_kv, Operand::Key)?;
+                let result = direct::attention(spec, out, lse, &mut ws.scores);
+                if ws.scores.capacity() > KEEP_MAX_ELEMENTS {
+                    ws.scores = Vec::new();
                 }
                 result
             });
@@ -663,7 +668,7 @@ fn fast<T: Element>(
         };
         let result = schedule::fused(spec, path, parallel, ws, out, lse);
         ws.lse = lse_buf;
-        for buf in [&mut ws.kp, &mut ws.vp, &mut ws.staging, &mut ws.lse] {
+        for buf in [&mut ws.kp, &mut ws.vp, &mut ws.scores, &mut ws.lse] {
             if buf.capacity() > KEEP_MAX_ELEMENTS {
                 *buf = Vec::new();
             }

@@ -1,16 +1,14 @@
 //! Scheduling of the block kernel: pack K and V once, size groups of query blocks so that
 //! each group reuses a cache-sized super-block of K and V, run the groups on the calling
-//! thread or over rayon's pool, and copy the staged blocks into the output. The partition
+//! thread or over rayon's pool, each group writing its rows of the output. The partition
 //! of the work and the order of every sum depend only on the problem's sizes, so results
 //! are bitwise identical for any number of threads.
 
-use nalgebra::{Dyn, U1};
-use rayon::prelude::*;
+use std::ops::Range;
 
-use super::pack::{pack_keys, pack_values, set_len};
+use super::pack::{pack_keys, pack_values};
 use super::{Job, Workspace, block, simd};
 use crate::cpu::CpuPath;
-use crate::error::Operand;
 use crate::spec::Spec;
 use crate::view::MatMut;
 use crate::{AttentionError, Element};
@@ -20,7 +18,8 @@ use crate::{AttentionError, Element};
 const GROUP_BYTES: usize = 256 << 10;
 
 /// The fused path: pack K and V, run the block kernel over groups of query blocks (in
-/// parallel if asked), copy the staged blocks into `out`.
+/// parallel if asked), each group writing its rows of `out` and `lse` when its last tile
+/// is done.
 pub(super) fn fused<T: Element>(
     spec: Spec<'_, T>,
     path: CpuPath,
@@ -29,23 +28,12 @@ pub(super) fn fused<T: Element>(
     out: &mut MatMut<'_, T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
-    let (n_q, d_k, d_v) = (spec.n_q, spec.d_k, spec.d_v);
+    let (n_q, d_k) = (spec.n_q, spec.d_k);
     let kernel = T::kernel(path);
     let bq = kernel.bq;
     let dvp = pack(&spec, &kernel, parallel, ws)?;
 
-    // Block qb writes its output to staging[qb][c][r] (d_v × bq; at least one column so
-    // that the chunks below are never empty).
     let n_blocks = n_q.div_ceil(bq);
-    let block_len = bq * d_v.max(1);
-    // Every element a block's rows map to is written by the kernel before it is read, so
-    // the buffer is only grown, never cleared (no serial zero-fill before the threads).
-    set_len(
-        &mut ws.staging,
-        n_blocks.saturating_mul(block_len),
-        Operand::Output,
-    )?;
-
     let (group, super_keys) = group_size(&spec, &kernel, dvp, n_blocks, parallel);
     let job = Job {
         spec,
@@ -55,31 +43,57 @@ pub(super) fn fused<T: Element>(
         dvp,
         super_keys,
     };
-    let run = |(g, (staged, lse)): (usize, (&mut [T], &mut [T]))| {
+    let run = |g: usize, out: &mut MatMut<'_, T>, lse: &mut [T]| {
         T::with_scratch(|scratch| {
             scratch.fit(&kernel, d_k, dvp, group);
-            (kernel.block)(&job, g * group, scratch, staged, lse)
+            (kernel.block)(&job, g * group, scratch, out, lse)
         })
     };
-    // `and` keeps the leftmost error: the first in query order, whatever the threads.
-    let (group_len, group_rows) = (group * block_len, group * bq);
-    let result = if parallel && n_blocks > group {
-        ws.staging
-            .par_chunks_mut(group_len)
-            .zip(lse.par_chunks_mut(group_rows))
-            .enumerate()
-            .map(run)
-            .reduce(|| Ok(()), Result::and)
-    } else {
-        let groups = ws
-            .staging
-            .chunks_mut(group_len)
-            .zip(lse.chunks_mut(group_rows));
-        groups.enumerate().map(run).fold(Ok(()), Result::and)
-    };
-    result?;
-    unstage(&ws.staging, bq, block_len, out);
-    Ok(())
+    let groups = 0..n_blocks.div_ceil(group);
+    let parallel = parallel && n_blocks > group;
+    run_groups(
+        groups,
+        group * bq,
+        out.rows_mut(0, n_q),
+        lse,
+        parallel,
+        &run,
+    )
+}
+
+/// Runs groups `groups` (`group_rows` queries each, the last one fewer), whose rows of the
+/// output and lse are `out` and `lse`: halves side by side (`rayon::join`) down to single
+/// groups if `parallel`, else in order. Each group gets its own rows as a view of its own
+/// (no buffers: a warm loop of calls allocates nothing). The leftmost error is kept: the
+/// first in query order, whatever the threads.
+fn run_groups<T: Element>(
+    groups: Range<usize>,
+    group_rows: usize,
+    mut out: MatMut<'_, T>,
+    lse: &mut [T],
+    parallel: bool,
+    run: &(impl Fn(usize, &mut MatMut<'_, T>, &mut [T]) -> Result<(), AttentionError> + Sync),
+) -> Result<(), AttentionError> {
+    if parallel && groups.len() > 1 {
+        let mid = groups.start + groups.len() / 2;
+        let split = (mid - groups.start) * group_rows;
+        let n = lse.len();
+        let (top, bottom) = out.rows_range_pair_mut(0..split, split..n);
+        let (lse_top, lse_bottom) = lse.split_at_mut(split);
+        let (a, b) = rayon::join(
+            || run_groups(groups.start..mid, group_rows, top, lse_top, true, run),
+            || run_groups(mid..groups.end, group_rows, bottom, lse_bottom, true, run),
+        );
+        return a.and(b);
+    }
+    let mut result = Ok(());
+    for (i, g) in groups.enumerate() {
+        let r0 = i * group_rows;
+        let len = group_rows.min(lse.len() - r0);
+        let mut rows = out.rows_mut(r0, len);
+        result = result.and(run(g, &mut rows, &mut lse[r0..r0 + len]));
+    }
+    result
 }
 
 /// Packs K and V into the workspace for `kernel`; returns `dvp`, V's padded row length.
@@ -134,35 +148,4 @@ fn group_size<T: Element>(
         .clamp(1, block::MAX_GROUP);
     let super_keys = (GROUP_BYTES / ((spec.d_k + dvp).max(1) * elem)).max(kernel.bk);
     (group, super_keys)
-}
-
-/// Copies the staged blocks (`staging[qb][c][r]`) into `out`, which may be a column block
-/// of a wider matrix (any strides): nalgebra's column iterator steps by the row stride, 1
-/// for a matrix or a block of its columns.
-fn unstage<T: Element>(staging: &[T], bq: usize, block_len: usize, out: &mut MatMut<'_, T>) {
-    let (n_q, d_v) = out.shape();
-    if out.strides().0 == 1 {
-        // Contiguous columns (a matrix, or a block of its columns): whole runs at once.
-        let mut unit = out.as_view_mut::<Dyn, Dyn, U1, Dyn>();
-        for c in 0..d_v {
-            let mut column = unit.column_mut(c);
-            let column = column.as_mut_slice();
-            for qb in 0..n_q.div_ceil(bq) {
-                let (r0, start) = (qb * bq, qb * block_len + c * bq);
-                let len = bq.min(n_q - r0);
-                column[r0..r0 + len].copy_from_slice(&staging[start..start + len]);
-            }
-        }
-        return;
-    }
-    for c in 0..d_v {
-        for qb in 0..n_q.div_ceil(bq) {
-            let (r0, start) = (qb * bq, qb * block_len + c * bq);
-            let len = bq.min(n_q - r0);
-            let mut seg = out.view_mut((r0, c), (len, 1));
-            for (dst, &x) in seg.iter_mut().zip(&staging[start..start + len]) {
-                *dst = x;
-            }
-        }
-    }
 }

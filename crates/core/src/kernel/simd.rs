@@ -31,11 +31,17 @@ use super::{Job, Scratch};
 use crate::columns::for_each_column;
 use crate::cpu::CpuPath;
 use crate::options::MatRef;
+use crate::view::MatMut;
 use crate::{AttentionError, Element};
 use std::ops::Range;
 
-type BlockFn<T> =
-    fn(&Job<'_, T>, usize, &mut Scratch<T>, &mut [T], &mut [T]) -> Result<(), AttentionError>;
+type BlockFn<T> = fn(
+    &Job<'_, T>,
+    usize,
+    &mut Scratch<T>,
+    &mut MatMut<'_, T>,
+    &mut [T],
+) -> Result<(), AttentionError>;
 
 /// One compiled variant of the block kernel with its tile sizes.
 pub struct Kernel<T: Element> {
@@ -1170,7 +1176,7 @@ macro_rules! simd_kernel {
                 job: &Job<'_, $t>,
                 first_block: usize,
                 scratch: &mut Scratch<$t>,
-                out: &mut [$t],
+                out: &mut MatMut<'_, $t>,
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
                 block::q_group::<$t, $mk>(token, job, first_block, scratch, out, lse)
@@ -1179,7 +1185,7 @@ macro_rules! simd_kernel {
                 job: &Job<'_, $t>,
                 first_block: usize,
                 scratch: &mut Scratch<$t>,
-                out: &mut [$t],
+                out: &mut MatMut<'_, $t>,
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
                 // `kernel_f32` / `kernel_f64` hand out this kernel only for a supported
@@ -1203,7 +1209,7 @@ macro_rules! portable_kernel {
                 job: &Job<'_, $t>,
                 first_block: usize,
                 scratch: &mut Scratch<$t>,
-                out: &mut [$t],
+                out: &mut MatMut<'_, $t>,
                 lse: &mut [$t],
             ) -> Result<(), AttentionError> {
                 block::q_group::<$t, $mk>((), job, first_block, scratch, out, lse)
