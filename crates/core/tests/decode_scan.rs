@@ -94,6 +94,10 @@ fn non_finite_found<T: Element>() {
         (Operand::Value, &[(1000, 0), (5, 1)]),
         (Operand::Value, &[(2050, 23)]),
         (Operand::Value, &[(63, 5), (64, 5), (2047, 5), (2048, 5)]),
+        // Alone in the first chunk of a part, and in a middle one: each chunk is scanned.
+        (Operand::Key, &[(5, 2)]),
+        (Operand::Value, &[(5, 2)]),
+        (Operand::Value, &[(700, 9)]),
     ];
     let options = [
         AttentionOptions::new(),
@@ -201,9 +205,19 @@ fn large_magnitudes_take_the_route_of_scanning_first() {
     k_big[(17, 2)] = 3e37;
     let mut v_big = v.clone();
     v_big[(250, 7)] = 3e38;
-    for (name, k, v) in [("keys", &k_big, &v), ("values", &k, &v_big)] {
+    // The same in the first chunk (64 keys) of the keys and values.
+    let mut k_big0 = k.clone();
+    k_big0[(3, 2)] = 3e37;
+    let mut v_big0 = v.clone();
+    v_big0[(3, 7)] = 3e38;
+    for (name, k, v) in [
+        ("keys", &k_big, &v),
+        ("values", &k, &v_big),
+        ("keys, first chunk", &k_big0, &v),
+        ("values, first chunk", &k, &v_big0),
+    ] {
         let route = |path| match name {
-            "keys" => KernelRun::Careful,
+            "keys" | "keys, first chunk" => KernelRun::Careful,
             _ => KernelRun::Block(path),
         };
         for path in CpuPath::supported() {

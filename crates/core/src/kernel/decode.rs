@@ -773,7 +773,8 @@ fn block_scores<T: Element, const FMA: bool, const B: usize, const SCAN: bool>(
 /// The largest [`Element::abs_bits_native`] of rows `at .. at + len` of columns
 /// `columns` of `m`: for a full chunk in [`CHUNK`] lanes (as [`block_scores`] sums, so
 /// that the lanes stay in registers and each vector costs a mask and an integer max),
-/// else in [`LANES`] lanes per column with the remainder folded one by one.
+/// else column by column, its whole chunks by [`chunks_abs_bits`] and the remainder
+/// folded one by one.
 #[inline(always)]
 fn scan<T: Element>(
     m: ColumnView<'_, '_, T>,
@@ -796,22 +797,18 @@ fn scan<T: Element>(
             .iter()
             .fold(T::Bits::default(), |m, lane| max_of(lane, m));
     }
-    let mut lanes = [T::Bits::default(); LANES];
-    let mut rest = T::Bits::default();
+    let mut bits = T::Bits::default();
     for c in columns {
         let column = m.column(c);
-        let pieces = column.as_slice()[at..at + len].chunks_exact(LANES);
-        rest = pieces
-            .remainder()
+        let run = &column.as_slice()[at..at + len];
+        let full = len / CHUNK * CHUNK;
+        bits = run[full..]
             .iter()
-            .fold(rest, |r, x| r.max(x.abs_bits_native()));
-        for piece in pieces {
-            for t in 0..LANES {
-                lanes[t] = lanes[t].max(piece[t].abs_bits_native());
-            }
-        }
+            .fold(bits.max(chunks_abs_bits(&run[..full])), |r, x| {
+                r.max(x.abs_bits_native())
+            });
     }
-    max_of(&lanes, rest)
+    bits
 }
 
 /// `lanes` raised to the `abs_bits_native` of `piece`, lane by lane.
@@ -946,20 +943,34 @@ fn column_sum<T: Element, const FMA: bool, const SCAN: bool>(
     x: &[T],
     a: &mut [f64; LANES],
 ) -> (f64, T::Bits) {
-    *a = [0.0; LANES];
-    let mut bits = [T::Bits::default(); LANES];
+    #[inline(always)]
+    fn step<T: Element>(mut a: [f64; LANES], part: [T; LANES]) -> [f64; LANES] {
+        for t in 0..LANES {
+            a[t] += part[t].to_f64();
+        }
+        a
+    }
     let full = p.len() / CHUNK * CHUNK;
+    let mut lanes = [0.0; LANES];
     for (pc, xc) in p[..full]
         .chunks_exact(CHUNK)
         .zip(x[..full].chunks_exact(CHUNK))
     {
-        if SCAN {
-            for piece in xc.chunks_exact(LANES) {
-                bits = max_bits(bits, piece.try_into().expect("16"));
-            }
-        }
-        add_lanes(a, lane_partials::<T, FMA>(pc, xc));
+        lanes = step(lanes, lane_partials::<T, FMA>(pc, xc));
     }
+    *a = lanes;
+    // The scan after the sums, in a loop of its own (the run is then in cache), and the
+    // f64 lanes passed by value from chunk to chunk: each loop is then vectorised on its
+    // own. With the scan inside the sums' loop and the lanes added in memory, the
+    // compiler built the scan's lanes element by element and moved the sums to 128-bit
+    // registers, or kept the lanes in memory (a store-to-load chain per chunk): f32, one
+    // query, 4096 keys, d 128, one thread, 165–450 µs a call depending on the build's
+    // codegen units, 140–150 µs now (`docs/PERFORMANCE.md`).
+    let bits = if SCAN {
+        chunks_abs_bits(&x[..full])
+    } else {
+        T::Bits::default()
+    };
     let mut rest = T::Bits::default();
     if full < p.len() {
         if SCAN {
@@ -969,7 +980,25 @@ fn column_sum<T: Element, const FMA: bool, const SCAN: bool>(
         }
         add_lanes(a, lane_partials::<T, FMA>(&p[full..], &x[full..]));
     }
-    (pairwise(*a), max_of(&bits, rest))
+    (pairwise(*a), bits.max(rest))
+}
+
+/// The largest [`Element::abs_bits_native`] of `x` (whole chunks), in [`CHUNK`] lanes
+/// that stay in registers (passed by value from chunk to chunk).
+#[inline(always)]
+fn chunks_abs_bits<T: Element>(x: &[T]) -> T::Bits {
+    #[inline(always)]
+    fn step<T: Element>(mut bits: [T::Bits; CHUNK], xc: &[T; CHUNK]) -> [T::Bits; CHUNK] {
+        for j in 0..CHUNK {
+            bits[j] = bits[j].max(xc[j].abs_bits_native());
+        }
+        bits
+    }
+    let mut bits = [T::Bits::default(); CHUNK];
+    for xc in x.chunks_exact(CHUNK) {
+        bits = step(bits, xc.try_into().expect("a full chunk"));
+    }
+    max_of(&bits, T::Bits::default())
 }
 
 /// A chunk's `Σ_j p_rj·v_jc` for the active rows and every value column stored by
