@@ -275,7 +275,13 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     // (A key whose every weight is that small then gets dK = 0 where the exact value is
     // e.g. 4e−28: found by a random case, f32, causal with ALiBi.)
     let cutoff = if u > 1e-10 { -59.0f64 } else { -640.0 };
-    let lost = |i: usize, j: usize| f64::from(u8::from(p[(i, j)] < 2.0 * cutoff.exp()));
+    let lost = |i: usize, j: usize| {
+        if p[(i, j)] < 2.0 * cutoff.exp() {
+            1.0
+        } else {
+            0.0
+        }
+    };
     let bound_dq = DMatrix::from_fn(n_q, d_k, |i, c| {
         scale.abs()
             * (0..n_kv)

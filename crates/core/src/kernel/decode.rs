@@ -811,10 +811,11 @@ fn scan<T: Element>(
     bits
 }
 
-/// `lanes` raised to the `abs_bits_native` of `piece`, lane by lane.
+/// `lanes` raised to the `abs_bits_native` of `piece`, lane by lane (by value, so that
+/// the lanes stay in registers from call to call).
 #[inline(always)]
-fn max_bits<T: Element>(mut lanes: [T::Bits; LANES], piece: &[T; LANES]) -> [T::Bits; LANES] {
-    for t in 0..LANES {
+fn max_bits<T: Element, const N: usize>(mut lanes: [T::Bits; N], piece: &[T; N]) -> [T::Bits; N] {
+    for t in 0..N {
         lanes[t] = lanes[t].max(piece[t].abs_bits_native());
     }
     lanes
@@ -943,6 +944,9 @@ fn column_sum<T: Element, const FMA: bool, const SCAN: bool>(
     x: &[T],
     a: &mut [f64; LANES],
 ) -> (f64, T::Bits) {
+    // `add_lanes` by value. (`add_lanes` itself stays by reference: made by value at all
+    // its call sites, one query against 4096 keys, f32, took 270–340 µs on one thread
+    // instead of 177–225.)
     #[inline(always)]
     fn step<T: Element>(mut a: [f64; LANES], part: [T; LANES]) -> [f64; LANES] {
         for t in 0..LANES {
@@ -987,16 +991,9 @@ fn column_sum<T: Element, const FMA: bool, const SCAN: bool>(
 /// that stay in registers (passed by value from chunk to chunk).
 #[inline(always)]
 fn chunks_abs_bits<T: Element>(x: &[T]) -> T::Bits {
-    #[inline(always)]
-    fn step<T: Element>(mut bits: [T::Bits; CHUNK], xc: &[T; CHUNK]) -> [T::Bits; CHUNK] {
-        for j in 0..CHUNK {
-            bits[j] = bits[j].max(xc[j].abs_bits_native());
-        }
-        bits
-    }
     let mut bits = [T::Bits::default(); CHUNK];
     for xc in x.chunks_exact(CHUNK) {
-        bits = step(bits, xc.try_into().expect("a full chunk"));
+        bits = max_bits(bits, xc.try_into().expect("a full chunk"));
     }
     max_of(&bits, T::Bits::default())
 }

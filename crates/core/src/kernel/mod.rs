@@ -480,10 +480,10 @@ fn work(n_q: usize, n_kv: usize, d_k: usize, d_v: usize) -> usize {
 /// computed without a [`Spec`]: options that set only a scale, 1 to 8 queries and keys,
 /// Q, K and V with contiguous columns (row stride 1), something to compute, work within
 /// the row path's, no forced CPU path, scores in range and values far from the type's
-/// maximum ([`Plain::new`] checks the last two). The 2 × 2 seed call is one: most of its time went to the general checks
-/// and loops. `None` (nothing written, nothing reported) for any other call: the caller
-/// then takes the general route, which gives it the same result. Errors are those of
-/// [`Spec::new`], in its order.
+/// maximum ([`Plain::new`] checks the last two). The 2 × 2 seed call is one: most of its
+/// time went to the general checks and loops. `None` (nothing written, nothing reported)
+/// for any other call: the caller then takes the general route, which gives it the same
+/// result. Errors are those of [`Spec::new`], in its order.
 pub(crate) fn tiny<T: Element>(
     q: &MatRef<'_, T>,
     k: &MatRef<'_, T>,
