@@ -11,6 +11,7 @@
 
 use crate::Element;
 use crate::columns::for_each_column;
+use crate::options::MatRef;
 use crate::spec::Spec;
 use nalgebra::{Dyn, U1};
 
@@ -68,7 +69,7 @@ impl Band {
     }
 }
 
-impl<T: Element> Spec<'_, T> {
+impl<'a, T: Element> Spec<'a, T> {
     /// True if the output sums `Σ_j p_j·v_j` (each `p_j ≤ 1`, so at most `n_kv·max|v|`)
     /// could overflow: only for values within a factor `2(n_kv + 1)` of the type's maximum.
     #[inline]
@@ -104,11 +105,29 @@ impl<T: Element> Spec<'_, T> {
     /// True if some option acts on individual scores (not only on positions).
     #[inline]
     pub(crate) fn has_elementwise(&self) -> bool {
+        self.bias.is_some() || self.has_elementwise_besides_bias()
+    }
+
+    /// True if some option other than the bias acts on individual scores.
+    #[inline]
+    pub(crate) fn has_elementwise_besides_bias(&self) -> bool {
         self.mask.is_some()
             || self.key_mask.is_some()
-            || self.bias.is_some()
             || self.softcap.is_some()
             || self.alibi_slope.is_some()
+    }
+
+    /// The bias, when a kernel may add it to the scaled scores as it stores them: no option
+    /// comes before it in the score definition (no softcap, no ALiBi), so `s + b` there is
+    /// the same operation on the same operands as in [`modify`](Spec::modify); and each
+    /// of its columns is contiguous (row stride 1). The options after it (masks, −∞ where
+    /// not allowed) then run without it: [`modify_column`](Spec::modify_column) with
+    /// `bias_added`.
+    #[inline]
+    pub(crate) fn store_bias(&self) -> Option<&MatRef<'a, T>> {
+        self.bias
+            .as_ref()
+            .filter(|b| b.strides().0 == 1 && self.softcap.is_none() && self.alibi_slope.is_none())
     }
 
     /// The inclusive range of keys query `i` may see by position alone (causal, window),
@@ -161,9 +180,11 @@ impl<T: Element> Spec<'_, T> {
     /// pass vectorises (the block kernel's tiles hold a key's queries contiguously). The
     /// block kernel applies the softcap before, to its whole tile, with the vector `tanh`
     /// of its CPU path (`MicroKernels::softcap`); with that the results are `modify`'s up
-    /// to the rounding of the two `tanh` forms.
+    /// to the rounding of the two `tanh` forms. With `bias_added` the bias is left out: the
+    /// caller added it already, at the place the definition puts it (see
+    /// [`store_bias`](Spec::store_bias)).
     #[inline(always)]
-    pub(crate) fn modify_column(&self, j: usize, i0: usize, xs: &mut [T]) {
+    pub(crate) fn modify_column(&self, j: usize, i0: usize, xs: &mut [T], bias_added: bool) {
         let n = xs.len();
         // The queries that may see key j by position, as a range of `xs`.
         let (q_lo, q_hi) = self.band.queries(j);
@@ -195,7 +216,7 @@ impl<T: Element> Spec<'_, T> {
                 }
             }
         }
-        if let Some(b) = &self.bias {
+        if let Some(b) = self.bias.as_ref().filter(|_| !bias_added) {
             // A bias of −∞ (not allowed) makes the score −∞ here, as `modify` returns.
             if b.strides().0 == 1 {
                 let b = b.as_view::<Dyn, Dyn, U1, Dyn>();

@@ -319,12 +319,24 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
     // so their scores are 0 and never trip the check.)
     let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
-    if !MK::scores(features, qt, kp, d_k, spec.scale, s, factors.probe)
+    // A bias is added as the scores are stored where it can be (a full block of queries;
+    // see `Spec::store_bias`), saving a pass over the tile.
+    let bias = spec
+        .store_bias()
+        .filter(|_| cur.rows == bq)
+        .map(|m| BiasTile {
+            m,
+            i0: cur.i0,
+            j0,
+            jn,
+        });
+    let bias_added = bias.is_some();
+    if !MK::scores(features, qt, kp, d_k, spec.scale, bias, s, factors.probe)
         && let Some(err) = first_overflow(spec, s, bq, cur.i0, cur.rows, j0, jn)
     {
         return Err(err);
     }
-    mask_tile::<T, MK>(features, spec, cur, j0, jn, s);
+    mask_tile::<T, MK>(features, spec, cur, (j0, jn), bias_added, s);
     if spec.bias.is_some() || spec.mask.is_some() {
         prefetch_options(spec, cur, j0 + jn..(j0 + jn + MK::BK).min(cur.j_end));
     }
@@ -360,18 +372,24 @@ fn tile<T: Element, MK: MicroKernels<T>>(
 /// block at `cur`, `bq` query lanes): options acting on single scores through
 /// `Spec::modify`; otherwise only the causal/window band, and only where it cuts the
 /// tile. Keys past `jn` (padding to the panel size) and query lanes past the block's rows
-/// become −∞ where the options run.
+/// become −∞ where the options run. With `bias_added` the scores hold the bias already
+/// (`MicroKernels::scores`), and the rest runs as if there were none.
 #[inline(always)]
 fn mask_tile<T: Element, MK: MicroKernels<T>>(
     features: MK::Features,
     spec: &crate::spec::Spec<'_, T>,
     cur: &Cursor,
-    j0: usize,
-    jn: usize,
+    (j0, jn): (usize, usize),
+    bias_added: bool,
     s: &mut [T],
 ) {
     let (i0, rows, bq) = (cur.i0, cur.rows, MK::BQ);
-    if spec.has_elementwise() {
+    let elementwise = if bias_added {
+        spec.has_elementwise_besides_bias()
+    } else {
+        spec.has_elementwise()
+    };
+    if elementwise {
         // The softcap first, on the whole tile at once with the path's vector `tanh`
         // (per score, the scalar form was most of a softcapped call's extra time); the
         // other options after it, as `Spec::modify` orders them.
@@ -379,7 +397,7 @@ fn mask_tile<T: Element, MK: MicroKernels<T>>(
             MK::softcap(features, &mut s[..jn * bq], c);
         }
         for j in 0..jn {
-            spec.modify_column(j0 + j, i0, &mut s[j * bq..j * bq + rows]);
+            spec.modify_column(j0 + j, i0, &mut s[j * bq..j * bq + rows], bias_added);
             s[j * bq + rows..(j + 1) * bq].fill(T::NEG_INFINITY);
         }
     } else if !(cur.lo_last <= j0 as i64 && cur.hi_first >= (j0 + jn - 1) as i64) {
@@ -432,6 +450,18 @@ fn prefetch_options<T: Element>(
     }
 }
 
+/// The bias entries `bias[(i0 + r, j0 + j)]`, `r < BQ`, `j < jn`, that
+/// [`MicroKernels::scores`] adds to the scaled scores of a full query block's tile as it
+/// stores them (the view has row stride 1:
+/// [`Spec::store_bias`](crate::spec::Spec::store_bias)).
+#[derive(Clone, Copy)]
+pub(super) struct BiasTile<'a, T: nalgebra::Scalar> {
+    pub m: &'a crate::options::MatRef<'a, T>,
+    pub i0: usize,
+    pub j0: usize,
+    pub jn: usize,
+}
+
 /// One query block's online-softmax state, per row `r` (and value column `c`); see
 /// "Accuracy" in the module docs.
 pub(super) struct Sums<'a, T> {
@@ -461,7 +491,9 @@ pub(super) struct Factors<'a, T> {
 ///
 /// Layouts (all row-major, `BQ` query lanes per row):
 /// - `scores`: `s[j][r] = scale · Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
-///   (a multiple of `MR`); false if any result is not finite (`probe`: `BQ` scratch);
+///   (a multiple of `MR`), then `+ bias[(i0 + r, j0 + j)]` for `j < jn` when given a
+///   [`BiasTile`]; false if any scaled score (before the bias) is not finite (`probe`:
+///   `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
 ///   turning scores into `p = exp(s − m')` and updating `m`; `L[r] = Σ_j p[j][r]` is summed
 ///   in T from zero, in key order, and goes where `step` says (the span sum
@@ -492,12 +524,14 @@ pub(super) trait MicroKernels<T: Element> {
     const MRV: usize;
     /// Keys per online-softmax step (a multiple of `MR`).
     const BK: usize;
+    #[allow(clippy::too_many_arguments)] // the tile's operands, as slices
     fn scores(
         features: Self::Features,
         qt: &[T],
         kp: &[T],
         d_k: usize,
         scale: T,
+        bias: Option<BiasTile<'_, T>>,
         s: &mut [T],
         probe: &mut [T],
     ) -> bool;

@@ -19,7 +19,7 @@ use num_traits::Zero;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::block::{self, Factors, MicroKernels, Step, Sums};
+use super::block::{self, BiasTile, Factors, MicroKernels, Step, Sums};
 use super::decode::{self, Group, PartFn, State};
 use super::exp::ExpConsts;
 #[cfg(target_arch = "x86_64")]
@@ -622,6 +622,94 @@ portable_lanes!(PortableF64, f64, 4, wide = PortableF64, parts = 1);
 /// tiles of `MR` keys (or `MRV` value columns) × `NV` vectors of queries, `BQ` queries per
 /// block, `BK` keys per step.
 ///
+/// [`MicroKernels::scores`] of [`Simd`], with the bias added at the store when `BIAS`
+/// (and `bias` given).
+#[allow(clippy::too_many_arguments)] // the tile's operands, as slices
+#[inline(always)]
+fn score_tiles<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const BIAS: bool>(
+    _: L::Features,
+    qt: &[L::T],
+    kp: &[L::T],
+    d_k: usize,
+    scale: L::T,
+    bias: Option<BiasTile<'_, L::T>>,
+    s: &mut [L::T],
+    probe: &mut [L::T],
+) -> bool {
+    let jpad = s.len() / BQ;
+    assert!(
+        BQ.is_multiple_of(NV * L::N)
+            && s.len() == jpad * BQ
+            && jpad.is_multiple_of(MR)
+            && qt.len() >= d_k * BQ
+            && kp.len() >= jpad * d_k
+            && probe.len() >= L::N
+    );
+    // The bias's entry (i0 + r, j0 + j) is at `bias_at + j·bias_cs + r`, added for keys
+    // j < bias_keys (none without a bias).
+    let (bias_at, bias_cs, bias_keys) = match bias.filter(|_| BIAS) {
+        Some(b) => {
+            let (rows, cols) = b.m.shape();
+            assert!(
+                b.m.strides().0 == 1 && b.i0 + BQ <= rows && b.j0 + b.jn <= cols && b.jn <= jpad
+            );
+            let cs = b.m.strides().1;
+            (b.m.as_ptr().wrapping_add(b.i0 + b.j0 * cs), cs, b.jn)
+        }
+        None => (std::ptr::null(), 0, 0),
+    };
+    let (qt, kp, s) = (qt.as_ptr(), kp.as_ptr(), s.as_mut_ptr());
+    // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the
+    // assert: loads read qt[p·BQ + rt + v·N ..][..N] with p < d_k and rt + NV·N ≤ BQ;
+    // broadcasts read kp[jt·d_k + p·MR + m] < (jt + MR)·d_k ≤ jpad·d_k; stores write
+    // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ, and the first N of `probe`. Bias loads
+    // (only for keys below `bias_keys`, 0 without a bias) read the view's entries
+    // (i0 + rt + v·N ..)[..N] of column j0 + jt + m, with i0 + rt + v·N + N ≤ i0 + BQ ≤ its
+    // rows and j0 + jt + m < j0 + jn ≤ its columns: inside the view (row stride 1, column
+    // stride `bias_cs`), which is borrowed for the call.
+    unsafe {
+        let sc = L::splat(scale);
+        let mut pr = L::splat(L::T::zero());
+        for jt in (0..jpad).step_by(MR) {
+            let panel = kp.add(jt * d_k);
+            for rt in (0..BQ).step_by(NV * L::N) {
+                let mut acc = [[L::splat(L::T::zero()); NV]; MR];
+                for p in 0..d_k {
+                    let qrow = qt.add(p * BQ + rt);
+                    let mut qv = [L::splat(L::T::zero()); NV];
+                    for (v, q) in qv.iter_mut().enumerate() {
+                        *q = L::load(qrow.add(v * L::N));
+                    }
+                    for (m, row) in acc.iter_mut().enumerate() {
+                        let kb = L::splat(*panel.add(p * MR + m));
+                        for (a, &q) in row.iter_mut().zip(&qv) {
+                            *a = L::fma(kb, q, *a);
+                        }
+                    }
+                }
+                for (m, row) in acc.iter().enumerate() {
+                    let with_bias = BIAS && jt + m < bias_keys;
+                    for (v, &a) in row.iter().enumerate() {
+                        let x = L::mul(a, sc);
+                        // x − x is 0 for finite x and NaN for ±∞ or NaN: the check is on
+                        // the scaled score (a bias of −∞ masks, it does not overflow).
+                        pr = L::add(pr, L::sub(x, x));
+                        let x = if with_bias {
+                            let b = bias_at.add((jt + m) * bias_cs + rt + v * L::N);
+                            L::add(x, L::load(b))
+                        } else {
+                            x
+                        };
+                        L::store(s.add((jt + m) * BQ + rt + v * L::N), x);
+                    }
+                }
+            }
+        }
+        L::store(probe.as_mut_ptr(), pr);
+    }
+    probe[..L::N].iter().all(|&p| p == L::T::zero())
+}
+
 /// The trait methods are safe because each takes `L::Features`, a token that exists only
 /// if the CPU has `L`'s instruction set (the [`Lanes`] contract; see [`MicroKernels`] for
 /// why a token and not `unsafe fn`). The SIMD ones are instantiated inside the
@@ -642,61 +730,22 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
 
     #[inline(always)]
     fn scores(
-        _: L::Features,
+        features: L::Features,
         qt: &[L::T],
         kp: &[L::T],
         d_k: usize,
         scale: L::T,
+        bias: Option<BiasTile<'_, L::T>>,
         s: &mut [L::T],
         probe: &mut [L::T],
     ) -> bool {
-        let jpad = s.len() / BQ;
-        assert!(
-            BQ.is_multiple_of(NV * L::N)
-                && s.len() == jpad * BQ
-                && jpad.is_multiple_of(MR)
-                && qt.len() >= d_k * BQ
-                && kp.len() >= jpad * d_k
-                && probe.len() >= L::N
-        );
-        let (qt, kp, s) = (qt.as_ptr(), kp.as_ptr(), s.as_mut_ptr());
-        // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
-        // loads read qt[p·BQ + rt + v·N ..][..N] with p < d_k and rt + NV·N ≤ BQ;
-        // broadcasts read kp[jt·d_k + p·MR + m] < (jt + MR)·d_k ≤ jpad·d_k; stores write
-        // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ, and the first N of `probe`.
-        unsafe {
-            let sc = L::splat(scale);
-            let mut pr = L::splat(L::T::zero());
-            for jt in (0..jpad).step_by(MR) {
-                let panel = kp.add(jt * d_k);
-                for rt in (0..BQ).step_by(NV * L::N) {
-                    let mut acc = [[L::splat(L::T::zero()); NV]; MR];
-                    for p in 0..d_k {
-                        let qrow = qt.add(p * BQ + rt);
-                        let mut qv = [L::splat(L::T::zero()); NV];
-                        for (v, q) in qv.iter_mut().enumerate() {
-                            *q = L::load(qrow.add(v * L::N));
-                        }
-                        for (m, row) in acc.iter_mut().enumerate() {
-                            let kb = L::splat(*panel.add(p * MR + m));
-                            for (a, &q) in row.iter_mut().zip(&qv) {
-                                *a = L::fma(kb, q, *a);
-                            }
-                        }
-                    }
-                    for (m, row) in acc.iter().enumerate() {
-                        for (v, &a) in row.iter().enumerate() {
-                            let x = L::mul(a, sc);
-                            L::store(s.add((jt + m) * BQ + rt + v * L::N), x);
-                            // x − x is 0 for finite x and NaN for ±∞ or NaN.
-                            pr = L::add(pr, L::sub(x, x));
-                        }
-                    }
-                }
+        // Two instances of the loop, so that the plain one has no trace of the bias.
+        match bias {
+            None => {
+                score_tiles::<L, MR, NV, BQ, false>(features, qt, kp, d_k, scale, None, s, probe)
             }
-            L::store(probe.as_mut_ptr(), pr);
+            b => score_tiles::<L, MR, NV, BQ, true>(features, qt, kp, d_k, scale, b, s, probe),
         }
-        probe[..L::N].iter().all(|&p| p == L::T::zero())
     }
 
     #[inline(always)]
