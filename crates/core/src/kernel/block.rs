@@ -537,7 +537,9 @@ pub(super) trait MicroKernels<T: Element> {
     ) -> bool;
     /// The softcap `c·tanh(x/c)` of every entry of `s` (a multiple of `BQ` entries), in
     /// place: `simd.rs`'s vector `tanh_v`, with fused operations where the path has them
-    /// (the scalar `Spec::modify_column` form serves the other kernels).
+    /// (the scalar `Spec::modify_column` form serves the other kernels). A tile whose
+    /// `|x/c|` are all provably below the switch at 0.625 (the usual case: softcaps sit
+    /// above the scores) skips the exponential branch; the bits are the same.
     fn softcap(features: Self::Features, s: &mut [T], c: T);
     fn softmax_step(
         features: Self::Features,

@@ -186,8 +186,11 @@ unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
 /// The CPU must have `L`'s features.
 ///
 /// [`tanh`]: super::exp::tanh
+///
+/// With `SMALL_ONLY` the caller knows every `|x|` is below `TANH_SMALL`: the result is the
+/// same, without computing the other branch.
 #[inline(always)]
-unsafe fn tanh_v<L: Lanes>(x: L::V) -> L::V {
+unsafe fn tanh_v<L: Lanes, const SMALL_ONLY: bool>(x: L::V) -> L::V {
     // SAFETY: the caller guarantees the CPU features of `L`.
     unsafe {
         let zero = L::splat(L::T::zero());
@@ -199,10 +202,14 @@ unsafe fn tanh_v<L: Lanes>(x: L::V) -> L::V {
             p = L::fma(p, z, L::splat(ci));
         }
         let small = L::fma(a, L::mul(z, p), a);
-        let one = L::splat(<L::T as num_traits::One>::one());
-        let e = exp_v::<L>(L::sub(zero, L::add(a, a)));
-        let large = L::div(L::sub(one, e), L::add(one, e));
-        let t = L::select_lt(a, L::splat(L::T::TANH_SMALL), small, large);
+        let t = if SMALL_ONLY {
+            small
+        } else {
+            let one = L::splat(<L::T as num_traits::One>::one());
+            let e = exp_v::<L>(L::sub(zero, L::add(a, a)));
+            let large = L::div(L::sub(one, e), L::add(one, e));
+            L::select_lt(a, L::splat(L::T::TANH_SMALL), small, large)
+        };
         // The sign of x: −t where x < 0.
         L::select_lt(x, zero, L::sub(zero, t), t)
     }
@@ -753,12 +760,38 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         assert!(s.len().is_multiple_of(L::N));
         let p = s.as_mut_ptr();
         // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds: the
-        // vectors at multiples of N below `s.len()`, a multiple of N.
+        // vectors at multiples of N below `s.len()`, a multiple of N, and the first N of
+        // `lanes` (16 ≥ N).
         unsafe {
             let cv = L::splat(c);
+            // Softcaps are chosen above the usual scores, so a tile's `|x/c|` are most
+            // often all below `TANH_SMALL`, where `tanh` is its polynomial alone. Whether
+            // they are: every `|x| < small_x = c·TANH_SMALL·(1 − 4ε)` (rounded: still
+            // below `c·TANH_SMALL·(1 − 2ε)`, so `fl(|x|/c) < TANH_SMALL`) and every x
+            // finite (`x − x` is 0, else NaN: a NaN would escape the maximum).
+            let zero = L::splat(L::T::zero());
+            let (mut amax, mut poison) = (zero, zero);
             for at in (0..s.len()).step_by(L::N) {
                 let x = L::load(p.add(at));
-                L::store(p.add(at), L::mul(cv, tanh_v::<L>(L::div(x, cv))));
+                amax = L::max(amax, L::max(x, L::sub(zero, x)));
+                poison = L::add(poison, L::sub(x, x));
+            }
+            let shrink = L::T::from_f64_rounded(1.0 - 4.0 * L::T::EPSILON.to_f64());
+            let small_x = c * L::T::TANH_SMALL * shrink;
+            let mut lanes = [L::T::zero(); 16];
+            L::store(lanes.as_mut_ptr(), amax);
+            let below = lanes[..L::N].iter().all(|&a| a < small_x);
+            L::store(lanes.as_mut_ptr(), poison);
+            if below && lanes[..L::N].iter().all(|&z| z == L::T::zero()) {
+                for at in (0..s.len()).step_by(L::N) {
+                    let x = L::load(p.add(at));
+                    L::store(p.add(at), L::mul(cv, tanh_v::<L, true>(L::div(x, cv))));
+                }
+            } else {
+                for at in (0..s.len()).step_by(L::N) {
+                    let x = L::load(p.add(at));
+                    L::store(p.add(at), L::mul(cv, tanh_v::<L, false>(L::div(x, cv))));
+                }
             }
         }
     }
@@ -1721,7 +1754,7 @@ mod tests {
         L::T: Into<f64> + Copy,
     {
         // SAFETY: features per the caller.
-        let out = unsafe { map_lanes::<L>(xs, |v| tanh_v::<L>(v)) };
+        let out = unsafe { map_lanes::<L>(xs, |v| tanh_v::<L, false>(v)) };
         xs.iter()
             .zip(&out)
             .map(|(&x, &y)| {
@@ -1803,6 +1836,106 @@ mod tests {
         for (path, (w32, w64)) in worst {
             println!("{path} tanh: worst {w32} / {w64} ulp");
             assert!(w32 <= 3 && w64 <= 3, "{path} tanh: {w32} / {w64} ulp");
+        }
+    }
+
+    /// `c·tanh(x/c)` of `xs` (length a multiple of N) lane by lane with both branches of
+    /// `tanh_v`: what `MicroKernels::softcap` must give, shortcut or not.
+    ///
+    /// # Safety
+    /// The CPU must have `L`'s features.
+    unsafe fn softcap_full<L: Lanes>(xs: &[L::T], c: L::T) -> Vec<L::T> {
+        // SAFETY: features per the caller.
+        unsafe {
+            map_lanes::<L>(xs, |x| {
+                let cv = L::splat(c);
+                L::mul(cv, tanh_v::<L, false>(L::div(x, cv)))
+            })
+        }
+    }
+
+    /// Tiles of 60 × 16 scores for the softcap `c`: all `|x/c|` below `TANH_SMALL`, some
+    /// 5 to 20 ulps from it (the shortcut applies); the same with one entry at 0.7·c, or ±∞
+    /// or NaN, first or last (it must not).
+    fn softcap_tiles<T: Element>(c: f64) -> Vec<Vec<T>> {
+        let small = 0.625 * c;
+        let base: Vec<T> = (0..60 * 16)
+            .map(|i| {
+                let x = if i < 16 {
+                    small * (1.0 - (5 + i) as f64 * T::EPSILON.to_f64())
+                } else {
+                    small * (((i * 7919) % 1000) as f64 / 1000.0 - 0.5) * 1.99
+                };
+                T::from_f64_rounded(if i % 2 == 0 { x } else { -x })
+            })
+            .collect();
+        let mut tiles = vec![base.clone()];
+        for bad in [
+            0.7 * c,
+            -0.7 * c,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ] {
+            for at in [0, base.len() - 1] {
+                let mut t = base.clone();
+                t[at] = T::from_f64_rounded(bad);
+                tiles.push(t);
+            }
+        }
+        tiles
+    }
+
+    /// The block kernel's softcap (`MicroKernels::softcap` of each path) takes the
+    /// polynomial alone only where every `|x/c|` is below `TANH_SMALL`: its bits equal the
+    /// full formula's lane by lane on every tile of [`softcap_tiles`].
+    fn check_softcap<L: Lanes, MK: MicroKernels<L::T>>(
+        features: MK::Features,
+        full: impl Fn(&[L::T], L::T) -> Vec<L::T>,
+        path: &str,
+    ) {
+        for c in [30.0, 0.5, 1e-3] {
+            for (t, tile) in softcap_tiles::<L::T>(c).into_iter().enumerate() {
+                let cv = L::T::from_f64_rounded(c);
+                let want = full(&tile, cv);
+                let mut got = tile.clone();
+                MK::softcap(features, &mut got, cv);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_f64().to_bits() == w.to_f64().to_bits(),
+                        "{path} softcap {c}, tile {t}, entry {i} (x = {:?}): {g:?} against {w:?}",
+                        tile[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softcap_shortcut_gives_the_full_formulas_bits_on_every_path() {
+        // SAFETY: the portable lanes need no CPU feature.
+        let full = |x: &[f32], c| unsafe { softcap_full::<PortableF32>(x, c) };
+        check_softcap::<PortableF32, PortableF32Tiles>((), full, "portable f32");
+        // SAFETY: as above.
+        let full = |x: &[f64], c| unsafe { softcap_full::<PortableF64>(x, c) };
+        check_softcap::<PortableF64, PortableF64Tiles>((), full, "portable f64");
+        if must_test(CpuPath::Avx512, "avx512") {
+            let f = Avx512::detect().expect("detected just above");
+            // SAFETY: AVX-512F, AVX2 and FMA were detected just above.
+            let full = |x: &[f32], c| unsafe { softcap_full::<Avx512F32>(x, c) };
+            check_softcap::<Avx512F32, Avx512F32Tiles>(f, full, "AVX-512 f32");
+            // SAFETY: as above.
+            let full = |x: &[f64], c| unsafe { softcap_full::<Avx512F64>(x, c) };
+            check_softcap::<Avx512F64, Avx512F64Tiles>(f, full, "AVX-512 f64");
+        }
+        if must_test(CpuPath::Avx2, "avx2") {
+            let f = Avx2::detect().expect("detected just above");
+            // SAFETY: AVX2 and FMA were detected just above.
+            let full = |x: &[f32], c| unsafe { softcap_full::<Avx2F32>(x, c) };
+            check_softcap::<Avx2F32, Avx2F32Tiles>(f, full, "AVX2 f32");
+            // SAFETY: as above.
+            let full = |x: &[f64], c| unsafe { softcap_full::<Avx2F64>(x, c) };
+            check_softcap::<Avx2F64, Avx2F64Tiles>(f, full, "AVX2 f64");
         }
     }
 
