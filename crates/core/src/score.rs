@@ -11,7 +11,6 @@
 
 use crate::Element;
 use crate::columns::for_each_column;
-use crate::options::MatRef;
 use crate::spec::Spec;
 use nalgebra::{Dyn, U1};
 
@@ -105,29 +104,53 @@ impl<'a, T: Element> Spec<'a, T> {
     /// True if some option acts on individual scores (not only on positions).
     #[inline]
     pub(crate) fn has_elementwise(&self) -> bool {
-        self.bias.is_some() || self.has_elementwise_besides_bias()
+        self.alibi_slope.is_some() || self.bias.is_some() || self.has_elementwise_besides_store()
     }
 
-    /// True if some option other than the bias acts on individual scores.
+    /// True if some option other than ALiBi and the bias acts on individual scores.
     #[inline]
-    pub(crate) fn has_elementwise_besides_bias(&self) -> bool {
-        self.mask.is_some()
-            || self.key_mask.is_some()
-            || self.softcap.is_some()
-            || self.alibi_slope.is_some()
+    pub(crate) fn has_elementwise_besides_store(&self) -> bool {
+        self.mask.is_some() || self.key_mask.is_some() || self.softcap.is_some()
     }
 
-    /// The bias, when a kernel may add it to the scaled scores as it stores them: no option
-    /// comes before it in the score definition (no softcap, no ALiBi), so `s + b` there is
-    /// the same operation on the same operands as in [`modify`](Spec::modify); and each
-    /// of its columns is contiguous (row stride 1). The options after it (masks, −∞ where
-    /// not allowed) then run without it: [`modify_column`](Spec::modify_column) with
-    /// `bias_added`.
+    /// Whether a kernel may apply ALiBi and the bias as it stores the scaled scores of a
+    /// tile (`full_rows`: the tile has a query in every lane): there is one of them, no
+    /// option comes before them in the score definition (no softcap), so `s − m·dist + b`
+    /// there is the same operations on the same operands as in [`modify`](Spec::modify),
+    /// and a bias (if any) has contiguous columns (row stride 1) and full rows to read.
+    /// The options after them (masks, −∞ where not allowed) then run without them:
+    /// [`modify_column`](Spec::modify_column) with `at_store`.
     #[inline]
-    pub(crate) fn store_bias(&self) -> Option<&MatRef<'a, T>> {
-        self.bias
-            .as_ref()
-            .filter(|b| b.strides().0 == 1 && self.softcap.is_none() && self.alibi_slope.is_none())
+    pub(crate) fn options_at_store(&self, full_rows: bool) -> bool {
+        self.softcap.is_none()
+            && (self.alibi_slope.is_some() || self.bias.is_some())
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| full_rows && b.strides().0 == 1)
+    }
+
+    /// The ALiBi terms `m·|diag(i) − j|` of a tile with queries from `i0` and keys from
+    /// `j0`, as one per diagonal: `terms[r − j + keys − 1]` for lane `r < lanes`, tile key
+    /// `j < keys`, i.e. `lanes + keys − 1` entries, each computed as `modify_column`
+    /// computes it (so `s − term` has its bits). Nothing without a slope.
+    pub(crate) fn alibi_terms(
+        &self,
+        i0: usize,
+        j0: usize,
+        lanes: usize,
+        keys: usize,
+        terms: &mut [T],
+    ) {
+        let Some(m) = self.alibi_slope else {
+            return;
+        };
+        // diag(i0 + r) − (j0 + j) = d0 + (r − j); shapes fit in memory, so no overflow.
+        let d0 = i0 as i64 + self.diag_offset - j0 as i64;
+        for (e, t) in terms[..lanes + keys - 1].iter_mut().enumerate() {
+            let dist = (d0 + e as i64 - (keys as i64 - 1)).unsigned_abs();
+            *t = m * T::from_count(dist as usize);
+        }
     }
 
     /// The inclusive range of keys query `i` may see by position alone (causal, window),
@@ -180,11 +203,11 @@ impl<'a, T: Element> Spec<'a, T> {
     /// pass vectorises (the block kernel's tiles hold a key's queries contiguously). The
     /// block kernel applies the softcap before, to its whole tile, with the vector `tanh`
     /// of its CPU path (`MicroKernels::softcap`); with that the results are `modify`'s up
-    /// to the rounding of the two `tanh` forms. With `bias_added` the bias is left out: the
-    /// caller added it already, at the place the definition puts it (see
-    /// [`store_bias`](Spec::store_bias)).
+    /// to the rounding of the two `tanh` forms. With `at_store` ALiBi and the bias are left
+    /// out: the caller applied them already, at the place the definition puts them (see
+    /// [`options_at_store`](Spec::options_at_store)).
     #[inline(always)]
-    pub(crate) fn modify_column(&self, j: usize, i0: usize, xs: &mut [T], bias_added: bool) {
+    pub(crate) fn modify_column(&self, j: usize, i0: usize, xs: &mut [T], at_store: bool) {
         let n = xs.len();
         // The queries that may see key j by position, as a range of `xs`.
         let (q_lo, q_hi) = self.band.queries(j);
@@ -197,7 +220,7 @@ impl<'a, T: Element> Spec<'a, T> {
         xs[..r_lo].fill(T::NEG_INFINITY);
         xs[r_hi..].fill(T::NEG_INFINITY);
         let (xs, i0) = (&mut xs[r_lo..r_hi], i0 + r_lo);
-        if let Some(m) = self.alibi_slope {
+        if let Some(m) = self.alibi_slope.filter(|_| !at_store) {
             // |diag(i) − j| with diag(i) = i + diag_offset: shapes fit in memory, so these
             // i64 sums cannot overflow.
             let base = i0 as i64 + self.diag_offset - j as i64;
@@ -216,7 +239,7 @@ impl<'a, T: Element> Spec<'a, T> {
                 }
             }
         }
-        if let Some(b) = self.bias.as_ref().filter(|_| !bias_added) {
+        if let Some(b) = self.bias.as_ref().filter(|_| !at_store) {
             // A bias of −∞ (not allowed) makes the score −∞ here, as `modify` returns.
             if b.strides().0 == 1 {
                 let b = b.as_view::<Dyn, Dyn, U1, Dyn>();

@@ -175,10 +175,12 @@ struct Block<'a, T> {
     tile: TileScratch<'a, T>,
 }
 
-/// The scores tile and the factors of one step (shared by the blocks of a group).
+/// The scores tile, the factors of one step and the tile's ALiBi terms (shared by the
+/// blocks of a group).
 struct TileScratch<'a, T> {
     s: &'a mut [T],
     factors: Factors<'a, T>,
+    alibi: &'a mut [T],
 }
 
 /// Splits `scratch` into block `b`'s slices (see [`Block`]).
@@ -203,6 +205,7 @@ fn block_of<T: Element>(
             acc_span: &mut scratch.acc_span[cols],
         },
         tile: TileScratch {
+            alibi: &mut scratch.alibi[..],
             s: &mut scratch.s[..],
             factors: Factors {
                 alpha: &mut scratch.alpha[..bq],
@@ -319,24 +322,36 @@ fn tile<T: Element, MK: MicroKernels<T>>(
     // overflow where nothing may attend is harmless. (Padding keys and queries are zero,
     // so their scores are 0 and never trip the check.)
     let kp = &job.kp[j0 * d_k..(j0 + jpad) * d_k];
-    // A bias is added as the scores are stored where it can be (a full block of queries;
-    // see `Spec::store_bias`), saving a pass over the tile.
-    let bias = spec
-        .store_bias()
-        .filter(|_| cur.rows == bq)
-        .map(|m| BiasTile {
-            m,
-            i0: cur.i0,
-            j0,
-            jn,
-        });
-    let bias_added = bias.is_some();
-    if !MK::scores(features, qt, kp, d_k, spec.scale, bias, s, factors.probe)
-        && let Some(err) = first_overflow(spec, s, bq, cur.i0, cur.rows, j0, jn)
+    // ALiBi and the bias are applied as the scores are stored where they can be (see
+    // `Spec::options_at_store`), saving a pass over the tile.
+    let at_store = spec.options_at_store(cur.rows == bq);
+    let epilogue = at_store.then(|| {
+        let alibi = &mut scratch.alibi[..bq + jpad - 1];
+        spec.alibi_terms(cur.i0, j0, bq, jpad, alibi);
+        Epilogue {
+            alibi: spec.alibi_slope.map(|_| &*alibi),
+            bias: spec.bias.as_ref().map(|m| BiasTile {
+                m,
+                i0: cur.i0,
+                j0,
+                jn,
+            }),
+        }
+    });
+    if !MK::scores(
+        features,
+        qt,
+        kp,
+        d_k,
+        spec.scale,
+        epilogue,
+        s,
+        factors.probe,
+    ) && let Some(err) = first_overflow(spec, s, bq, cur.i0, cur.rows, j0, jn)
     {
         return Err(err);
     }
-    mask_tile::<T, MK>(features, spec, cur, (j0, jn), bias_added, s);
+    mask_tile::<T, MK>(features, spec, cur, (j0, jn), at_store, s);
     if spec.bias.is_some() || spec.mask.is_some() {
         prefetch_options(spec, cur, j0 + jn..(j0 + jn + MK::BK).min(cur.j_end));
     }
@@ -372,20 +387,20 @@ fn tile<T: Element, MK: MicroKernels<T>>(
 /// block at `cur`, `bq` query lanes): options acting on single scores through
 /// `Spec::modify`; otherwise only the causal/window band, and only where it cuts the
 /// tile. Keys past `jn` (padding to the panel size) and query lanes past the block's rows
-/// become −∞ where the options run. With `bias_added` the scores hold the bias already
-/// (`MicroKernels::scores`), and the rest runs as if there were none.
+/// become −∞ where the options run. With `at_store` the scores hold ALiBi and the bias
+/// already (`MicroKernels::scores`), and the rest runs as if there were neither.
 #[inline(always)]
 fn mask_tile<T: Element, MK: MicroKernels<T>>(
     features: MK::Features,
     spec: &crate::spec::Spec<'_, T>,
     cur: &Cursor,
     (j0, jn): (usize, usize),
-    bias_added: bool,
+    at_store: bool,
     s: &mut [T],
 ) {
     let (i0, rows, bq) = (cur.i0, cur.rows, MK::BQ);
-    let elementwise = if bias_added {
-        spec.has_elementwise_besides_bias()
+    let elementwise = if at_store {
+        spec.has_elementwise_besides_store()
     } else {
         spec.has_elementwise()
     };
@@ -397,7 +412,7 @@ fn mask_tile<T: Element, MK: MicroKernels<T>>(
             MK::softcap(features, &mut s[..jn * bq], c);
         }
         for j in 0..jn {
-            spec.modify_column(j0 + j, i0, &mut s[j * bq..j * bq + rows], bias_added);
+            spec.modify_column(j0 + j, i0, &mut s[j * bq..j * bq + rows], at_store);
             s[j * bq + rows..(j + 1) * bq].fill(T::NEG_INFINITY);
         }
     } else if !(cur.lo_last <= j0 as i64 && cur.hi_first >= (j0 + jn - 1) as i64) {
@@ -450,10 +465,19 @@ fn prefetch_options<T: Element>(
     }
 }
 
-/// The bias entries `bias[(i0 + r, j0 + j)]`, `r < BQ`, `j < jn`, that
-/// [`MicroKernels::scores`] adds to the scaled scores of a full query block's tile as it
-/// stores them (the view has row stride 1:
-/// [`Spec::store_bias`](crate::spec::Spec::store_bias)).
+/// What [`MicroKernels::scores`] applies to a tile's scaled scores as it stores them
+/// ([`Spec::options_at_store`](crate::spec::Spec::options_at_store)): the ALiBi terms,
+/// one per diagonal (`alibi[r − j + jpad − 1]` for lane `r` and tile key `j`,
+/// [`Spec::alibi_terms`](crate::spec::Spec::alibi_terms)), subtracted, then the bias,
+/// added.
+#[derive(Clone, Copy)]
+pub(super) struct Epilogue<'a, T: nalgebra::Scalar> {
+    pub alibi: Option<&'a [T]>,
+    pub bias: Option<BiasTile<'a, T>>,
+}
+
+/// The bias entries `bias[(i0 + r, j0 + j)]`, `r < BQ`, `j < jn`, of an [`Epilogue`] (the
+/// view has row stride 1).
 #[derive(Clone, Copy)]
 pub(super) struct BiasTile<'a, T: nalgebra::Scalar> {
     pub m: &'a crate::options::MatRef<'a, T>,
@@ -491,9 +515,9 @@ pub(super) struct Factors<'a, T> {
 ///
 /// Layouts (all row-major, `BQ` query lanes per row):
 /// - `scores`: `s[j][r] = scale · Σ_p kp[j/MR][p][j%MR] · qt[p][r]` for `j < s.len()/BQ`
-///   (a multiple of `MR`), then `+ bias[(i0 + r, j0 + j)]` for `j < jn` when given a
-///   [`BiasTile`]; false if any scaled score (before the bias) is not finite (`probe`:
-///   `BQ` scratch);
+///   (a multiple of `MR`), then with an [`Epilogue`] `− alibi[r − j + jpad − 1]` and
+///   `+ bias[(i0 + r, j0 + j)]` (for `j < jn`), as `Spec::modify_column` orders them;
+///   false if any scaled score (before them) is not finite (`probe`: `BQ` scratch);
 /// - `softmax_step`: the online-softmax update of the module docs over all rows of `s`,
 ///   turning scores into `p = exp(s − m')` and updating `m`; `L[r] = Σ_j p[j][r]` is summed
 ///   in T from zero, in key order, and goes where `step` says (the span sum
@@ -531,7 +555,7 @@ pub(super) trait MicroKernels<T: Element> {
         kp: &[T],
         d_k: usize,
         scale: T,
-        bias: Option<BiasTile<'_, T>>,
+        epilogue: Option<Epilogue<'_, T>>,
         s: &mut [T],
         probe: &mut [T],
     ) -> bool;

@@ -60,6 +60,7 @@ pub struct Scratch<T> {
     pub alpha: LineAligned<T>,
     pub beta: LineAligned<f64>,
     pub probe: LineAligned<T>,
+    pub alibi: LineAligned<T>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -76,6 +77,7 @@ impl<T> Default for Scratch<T> {
             alpha: LineAligned::default(),
             beta: LineAligned::default(),
             probe: LineAligned::default(),
+            alibi: LineAligned::default(),
         }
     }
 }
@@ -94,6 +96,7 @@ impl<T: Element> Scratch<T> {
             (&mut self.l_span, group * bq),
             (&mut self.alpha, bq),
             (&mut self.probe, bq),
+            (&mut self.alibi, bq + kernel.bk),
         ] {
             buf.fit(len, T::zero());
         }

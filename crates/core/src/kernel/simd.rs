@@ -19,7 +19,7 @@ use num_traits::Zero;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::block::{self, BiasTile, Factors, MicroKernels, Step, Sums};
+use super::block::{self, BiasTile, Epilogue, Factors, MicroKernels, Step, Sums};
 use super::decode::{self, Group, PartFn, State};
 use super::exp::ExpConsts;
 #[cfg(target_arch = "x86_64")]
@@ -629,16 +629,24 @@ portable_lanes!(PortableF64, f64, 4, wide = PortableF64, parts = 1);
 /// tiles of `MR` keys (or `MRV` value columns) × `NV` vectors of queries, `BQ` queries per
 /// block, `BK` keys per step.
 ///
-/// [`MicroKernels::scores`] of [`Simd`], with the bias added at the store when `BIAS`
-/// (and `bias` given).
+/// [`MicroKernels::scores`] of [`Simd`], with the ALiBi terms subtracted at the store
+/// when `ALIBI` and the bias added when `BIAS` (each given then).
 #[allow(clippy::too_many_arguments)] // the tile's operands, as slices
 #[inline(always)]
-fn score_tiles<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const BIAS: bool>(
+fn score_tiles<
+    L: Lanes,
+    const MR: usize,
+    const NV: usize,
+    const BQ: usize,
+    const ALIBI: bool,
+    const BIAS: bool,
+>(
     _: L::Features,
     qt: &[L::T],
     kp: &[L::T],
     d_k: usize,
     scale: L::T,
+    alibi: Option<&[L::T]>,
     bias: Option<BiasTile<'_, L::T>>,
     s: &mut [L::T],
     probe: &mut [L::T],
@@ -652,6 +660,14 @@ fn score_tiles<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, cons
             && kp.len() >= jpad * d_k
             && probe.len() >= L::N
     );
+    // The term of lane r and tile key j is at `alibi_at + r + (jpad − 1 − j)`.
+    let alibi_at = if ALIBI {
+        let a = alibi.expect("the ALiBi terms, with ALIBI");
+        assert!(a.len() >= BQ + jpad - 1);
+        a.as_ptr()
+    } else {
+        std::ptr::null()
+    };
     // The bias's entry (i0 + r, j0 + j) is at `bias_at + j·bias_cs + r`, added for keys
     // j < bias_keys (none without a bias).
     let (bias_at, bias_cs, bias_keys) = match bias.filter(|_| BIAS) {
@@ -669,7 +685,9 @@ fn score_tiles<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, cons
     // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the
     // assert: loads read qt[p·BQ + rt + v·N ..][..N] with p < d_k and rt + NV·N ≤ BQ;
     // broadcasts read kp[jt·d_k + p·MR + m] < (jt + MR)·d_k ≤ jpad·d_k; stores write
-    // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ, and the first N of `probe`. Bias loads
+    // s[(jt + m)·BQ + rt + v·N ..][..N] < jpad·BQ, and the first N of `probe`. ALiBi loads
+    // (only with ALIBI, and then the slice is there: asserted) read
+    // alibi[rt + v·N + jpad − 1 − (jt + m) ..][..N], below BQ + jpad − 1. Bias loads
     // (only for keys below `bias_keys`, 0 without a bias) read the view's entries
     // (i0 + rt + v·N ..)[..N] of column j0 + jt + m, with i0 + rt + v·N + N ≤ i0 + BQ ≤ its
     // rows and j0 + jt + m < j0 + jn ≤ its columns: inside the view (row stride 1, column
@@ -701,6 +719,12 @@ fn score_tiles<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, cons
                         // x − x is 0 for finite x and NaN for ±∞ or NaN: the check is on
                         // the scaled score (a bias of −∞ masks, it does not overflow).
                         pr = L::add(pr, L::sub(x, x));
+                        let x = if ALIBI {
+                            let t = alibi_at.add(rt + v * L::N + jpad - 1 - (jt + m));
+                            L::sub(x, L::load(t))
+                        } else {
+                            x
+                        };
                         let x = if with_bias {
                             let b = bias_at.add((jt + m) * bias_cs + rt + v * L::N);
                             L::add(x, L::load(b))
@@ -742,16 +766,27 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         kp: &[L::T],
         d_k: usize,
         scale: L::T,
-        bias: Option<BiasTile<'_, L::T>>,
+        epilogue: Option<Epilogue<'_, L::T>>,
         s: &mut [L::T],
         probe: &mut [L::T],
     ) -> bool {
-        // Two instances of the loop, so that the plain one has no trace of the bias.
-        match bias {
-            None => {
-                score_tiles::<L, MR, NV, BQ, false>(features, qt, kp, d_k, scale, None, s, probe)
-            }
-            b => score_tiles::<L, MR, NV, BQ, true>(features, qt, kp, d_k, scale, b, s, probe),
+        // One instance of the loop per set of options, so that the plain one has no trace
+        // of them.
+        let (alibi, bias) = epilogue.map_or((None, None), |e| (e.alibi, e.bias));
+        let f = features;
+        match (alibi.is_some(), bias.is_some()) {
+            (false, false) => score_tiles::<L, MR, NV, BQ, false, false>(
+                f, qt, kp, d_k, scale, None, None, s, probe,
+            ),
+            (true, false) => score_tiles::<L, MR, NV, BQ, true, false>(
+                f, qt, kp, d_k, scale, alibi, None, s, probe,
+            ),
+            (false, true) => score_tiles::<L, MR, NV, BQ, false, true>(
+                f, qt, kp, d_k, scale, None, bias, s, probe,
+            ),
+            (true, true) => score_tiles::<L, MR, NV, BQ, true, true>(
+                f, qt, kp, d_k, scale, alibi, bias, s, probe,
+            ),
         }
     }
 

@@ -1,11 +1,12 @@
-//! The two ways the block kernel adds a bias give the same bits. A bias whose columns are
-//! contiguous (row stride 1) is added as each full block of queries has its scores stored
-//! (`Spec::store_bias`, `MicroKernels::scores`); a bias stored by rows, or one after a
-//! softcap or ALiBi, in the pass of the options over the tile (`Spec::modify_column`).
-//! Both compute `fl(fl(scale·q·k) + b)` from the same operands, so outputs and lse must be
-//! equal bit for bit, on every CPU path, at sizes across the query blocks (64 or 32
+//! The two ways the block kernel applies ALiBi and a bias give the same bits. With a bias
+//! whose columns are contiguous (row stride 1), or ALiBi alone, and no softcap, they are
+//! applied as each tile's scores are stored (`Spec::options_at_store`,
+//! `MicroKernels::scores`; the bias only in full blocks of queries); with a bias stored by
+//! rows, in the pass of the options over the tile (`Spec::modify_column`). Both compute
+//! `fl(fl(fl(scale·q·k) − fl(m·dist)) + b)` from the same operands, so outputs and lse must
+//! be equal bit for bit, on every CPU path, at sizes across the query blocks (64 or 32
 //! queries, 16 on the portable f64 path), the key tiles (60 or 64 keys) and the register
-//! tiles (4 or 6 keys), with −∞ entries, alone and with the options after it (bool mask,
+//! tiles (4 or 6 keys), with −∞ entries, alone and with the options after them (bool mask,
 //! key mask, causal band). The stored-by-rows form takes the path checked against the
 //! reference in `options.rs`.
 
@@ -36,6 +37,10 @@ enum After {
     BoolMask,
     KeyMask,
     Causal,
+    /// ALiBi before the bias (both at the store with the bias by columns).
+    Alibi,
+    /// ALiBi, the bias and a bool mask after them.
+    AlibiMask,
 }
 
 fn with_after<'a, T: Element>(
@@ -49,6 +54,11 @@ fn with_after<'a, T: Element>(
         After::BoolMask => o.with_mask(mask),
         After::KeyMask => o.with_key_mask(key_mask),
         After::Causal => o.with_causal(Causal::BottomRight),
+        After::Alibi => o.with_alibi_slope(T::from_f64_rounded(0.37)),
+        After::AlibiMask => o
+            .with_alibi_slope(T::from_f64_rounded(-0.21))
+            .with_mask(mask)
+            .with_causal(Causal::TopLeft),
     }
 }
 
@@ -126,6 +136,8 @@ fn sweep<T: Element>() {
             After::BoolMask,
             After::KeyMask,
             After::Causal,
+            After::Alibi,
+            After::AlibiMask,
         ] {
             check::<T>(n_q, n_kv, 8, after, seed);
             seed += 10;
@@ -134,11 +146,11 @@ fn sweep<T: Element>() {
 }
 
 #[test]
-fn bias_by_columns_and_by_rows_agree_bitwise_f32() {
+fn options_at_the_store_and_in_the_pass_agree_bitwise_f32() {
     sweep::<f32>();
 }
 
 #[test]
-fn bias_by_columns_and_by_rows_agree_bitwise_f64() {
+fn options_at_the_store_and_in_the_pass_agree_bitwise_f64() {
     sweep::<f64>();
 }
