@@ -66,6 +66,13 @@ impl Band {
     pub(crate) fn is_bounded(&self) -> bool {
         self.lo > -UNBOUNDED / 2 || self.hi < UNBOUNDED / 2
     }
+
+    /// Whether the band bounds keys from above only (causal, or a window open on the
+    /// left): then every query may see key 0 onwards, whatever its position.
+    #[inline]
+    pub(crate) fn bounds_only_above(&self) -> bool {
+        self.lo <= -UNBOUNDED / 2 && self.hi < UNBOUNDED / 2
+    }
 }
 
 impl<'a, T: Element> Spec<'a, T> {

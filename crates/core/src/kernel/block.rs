@@ -93,9 +93,9 @@ struct Cursor {
 }
 
 /// Processes a group of consecutive query blocks from block `first_block` (`lse.len()`
-/// queries, `BQ` per block), writing query `b·BQ + r` of the group to row `b·BQ + r` of
-/// `out` (the group's rows of the caller's output, `lse.len() × d_v`, any strides) and
-/// to `lse[b·BQ + r]`. Nothing is written before every tile of the group is done, so a
+/// queries, `BQ` per block but a short first block: [`Job::block_rows`]), writing query
+/// `g0 + r` of the group (`g0` its first) to row `r` of `out` (the group's rows of the
+/// caller's output, `lse.len() × d_v`, any strides) and to `lse[r]`. Nothing is written before every tile of the group is done, so a
 /// group that meets an overflow writes nothing.
 ///
 /// Each block runs the online softmax over its own sequence of key tiles
@@ -119,16 +119,22 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
 ) -> Result<(), AttentionError> {
     let (bq, d_k, dvp) = (MK::BQ, job.spec.d_k, job.dvp);
     debug_assert_eq!(out.shape(), (lse.len(), job.spec.d_v));
-    let blocks = lse.len().div_ceil(bq);
+    // The group's queries are `g0..g0 + lse.len()`, block by block (`Job::block_rows`).
+    let g0 = job.block_rows(first_block, bq).start;
+    let blocks = (first_block..)
+        .take_while(|&b| job.block_rows(b, bq).start < g0 + lse.len())
+        .take(MAX_GROUP + 1)
+        .count();
     debug_assert!(blocks <= MAX_GROUP && MK::BK.is_multiple_of(MK::MR));
     debug_assert!(dvp.is_multiple_of(MK::MRV));
     let mut cursors = [Cursor::default(); MAX_GROUP];
     for (b, cur) in cursors.iter_mut().enumerate().take(blocks) {
-        let rows = bq.min(lse.len() - b * bq);
+        let rows = job.block_rows(first_block + b, bq);
+        debug_assert!(rows.end <= g0 + lse.len());
         *cur = start_block::<T, MK>(
             job,
-            (first_block + b) * bq,
-            rows,
+            rows.start,
+            rows.len(),
             block_of(scratch, b, bq, d_k, dvp),
         );
     }
@@ -154,13 +160,14 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
         sb = sb_end;
     }
     for (b, cur) in cursors.iter().enumerate() {
-        let lse = &mut lse[b * bq..b * bq + cur.rows];
+        let row0 = cur.i0 - g0;
+        let lse = &mut lse[row0..row0 + cur.rows];
         finish_block(
             job,
             cur,
             bq,
             &block_of(scratch, b, bq, d_k, dvp).sums,
-            (out, b * bq),
+            (out, row0),
             lse,
         );
     }

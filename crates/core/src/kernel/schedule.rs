@@ -34,6 +34,15 @@ pub(super) fn fused<T: Element>(
     let dvp = pack(&spec, &kernel, parallel, ws)?;
 
     let n_blocks = n_q.div_ceil(bq);
+    // Under a causal band the short block goes first, where it has fewest keys
+    // (`Job::block_rows`). Only where every block's key tiles start at key 0: then which
+    // queries share a block changes no bit, and a call on a chunk of the rows that starts
+    // at a multiple of 64 still gives those rows' bits of the whole call (`query_rows.rs`).
+    let first_pad = if spec.band.bounds_only_above() {
+        n_blocks * bq - n_q
+    } else {
+        0
+    };
     let (group, super_keys) = group_size(&spec, &kernel, dvp, n_blocks, parallel);
     let job = Job {
         spec,
@@ -42,6 +51,7 @@ pub(super) fn fused<T: Element>(
         v_unscale: &ws.v_unscale,
         dvp,
         super_keys,
+        first_pad,
     };
     let run = |g: usize, out: &mut MatMut<'_, T>, lse: &mut [T]| {
         T::with_scratch(|scratch| {
@@ -51,9 +61,11 @@ pub(super) fn fused<T: Element>(
     };
     let groups = 0..n_blocks.div_ceil(group);
     let parallel = parallel && n_blocks > group;
+    // Group g's first query: that of its first block.
+    let group_start = |g: usize| job.block_rows(g * group, bq).start;
     run_groups(
         groups,
-        group * bq,
+        &group_start,
         out.rows_mut(0, n_q),
         lse,
         parallel,
@@ -61,37 +73,43 @@ pub(super) fn fused<T: Element>(
     )
 }
 
-/// Runs groups `groups` (`group_rows` queries each, the last one fewer), whose rows of the
-/// output and lse are `out` and `lse`: halves side by side (`rayon::join`) down to single
-/// groups if `parallel`, else in order. Each group gets its own rows as a view of its own
-/// (no buffers: a warm loop of calls allocates nothing). The leftmost error is kept: the
-/// first in query order, whatever the threads.
+/// Runs groups `groups`, whose rows of the output and lse are `out` and `lse` (group `g`'s
+/// queries from `group_start(g)` to the next group's start, or the end): halves side by
+/// side (`rayon::join`) down to single groups if `parallel`, else in order. Each group gets
+/// its own rows as a view of its own (no buffers: a warm loop of calls allocates nothing).
+/// The leftmost error is kept: the first in query order, whatever the threads.
 fn run_groups<T: Element>(
     groups: Range<usize>,
-    group_rows: usize,
+    group_start: &(impl Fn(usize) -> usize + Sync),
     mut out: MatMut<'_, T>,
     lse: &mut [T],
     parallel: bool,
     run: &(impl Fn(usize, &mut MatMut<'_, T>, &mut [T]) -> Result<(), AttentionError> + Sync),
 ) -> Result<(), AttentionError> {
+    // Rows of `out` and `lse` are counted from the first group's first query.
+    let base = group_start(groups.start);
+    let n = lse.len();
     if parallel && groups.len() > 1 {
         let mid = groups.start + groups.len() / 2;
-        let split = (mid - groups.start) * group_rows;
-        let n = lse.len();
+        let split = group_start(mid) - base;
         let (top, bottom) = out.rows_range_pair_mut(0..split, split..n);
         let (lse_top, lse_bottom) = lse.split_at_mut(split);
         let (a, b) = rayon::join(
-            || run_groups(groups.start..mid, group_rows, top, lse_top, true, run),
-            || run_groups(mid..groups.end, group_rows, bottom, lse_bottom, true, run),
+            || run_groups(groups.start..mid, group_start, top, lse_top, true, run),
+            || run_groups(mid..groups.end, group_start, bottom, lse_bottom, true, run),
         );
         return a.and(b);
     }
     let mut result = Ok(());
-    for (i, g) in groups.enumerate() {
-        let r0 = i * group_rows;
-        let len = group_rows.min(lse.len() - r0);
-        let mut rows = out.rows_mut(r0, len);
-        result = result.and(run(g, &mut rows, &mut lse[r0..r0 + len]));
+    for g in groups.clone() {
+        let r0 = group_start(g) - base;
+        let r1 = if g + 1 < groups.end {
+            group_start(g + 1) - base
+        } else {
+            n
+        };
+        let mut rows = out.rows_mut(r0, r1 - r0);
+        result = result.and(run(g, &mut rows, &mut lse[r0..r1]));
     }
     result
 }
