@@ -32,11 +32,16 @@ pub(crate) fn try_resize<T: Clone>(
     Ok(())
 }
 
+/// Bytes from which a matrix of zeros is taken as zeroed memory ([`try_matrix`]): below,
+/// the allocator hands out reused memory that `calloc` clears itself, which cost the 2 × 2
+/// seed call about 60 instructions more than writing its four zeros.
+const ZEROED_MIN_BYTES: usize = 64 << 10;
+
 /// A `rows × columns` matrix filled with `fill`, or `TooLarge` if it cannot be allocated
 /// (including when `rows · columns` overflows `usize`).
 ///
-/// A fill of +0 is asked of the allocator as zeroed memory ([`try_zeroed`]), not written:
-/// a large buffer then comes from the operating system already zero, page by page as it is
+/// A fill of +0 of at least [`ZEROED_MIN_BYTES`] is asked of the allocator as zeroed
+/// memory ([`try_zeroed`]), not written: such a buffer then comes from the operating system already zero, page by page as it is
 /// first written, by whichever thread writes it. Filled entry by entry, a packed batch's
 /// 122 MB output (64 sequences, 8 heads, f32) took 7% of the call's samples on one thread,
 /// the fill and its page faults, while the other waited.
@@ -53,17 +58,44 @@ pub(crate) fn try_matrix<T: Element>(
                 .is_some_and(|b| b <= isize::MAX as usize)
         })
         .ok_or_else(|| too_large(operand, rows, columns))?;
-    let data = if fill.to_f64().to_bits() == 0 {
-        try_zeroed(len).ok_or_else(|| too_large(operand, rows, columns))?
-    } else {
-        let mut data = Vec::new();
-        data.try_reserve_exact(len)
-            .map_err(|_| too_large(operand, rows, columns))?;
-        data.resize(len, fill);
-        data
-    };
+    if len >= ZEROED_MIN_BYTES / std::mem::size_of::<T>() {
+        return try_large(rows, columns, fill, operand);
+    }
+    let mut data = Vec::new();
+    data.try_reserve_exact(len)
+        .map_err(|_| too_large(operand, rows, columns))?;
+    data.resize(len, fill);
     // `from_data` takes the vector as it is (`from_vec` collects it again through an
     // iterator: a call and checks that showed in the 2 × 2 seed call).
+    Ok(DMatrix::from_data(VecStorage::new(
+        Dyn(rows),
+        Dyn(columns),
+        data,
+    )))
+}
+
+/// [`try_matrix`] of at least [`ZEROED_MIN_BYTES`]: from zeroed memory ([`try_zeroed`])
+/// when `fill` is +0. Out of line: inlined, this path cost the 2 × 2 seed call 30
+/// instructions (its caller was no longer inlined).
+#[cold]
+#[inline(never)]
+fn try_large<T: Element>(
+    rows: usize,
+    columns: usize,
+    fill: T,
+    operand: Operand,
+) -> Result<DMatrix<T>, AttentionError> {
+    let len = rows * columns;
+    let data = if fill.to_f64().to_bits() == 0 {
+        try_zeroed(len)
+    } else {
+        let mut data = Vec::new();
+        data.try_reserve_exact(len).ok().map(|()| {
+            data.resize(len, fill);
+            data
+        })
+    }
+    .ok_or_else(|| too_large(operand, rows, columns))?;
     Ok(DMatrix::from_data(VecStorage::new(
         Dyn(rows),
         Dyn(columns),
