@@ -7,7 +7,7 @@ use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use super::attention as single;
-use super::{KernelRun, Route, decode, record_run, route};
+use super::{KernelRun, Route, attention_heads as heads, decode, record_run, route};
 use crate::Element;
 use crate::cpu::CpuPath;
 use crate::error::{AttentionError, Operand};
@@ -64,6 +64,9 @@ pub(crate) fn attention<T: Element>(
         if decodes(&g, forced) {
             decode_group(g, path, inner);
             return Ok(());
+        }
+        if g.len() > 1 && shares_packing(&g, forced) {
+            return block_group(g, path, inner);
         }
         g.into_iter()
             .map(|item| run_item(item, path, forced, inner))
@@ -165,6 +168,44 @@ fn decodes<T: Element>(group: &[Item<'_, '_, '_, T>], forced: bool) -> bool {
     group
         .iter()
         .all(|item| route(item.spec, forced, item.lse.is_some()) == Route::Decode)
+}
+
+/// Whether the group's query heads all take the block kernel, each as its single-head call
+/// would (`kernel::route`), none computed ahead: then one packing of their shared K and V
+/// serves them all.
+fn shares_packing<T: Element>(group: &[Item<'_, '_, '_, T>], forced: bool) -> bool {
+    group.iter().all(|item| {
+        item.done.is_none()
+            && item.seq.n_q > 0
+            && route(item.spec, forced, item.lse.is_some()) == Route::Block
+    })
+}
+
+/// Runs a group of query heads through the block kernel on one packing of their K and V
+/// (`kernel::attention_heads`); the first error in head order, in the batch's terms.
+fn block_group<T: Element>(
+    group: Vec<Item<'_, '_, '_, T>>,
+    path: CpuPath,
+    parallel: bool,
+) -> Result<(), AttentionError> {
+    let mut specs = Vec::with_capacity(group.len());
+    let mut outs = Vec::with_capacity(group.len());
+    let mut lses = Vec::with_capacity(group.len());
+    let mut places = Vec::with_capacity(group.len());
+    for item in group {
+        specs.push(item.spec);
+        outs.push(item.out);
+        lses.push(item.lse);
+        places.push((item.head, item.seq));
+    }
+    let mut outs: Vec<&mut MatMut<'_, T>> = outs.iter_mut().collect();
+    let mut results = vec![Ok(()); specs.len()];
+    heads(&specs, path, parallel, &mut outs, &mut lses, &mut results);
+    results
+        .into_iter()
+        .zip(places)
+        .map(|(r, (head, seq))| r.map_err(|e| in_batch(e, head, seq)))
+        .fold(Ok(()), first_error)
 }
 
 /// Runs a group of query heads through the decoding kernel together.

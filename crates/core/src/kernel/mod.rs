@@ -644,8 +644,6 @@ fn fast<T: Element>(
     out: &mut MatMut<'_, T>,
     lse: Option<&mut [T]>,
 ) -> Result<(), AttentionError> {
-    let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
-    let work = work(n_q, n_kv, d_k, d_v);
     match route {
         Route::RowStack => {
             record_run(KernelRun::Row);
@@ -663,7 +661,7 @@ fn fast<T: Element>(
             // A few queries against many keys: row by row, scores in the workspace.
             record_run(KernelRun::Row);
             return T::with_workspace(|ws| {
-                set_len(&mut ws.scores, n_kv, Operand::Key)?;
+                set_len(&mut ws.scores, spec.n_kv, Operand::Key)?;
                 let result = direct::attention(spec, out, lse, &mut ws.scores);
                 if ws.scores.capacity() > KEEP_MAX_ELEMENTS {
                     ws.scores = Vec::new();
@@ -673,28 +671,96 @@ fn fast<T: Element>(
         }
         _ => debug_assert_eq!(route, Route::Block),
     }
+    let mut result = [Ok(())];
+    block_heads(&[spec], path, parallel, &mut [out], &mut [lse], &mut result);
+    let [result] = result;
+    result
+}
+
+/// The block kernel for query heads that share K and V (`specs`: one per head, all with
+/// the same K and V, e.g. the query heads of one key/value head of one sequence): K and V
+/// packed once, then each head in turn while they are still in cache; head `h`'s outcome
+/// in `results[h]` (the same as a call of its own: the packing depends only on K, V and
+/// `max|V|`). Every spec routes to [`Route::Block`].
+fn block_heads<T: Element>(
+    specs: &[&Spec<'_, T>],
+    path: CpuPath,
+    parallel: bool,
+    outs: &mut [&mut MatMut<'_, T>],
+    lses: &mut [Option<&mut [T]>],
+    results: &mut [Result<(), AttentionError>],
+) {
+    let first = specs[0];
+    debug_assert!(
+        specs
+            .iter()
+            .all(|s| std::ptr::eq(s.k.as_ptr(), first.k.as_ptr())
+                && std::ptr::eq(s.v.as_ptr(), first.v.as_ptr())
+                && s.k.shape() == first.k.shape()
+                && s.v.shape() == first.v.shape()
+                && s.out_max == first.out_max)
+    );
     record_run(KernelRun::Block(path));
-    let spec = spec.clone();
-    let parallel = parallel && work >= PARALLEL_MIN_WORK && n_q > 1;
+    let (n_q, n_kv, d_k, d_v) = (first.n_q, first.n_kv, first.d_k, first.d_v);
+    let parallel = parallel && work(n_q, n_kv, d_k, d_v) >= PARALLEL_MIN_WORK && n_q > 1;
     T::with_workspace(|ws| {
-        let mut lse_buf = std::mem::take(&mut ws.lse);
-        let lse = match lse {
-            Some(lse) => lse,
-            None => {
-                lse_buf.clear();
-                try_resize(&mut lse_buf, n_q, T::zero(), Operand::Lse)?;
-                &mut lse_buf[..]
+        match schedule::pack(first, path, parallel, ws) {
+            Err(e) => results.fill(Err(e)),
+            Ok(dvp) => {
+                let mut lse_buf = std::mem::take(&mut ws.lse);
+                for (((spec, out), lse), result) in specs
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .zip(lses.iter_mut())
+                    .zip(results.iter_mut())
+                {
+                    *result = (|| {
+                        let lse = match lse.as_deref_mut() {
+                            Some(lse) => lse,
+                            None => {
+                                lse_buf.clear();
+                                try_resize(&mut lse_buf, spec.n_q, T::zero(), Operand::Lse)?;
+                                &mut lse_buf[..]
+                            }
+                        };
+                        let spec = (*spec).clone();
+                        schedule::fused(spec, path, parallel, (&*ws, dvp), out, lse)
+                    })();
+                }
+                ws.lse = lse_buf;
             }
-        };
-        let result = schedule::fused(spec, path, parallel, ws, out, lse);
-        ws.lse = lse_buf;
+        }
         for buf in [&mut ws.kp, &mut ws.vp, &mut ws.scores, &mut ws.lse] {
             if buf.capacity() > KEEP_MAX_ELEMENTS {
                 *buf = Vec::new();
             }
         }
-        result
-    })
+    });
+}
+
+/// [`attention`] for query heads that share K and V and all route to [`Route::Block`]
+/// (see [`block_heads`]): one packing of K and V for all of them. A head whose fast run
+/// meets an overflow is redone on the careful path, as [`attention`] does.
+pub(crate) fn attention_heads<T: Element>(
+    specs: &[&Spec<'_, T>],
+    path: CpuPath,
+    parallel: bool,
+    outs: &mut [&mut MatMut<'_, T>],
+    lses: &mut [Option<&mut [T]>],
+    results: &mut [Result<(), AttentionError>],
+) {
+    block_heads(specs, path, parallel, outs, lses, results);
+    for (((spec, out), lse), result) in specs
+        .iter()
+        .zip(outs.iter_mut())
+        .zip(lses.iter_mut())
+        .zip(results.iter_mut())
+    {
+        if let Err(AttentionError::ScoreOverflow { .. }) = result {
+            record_run(KernelRun::Careful);
+            *result = careful::attention(spec, out, lse.as_deref_mut());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,21 +17,22 @@ use crate::{AttentionError, Element};
 /// its own Qᵀ and accumulators take (each well inside a 1 MiB L2).
 const GROUP_BYTES: usize = 256 << 10;
 
-/// The fused path: pack K and V, run the block kernel over groups of query blocks (in
-/// parallel if asked), each group writing its rows of `out` and `lse` when its last tile
-/// is done.
+/// The fused path on K and V packed by [`pack`] into `packed` (with rows of `dvp`): the
+/// block kernel over groups of query blocks (in parallel if asked), each group writing its
+/// rows of `out` and `lse` when its last tile is done. Query heads that share K and V
+/// (grouped-query attention) are run one after the other on one packing.
 pub(super) fn fused<T: Element>(
     spec: Spec<'_, T>,
     path: CpuPath,
     parallel: bool,
-    ws: &mut Workspace<T>,
+    (packed, dvp): (&Workspace<T>, usize),
     out: &mut MatMut<'_, T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (n_q, d_k) = (spec.n_q, spec.d_k);
     let kernel = T::kernel(path);
     let bq = kernel.bq;
-    let dvp = pack(&spec, &kernel, parallel, ws)?;
+    let ws = packed;
 
     let n_blocks = n_q.div_ceil(bq);
     // Under a causal band the short block goes first, where it has fewest keys
@@ -114,15 +115,18 @@ fn run_groups<T: Element>(
     result
 }
 
-/// Packs K and V into the workspace for `kernel`; returns `dvp`, V's padded row length.
-/// Values near the type's maximum: each such column is packed scaled down by a power of
-/// two (so Σ p_j·v_j cannot overflow) and its output scaled back up, exactly.
-fn pack<T: Element>(
+/// Packs K and V into the workspace for `path`'s block kernel; returns `dvp`, V's padded
+/// row length. Values near the type's maximum: each such column is packed scaled down by
+/// a power of two (so Σ p_j·v_j cannot overflow) and its output scaled back up, exactly.
+/// The packing depends on K, V and `max|V|` only: every query head of a key/value head
+/// can use it.
+pub(super) fn pack<T: Element>(
     spec: &Spec<'_, T>,
-    kernel: &simd::Kernel<T>,
+    path: CpuPath,
     parallel: bool,
     ws: &mut Workspace<T>,
 ) -> Result<usize, AttentionError> {
+    let kernel = &T::kernel(path);
     let n_kv_pad = spec.n_kv.div_ceil(kernel.mr) * kernel.mr;
     let dvp = spec.d_v.div_ceil(kernel.mrv) * kernel.mrv;
     pack_keys(&spec.k, kernel.mr, n_kv_pad, parallel, &mut ws.kp)?;
