@@ -41,8 +41,9 @@ const ZEROED_MIN_BYTES: usize = 64 << 10;
 /// (including when `rows · columns` overflows `usize`).
 ///
 /// A fill of +0 of at least [`ZEROED_MIN_BYTES`] is asked of the allocator as zeroed
-/// memory ([`try_zeroed`]), not written: such a buffer then comes from the operating system already zero, page by page as it is
-/// first written, by whichever thread writes it. Filled entry by entry, a packed batch's
+/// memory ([`try_zeroed`]), not written: such a buffer then comes from the operating
+/// system already zero, page by page as it is first written, by whichever thread writes
+/// it. Filled entry by entry, a packed batch's
 /// 122 MB output (64 sequences, 8 heads, f32) took 7% of the call's samples on one thread,
 /// the fill and its page faults, while the other waited.
 pub(crate) fn try_matrix<T: Element>(
@@ -58,13 +59,13 @@ pub(crate) fn try_matrix<T: Element>(
                 .is_some_and(|b| b <= isize::MAX as usize)
         })
         .ok_or_else(|| too_large(operand, rows, columns))?;
-    if len >= ZEROED_MIN_BYTES / std::mem::size_of::<T>() {
-        return try_large(rows, columns, fill, operand);
+    let zeroed = fill.to_f64().to_bits() == 0 && len >= ZEROED_MIN_BYTES / size_of::<T>();
+    let data = if zeroed {
+        try_zeroed(len)
+    } else {
+        try_filled(len, fill)
     }
-    let mut data = Vec::new();
-    data.try_reserve_exact(len)
-        .map_err(|_| too_large(operand, rows, columns))?;
-    data.resize(len, fill);
+    .ok_or_else(|| too_large(operand, rows, columns))?;
     // `from_data` takes the vector as it is (`from_vec` collects it again through an
     // iterator: a call and checks that showed in the 2 × 2 seed call).
     Ok(DMatrix::from_data(VecStorage::new(
@@ -74,37 +75,19 @@ pub(crate) fn try_matrix<T: Element>(
     )))
 }
 
-/// [`try_matrix`] of at least [`ZEROED_MIN_BYTES`]: from zeroed memory ([`try_zeroed`])
-/// when `fill` is +0. Out of line: inlined, this path cost the 2 × 2 seed call 30
-/// instructions (its caller was no longer inlined).
-#[cold]
-#[inline(never)]
-fn try_large<T: Element>(
-    rows: usize,
-    columns: usize,
-    fill: T,
-    operand: Operand,
-) -> Result<DMatrix<T>, AttentionError> {
-    let len = rows * columns;
-    let data = if fill.to_f64().to_bits() == 0 {
-        try_zeroed(len)
-    } else {
-        let mut data = Vec::new();
-        data.try_reserve_exact(len).ok().map(|()| {
-            data.resize(len, fill);
-            data
-        })
-    }
-    .ok_or_else(|| too_large(operand, rows, columns))?;
-    Ok(DMatrix::from_data(VecStorage::new(
-        Dyn(rows),
-        Dyn(columns),
-        data,
-    )))
+/// `len` entries of `fill`, written one by one, or `None` if they cannot be had.
+fn try_filled<T: Element>(len: usize, fill: T) -> Option<Vec<T>> {
+    let mut data = Vec::new();
+    data.try_reserve_exact(len).ok()?;
+    data.resize(len, fill);
+    Some(data)
 }
 
 /// `len` entries of +0 from the allocator's zeroed memory, or `None` if it cannot be had.
-/// The caller has checked that `len · size_of::<T>() ≤ isize::MAX`.
+/// The caller has checked that `len · size_of::<T>() ≤ isize::MAX`. Out of line (large
+/// buffers only): inlined, it kept the 2 × 2 seed call's caller from being inlined.
+#[cold]
+#[inline(never)]
 fn try_zeroed<T: Element>(len: usize) -> Option<Vec<T>> {
     if len == 0 {
         return Some(Vec::new());
@@ -176,30 +159,14 @@ mod tests {
         // `rows · columns` overflows; the bytes exceed isize::MAX; the allocator refuses
         // (2^62 bytes). Sizes and results pass through `black_box`: a buffer the program
         // never reads may otherwise be optimised away, its allocation assumed to succeed.
-        let rows = |r: usize| std::hint::black_box(r);
-        assert!(too_large(try_matrix(
-            rows(usize::MAX),
-            2,
-            0.0,
-            Operand::Output
-        )));
-        assert!(too_large(try_matrix(
-            rows(1 << 61),
-            1,
-            0.0,
-            Operand::Output
-        )));
-        assert!(too_large(try_matrix(
-            rows(1 << 59),
-            1,
-            0.0,
-            Operand::Output
-        )));
-        assert!(too_large(try_matrix(
-            rows(1 << 59),
-            1,
-            1.0,
-            Operand::Output
-        )));
+        for (rows, columns, fill) in [
+            (usize::MAX, 2, 0.0),
+            (1 << 61, 1, 0.0),
+            (1 << 59, 1, 0.0),
+            (1 << 59, 1, 1.0),
+        ] {
+            let rows = std::hint::black_box(rows);
+            assert!(too_large(try_matrix(rows, columns, fill, Operand::Output)));
+        }
     }
 }

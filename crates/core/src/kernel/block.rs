@@ -95,8 +95,9 @@ struct Cursor {
 /// Processes a group of consecutive query blocks from block `first_block` (`lse.len()`
 /// queries, `BQ` per block but a short first block: [`Job::block_rows`]), writing query
 /// `g0 + r` of the group (`g0` its first) to row `r` of `out` (the group's rows of the
-/// caller's output, `lse.len() × d_v`, any strides) and to `lse[r]`. Nothing is written before every tile of the group is done, so a
-/// group that meets an overflow writes nothing.
+/// caller's output, `lse.len() × d_v`, any strides) and to `lse[r]`. Nothing is written
+/// before every tile of the group is done, so a group that meets an overflow writes
+/// nothing.
 ///
 /// Each block runs the online softmax over its own sequence of key tiles
 /// (`BK` keys each, from the first key its band allows). The group walks the keys in
@@ -119,12 +120,10 @@ pub(super) fn q_group<T: Element, MK: MicroKernels<T>>(
 ) -> Result<(), AttentionError> {
     let (bq, d_k, dvp) = (MK::BQ, job.spec.d_k, job.dvp);
     debug_assert_eq!(out.shape(), (lse.len(), job.spec.d_v));
-    // The group's queries are `g0..g0 + lse.len()`, block by block (`Job::block_rows`).
+    // The group's queries are `g0..g0 + lse.len()`, block by block (`Job::block_rows`:
+    // query i is in block (i + first_pad) / bq).
     let g0 = job.block_rows(first_block, bq).start;
-    let blocks = (first_block..)
-        .take_while(|&b| job.block_rows(b, bq).start < g0 + lse.len())
-        .take(MAX_GROUP + 1)
-        .count();
+    let blocks = (g0 + lse.len() + job.first_pad).div_ceil(bq) - first_block;
     debug_assert!(blocks <= MAX_GROUP && MK::BK.is_multiple_of(MK::MR));
     debug_assert!(dvp.is_multiple_of(MK::MRV));
     let mut cursors = [Cursor::default(); MAX_GROUP];

@@ -708,24 +708,19 @@ fn block_heads<T: Element>(
             Err(e) => results.fill(Err(e)),
             Ok(dvp) => {
                 let mut lse_buf = std::mem::take(&mut ws.lse);
-                for (((spec, out), lse), result) in specs
-                    .iter()
-                    .zip(outs.iter_mut())
-                    .zip(lses.iter_mut())
-                    .zip(results.iter_mut())
-                {
-                    *result = (|| {
-                        let lse = match lse.as_deref_mut() {
-                            Some(lse) => lse,
-                            None => {
-                                lse_buf.clear();
-                                try_resize(&mut lse_buf, spec.n_q, T::zero(), Operand::Lse)?;
-                                &mut lse_buf[..]
-                            }
-                        };
-                        let spec = (*spec).clone();
-                        schedule::fused(spec, path, parallel, (&*ws, dvp), out, lse)
-                    })();
+                for (h, spec) in specs.iter().enumerate() {
+                    let lse = match lses[h].as_deref_mut() {
+                        Some(lse) => Ok(lse),
+                        None => {
+                            lse_buf.clear();
+                            try_resize(&mut lse_buf, spec.n_q, T::zero(), Operand::Lse)
+                                .map(|()| &mut lse_buf[..])
+                        }
+                    };
+                    results[h] = lse.and_then(|lse| {
+                        let packed = (&*ws, dvp);
+                        schedule::fused((*spec).clone(), path, parallel, packed, outs[h], lse)
+                    });
                 }
                 ws.lse = lse_buf;
             }
@@ -750,15 +745,10 @@ pub(crate) fn attention_heads<T: Element>(
     results: &mut [Result<(), AttentionError>],
 ) {
     block_heads(specs, path, parallel, outs, lses, results);
-    for (((spec, out), lse), result) in specs
-        .iter()
-        .zip(outs.iter_mut())
-        .zip(lses.iter_mut())
-        .zip(results.iter_mut())
-    {
-        if let Err(AttentionError::ScoreOverflow { .. }) = result {
+    for (h, spec) in specs.iter().enumerate() {
+        if let Err(AttentionError::ScoreOverflow { .. }) = results[h] {
             record_run(KernelRun::Careful);
-            *result = careful::attention(spec, out, lse.as_deref_mut());
+            results[h] = careful::attention(spec, outs[h], lses[h].as_deref_mut());
         }
     }
 }
