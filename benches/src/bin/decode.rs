@@ -10,7 +10,7 @@
 //! - `bandwidth`: read bandwidth from memory (GB/s): the sum of a 2 GiB f32 buffer, split
 //!   over the threads, median of 7 (what `../shared/anchors/bandwidth.py` measures);
 //! - `decode gqa`: one new token, 32 query heads over 8 KV heads, d = 128, f32, against
-//!   `n` cached tokens (`cached_attention` on a `KvCache`, pages of 64); `L` layers' caches in
+//!   `n` cached tokens (`cached_attention` on a `KvCache`, pages of 256, the default); `L` layers' caches in
 //!   rotation so that no step finds its keys warm in cache from the previous one (L chosen
 //!   so that L layers exceed 512 MiB); reported as µs per token per layer and as the
 //!   ratio to `bytes(K, V) / bandwidth`, the floor;

@@ -97,7 +97,7 @@ fn setup(window: impl Strategy<Value = Option<usize>>) -> impl Strategy<Value = 
         1..=3usize,
         1..=6usize,
         1..=6usize,
-        prop_oneof![4 => 1..=8usize, 1 => Just(64usize)],
+        prop_oneof![4 => 1..=8usize, 1 => Just(64usize), 1 => Just(100usize)],
         window,
         any::<bool>(),
         prop::option::weighted(0.3, prop::sample::select(vec![1.0, 5.0, 30.0])),
@@ -1054,7 +1054,7 @@ fn every_error_is_typed() {
 }
 
 /// The memory row: 8 KV heads × d 128 in f32 (8 KiB of K and V per token), pages
-/// of 64, one token at a time to 65536: at every length of ≥ 10 pages the cache holds
+/// of the default 256 tokens, one token at a time to 65536: at every length of ≥ 10 pages the cache holds
 /// ≤ 1.1 × the bytes of its K and V; remove + re-append of the same length allocates
 /// nothing new. About 0.5 GB at the end.
 #[test]
@@ -1079,7 +1079,8 @@ fn memory_stays_within_ten_percent() {
             report.push((len, memory, kv, memory as f64 / kv as f64));
         }
     }
-    assert_eq!(report[0].1, 625 * 64 * token_bytes); // 40000 = 625 pages exactly
+    assert_eq!(cache.page_size(), 256);
+    assert_eq!(report[0].1, 157 * 256 * token_bytes); // 40000 tokens: 156.25 pages
     assert_eq!(report[1].1, 65536 * token_bytes);
     for (len, memory, kv, ratio) in &report {
         println!(
@@ -1154,6 +1155,8 @@ fn decoding_reads_the_pages_in_place_on_every_path() {
         (16, None),
         (7, None),
         (64, Some(700)),
+        (100, None),
+        (256, Some(700)),
     ] {
         let mut cache = KvCache::<f32>::new(heads_kv, d, d)
             .unwrap()
@@ -1222,6 +1225,7 @@ fn values_by_rows_in_every_tile_shape_match_the_reference() {
         (1, 4, 1, 72, 257, Some(70), 64),
         (1, 2, 1, 128, 2300, None, 128),
         (2, 1, 5, 140, 100, None, 64),
+        (1, 2, 1, 16, 600, Some(150), 100),
     ];
     for (i, &(heads_kv, group, n_q, d_v, n, window, page_size)) in cases.iter().enumerate() {
         let s = Setup {

@@ -200,7 +200,7 @@ macro_rules! with_cache {
 #[pymethods]
 impl PyKvCache {
     /// A cache for ``heads_kv`` key/value heads of widths ``d_k`` and ``d_v``, holding
-    /// ``dtype`` (float32 or float64); ``page_size`` tokens per page (default 64);
+    /// ``dtype`` (float32 or float64); ``page_size`` tokens per page (default 256);
     /// ``window``: sliding-window mode. Allocates nothing until ``append``.
     ///
     /// Raises AttentionError for heads_kv = 0, page_size = 0 or window = 0; TypeError

@@ -229,14 +229,17 @@ impl<T: Element> CachedCall<'_, T> {
         let (path, forced) = CpuPath::for_call(self.options.cpu_path)?;
         let segments = (0..heads_kv)
             .map(|j| {
+                // One segment per key tile: each a contiguous run of K.
                 self.pages
                     .iter()
-                    .map(|p| {
-                        let rows = 0..p.key.nrows();
-                        (
-                            block(p.key, rows.clone(), j * d_k..(j + 1) * d_k),
-                            p.value(j),
-                        )
+                    .flat_map(|p| {
+                        let value = p.value(j);
+                        p.key_tiles(j)
+                            .map(|(r, k)| {
+                                let rows = r..r + k.nrows();
+                                (k, block(value, rows, 0..d_v))
+                            })
+                            .collect::<Vec<_>>()
                     })
                     .collect()
             })
@@ -373,10 +376,13 @@ pub(super) fn gather<T: Element>(
     let mut row = 0;
     for page in pages.iter() {
         debug_assert_eq!(page.positions.start, pages.first_position() + row);
-        let n = page.key.nrows();
-        k.rows_mut(row, n).copy_from(&page.key);
-        let d_v = value_width / heads.max(1);
+        let n = page.positions.len();
+        let (d_k, d_v) = (key_width / heads.max(1), value_width / heads.max(1));
         for h in 0..heads {
+            for (r, tile) in page.key_tiles(h) {
+                k.view_mut((row + r, h * d_k), tile.shape())
+                    .copy_from(&tile);
+            }
             v.view_mut((row, h * d_v), (n, d_v))
                 .copy_from(&page.value(h));
         }
