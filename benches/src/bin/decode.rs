@@ -19,13 +19,16 @@
 //! - `prefill`: 16 heads, n = 1024, d = 64, causal, f32 (GFLOP/s per useful FLOP,
 //!   `2·n²·d` per head).
 //! - `varlen`: 64 causal sequences with lengths uniform in 16..2048 (seed printed), 8 heads,
-//!   d = 64, f32, against one sequence with the same total FLOPs.
+//!   d = 64, f32, against one sequence with the same total FLOPs; each with a new output
+//!   per call (`multi_head_attention`: the batch's 122 MB output comes fresh from the
+//!   operating system every call, the one sequence's 18 MB is reused by the allocator)
+//!   and into one output reused (`multi_head_attention_into`).
 
 use std::time::Instant;
 
 use attention_core::{
     AttentionOptions, Causal, HeadLayout, KvCache, SeqId, cached_attention, multi_head_attention,
-    scaled_dot_product_attention_into,
+    multi_head_attention_into, scaled_dot_product_attention_into,
 };
 use attention_testdata::{gaussian, seeded_rng};
 use nalgebra::DMatrix;
@@ -223,29 +226,42 @@ fn varlen() {
     let n1 = (lens.iter().map(|&n| (n * n) as f64).sum::<f64>())
         .sqrt()
         .round() as usize;
-    let run = |lens: &[usize]| -> f64 {
+    // Median seconds of `multi_head_attention` (a new output each call) and of
+    // `multi_head_attention_into` (one output reused, as a model's layers reuse theirs).
+    let run = |lens: &[usize]| -> (f64, f64) {
         let rows: usize = lens.iter().sum();
         let q = gaussian(rows, h * d, 1.0, 1).map(|x| x as f32);
         let k = gaussian(rows, h * d, 1.0, 2).map(|x| x as f32);
         let v = gaussian(rows, h * d, 1.0, 3).map(|x| x as f32);
         let layout = HeadLayout::new(h, h).with_seqlens(lens, lens);
         let options = AttentionOptions::new().with_causal(Causal::BottomRight);
-        let mut times = vec![];
+        let (mut fresh, mut reused) = (vec![], vec![]);
+        let mut out = DMatrix::<f32>::zeros(rows, h * d);
         for _ in 0..5 {
             let t = Instant::now();
             std::hint::black_box(multi_head_attention(&q, &k, &v, &layout, &options).unwrap());
-            times.push(t.elapsed().as_secs_f64());
+            fresh.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            multi_head_attention_into(&q, &k, &v, &layout, &options, &mut out).unwrap();
+            std::hint::black_box(&out);
+            reused.push(t.elapsed().as_secs_f64());
         }
-        median(times)
+        (median(fresh), median(reused))
     };
-    let t_var = run(&lens);
-    let t_one = run(&[n1]);
+    let (t_var, t_var_into) = run(&lens);
+    let (t_one, t_one_into) = run(&[n1]);
     let one_flops = h as f64 * 2.0 * (n1 * n1 * d) as f64;
     println!(
         "varlen 64 seqs (seed {seed}, {total} tokens) 8 heads d=64 causal f32: {:.1} GFLOP/s; one sequence n={n1}: {:.1} GFLOP/s; ratio {:.2}",
         flops / t_var / 1e9,
         one_flops / t_one / 1e9,
         (flops / t_var) / (one_flops / t_one)
+    );
+    println!(
+        "varlen, the same into a reused output (multi_head_attention_into): {:.1} GFLOP/s; one sequence: {:.1} GFLOP/s; ratio {:.2}",
+        flops / t_var_into / 1e9,
+        one_flops / t_one_into / 1e9,
+        (flops / t_var_into) / (one_flops / t_one_into)
     );
 }
 
