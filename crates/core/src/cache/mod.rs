@@ -872,7 +872,7 @@ pub(crate) struct AppendUndo<T> {
     /// The appended rows: `rows` tokens from row `start` of the sequence's (new) pages.
     start: usize,
     rows: usize,
-    /// The elements those rows overwrote, in [`page_slots`] order.
+    /// The elements those rows overwrote, in [`for_each_slot`] order.
     saved: Vec<T>,
 }
 

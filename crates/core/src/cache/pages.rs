@@ -8,9 +8,9 @@
 //! `(h·page_size + r)·d_v + c`: each token's values contiguous, as vLLM stores its value
 //! blocks). A head's K block is cut into tiles of [`KEY_TILE`] rows (the last one
 //! shorter when the page size is not a multiple), each a column-major `rows × d_k` block:
-//! element `(r, c)` of head `h` at [`key_piece`]`(page_size, d_k, r).at(h, c)`. With pages of at most [`KEY_TILE`] rows
-//! this is a column-major `page_size × heads_kv·d_k` block (nalgebra's `DMatrix` layout,
-//! head `h` in columns `h·d_k ..`).
+//! element `(r, c)` of head `h` at [`key_piece`]`(page_size, d_k, r).at(h, c)`. With
+//! pages of at most [`KEY_TILE`] rows this is a column-major `page_size × heads_kv·d_k`
+//! block (nalgebra's `DMatrix` layout, head `h` in columns `h·d_k ..`).
 //!
 //! The two layouts serve the decoding kernel's two products: scores `q·k_j` vectorise over
 //! the keys of a column of K, the weighted sum `Σ_j p_j·v_j` over the columns of a row of
@@ -23,20 +23,20 @@
 //! (`docs/PERFORMANCE.md`, "Longer runs per head"). Rows of all heads side by side would
 //! put each head's next row 4 KiB further, across a memory page, where prefetchers stop.
 //!
-//! Row `r` of a sequence's page `p` is the
-//! token at absolute position `first + p·page_size + r`, `first` being the position of the
-//! first page's row 0 (a multiple of the page size). Rows past the sequence's length hold
-//! stale values and are never shown.
+//! Row `r` of a sequence's page `p` is the token at absolute position
+//! `first + p·page_size + r`, `first` being the position of the first page's row 0 (a
+//! multiple of the page size). Rows past the sequence's length hold stale values and are
+//! never shown.
 //!
 //! # What a kernel may assume
 //! Every token shown was checked finite when it was appended; [`SeqPages`] shows exactly
 //! the kept tokens, `kept` of them at positions `first_position .. first_position + kept`,
 //! in order, page after page with no gap; a page's keys come as tiles
 //! ([`PageView::key_tiles`]), each with row stride 1 and a column stride of its tile's
-//! rows; only the first and the last page may show fewer than `page_size`
-//! rows (the last when the sequence ends inside it; the first when the kept range starts
-//! inside it, which the current cache never does, since it evicts whole pages, but a
-//! kernel must not rely on that).
+//! rows; only the first and the last page may show fewer than `page_size` rows (the last
+//! when the sequence ends inside it; the first when the kept range starts inside it,
+//! which the current cache never does, since it evicts whole pages, but a kernel must not
+//! rely on that).
 
 use std::ops::Range;
 
