@@ -1,7 +1,7 @@
 //! KV-cache appends are O(1) per token: 65536 single-token appends (8 KV heads × d 128,
-//! f32, pages of 256 tokens, the default), timed in blocks of 4096, printed as nanoseconds per append
-//! per block. Two passes: into a fresh cache (pages allocated as it grows) and into a new
-//! sequence after the first was removed (pages reused from the pool).
+//! f32, pages of 256 tokens, the default), timed in blocks of 4096, printed as nanoseconds
+//! per append per block. Two passes: into a fresh cache (pages allocated as it grows) and
+//! into a new sequence after the first was removed (pages reused from the pool).
 //!
 //! ```text
 //! cargo run --release -p attention-benches --bin cache_append

@@ -10,10 +10,10 @@
 //! - `bandwidth`: read bandwidth from memory (GB/s): the sum of a 2 GiB f32 buffer, split
 //!   over the threads, median of 7 (what `../shared/anchors/bandwidth.py` measures);
 //! - `decode gqa`: one new token, 32 query heads over 8 KV heads, d = 128, f32, against
-//!   `n` cached tokens (`cached_attention` on a `KvCache`, pages of 256, the default); `L` layers' caches in
-//!   rotation so that no step finds its keys warm in cache from the previous one (L chosen
-//!   so that L layers exceed 512 MiB); reported as µs per token per layer and as the
-//!   ratio to `bytes(K, V) / bandwidth`, the floor;
+//!   `n` cached tokens (`cached_attention` on a `KvCache`, pages of 256, the default); `L`
+//!   layers' caches in rotation so that no step finds its keys warm in cache from the
+//!   previous one (L chosen so that L layers exceed 512 MiB); reported as µs per token per
+//!   layer and as the ratio to `bytes(K, V) / bandwidth`, the floor;
 //! - `decode 1 head` (`one`): one query, 4096 keys (`--one-keys LIST` for others), d = 128,
 //!   f32 and f64, one head, `DMatrix` inputs (K and V stored by columns).
 //! - `prefill`: 16 heads, n = 1024, d = 64, causal, f32 (GFLOP/s per useful FLOP,

@@ -43,9 +43,9 @@ const ZEROED_MIN_BYTES: usize = 64 << 10;
 /// A fill of +0 of at least [`ZEROED_MIN_BYTES`] is asked of the allocator as zeroed
 /// memory ([`try_zeroed`]), not written: such a buffer then comes from the operating
 /// system already zero, page by page as it is first written, by whichever thread writes
-/// it. Filled entry by entry, a packed batch's
-/// 122 MB output (64 sequences, 8 heads, f32) took 7% of the call's samples on one thread,
-/// the fill and its page faults, while the other waited.
+/// it. Filled entry by entry, a packed batch's 122 MB output (64 sequences, 8 heads, f32)
+/// took 7% of the call's samples on one thread, the fill and its page faults, while the
+/// other waited.
 pub(crate) fn try_matrix<T: Element>(
     rows: usize,
     columns: usize,

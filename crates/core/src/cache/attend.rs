@@ -234,12 +234,10 @@ impl<T: Element> CachedCall<'_, T> {
                     .iter()
                     .flat_map(|p| {
                         let value = p.value(j);
-                        p.key_tiles(j)
-                            .map(|(r, k)| {
-                                let rows = r..r + k.nrows();
-                                (k, block(value, rows, 0..d_v))
-                            })
-                            .collect::<Vec<_>>()
+                        p.key_tiles(j).map(move |(r, k)| {
+                            let rows = r..r + k.nrows();
+                            (k, block(value, rows, 0..d_v))
+                        })
                     })
                     .collect()
             })

@@ -809,7 +809,10 @@ fn page_max<T: Element>(
     let k_max = tile_pieces(0, rows)
         .flat_map(|(r, n)| {
             let piece = key_piece(page_size, d_k, r);
-            (0..d_k).map(move |c| piece.at(h, c)..piece.at(h, c) + n)
+            (0..d_k).map(move |c| {
+                let at = piece.at(h, c);
+                at..at + n
+            })
         })
         .flat_map(|run| &kp[run])
         .fold(T::zero(), abs_max);

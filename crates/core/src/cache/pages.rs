@@ -115,15 +115,19 @@ impl<'a, T: Element> PageView<'a, T> {
     /// Head `h`'s keys, tile by tile ([`KEY_TILE`] rows each, the first and last possibly
     /// fewer): for each, its first row counted from the page's first row shown, and its
     /// `rows × d_k` view (row stride 1, column stride the tile's rows in the page).
-    pub(crate) fn key_tiles(&self, h: usize) -> impl Iterator<Item = (usize, MatRef<'a, T>)> + '_ {
-        let r0 = self.r0;
+    /// The iterator borrows the page's memory, not the view.
+    pub(crate) fn key_tiles(
+        &self,
+        h: usize,
+    ) -> impl Iterator<Item = (usize, MatRef<'a, T>)> + use<'a, T> {
+        let (keys, r0, page_size, d_k) = (self.keys, self.r0, self.page_size, self.d_k);
         tile_pieces(r0, self.positions.len()).map(move |(r, rows)| {
-            let (d_k, piece) = (self.d_k, key_piece(self.page_size, self.d_k, r));
+            let piece = key_piece(page_size, d_k, r);
             let stride = piece.stride;
             let data = if d_k == 0 {
                 &[][..]
             } else {
-                &self.keys[piece.at(h, 0)..]
+                &keys[piece.at(h, 0)..]
             };
             let view = MatRef::from_slice_with_strides_generic(
                 data,

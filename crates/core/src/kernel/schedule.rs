@@ -17,7 +17,7 @@ use crate::{AttentionError, Element};
 /// its own Qᵀ and accumulators take (each well inside a 1 MiB L2).
 const GROUP_BYTES: usize = 256 << 10;
 
-/// The fused path on K and V packed by [`pack`] into `packed` (with rows of `dvp`): the
+/// The fused path on K and V packed by [`pack`] into `ws` (with rows of `dvp`): the
 /// block kernel over groups of query blocks (in parallel if asked), each group writing its
 /// rows of `out` and `lse` when its last tile is done. Query heads that share K and V
 /// (grouped-query attention) are run one after the other on one packing.
@@ -25,14 +25,13 @@ pub(super) fn fused<T: Element>(
     spec: Spec<'_, T>,
     path: CpuPath,
     parallel: bool,
-    (packed, dvp): (&Workspace<T>, usize),
+    (ws, dvp): (&Workspace<T>, usize),
     out: &mut MatMut<'_, T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
     let (n_q, d_k) = (spec.n_q, spec.d_k);
     let kernel = T::kernel(path);
     let bq = kernel.bq;
-    let ws = packed;
 
     let n_blocks = n_q.div_ceil(bq);
     // Under a causal band the short block goes first, where it has fewest keys
