@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! cargo run --release -p attention-benches --bin options [-- --n 1024 --types f32 --threads 2 --only bias,alibi]
+//! cargo run --release -p attention-benches --bin options -- --help
 //! ```
 
 use attention_benches::{median_time, normal_matrix};
@@ -66,6 +67,29 @@ fn rows<T: Element>(ty: &str, n: usize, d: usize, threads: usize, only: &[String
     }
 }
 
+const USAGE: &str = "usage: options [--n LIST] [--types f32,f64] [--threads LIST] \
+[--only bias,bool mask,key mask,alibi,softcap] [--help]
+  --n        sizes n (d = 128 from n = 4096, else 64); default 1024,4096
+  --types    element types; default f32,f64
+  --threads  thread counts; default 1,2
+  --only     the options to time (the plain call is always timed); default all";
+
+/// Prints `message` and the usage to stderr and exits with status 2.
+fn bad_argument(message: &str) -> ! {
+    eprintln!("options: {message}\n{USAGE}");
+    std::process::exit(2);
+}
+
+/// A comma-separated list of positive counts, or a usage error naming `flag`.
+fn counts(flag: &str, list: &str) -> Vec<usize> {
+    list.split(',')
+        .map(|x| match x.parse::<usize>() {
+            Ok(c) if c >= 1 => c,
+            _ => bad_argument(&format!("{flag}: {x:?} is not a count ≥ 1")),
+        })
+        .collect()
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut sizes = vec![(1024, 64), (4096, 128)];
@@ -74,30 +98,37 @@ fn main() {
     let mut only = Vec::new();
     let mut i = 0;
     while i < argv.len() {
-        let next = argv.get(i + 1).cloned().unwrap_or_default();
+        let flag = argv[i].as_str();
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            return;
+        }
+        let Some(next) = argv.get(i + 1) else {
+            bad_argument(&format!("{flag}: needs a value, or is unknown"));
+        };
         let list = |s: &str| -> Vec<String> { s.split(',').map(str::to_string).collect() };
-        match argv[i].as_str() {
+        match flag {
             "--n" => {
-                sizes = list(&next)
-                    .iter()
-                    .map(|n| {
-                        let n: usize = n.parse().expect("--n: a list of sizes");
-                        (n, if n >= 4096 { 128 } else { 64 })
-                    })
+                sizes = counts(flag, next)
+                    .into_iter()
+                    .map(|n| (n, if n >= 4096 { 128 } else { 64 }))
                     .collect();
             }
-            "--types" => types = list(&next),
-            "--only" => only = list(&next),
-            "--threads" => {
-                threads = list(&next)
-                    .iter()
-                    .map(|t| t.parse().expect("--threads: a list of counts"))
-                    .collect();
+            "--types" => {
+                types = list(next);
+                if let Some(t) = types.iter().find(|t| !["f32", "f64"].contains(&t.as_str())) {
+                    bad_argument(&format!("--types: unknown type {t:?}"));
+                }
             }
-            other => {
-                eprintln!("unknown argument {other}; accepted: --n, --types, --threads, --only");
-                std::process::exit(2);
+            "--only" => {
+                only = list(next);
+                let known = ["bias", "bool mask", "key mask", "alibi", "softcap"];
+                if let Some(o) = only.iter().find(|o| !known.contains(&o.as_str())) {
+                    bad_argument(&format!("--only: unknown option {o:?}"));
+                }
             }
+            "--threads" => threads = counts(flag, next),
+            other => bad_argument(&format!("unknown argument {other}")),
         }
         i += 2;
     }
@@ -109,10 +140,7 @@ fn main() {
                 match ty.as_str() {
                     "f32" => rows::<f32>(ty, n, d, t, &only),
                     "f64" => rows::<f64>(ty, n, d, t, &only),
-                    other => {
-                        eprintln!("unknown type {other}");
-                        std::process::exit(2);
-                    }
+                    other => bad_argument(&format!("--types: unknown type {other:?}")),
                 }
             }
         }
