@@ -1174,14 +1174,14 @@ const SCAN_TASK_ROWS: usize = 1 << 13;
 ///
 /// The scan runs column by column through the rows of many sequences at once, each
 /// block's column one segment of the run (a task of one sequence scans its block at
-/// once): block by block, a batch of short sequences was
-/// read in runs of one sequence (a few hundred rows) in as many places as the heads have
-/// columns, each in another page, which the hardware prefetchers start anew at every run
-/// (an f32 batch of 256-row sequences, 8 heads of 64: the scan read a third as fast as one
-/// long sequence's). Large matrices (`PARALLEL_SCAN_ENTRIES`) are scanned in pieces (a
-/// head's columns over [`SCAN_TASK_ROWS`] rows or more) over rayon's threads when
-/// `parallel`: this scan is otherwise a serial pass over all of Q, K and V before the
-/// threads start. Each block's maximum is the same either way.
+/// once). Block by block, a batch of short sequences was read in runs of one sequence (a
+/// few hundred rows) in as many places as the heads have columns, each in another page,
+/// which the hardware prefetchers start anew at every run: at 64 sequences of 128 rows
+/// the whole call was 8–16% slower (`docs/PERFORMANCE.md`). Large matrices
+/// (`PARALLEL_SCAN_ENTRIES`) are scanned in pieces (a head's columns over
+/// [`SCAN_TASK_ROWS`] rows or more) over rayon's threads when `parallel`: this scan is
+/// otherwise a serial pass over all of Q, K and V before the threads start. Each block's
+/// maximum is the same either way.
 fn block_max_abs<T: Element>(
     operand: Operand,
     whole: &MatRef<'_, T>,
@@ -1338,6 +1338,24 @@ mod tests {
     #[test]
     fn block_maxima_are_each_blocks_own_f64() {
         maxima_of_every_block::<f64>();
+    }
+
+    /// An empty sequence last, alone in its task after one long enough for a task: its
+    /// blocks' maxima are 0.
+    #[test]
+    fn an_empty_last_sequence_has_maxima_of_zero() {
+        let m = gaussian(9000, HEADS * WIDTH, 1.0, 3);
+        let rows = [0..9000, 9000..9000];
+        let got = block_max_abs(Operand::Query, &m.as_view(), &rows, (HEADS, WIDTH), false)
+            .expect("finite");
+        let direct = |h: usize| {
+            (0..9000)
+                .flat_map(|r| (h * WIDTH..(h + 1) * WIDTH).map(move |c| (r, c)))
+                .map(|rc| m[rc].abs())
+                .fold(0.0, f64::max)
+        };
+        let expected: Vec<f64> = (0..HEADS).map(direct).chain([0.0; HEADS]).collect();
+        assert_eq!(got, expected);
     }
 
     /// A NaN in a short sequence's block and an infinity later in column-major order: the
