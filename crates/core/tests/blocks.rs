@@ -100,7 +100,7 @@ fn sweep<T: Element>() {
         (60, 121),
         (200, 1031),
     ];
-    let dims = [(1, 1), (7, 5), (16, 17), (33, 64)];
+    let dims = [(1, 1), (7, 5), (9, 6), (16, 17), (33, 64)];
     let mut seed = 1;
     for &(n_q, n_kv) in &sizes {
         for &(d_k, d_v) in &dims {

@@ -165,10 +165,27 @@ unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
         let r = L::fma(k, L::splat(-L::T::LN2_HI_N), xc);
         let r = L::fma(k, L::splat(-L::T::LN2_LO_N), r);
         let c = L::T::TABLE_COEFFS;
-        let mut p = L::splat(c[0]);
-        for &ci in &c[1..] {
-            p = L::fma(p, r, L::splat(ci));
-        }
+        // q(r) by Horner is a chain of dependent FMAs (7 for f64: 28 cycles on Zen 4), and
+        // the softmax's 16 registers on AVX2 hold too few exponentials to cover it. f64's
+        // 8 terms by Estrin's scheme: two more multiplications, a chain of 3 FMAs after r⁴
+        // (AVX2 f64 d = 64: about 2% faster; error unchanged, see `exp.rs`).
+        let p = if c.len() == 8 {
+            let r2 = L::mul(r, r);
+            let r4 = L::mul(r2, r2);
+            let a3 = L::fma(L::splat(c[0]), r, L::splat(c[1]));
+            let a2 = L::fma(L::splat(c[2]), r, L::splat(c[3]));
+            let a1 = L::fma(L::splat(c[4]), r, L::splat(c[5]));
+            let a0 = L::fma(L::splat(c[6]), r, L::splat(c[7]));
+            let b1 = L::fma(a3, r2, a2);
+            let b0 = L::fma(a1, r2, a0);
+            L::fma(b1, r4, b0)
+        } else {
+            let mut p = L::splat(c[0]);
+            for &ci in &c[1..] {
+                p = L::fma(p, r, L::splat(ci));
+            }
+            p
+        };
         // e^r − 1 = r·p; 2^(k/N)·e^r = scale + scale·(e^r − 1), rounded once.
         let scale = L::pow2_table(t);
         L::zero_below(x, cutoff, L::fma(scale, L::mul(p, r), scale))
@@ -1359,9 +1376,14 @@ type Avx512F64Tiles = Simd<Avx512F64, 6, 4, 32, 4, 60>;
 /// AVX2, f32: 6 keys × 2 × 8 queries (12 of the 16 ymm), 60-key steps.
 #[cfg(target_arch = "x86_64")]
 type Avx2F32Tiles = Simd<Avx2F32, 6, 2, 64, 4, 60>;
-/// AVX2, f64: 6 keys × 2 × 4 queries, blocks of 32 queries, 60-key steps.
+/// AVX2, f64: 6 keys × 2 × 4 queries, 6 value columns × 2 × 4 queries (12 accumulators
+/// each), blocks of 32 queries, 60-key steps. With 4 value columns `P·V` had 8
+/// accumulators, as many as Zen 4's FMA latency × pipes, and twice as many tiles per step
+/// at d = 64 (64 against 44), each with its loop exit and its partial sums' update: 6
+/// columns measured about 3% faster (`docs/PERFORMANCE.md`, "AVX2 f64's value tiles"),
+/// although d = 64 and 128 pad to 66 and 132 columns.
 #[cfg(target_arch = "x86_64")]
-type Avx2F64Tiles = Simd<Avx2F64, 6, 2, 32, 4, 60>;
+type Avx2F64Tiles = Simd<Avx2F64, 6, 2, 32, 6, 60>;
 /// Portable, f32: 4 keys × 1 array of 8 queries, blocks of 32 queries; no FMA (the
 /// baseline lacks it).
 type PortableF32Tiles = Simd<PortableF32, 4, 1, 32, 4, 64>;
