@@ -33,13 +33,14 @@
 //! |r| ≤ ln2/(2N);  2^(k/N) = 2^⌊k/N⌋ · T[k mod N],  T[j] = 2^(j/N) rounded once
 //! exp(x) ≈ s + s·(r·q(r)),  s = 2^(k/N),  q(r) = Σ_{i<d} r^i/(i+1)!  (d = 3 for f32, 8 for f64)
 //! ```
-//! (truncation below 0.08 ulp for f32, 0.007 ulp for f64). `q` is evaluated by Horner for
-//! f32 and by Estrin's scheme for f64 (`r² = r·r`, `r⁴ = r²·r²`, four FMAs on pairs of
-//! coefficients, two joining them with `r²`, one with `r⁴`): two more multiplications than
-//! Horner's 7 FMAs, and a dependent chain of 3 FMAs after `r⁴` instead of 7, which the
-//! AVX2 softmax, with room in 16 registers for few exponentials at a time, could not hide
-//! (Zen 4, AVX2 f64, d = 64: about 2% faster; worst error measured 0.987 ulp against
-//! 0.984 for Horner, 1.000 and 0.998 on the portable lanes). The table lookup is one
+//! (truncation below 0.08 ulp for f32, 0.007 ulp for f64). `q` is evaluated by Horner,
+//! except for AVX2 f64 (`Lanes::ESTRIN`), by Estrin's scheme (`r² = r·r`, `r⁴ = r²·r²`,
+//! four FMAs on pairs of coefficients, two joining them with `r²`, one with `r⁴`): two
+//! more multiplications than Horner's 7 FMAs, and a dependent chain of 3 FMAs after `r⁴`
+//! instead of 7, which the AVX2 softmax, with room in 16 registers for few exponentials
+//! at a time, could not hide (Zen 4, d = 64: about 2% faster; on AVX-512 about 1% slower).
+//! The worst error measured is the same either way: 0.987 ulp by Estrin, 0.984 by Horner
+//! (AVX2 and AVX-512 alike on the test's grid). The table lookup is one
 //! permutation across a register (`vpermd`/`vpermq` on AVX-512; on AVX2 two 8 × 32-bit
 //! permutations and a blend), so it is cheaper than the polynomial terms it saves: the
 //! f64 exponential's FMA-pipe instructions drop from 17 to 12 per vector (14 with Estrin's

@@ -127,6 +127,13 @@ unsafe trait Lanes {
     type W: Lanes<T = f64>;
     /// How many `W` vectors one vector widens to: `N = PARTS · W::N` (2 for f32, 1 for f64).
     const PARTS: usize;
+    /// Whether [`exp_v`] evaluates f64's 8-term polynomial by Estrin's scheme (2 more
+    /// multiplications, a dependent chain of 3 FMAs after `r⁴` instead of 7) rather than
+    /// by Horner. Measured on Zen 4 (`docs/PERFORMANCE.md`, "AVX2 f64: longer value tiles
+    /// and a shorter chain"): about 2% faster on AVX2, whose 16 registers hold few
+    /// exponentials in flight, and about 1% slower on AVX-512, whose 32 hide Horner's
+    /// chain; so AVX2 f64 only.
+    const ESTRIN: bool = false;
     /// Lanes `k·W::N ..` of `v` (`k < PARTS`) widened to f64, exactly.
     unsafe fn widen(v: Self::V, k: usize) -> <Self::W as Lanes>::V;
     unsafe fn splat(x: Self::T) -> Self::V;
@@ -165,11 +172,9 @@ unsafe fn exp_v<L: Lanes>(x: L::V) -> L::V {
         let r = L::fma(k, L::splat(-L::T::LN2_HI_N), xc);
         let r = L::fma(k, L::splat(-L::T::LN2_LO_N), r);
         let c = L::T::TABLE_COEFFS;
-        // q(r) by Horner is a chain of dependent FMAs (7 for f64: 28 cycles on Zen 4), and
-        // the softmax's 16 registers on AVX2 hold too few exponentials to cover it. f64's
-        // 8 terms by Estrin's scheme: two more multiplications, a chain of 3 FMAs after r⁴
-        // (AVX2 f64 d = 64: about 2% faster; error unchanged, see `exp.rs`).
-        let p = if c.len() == 8 {
+        // q(r) by Horner is a chain of dependent FMAs (7 for f64: 28 cycles on Zen 4);
+        // where `L::ESTRIN` (AVX2 f64), by Estrin's scheme (error unchanged: `exp.rs`).
+        let p = if L::ESTRIN && c.len() == 8 {
             let r2 = L::mul(r, r);
             let r4 = L::mul(r2, r2);
             let a3 = L::fma(L::splat(c[0]), r, L::splat(c[1]));
@@ -325,7 +330,8 @@ macro_rules! lanes {
      sub = $sub:ident, mul = $mul:ident, div = $div:ident, fmadd = $fmadd:ident, max = $max:ident,
      pow2 = |$tv:ident| $pow2:expr, zero_below = |$x:ident, $c:ident, $y:ident| $zb:expr,
      select_lt = |$sa:ident, $sb:ident, $sx:ident, $sy:ident| $sel:expr,
-     wide = $w:ty, parts = $parts:literal, widen = |$wv:ident, $wk:ident| $widen:expr) => {
+     wide = $w:ty, parts = $parts:literal, widen = |$wv:ident, $wk:ident| $widen:expr
+     $(, estrin = $estrin:literal)?) => {
         #[cfg(target_arch = "x86_64")]
         struct $name;
         // SAFETY: `$token` is made only by its `detect`, after CPU detection found the
@@ -338,6 +344,7 @@ macro_rules! lanes {
             const N: usize = $n;
             type W = $w;
             const PARTS: usize = $parts;
+            $(const ESTRIN: bool = $estrin;)?
             #[inline(always)]
             #[allow(unused_unsafe)] // for f64 it is the identity
             unsafe fn widen($wv: $v, $wk: usize) -> <$w as Lanes>::V {
@@ -556,7 +563,8 @@ lanes!(
     select_lt = |a, b, x, y| _mm256_blendv_pd(y, x, _mm256_cmp_pd::<_CMP_LT_OQ>(a, b)),
     wide = Avx2F64,
     parts = 1,
-    widen = |v, _k| v
+    widen = |v, _k| v,
+    estrin = true
 );
 
 /// Implements [`Lanes`] with `N` lanes in a plain array, lane by lane: what the compiler
