@@ -10,9 +10,10 @@
 //! Each figure is the median of several timed calls (at least 3, and at least ~0.5 s of
 //! calls); GFLOP/s counts `4·n²·d`, halved for causal. With `--repeat R` each row is the
 //! median over the R passes and the FMA peak the maximum over them (a median peak can sit
-//! below a row measured in a quiet moment), every fraction taken against that peak. Peak
-//! memory (max RSS) for n = 65536, d = 64, f32 is measured in a child process (`--rss`, on
-//! by default in the full run) and compared with the inputs plus the output.
+//! below a row measured in a quiet moment), every fraction taken against that peak (none
+//! on the portable path, which has no FMA loop: its fractions are blank, `null` in JSON).
+//! Peak memory (max RSS) for n = 65536, d = 64, f32 is measured in a child process
+//! (`--rss`, on by default in the full run) and compared with the inputs plus the output.
 //! `--options bias,mask,key-mask,alibi,softcap` adds a row per option (non-causal), and
 //! `--decode` a row of one query against the n keys (`4·n·d` FLOPs). `--help` lists the
 //! arguments; an unknown or malformed one is an error (exit status 2).
@@ -277,8 +278,14 @@ fn bench_type<T: Element + Into<f64>>(
 }
 
 fn print_row(r: &Row) {
+    // The portable path has no FMA loop, so no peak (NaN): its fraction is left blank.
+    let fraction = if r.peak.is_nan() {
+        "—".to_string()
+    } else {
+        format!("{:.1}%", 100.0 * r.gflops / r.peak)
+    };
     println!(
-        "| {:<3} | {:>3} | {:>5} | {:<10} | {:>2} | {:<9} | {:>7.1} | {:>5.1}% |",
+        "| {:<3} | {:>3} | {:>5} | {:<10} | {:>2} | {:<9} | {:>7.1} | {:>6} |",
         r.ty,
         r.d,
         r.n,
@@ -286,7 +293,7 @@ fn print_row(r: &Row) {
         r.threads,
         r.what,
         r.gflops,
-        100.0 * r.gflops / r.peak
+        fraction
     );
 }
 
@@ -338,7 +345,13 @@ fn main() {
                 .map(|&t| (t, fma_peak(is_f64, t, 5).unwrap_or(f64::NAN) / 1e9))
                 .collect();
             for (t, p) in &peaks {
-                println!("pass {pass}: FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+                if p.is_nan() {
+                    println!(
+                        "pass {pass}: FMA peak {ty}, {t} thread(s): none (no FMA loop on the portable path)"
+                    );
+                } else {
+                    println!("pass {pass}: FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
+                }
                 peaks_all.push((ty.clone(), *t, *p));
             }
             println!("| type | d | n | mask | threads | impl | GFLOP/s | of peak |");
@@ -387,7 +400,7 @@ fn main() {
                 threads: t,
                 gflops: rounded(p, 3),
             });
-            if args.repeat > 1 {
+            if args.repeat > 1 && !p.is_nan() {
                 println!("highest FMA peak {ty}, {t} thread(s): {p:.1} GFLOP/s");
             }
         }
