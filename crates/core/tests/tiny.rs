@@ -310,3 +310,63 @@ fn handed_back_calls_take_the_general_route() {
     let contiguous = self_attention(&q, &k, &v).unwrap();
     assert_same_bits(strided.iter(), contiguous.iter(), "strided Q");
 }
+
+/// Up to 8 queries against up to 8 keys take the row path whatever their width (the
+/// decoding kernel keeps 16 partial sums per query and value column whatever the number
+/// of keys); 9 keys or more, with as much work, the decoding kernel. Either way within
+/// the reference's bound, every entry written.
+fn few_queries_few_keys<T: Element>() {
+    let cases = [
+        // (n_q, n_kv, d): n_q·n_kv·2d above the tiny work limit of 8192.
+        (8, 8, 128, true),
+        (5, 8, 128, true),
+        (8, 5, 160, true),
+        (3, 7, 200, true),
+        (8, 9, 128, false),
+        (4, 16, 128, false),
+    ];
+    for (n_q, n_kv, d, row) in cases {
+        let (q, k, v) = (
+            matrix::<T>(n_q, d, 1.0, 7 + n_q as u64),
+            matrix::<T>(n_kv, d, 1.0, 11 + n_kv as u64),
+            matrix::<T>(n_kv, d, 1.0, 13 + d as u64),
+        );
+        let wide = |m: &DMatrix<T>| m.map(|x| x.to_f64());
+        let (q64, k64, v64) = (wide(&q), wide(&k), wide(&v));
+        let want = attention_reference::attention(&q64, &k64, &v64, &Default::default());
+        let eps = T::EPSILON.to_f64();
+        let delta = common::score_error(&q64, &k64, 1.0 / (d as f64).sqrt(), &[], eps);
+        let want_run = if row {
+            KernelRun::Row
+        } else {
+            KernelRun::Decode(CpuPath::detect())
+        };
+        // Plain (the tiny entry, where it fits) and through a `Spec` (an all-true key
+        // mask changes no score but is an option: the general route).
+        let all_true = vec![true; n_kv];
+        let options = [
+            AttentionOptions::new(),
+            AttentionOptions::new().with_key_mask(&all_true),
+        ];
+        let mut outs = Vec::new();
+        for (o, options) in options.iter().enumerate() {
+            let (out, lse, run) = call(&q, &k, &v, options).expect("a finite call");
+            let label = format!("{n_q} × {n_kv} keys, d {d}, options {o}");
+            assert_eq!(run, Some(want_run), "{label}");
+            common::assert_output_close(&wide(&out), &want.output, &v64, &delta, eps, &label);
+            outs.push((out, lse));
+        }
+        // The same code either way (the tiny entry stands for the row path).
+        let label = format!("{n_q} × {n_kv} keys, d {d}: plain against masked");
+        assert_same_bits(outs[0].0.iter(), outs[1].0.iter(), &label);
+        assert_same_bits(outs[0].1.iter(), outs[1].1.iter(), &label);
+    }
+}
+
+#[test]
+fn few_queries_against_few_keys_take_the_row_path() {
+    if unforced() {
+        few_queries_few_keys::<f32>();
+        few_queries_few_keys::<f64>();
+    }
+}

@@ -98,6 +98,17 @@ pub struct State<T: Element> {
     scanned: (T::Bits, T::Bits),
 }
 
+thread_local! {
+    /// A finished state's lane buffer, kept for the thread's next part: at 8 query rows of
+    /// width 128 it is 128 KiB, which glibc's allocator handed out by `mmap` (zeroed by page
+    /// faults) on every call: 8 queries against 16 keys of width 128 took 23–26 µs, 16 µs
+    /// with the buffer kept.
+    static SPARE_LANES: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Lane buffers up to this many elements (1 MiB) are kept for reuse.
+const KEEP_LANES: usize = 1 << 17;
+
 impl<T: Element> State<T> {
     fn new(rows: usize, d_v: usize, lanes: bool) -> Self {
         State {
@@ -105,7 +116,10 @@ impl<T: Element> State<T> {
             l: vec![0.0; rows],
             acc: vec![0.0; rows * d_v],
             lanes: if lanes {
-                vec![0.0; rows * d_v * LANES]
+                let mut buf = SPARE_LANES.take();
+                buf.clear();
+                buf.resize(rows * d_v * LANES, 0.0);
+                buf
             } else {
                 Vec::new()
             },
@@ -118,7 +132,10 @@ impl<T: Element> State<T> {
         for (a, lanes) in self.acc.iter_mut().zip(self.lanes.chunks_exact(LANES)) {
             *a = pairwise(lanes.try_into().expect("LANES lanes"));
         }
-        self.lanes = Vec::new();
+        let buf = std::mem::take(&mut self.lanes);
+        if buf.capacity() <= KEEP_LANES {
+            SPARE_LANES.set(buf);
+        }
     }
 
     /// Adds `other` (the state of later keys) into `self`: the exact merge of two softmax

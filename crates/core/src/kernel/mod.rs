@@ -498,9 +498,10 @@ fn work(n_q: usize, n_kv: usize, d_k: usize, d_v: usize) -> usize {
 
 /// A single-head call that [`route`] would send to the row path with scores on the stack,
 /// computed without a [`Spec`]: options that set only a scale, 1 to 8 queries and keys,
-/// Q, K and V with contiguous columns (row stride 1), something to compute, work within
-/// the row path's, no forced CPU path, scores in range and values far from the type's
-/// maximum ([`Plain::new`] checks the last two). The 2 × 2 seed call is one: most of its
+/// Q, K and V with contiguous columns (row stride 1), something to compute (at any head
+/// width: [`route`] sends every call of so few queries and keys to the row path), no
+/// forced CPU path, scores in range and values far from the type's maximum
+/// ([`Plain::new`] checks the last two). The 2 × 2 seed call is one: most of its
 /// time went to the general checks and loops. `None` (nothing written, nothing reported)
 /// for any other call: the caller then takes the general route, which gives it the same
 /// result. Errors are those of [`Spec::new`], in its order.
@@ -518,8 +519,7 @@ pub(crate) fn tiny<T: Element>(
         && q.strides().0 == 1
         && k.strides().0 == 1
         && v.strides().0 == 1
-        && (v.ncols() >= 1 || lse.is_some())
-        && work(n_q, n_kv, q.ncols(), v.ncols()) <= DIRECT_MAX_WORK;
+        && (v.ncols() >= 1 || lse.is_some());
     if !fits || CpuPath::forced_by_env() {
         return None;
     }
@@ -608,9 +608,12 @@ pub(crate) enum Route {
 /// The route of a call, the one decision every caller (single-head, multi-head and
 /// cached calls) asks for, so that they compute the same problem with the same code:
 /// nothing to compute; scores not provably in range on the careful path; tiny calls on
-/// the row path (unless a path was forced: then its kernels run at every size); few
-/// queries on the decoding kernel (or the row path when values need scaling); the rest on
-/// the block kernel. `with_lse`: whether the caller wants the log-sum-exp.
+/// the row path (unless a path was forced: then its kernels run at every size), and so
+/// are up to 8 queries against up to 8 keys (the decoding kernel keeps `decode::LANES`
+/// partial sums per query and value column whatever the number of keys: 8 queries
+/// against 8 keys of width 128 took 16 µs there, 9 on the row path); few queries on the
+/// decoding kernel (or the row path when values need scaling); the rest on the block
+/// kernel. `with_lse`: whether the caller wants the log-sum-exp.
 pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool, with_lse: bool) -> Route {
     let (n_q, n_kv, d_k, d_v) = (spec.n_q, spec.n_kv, spec.d_k, spec.d_v);
     let work = work(n_q, n_kv, d_k, d_v);
@@ -623,7 +626,10 @@ pub(crate) fn route<T: Element>(spec: &Spec<'_, T>, forced: bool, with_lse: bool
     } else if spec.dropout.is_some() {
         // Dropout is applied by the block kernel (and the careful path) only.
         Route::Block
-    } else if !forced && n_kv <= direct::STACK_KEYS && work <= DIRECT_MAX_WORK {
+    } else if !forced
+        && n_kv <= direct::STACK_KEYS
+        && (work <= DIRECT_MAX_WORK || (n_q <= DIRECT_MAX_QUERIES && n_kv <= direct::TINY_KEYS))
+    {
         Route::RowStack
     } else if n_q <= DIRECT_MAX_QUERIES && decode::fits(spec) {
         Route::Decode
