@@ -139,7 +139,7 @@ fn block_lanes<T: Element>(e: &[T], x: Option<&[T]>, scale: T) -> [T; LANES] {
 /// by side, each in a register. Each key's sum is a chain of `d_k` dependent additions;
 /// `G` chains side by side overlap (one key at a time, the chains were most of a call of
 /// one query against 4 to 32 keys of width 128: 256 such calls × 32 heads took 19, 49
-/// and 96 ms for 4, 16 and 32 keys, against 12, 21 and 37 with 8 or 4 at once).
+/// and 94–98 ms for 4, 16 and 32 keys, against 12, 21 and 37–40 with 8 or 4 at once).
 /// Returns `G`.
 #[inline(always)]
 fn key_dots<T: Element, const G: usize>(
