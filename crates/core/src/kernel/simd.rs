@@ -1388,8 +1388,8 @@ type Avx2F32Tiles = Simd<Avx2F32, 6, 2, 64, 4, 60>;
 /// each), blocks of 32 queries, 60-key steps. With 4 value columns `P·V` had 8
 /// accumulators, as many as Zen 4's FMA latency × pipes, and twice as many tiles per step
 /// at d = 64 (64 against 44), each with its loop exit and its partial sums' update: 6
-/// columns measured about 3% faster (`docs/PERFORMANCE.md`, "AVX2 f64's value tiles"),
-/// although d = 64 and 128 pad to 66 and 132 columns.
+/// columns measured about 3% faster (`docs/PERFORMANCE.md`, "AVX2 f64: longer value tiles
+/// and a shorter chain"), although d = 64 and 128 pad to 66 and 132 columns.
 #[cfg(target_arch = "x86_64")]
 type Avx2F64Tiles = Simd<Avx2F64, 6, 2, 32, 6, 60>;
 /// Portable, f32: 4 keys × 1 array of 8 queries, blocks of 32 queries; no FMA (the
