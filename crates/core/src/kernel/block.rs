@@ -371,12 +371,14 @@ fn tile<T: Element, MK: MicroKernels<T>>(
             }
         }
     }
-    let vp = &job.vp[j0 * dvp..(j0 + jpad) * dvp];
+    // The step's keys in every panel of V: panel t from t·v_panel (none when d_v = 0).
+    let vp = job.vp.get(j0 * MK::MRV..).unwrap_or_default();
     let (alpha, beta) = (&*factors.alpha, &*factors.beta);
     MK::pv(
         features,
         s,
         vp,
+        job.v_panel,
         dvp,
         step,
         sums.acc,
@@ -530,8 +532,10 @@ pub(super) struct Factors<'a, T> {
 ///   `Λ = L` or `α·Λ + L` in T, then when flushing `l = β·l + Λ` in f64; see "Accuracy"
 ///   in the module docs), with `alpha = exp(m − m')` in T and, when flushing,
 ///   `beta = exp(m_run − m')` in f64 (then `m_run = m'`), both written to `factors`;
-/// - `pv`: `P[c][r] = Σ_j vp[j][c] · p[j][r]` summed in T from zero, in key order, going
-///   where `step` says with the same `alpha` and `beta`; `c < dvp` (a multiple of `MRV`).
+/// - `pv`: `P[c][r] = Σ_j vp[c/MRV·v_panel + j·MRV + c%MRV] · p[j][r]` (V's panels of
+///   `MRV` columns, from the step's first key; `j < p.len()/BQ`) summed in T from zero, in
+///   key order, going where `step` says with the same `alpha` and `beta`; `c < dvp` (a
+///   multiple of `MRV`).
 ///
 /// With `V ≡ 1` the two updates perform the same operations (`fma(1, p, a) = p + a`), so
 /// `acc = l` exactly.
@@ -583,6 +587,7 @@ pub(super) trait MicroKernels<T: Element> {
         features: Self::Features,
         p: &[T],
         vp: &[T],
+        v_panel: usize,
         dvp: usize,
         step: Step,
         acc: &mut [f64],

@@ -35,11 +35,13 @@ pub(crate) struct Job<'a, T: Element> {
     pub spec: Spec<'a, T>,
     /// K in panels of `MR` keys: `kp[j/MR][p][j%MR]`, keys past n_kv zero.
     pub kp: &'a [T],
-    /// V row-major with rows padded to `dvp` columns: `vp[j][c]`, padding zero.
+    /// V in panels of `MRV` value columns, `v_panel` (`n_kv_pad·MRV`) long each:
+    /// `vp[c/MRV][j][c%MRV]`, columns past d_v (to `dvp`) and keys past n_kv zero.
     pub vp: &'a [T],
     /// Per value column, the power of two the output is multiplied by (empty: all 1).
     pub v_unscale: &'a [T],
     pub dvp: usize,
+    pub v_panel: usize,
     /// Keys per super-block: the span of K and V a group of query blocks shares in cache.
     pub super_keys: usize,
     /// Query lanes the first block leaves empty, `blocks·BQ − n_q` (below `BQ`): the one
@@ -712,7 +714,7 @@ fn block_heads<T: Element>(
     T::with_workspace(|ws| {
         match schedule::pack(first, path, parallel, ws) {
             Err(e) => results.fill(Err(e)),
-            Ok(dvp) => {
+            Ok(sizes) => {
                 let mut lse_buf = std::mem::take(&mut ws.lse);
                 for (h, spec) in specs.iter().enumerate() {
                     let lse = match lses[h].as_deref_mut() {
@@ -724,7 +726,7 @@ fn block_heads<T: Element>(
                         }
                     };
                     results[h] = lse.and_then(|lse| {
-                        let packed = (&*ws, dvp);
+                        let packed = (&*ws, sizes);
                         schedule::fused((*spec).clone(), path, parallel, packed, outs[h], lse)
                     });
                 }

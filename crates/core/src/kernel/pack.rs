@@ -1,4 +1,4 @@
-//! Packing: K in panels of `MR` keys and V in rows padded to whole register tiles, the
+//! Packing: K in panels of `MR` keys and V in panels of `MRV` value columns, the
 //! layouts the block kernel's micro-kernels read (see `Job`). Done once per call, in
 //! parallel chunks when the call is parallel; one packed K/V serves every query block.
 
@@ -97,10 +97,18 @@ fn panels<T: Element, const MR: usize>(col: &[T], chunk: &mut [T], d_k: usize, p
     }
 }
 
-/// Packs V row-major with rows padded to `dvp`: `vp[j][c] = V[j, c]`, zero padding.
-/// `scale`, if not empty, multiplies each column (by a power of two: exact).
+/// Packs V in panels of `mrv` value columns, `vp[c/mrv][j][c%mrv] = V[j, c]`, each panel
+/// `n_kv_pad·mrv` long, zero past `n_kv` and `d_v` (`dvp`, a multiple of `mrv`, is `d_v`
+/// rounded up). `scale`, if not empty, multiplies each column (by a power of two: exact).
+///
+/// A `P·V` register tile reads `mrv` columns over a step's keys: in panels they are one
+/// contiguous run, as the score tiles read K. Row-major, they were one value every `dvp`
+/// elements, a new cache line per key, and the `P·V` loop ran 20–25% slower than the
+/// score loop with the same FMAs on an Ice Lake Xeon (`docs/PERFORMANCE.md`, "V in
+/// column panels").
 pub(super) fn pack_values<T: Element>(
     v: &MatRef<'_, T>,
+    mrv: usize,
     dvp: usize,
     n_kv_pad: usize,
     parallel: bool,
@@ -108,85 +116,86 @@ pub(super) fn pack_values<T: Element>(
     vp: &mut Vec<T>,
 ) -> Result<(), AttentionError> {
     let (n_kv, d_v) = v.shape();
+    assert!((1..=8).contains(&mrv) && dvp.is_multiple_of(mrv) && dvp >= d_v && n_kv_pad >= n_kv);
     set_len(vp, n_kv_pad.saturating_mul(dvp), Operand::Value)?;
-    // Each chunk writes every one of its elements, padding rows and columns included (0).
-    let fill = |(c, chunk): (usize, &mut [T])| {
-        // The last chunk may hold only padding rows (n_kv_pad is rounded up to a panel of
-        // K, not to PACK_ROWS): it then starts at or past n_kv and reads no value.
-        let j0 = (c * PACK_ROWS).min(n_kv);
-        let jn = PACK_ROWS.min(n_kv - j0);
-        let chunk_rows = chunk.len() / dvp.max(1);
-        for dj in 0..chunk_rows {
-            let first_pad = if dj < jn { d_v } else { 0 };
-            chunk[dj * dvp + first_pad..(dj + 1) * dvp].fill(T::zero());
+    let panel_len = n_kv_pad * mrv;
+    if panel_len == 0 {
+        return Ok(());
+    }
+    // Chunk `c` of panel `t`: keys from `c·PACK_ROWS`, every element written (padding as 0).
+    let fill = |t: usize, c: usize, chunk: &mut [T]| {
+        let j0 = c * PACK_ROWS;
+        let rows = chunk.len() / mrv;
+        let jn = rows.min(n_kv.saturating_sub(j0));
+        let c0 = t * mrv;
+        let width = mrv.min(d_v - c0);
+        chunk[jn * mrv..].fill(T::zero());
+        if jn == 0 {
+            return;
         }
-        if v.strides().0 == 1 {
-            // Contiguous columns: 16 at a time, so that each row of the chunk is written
-            // in whole cache lines (column by column, every line was written 16 times, in
-            // 16 passes over a chunk larger than the level-1 cache).
-            let unit = v.as_view::<Dyn, Dyn, U1, Dyn>();
-            for c0 in (0..d_v).step_by(16) {
-                let width = 16.min(d_v - c0);
-                // On the stack, not collected: a warm call allocates nothing.
-                let columns: [_; 16] = std::array::from_fn(|t| unit.column(c0 + t.min(width - 1)));
-                let runs: [&[T]; 16] = std::array::from_fn(|t| &columns[t].as_slice()[j0..j0 + jn]);
-                // Blocks of 8 rows × 16 columns, read as 16 runs of 8 and written as 8
-                // runs of 16 (element by element, with a branch per element, this was a
-                // quarter of an f32 n 64 d 64 call on Zen 5); the rows after them, and
-                // every row of narrower or scaled column groups, one at a time below.
-                let blocked = if scale.is_empty() && width == 16 {
-                    let whole = jn / 8 * 8;
-                    for dj in (0..whole).step_by(8) {
-                        let block: [[T; 8]; 16] = std::array::from_fn(|t| {
-                            runs[t][dj..dj + 8].try_into().expect("8 rows")
-                        });
-                        for r in 0..8 {
-                            let row: &mut [T; 16] = (&mut chunk[(dj + r) * dvp + c0..][..16])
-                                .try_into()
-                                .expect("16 columns");
-                            *row = std::array::from_fn(|t| block[t][r]);
-                        }
-                    }
-                    whole
-                } else {
-                    0
-                };
-                let rows = chunk[..jn * dvp].chunks_exact_mut(dvp).enumerate();
-                if scale.is_empty() {
-                    for (dj, row) in rows.skip(blocked) {
-                        for (x, run) in row[c0..c0 + width].iter_mut().zip(&runs) {
-                            *x = run[dj];
-                        }
-                    }
-                } else {
-                    let sc = &scale[c0..c0 + width];
-                    for (dj, row) in rows {
-                        for ((x, run), &sc) in row[c0..c0 + width].iter_mut().zip(&runs).zip(sc) {
-                            *x = run[dj] * sc;
-                        }
+        let mut bufs: [Vec<T>; 8] = Default::default();
+        let unit = (v.strides().0 == 1).then(|| v.as_view::<Dyn, Dyn, U1, Dyn>());
+        if unit.is_none() {
+            for (m, buf) in bufs.iter_mut().enumerate().take(width) {
+                buf.extend((j0..j0 + jn).map(|j| v[(j, c0 + m)]));
+            }
+        }
+        let views: [_; 8] = std::array::from_fn(|m| {
+            unit.as_ref()
+                .filter(|_| m < width)
+                .map(|unit| unit.column(c0 + m))
+        });
+        // Column `c0 + m`'s keys `j0..j0 + jn` (copied into `bufs` if V's rows are strided).
+        let columns: [&[T]; 8] = std::array::from_fn(|m| match &views[m] {
+            Some(view) => &view.as_slice()[j0..j0 + jn],
+            None => &bufs[m][..],
+        });
+        let rows = &mut chunk[..jn * mrv];
+        match (mrv, width, scale.is_empty()) {
+            (4, 4, true) => interleave::<T, 4>(&columns, rows),
+            (6, 6, true) => interleave::<T, 6>(&columns, rows),
+            _ => {
+                for (dj, row) in rows.chunks_exact_mut(mrv).enumerate() {
+                    for (m, x) in row.iter_mut().enumerate() {
+                        *x = match (m < width, scale.get(c0 + m)) {
+                            (true, None) => columns[m][dj],
+                            (true, Some(&sc)) => columns[m][dj] * sc,
+                            (false, _) => T::zero(),
+                        };
                     }
                 }
             }
-            return;
         }
-        for_each_column(v, j0..j0 + jn, &mut Vec::new(), |col, values| {
-            let sc = scale.get(col).copied();
-            for (dj, &x) in values.iter().enumerate() {
-                chunk[dj * dvp + col] = match sc {
-                    None => x,
-                    Some(sc) => x * sc,
-                };
+    };
+    let each_panel = |(t, panel): (usize, &mut [T])| {
+        if parallel {
+            panel
+                .par_chunks_mut(PACK_ROWS * mrv)
+                .enumerate()
+                .for_each(|(c, chunk)| fill(t, c, chunk));
+        } else {
+            for (c, chunk) in panel.chunks_mut(PACK_ROWS * mrv).enumerate() {
+                fill(t, c, chunk);
             }
-        });
+        }
     };
     if parallel {
-        vp.par_chunks_mut(PACK_ROWS * dvp.max(1))
+        vp.par_chunks_mut(panel_len)
             .enumerate()
-            .for_each(fill);
+            .for_each(each_panel);
     } else {
-        vp.chunks_mut(PACK_ROWS * dvp.max(1))
-            .enumerate()
-            .for_each(fill);
+        vp.chunks_mut(panel_len).enumerate().for_each(each_panel);
     }
     Ok(())
+}
+
+/// `rows[dj][m] = columns[m][dj]` for `MR` whole columns: with `MR` a constant each row is
+/// one small store, not `MR` bounds-checked ones.
+#[inline(always)]
+fn interleave<T: Element, const MR: usize>(columns: &[&[T]; 8], rows: &mut [T]) {
+    let cols: [&[T]; MR] = std::array::from_fn(|m| columns[m]);
+    let (rows, _) = rows.as_chunks_mut::<MR>();
+    for (dj, row) in rows.iter_mut().enumerate() {
+        *row = std::array::from_fn(|m| cols[m][dj]);
+    }
 }

@@ -17,7 +17,7 @@ use crate::{AttentionError, Element};
 /// its own Qᵀ and accumulators take (each well inside a 1 MiB L2).
 const GROUP_BYTES: usize = 256 << 10;
 
-/// The fused path on K and V packed by [`pack`] into `ws` (with rows of `dvp`): the
+/// The fused path on K and V packed by [`pack`] into `ws` (of the sizes `packed`): the
 /// block kernel over groups of query blocks (in parallel if asked), each group writing its
 /// rows of `out` and `lse` when its last tile is done. Query heads that share K and V
 /// (grouped-query attention) are run one after the other on one packing.
@@ -25,11 +25,11 @@ pub(super) fn fused<T: Element>(
     spec: Spec<'_, T>,
     path: CpuPath,
     parallel: bool,
-    (ws, dvp): (&Workspace<T>, usize),
+    (ws, packed): (&Workspace<T>, Packed),
     out: &mut MatMut<'_, T>,
     lse: &mut [T],
 ) -> Result<(), AttentionError> {
-    let (n_q, d_k) = (spec.n_q, spec.d_k);
+    let (n_q, d_k, dvp) = (spec.n_q, spec.d_k, packed.dvp);
     let kernel = T::kernel(path);
     let bq = kernel.bq;
 
@@ -50,6 +50,7 @@ pub(super) fn fused<T: Element>(
         vp: &ws.vp,
         v_unscale: &ws.v_unscale,
         dvp,
+        v_panel: packed.v_panel,
         super_keys,
         first_pad,
     };
@@ -114,8 +115,15 @@ fn run_groups<T: Element>(
     result
 }
 
-/// Packs K and V into the workspace for `path`'s block kernel; returns `dvp`, V's padded
-/// row length. Values near the type's maximum: each such column is packed scaled down by
+/// The sizes of a packing (see `Job`): `dvp`, the value columns rounded up to whole
+/// register tiles, and `v_panel`, the length of each panel of V (`n_kv_pad·MRV`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Packed {
+    pub dvp: usize,
+    pub v_panel: usize,
+}
+
+/// Packs K and V into the workspace for `path`'s block kernel; returns their sizes. Values near the type's maximum: each such column is packed scaled down by
 /// a power of two (so Σ p_j·v_j cannot overflow) and its output scaled back up, exactly.
 /// The packing depends on K, V and `max|V|` only: every query head of a key/value head
 /// can use it.
@@ -124,7 +132,7 @@ pub(super) fn pack<T: Element>(
     path: CpuPath,
     parallel: bool,
     ws: &mut Workspace<T>,
-) -> Result<usize, AttentionError> {
+) -> Result<Packed, AttentionError> {
     let kernel = &T::kernel(path);
     let n_kv_pad = spec.n_kv.div_ceil(kernel.mr) * kernel.mr;
     let dvp = spec.d_v.div_ceil(kernel.mrv) * kernel.mrv;
@@ -135,8 +143,20 @@ pub(super) fn pack<T: Element>(
         ws.v_scale.push(scale);
         ws.v_unscale.push(unscale);
     }
-    pack_values(&spec.v, dvp, n_kv_pad, parallel, &ws.v_scale, &mut ws.vp)?;
-    Ok(dvp)
+    let mrv = kernel.mrv;
+    pack_values(
+        &spec.v,
+        mrv,
+        dvp,
+        n_kv_pad,
+        parallel,
+        &ws.v_scale,
+        &mut ws.vp,
+    )?;
+    Ok(Packed {
+        dvp,
+        v_panel: n_kv_pad * mrv,
+    })
 }
 
 /// Query blocks per group and keys per super-block.

@@ -948,6 +948,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         _: L::Features,
         p: &[L::T],
         vp: &[L::T],
+        v_panel: usize,
         dvp: usize,
         step: Step,
         acc: &mut [f64],
@@ -961,7 +962,8 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                 && L::N == L::PARTS * <L::W as Lanes>::N
                 && p.len() == jpad * BQ
                 && dvp.is_multiple_of(MRV)
-                && vp.len() >= jpad * dvp
+                && (dvp == 0
+                    || v_panel >= jpad * MRV && vp.len() >= (dvp / MRV - 1) * v_panel + jpad * MRV)
                 && acc.len() >= dvp * BQ
                 && acc_span.len() >= dvp * BQ
                 && alpha.len() >= BQ
@@ -971,12 +973,14 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
         let (acc, acc_span) = (acc.as_mut_ptr(), acc_span.as_mut_ptr());
         let (alpha, beta) = (alpha.as_ptr(), beta.as_ptr());
         // SAFETY: CPU features: the `L::Features` token argument proves them. Bounds, from the assert:
-        // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[j·dvp + ct + m] with ct + MRV ≤ dvp;
+        // p[j·BQ + rt + v·N ..][..N] with j < jpad; vp[ct/MRV·v_panel + j·MRV + m] with
+        // ct + MRV ≤ dvp, j < jpad, m < MRV;
         // `span_update_tile` gets acc_span (T) and acc (f64) from ct·BQ + rt, whose
         // (MRV − 1)·BQ + NV·N lanes lie below dvp·BQ, and alpha (T) and beta (f64) from rt,
         // whose NV·N lanes lie below BQ.
         unsafe {
             for ct in (0..dvp).step_by(MRV) {
+                let panel = vp.add(ct / MRV * v_panel);
                 for rt in (0..BQ).step_by(NV * L::N) {
                     // The tile's partial sums, in T from zero.
                     let mut tile = [[L::splat(L::T::zero()); NV]; MRV];
@@ -986,7 +990,7 @@ impl<L: Lanes, const MR: usize, const NV: usize, const BQ: usize, const MRV: usi
                             *x = L::load(p.add(j * BQ + rt + v * L::N));
                         }
                         for (m, row) in tile.iter_mut().enumerate() {
-                            let vb = L::splat(*vp.add(j * dvp + ct + m));
+                            let vb = L::splat(*panel.add(j * MRV + m));
                             for (t, &x) in row.iter_mut().zip(&pv) {
                                 *t = L::fma(vb, x, *t);
                             }
