@@ -631,25 +631,13 @@ fn stream_scores<T: Element, const FMA: bool, const SCAN: bool>(
             // cache delivers.)
             let q: [T; 4] = group.q[p..p + 4].try_into().expect("4");
             for j in (0..full).step_by(LANES) {
-                let kj = lanes_of(&runs, j);
-                if SCAN {
-                    bits = max_bits(
-                        max_bits(max_bits(max_bits(bits, kj[0]), kj[1]), kj[2]),
-                        kj[3],
-                    );
-                }
+                let kj = lanes_of::<T, SCAN>(&runs, j, &mut bits);
                 let sr = (&mut s[j..j + LANES]).try_into().expect("16");
                 madd_columns::<T, FMA>(q, kj, sr);
             }
         } else {
             for j in (0..full).step_by(LANES) {
-                let kj = lanes_of(&runs, j);
-                if SCAN {
-                    bits = max_bits(
-                        max_bits(max_bits(max_bits(bits, kj[0]), kj[1]), kj[2]),
-                        kj[3],
-                    );
-                }
+                let kj = lanes_of::<T, SCAN>(&runs, j, &mut bits);
                 for r in 0..rows {
                     // The query's values as locals: the stores to `s` cannot change them.
                     let q: [T; 4] = group.q[r * d_k + p..][..4].try_into().expect("4");
@@ -690,10 +678,21 @@ fn stream_scores<T: Element, const FMA: bool, const SCAN: bool>(
     max_of(&bits, rest)
 }
 
-/// Keys `j .. j + LANES` of each of four runs.
+/// Keys `j .. j + LANES` of each of four runs; with `SCAN`, folded into `bits` as well.
 #[inline(always)]
-fn lanes_of<'a, T>(runs: &[&'a [T]; 4], j: usize) -> [&'a [T; LANES]; 4] {
-    runs.map(|run| run[j..j + LANES].try_into().expect("16"))
+fn lanes_of<'a, T: Element, const SCAN: bool>(
+    runs: &[&'a [T]; 4],
+    j: usize,
+    bits: &mut [T::Bits; LANES],
+) -> [&'a [T; LANES]; 4] {
+    let kj = runs.map(|run| run[j..j + LANES].try_into().expect("16"));
+    if SCAN {
+        *bits = max_bits(
+            max_bits(max_bits(max_bits(*bits, kj[0]), kj[1]), kj[2]),
+            kj[3],
+        );
+    }
+    kj
 }
 
 /// `x_t += q_i·k_it` for the four columns `i` in order, lane by lane: one step of
