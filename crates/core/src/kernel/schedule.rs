@@ -123,10 +123,10 @@ pub(super) struct Packed {
     pub v_panel: usize,
 }
 
-/// Packs K and V into the workspace for `path`'s block kernel; returns their sizes. Values near the type's maximum: each such column is packed scaled down by
-/// a power of two (so Σ p_j·v_j cannot overflow) and its output scaled back up, exactly.
-/// The packing depends on K, V and `max|V|` only: every query head of a key/value head
-/// can use it.
+/// Packs K and V into the workspace for `path`'s block kernel; returns their sizes.
+/// Values near the type's maximum: each such column is packed scaled down by a power of
+/// two (so Σ p_j·v_j cannot overflow) and its output scaled back up, exactly. The packing
+/// depends on K, V and `max|V|` only: every query head of a key/value head can use it.
 pub(super) fn pack<T: Element>(
     spec: &Spec<'_, T>,
     path: CpuPath,
