@@ -1385,9 +1385,14 @@ type Avx512F32Tiles = Simd<Avx512F32, 6, 4, 64, 4, 60>;
 /// 4 × 8 queries, blocks of 32 queries, 60-key steps.
 #[cfg(target_arch = "x86_64")]
 type Avx512F64Tiles = Simd<Avx512F64, 6, 4, 32, 4, 60>;
-/// AVX2, f32: 6 keys × 2 × 8 queries (12 of the 16 ymm), 60-key steps.
+/// AVX2, f32: 6 keys × 2 × 8 queries (12 of the 16 ymm), 6 value columns × 2 × 8 queries
+/// (12 accumulators, as AVX2 f64), 60-key steps. With 4 value columns `P·V` had 8
+/// accumulators, exactly the FMA latency × units of Zen 4 and Ice Lake: on an Ice Lake
+/// Xeon 6 columns measured 5–7% faster (`docs/PERFORMANCE.md`, "AVX2 f32: six value
+/// columns"), on Zen 4 no different (its seventh session), although d = 64 and 128 pad to
+/// 66 and 132 columns.
 #[cfg(target_arch = "x86_64")]
-type Avx2F32Tiles = Simd<Avx2F32, 6, 2, 64, 4, 60>;
+type Avx2F32Tiles = Simd<Avx2F32, 6, 2, 64, 6, 60>;
 /// AVX2, f64: 6 keys × 2 × 4 queries, 6 value columns × 2 × 4 queries (12 accumulators
 /// each), blocks of 32 queries, 60-key steps. With 4 value columns `P·V` had 8
 /// accumulators, as many as Zen 4's FMA latency × pipes, and twice as many tiles per step
