@@ -118,3 +118,42 @@ fn query_heads_grouped_or_alone_give_the_same_bits() {
     groups_equal_single_heads::<f32>();
     groups_equal_single_heads::<f64>();
 }
+
+/// `m` stored by columns starting `offset` elements into a buffer (NaN before and after),
+/// and a view of it.
+fn shifted<T: Element>(m: &DMatrix<T>, offset: usize) -> Vec<T> {
+    let mut data = vec![T::from_f64_rounded(f64::NAN); offset + m.len() + 16];
+    data[offset..offset + m.len()].copy_from_slice(m.as_slice());
+    data
+}
+
+fn streams_at_every_alignment<T: Element>() {
+    // The streamed score loop reads whole cache lines from the first line boundary of
+    // each run and the keys before it one at a time: a run may start anywhere in a line.
+    let per_line = 64 / size_of::<T>();
+    for &(n_q, n_kv, d_k, d_v) in &[(1, 100, 8, 9), (2, 2100, 12, 8), (4, 75, 5, 4)] {
+        let q = gaussian(n_q, d_k, 1.0, 7).map(T::from_f64_rounded);
+        let k = gaussian(n_kv, d_k, 1.0, 8).map(T::from_f64_rounded);
+        let v = gaussian(n_kv, d_v, 1.0, 9).map(T::from_f64_rounded);
+        for path in CpuPath::supported() {
+            let o = attention_core::AttentionOptions::new().with_cpu_path(path);
+            let (want, want_lse) = scaled_dot_product_attention_with_lse(&q, &k, &v, &o).unwrap();
+            for offset in 0..per_line {
+                let label = format!("{n_q}x{n_kv} d {d_k}/{d_v} offset {offset} {path:?}");
+                let (ks, vs) = (shifted(&k, offset), shifted(&v, offset));
+                let kv = DMatrixView::from_slice(&ks[offset..offset + k.len()], n_kv, d_k);
+                let vv = DMatrixView::from_slice(&vs[offset..offset + v.len()], n_kv, d_v);
+                let (out, lse) = scaled_dot_product_attention_with_lse(&q, kv, vv, &o).unwrap();
+                assert_eq!(last_kernel_run(), Some(KernelRun::Decode(path)), "{label}");
+                assert_same_bits(out.iter(), want.iter(), &label);
+                assert_same_bits(lse.iter(), want_lse.iter(), &format!("{label}: lse"));
+            }
+        }
+    }
+}
+
+#[test]
+fn streams_give_the_same_bits_wherever_the_columns_start() {
+    streams_at_every_alignment::<f32>();
+    streams_at_every_alignment::<f64>();
+}

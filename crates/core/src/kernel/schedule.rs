@@ -190,3 +190,80 @@ fn group_size<T: Element>(
     let super_keys = (GROUP_BYTES / ((spec.d_k + dvp).max(1) * elem)).max(kernel.bk);
     (group, super_keys)
 }
+
+/// `[f(0), f(1), …, f(n − 1)]`, computed in parallel if `parallel`: the calling thread and
+/// up to `threads − 1` tasks of rayon's pool take the indices one at a time, in increasing
+/// order, until none is left. The caller starts at once, without first waiting for a pool
+/// thread to wake up (on a busy or virtual machine that wait is tens of microseconds, as
+/// long as a whole decoding step), and a thread that starts late simply takes fewer
+/// indices. Each result depends only on its index, never on the thread that computed it.
+pub(crate) fn each_index<R: Send>(
+    n: usize,
+    parallel: bool,
+    f: impl Fn(usize) -> R + Sync,
+) -> Vec<R> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let helpers = match parallel {
+        true => rayon::current_num_threads().min(n).saturating_sub(1),
+        false => 0,
+    };
+    if helpers == 0 {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(i) else { break };
+            let r = f(i);
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        }
+    };
+    rayon::in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+    // Every index was taken (the loops stop only when none is left) and the scope waited
+    // for every task, so every slot holds its result.
+    slots
+        .into_iter()
+        .filter_map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::each_index;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Every index once, results in index order: in order, on the caller alone, and over
+    /// pools of 1 to 3 threads, from a pool's thread and from outside any pool.
+    #[test]
+    fn each_index_computes_every_index_once_in_order() {
+        for n in [0, 1, 2, 7, 64] {
+            let want: Vec<usize> = (0..n).map(|i| i * i + 1).collect();
+            let check = |parallel: bool, label: &str| {
+                let calls = AtomicUsize::new(0);
+                let got = each_index(n, parallel, |i| {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    i * i + 1
+                });
+                assert_eq!(got, want, "n {n} {label}");
+                assert_eq!(calls.into_inner(), n, "n {n} {label}: calls");
+            };
+            check(false, "in order");
+            check(true, "outside any pool");
+            for threads in 1..=3 {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a pool");
+                pool.install(|| check(true, &format!("{threads} threads")));
+            }
+        }
+    }
+}
