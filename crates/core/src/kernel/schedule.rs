@@ -191,12 +191,17 @@ fn group_size<T: Element>(
     (group, super_keys)
 }
 
+/// How long [`each_index`]'s caller spins for its helpers to finish before it sleeps.
+const SPIN_MICROS: u64 = 100;
+
 /// `[f(0), f(1), …, f(n − 1)]`, computed in parallel if `parallel`: the calling thread and
 /// up to `threads − 1` tasks of rayon's pool take the indices one at a time, in increasing
 /// order, until none is left. The caller starts at once, without first waiting for a pool
 /// thread to wake up (on a busy or virtual machine that wait is tens of microseconds, as
 /// long as a whole decoding step), and a thread that starts late simply takes fewer
-/// indices. Each result depends only on its index, never on the thread that computed it.
+/// indices; when none is left, the caller spins (at most [`SPIN_MICROS`]) for helpers
+/// still computing one before it sleeps in the scope. Each result depends only on its
+/// index, never on the thread that computed it.
 pub(crate) fn each_index<R: Send>(
     n: usize,
     parallel: bool,
@@ -213,6 +218,8 @@ pub(crate) fn each_index<R: Send>(
     }
     let next = AtomicUsize::new(0);
     let slots: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    // Helpers that have started taking indices, and those that have stopped.
+    let (started, exited) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let work = || {
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -223,9 +230,24 @@ pub(crate) fn each_index<R: Send>(
     };
     rayon::in_place_scope(|s| {
         for _ in 0..helpers {
-            s.spawn(|_| work());
+            s.spawn(|_| {
+                started.fetch_add(1, Ordering::AcqRel);
+                work();
+                exited.fetch_add(1, Ordering::Release);
+            });
         }
         work();
+        // Helpers still computing an index are waited for by spinning a while rather than
+        // by going to sleep in the scope (a thread put to sleep and woken again costs tens
+        // of microseconds on a virtual machine, as long as a decoding step). Helpers not
+        // yet started are not: the scope runs them (on a pool thread, they may be queued
+        // behind this very task) or waits for them.
+        let start = std::time::Instant::now();
+        while exited.load(Ordering::Acquire) < started.load(Ordering::Acquire)
+            && start.elapsed() < std::time::Duration::from_micros(SPIN_MICROS)
+        {
+            std::hint::spin_loop();
+        }
     });
     // Every index was taken (the loops stop only when none is left) and the scope waited
     // for every task, so every slot holds its result.
