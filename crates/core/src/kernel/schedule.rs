@@ -2,7 +2,8 @@
 //! each group reuses a cache-sized super-block of K and V, run the groups on the calling
 //! thread or over rayon's pool, each group writing its rows of the output. The partition
 //! of the work and the order of every sum depend only on the problem's sizes, so results
-//! are bitwise identical for any number of threads.
+//! are bitwise identical for any number of threads. Also [`each_index`], which runs the
+//! decoding kernel's parts on the calling thread and the pool together.
 
 use std::ops::Range;
 
